@@ -1,0 +1,116 @@
+"""Backend dispatch for fastft ops.
+
+Every op has up to three implementations with one signature:
+
+* ``triton``    -- Triton kernels in ``fastft.kernels`` (CUDA tensors; CPU tensors only under
+                   ``TRITON_INTERPRET=1``, which is how the tests check kernel semantics).
+* ``cpp``       -- the C++ CPU extension ``fastft._C`` (built from ``csrc/``), when it is built.
+* ``reference`` -- pure PyTorch (``fastft.ops.reference``): any device, float64-capable, autograd.
+
+``FASTFT_BACKEND=auto|triton|cpp|reference`` overrides the automatic choice, which is
+CUDA -> triton, CPU -> cpp if built, else reference. An op that has no implementation on the chosen
+backend falls back to ``reference`` (an explicit ``FASTFT_BACKEND`` that names a backend with no
+implementation of the op for that device falls back too, with one log line per op).
+
+Backends register lazily: nothing is imported and no device is queried until the first call.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from typing import Callable
+
+import torch
+
+logger = logging.getLogger("fastft")
+
+BACKENDS = ("triton", "cpp", "reference")
+_IMPLS: dict[str, dict[str, Callable]] = {b: {} for b in BACKENDS}
+# Modules that register implementations when imported, per backend.
+_PROVIDERS: dict[str, list[str]] = {
+    "reference": ["fastft.ops.reference"],
+    "triton": [],
+    "cpp": [],
+}
+_loaded: set[str] = set()
+_warned: set[tuple[str, str]] = set()
+
+
+def register(op: str, backend: str):
+    """Decorator: ``@register("attention", "triton")`` makes ``fn`` that backend's implementation."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+    def deco(fn):
+        _IMPLS[backend][op] = fn
+        return fn
+
+    return deco
+
+
+def add_provider(backend: str, module: str) -> None:
+    """Declare that importing ``module`` registers implementations for ``backend``."""
+    if module not in _PROVIDERS[backend]:
+        _PROVIDERS[backend].append(module)
+
+
+def _load(backend: str) -> None:
+    if backend in _loaded:
+        return
+    _loaded.add(backend)
+    for mod in _PROVIDERS[backend]:
+        try:
+            importlib.import_module(mod)
+        except ImportError as e:  # optional backend not available: say so once
+            logger.info("fastft: backend %s provider %s unavailable (%s)", backend, mod, e)
+
+
+def requested_backend() -> str:
+    b = os.environ.get("FASTFT_BACKEND", "auto").strip().lower() or "auto"
+    if b not in BACKENDS + ("auto",):
+        raise ValueError(f"FASTFT_BACKEND={b!r} is not one of auto, triton, cpp, reference")
+    return b
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def backend_for(op: str, device: torch.device) -> str:
+    """The backend that will run ``op`` for tensors on ``device``."""
+    req = requested_backend()
+    if req == "auto":
+        if device.type == "cuda":
+            order = ["triton", "reference"]
+        elif device.type == "cpu":
+            order = ["cpp", "reference"]
+        else:
+            order = ["reference"]
+    else:
+        order = [req, "reference"]
+    for b in order:
+        if b == "triton" and device.type != "cuda" and not _interpreting():
+            continue
+        if b == "cpp" and device.type != "cpu":
+            continue
+        _load(b)
+        if op in _IMPLS[b]:
+            if req != "auto" and b != req and (op, req) not in _warned:
+                _warned.add((op, req))
+                logger.warning("fastft: op %s has no %s implementation for %s; using %s", op, req, device.type, b)
+            return b
+    raise NotImplementedError(f"fastft op {op!r} has no implementation for device {device}")
+
+
+def get_impl(op: str, device: torch.device) -> Callable:
+    return _IMPLS[backend_for(op, device)][op]
+
+
+def impl(op: str, backend: str) -> Callable:
+    """A specific backend's implementation (tests compare backends with this)."""
+    _load(backend)
+    try:
+        return _IMPLS[backend][op]
+    except KeyError:
+        raise NotImplementedError(f"fastft op {op!r} has no {backend} implementation") from None

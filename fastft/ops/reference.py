@@ -1,0 +1,147 @@
+"""Pure-PyTorch reference implementations of every fastft op.
+
+These are the test oracle (run them in float64) and the last-resort fallback on any device. They
+favour clarity over speed, but keep the op contracts exactly (shapes, masking conventions, dtypes).
+Quantization references live in ``reference_quant.py`` and are re-exported here.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .dispatch import register
+
+
+def _check_attention_inputs(q, k, v, key_padding_mask=None):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"attention expects q (B, Hq, T, D) and k, v (B, Hkv, S, D); got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    B, Hq, T, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"attention: k/v batch or head dim {tuple(k.shape)} does not match q {tuple(q.shape)}")
+    Hkv = k.shape[1]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"attention: query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"attention: q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
+    if key_padding_mask is not None:
+        S = k.shape[2]
+        if key_padding_mask.shape != (B, S):
+            raise ValueError(
+                f"attention: key_padding_mask must be (B, S) = ({B}, {S}), got {tuple(key_padding_mask.shape)}"
+            )
+
+
+def attention_mask_bias(T: int, S: int, *, causal: bool, key_padding_mask=None, device=None):
+    """Boolean (B or 1, 1, T, S) mask, True where query i may attend key j.
+
+    Causal masking is aligned bottom-right: query i sees keys j <= i + (S - T), as when decoding
+    against a KV cache. ``key_padding_mask`` is (B, S) with True for real tokens.
+    """
+    allowed = torch.ones(1, 1, T, S, dtype=torch.bool, device=device)
+    if causal:
+        i = torch.arange(T, device=device)[:, None]
+        j = torch.arange(S, device=device)[None, :]
+        allowed = allowed & (j <= i + (S - T))[None, None]
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask.to(torch.bool)[:, None, None, :]
+    return allowed
+
+
+@register("attention", "reference")
+def attention(q, k, v, *, causal, scale=None, key_padding_mask=None, dropout_p=0.0, generator=None):
+    """softmax(q kᵀ · scale + mask) v, GQA by head-group mapping; rows with no visible key give 0.
+
+    q (B, Hq, T, D), k/v (B, Hkv, S, D) -> (B, Hq, T, D) in q's dtype. Half inputs are computed in
+    fp32; float64 stays float64.
+    """
+    _check_attention_inputs(q, k, v, key_padding_mask)
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    g = Hq // Hkv
+    qf = q.to(cdt).view(B, Hkv, g, T, D)
+    kf, vf = k.to(cdt)[:, :, None], v.to(cdt)[:, :, None]  # (B, Hkv, 1, S, D)
+    scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # (B, Hkv, g, T, S)
+    allowed = attention_mask_bias(T, S, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
+    allowed = allowed[:, :, None]  # (B|1, 1, 1, T, S)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(scores, dim=-1)
+    p = torch.where(allowed, p, torch.zeros((), dtype=cdt, device=q.device))  # fully-masked rows -> 0
+    if dropout_p > 0.0:
+        keep = torch.rand(p.shape, generator=generator, device=p.device, dtype=cdt) >= dropout_p
+        p = p * keep / (1.0 - dropout_p)
+    out = torch.matmul(p, vf)  # (B, Hkv, g, T, D)
+    return out.reshape(B, Hq, T, D).to(q.dtype)
+
+
+@register("attention_varlen", "reference")
+def attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, causal, scale=None, dropout_p=0.0, generator=None):
+    """Attention over packed documents: q (total, Hq, D), k/v (total, Hkv, D).
+
+    ``cu_seqlens`` (n_docs + 1,) int32/int64 holds cumulative document lengths starting at 0;
+    documents never attend to each other; zero-length documents are allowed.
+    """
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(
+            f"attention_varlen expects q (total, Hq, D), k/v (total, Hkv, D); got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"attention_varlen: cu_seqlens must be 1-D with at least 2 entries, got {tuple(cu_seqlens.shape)}")
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0 or cu[-1] != q.shape[0] or any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"attention_varlen: cu_seqlens {cu} must start at 0, be non-decreasing and end at total={q.shape[0]}")
+    if max(b - a for a, b in zip(cu, cu[1:])) > max_seqlen:
+        raise ValueError(f"attention_varlen: a document is longer than max_seqlen={max_seqlen}")
+    pieces = []
+    for a, b in zip(cu, cu[1:]):  # documents are contiguous and cover [0, total)
+        if b == a:
+            continue
+        qi, ki, vi = (t[a:b].transpose(0, 1)[None] for t in (q, k, v))  # (1, H, L, D)
+        oi = attention(qi, ki, vi, causal=causal, scale=scale, dropout_p=dropout_p, generator=generator)
+        pieces.append(oi[0].transpose(0, 1))
+    return torch.cat(pieces, dim=0) if pieces else torch.zeros_like(q)
+
+
+@register("lora_linear", "reference")
+def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, generator=None):
+    """y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ, W dense or quantized, A (r, in), B (out, r).
+
+    The low-rank product goes through the rank-r side, never forming W + s·BA. Dropout (PEFT's
+    semantics) applies to the LoRA input only. Under autocast F.linear chooses the compute dtype.
+    """
+    if isinstance(weight, torch.Tensor):
+        base = F.linear(x, weight, bias)
+    else:
+        from fastft import ops
+
+        base = ops.quant_matmul(x, weight, bias)
+    xd = x
+    if dropout_p > 0.0:
+        if generator is None:
+            xd = F.dropout(x, dropout_p, training=True)
+        else:
+            keep = torch.rand(x.shape, generator=generator, device=x.device) >= dropout_p
+            xd = x * keep.to(x.dtype) / (1.0 - dropout_p)
+    dt = x.dtype if not torch.is_autocast_enabled(x.device.type) else None
+    A = lora_A if dt is None else lora_A.to(dt)
+    B = lora_B if dt is None else lora_B.to(dt)
+    low = F.linear(F.linear(xd, A), B)
+    return base + low * scaling
+
+
+try:  # quantization references (fastft/ops/reference_quant.py) register themselves on import
+    from .reference_quant import *  # noqa: F401,F403
+except ImportError as _e:  # pragma: no cover - only while the module is being written
+    if "reference_quant" not in str(_e):
+        raise

@@ -1,0 +1,32 @@
+"""Tolerances derived from PyTorch's own low-precision error (DESIGN.md "Tests").
+
+A kernel output passes when its max error against the float64 gold is at most ``factor`` (2) times
+the max error PyTorch makes computing the same thing in the kernel's dtype, plus a small floor.
+"""
+import torch
+
+# Floors: a few ulps of the dtype at unit scale, for outputs where torch happens to be exact.
+FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_close_to_gold(out, gold, torch_lowp, *, factor=2.0, floor=None, name="output"):
+    """out: tested result; gold: float64 reference; torch_lowp: PyTorch's result in out's dtype."""
+    assert out.shape == gold.shape, f"{name}: shape {tuple(out.shape)} != {tuple(gold.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values"
+    floor = FLOOR.get(out.dtype, 1e-6) if floor is None else floor
+    err, ref_err = max_err(out, gold), max_err(torch_lowp, gold)
+    scale = max(gold.abs().max().item(), 1.0) if gold.numel() else 1.0
+    assert err <= factor * ref_err + floor * scale, (
+        f"{name}: error {err:.3e} > {factor} x torch's {ref_err:.3e} + floor {floor * scale:.1e}"
+    )
+    return err, ref_err
+
+
+def rel_err(a, b):
+    """Relative error ||a - b|| / ||b|| in float64 (model parity checks)."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
