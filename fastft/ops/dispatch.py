@@ -30,8 +30,10 @@ _IMPLS: dict[str, dict[str, Callable]] = {b: {} for b in BACKENDS}
 # Modules that register implementations when imported, per backend.
 _PROVIDERS: dict[str, list[str]] = {
     "reference": ["fastft.ops.reference"],
-    "triton": [],
-    "cpp": [],
+    # One module per kernel file; each registers its ops with @register(op, "triton") on import.
+    "triton": ["fastft.kernels.attention", "fastft.kernels.quant", "fastft.kernels.lora"],
+    # The C++ extension's Python side registers the CPU ops it was built with.
+    "cpp": ["fastft.ops.cpp"],
 }
 _loaded: set[str] = set()
 _warned: set[tuple[str, str]] = set()
@@ -62,7 +64,11 @@ def _load(backend: str) -> None:
     for mod in _PROVIDERS[backend]:
         try:
             importlib.import_module(mod)
-        except ImportError as e:  # optional backend not available: say so once
+        except ModuleNotFoundError as e:
+            # The provider (or triton itself) is absent: that backend is simply unavailable. Any other
+            # import error inside a provider is a bug and propagates.
+            if e.name not in (mod, "triton", "fastft._C"):
+                raise
             logger.info("fastft: backend %s provider %s unavailable (%s)", backend, mod, e)
 
 
