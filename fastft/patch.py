@@ -158,3 +158,17 @@ def patch(model, *, quantization=None, attention=True, lora=None, blocksize=64, 
 
         return fastft.get_peft_model(model, lora)
     return model
+
+
+class _CallableModule(types.ModuleType):
+    """``fastft.patch`` is both this module and the function DESIGN.md names: importing a submodule
+    binds it as an attribute of its package, which would shadow a function of the same name, so the
+    module itself is made callable and forwards to ``patch``."""
+
+    def __call__(self, model, **kwargs):
+        return patch(model, **kwargs)
+
+
+import sys as _sys  # noqa: E402
+
+_sys.modules[__name__].__class__ = _CallableModule

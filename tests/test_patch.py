@@ -73,3 +73,11 @@ def test_attn_implementation_name_in_from_config():
 def test_patch_rejects_unknown_quantization():
     with pytest.raises(ValueError, match="quantization"):
         patch(ARCHS["llama"](), quantization="nf3")
+
+
+def test_fastft_patch_is_callable_from_package():
+    import fastft
+
+    model = ARCHS["llama"]()
+    assert fastft.patch(model) is model
+    assert model.config._attn_implementation == "fastft"
