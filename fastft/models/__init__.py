@@ -1,0 +1,13 @@
+"""Native fastft models and their checkpoint loader.
+
+``from_pretrained(path, ...)`` loads a Hugging Face checkpoint directory (llama, mistral, qwen2 ->
+``LlamaForCausalLM``; bert, roberta -> ``BertForMaskedLM``) -- see ``loader.py``. ``convert`` turns
+GGUF files into such directories and locates the bundled real checkpoints used by the tests
+(``smollm2_path()``, ``minilm_path()``).
+"""
+from .bert import BertForMaskedLM
+from .llama import LlamaForCausalLM
+from .loader import ARCHITECTURES, from_pretrained
+from .safetensors_io import CheckpointError
+
+__all__ = ["from_pretrained", "ARCHITECTURES", "CheckpointError", "LlamaForCausalLM", "BertForMaskedLM"]

@@ -1,0 +1,411 @@
+"""Adapter files: PEFT-format LoRA save/load, fastft's bottleneck-adapter format, merging.
+
+**LoRA (PEFT's format, read and written).** A directory with
+- ``adapter_config.json``: ``peft_type`` "LORA", ``task_type``, ``r``, ``lora_alpha``,
+  ``lora_dropout``, ``target_modules`` (list or full-match regex; "all-linear" is saved expanded to
+  the module paths, as PEFT does), ``bias``, ``use_rslora``, ``modules_to_save``,
+  ``init_lora_weights``, ``base_model_name_or_path``, ``fan_in_fan_out`` false, ``inference_mode``;
+- ``adapter_model.safetensors`` with PEFT's keys (peft/utils/save_and_load.py
+  ``get_peft_model_state_dict``, adapter name removed):
+  ``base_model.model.<path>.lora_A.weight`` (r, in) and ``.lora_B.weight`` (out, r);
+  bias="all": every ``*.bias`` parameter under its model path (a targeted layer's bias is
+  ``<path>.base_layer.bias``), bias="lora_only": the targeted layers' ``<path>.base_layer.bias``;
+  ``modules_to_save``: the trained copy's state dict under the module's own path
+  (``base_model.model.lm_head.weight``).
+PEFT loads keys without the ``base_model.model.`` prefix into nothing and only warns; fastft
+refuses any key it cannot place and any adapter weight left unloaded.
+
+PEFT configs are accepted when every field fastft does not implement has its default value
+(DoRA, rank/alpha patterns, layer selection, ...): anything else raises, naming the field, rather
+than silently computing something different.
+
+**Bottleneck adapters (fastft's format).** The same two file names; ``adapter_config.json`` has
+``peft_type`` "BOTTLENECK", ``format_version`` 1, the ``AdapterConfig`` fields (``target_modules``
+holds the site regexes actually used) and ``adapter_modules`` (the adapted module paths); the
+safetensors keys are ``base_model.model.<path>.adapter.{down,up}.{weight,bias}`` plus
+``modules_to_save`` entries as for LoRA. PEFT cannot load these.
+
+Writes are atomic: a new directory is assembled under a temporary name beside it and renamed into
+place; into an existing directory each file is written to a temporary name and replaced. A failed
+save leaves no partial directory or file. Only safetensors is read or written (no pickle).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Callable
+
+import torch
+from torch import nn
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+# adapter_config.json fields that carry no semantics for fastft (bookkeeping written by PEFT).
+_PEFT_METADATA = {"peft_version", "auto_mapping", "revision", "inference_mode", "base_model_name_or_path",
+                  "megatron_core", "qalora_group_size", "fan_in_fan_out"}
+_LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora", "modules_to_save",
+                "task_type", "init_lora_weights")
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs
+
+
+def lora_config_from_dict(d: dict, source: str = CONFIG_NAME):
+    """A fastft LoraConfig from PEFT's config dict; non-default unsupported features raise."""
+    from fastft.peft import LoraConfig
+
+    if d.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{source}: peft_type {d.get('peft_type')!r} is not LORA")
+    unsupported = {}
+    for k, v in d.items():
+        if k in _LORA_FIELDS or k in _PEFT_METADATA or k == "peft_type":
+            continue
+        if v not in (None, False, {}, [], "", ()):
+            unsupported[k] = v
+    if d.get("fan_in_fan_out"):
+        unsupported["fan_in_fan_out"] = True  # only for GPT-2's Conv1D, which fastft does not wrap
+    if unsupported:
+        raise ValueError(f"{source}: LoRA features not supported by fastft: {unsupported}")
+    kw = {k: d[k] for k in _LORA_FIELDS if k in d and d[k] is not None}
+    if d.get("base_model_name_or_path"):
+        kw["base_model_name_or_path"] = d["base_model_name_or_path"]
+    return LoraConfig(**kw)
+
+
+def adapter_config_from_dict(d: dict, source: str = CONFIG_NAME):
+    from fastft.peft import AdapterConfig
+
+    if d.get("format_version") != 1:
+        raise ValueError(f"{source}: unknown bottleneck adapter format_version {d.get('format_version')!r}")
+    names = {"bottleneck_size", "placement", "non_linearity", "scaling", "dropout", "target_modules",
+             "modules_to_save", "task_type", "base_model_name_or_path"}
+    return AdapterConfig(**{k: v for k, v in d.items() if k in names})
+
+
+def config_to_json(peft_model) -> dict:
+    from fastft.peft import LoraConfig
+
+    cfg = peft_model.adapter_config
+    if isinstance(cfg, LoraConfig):
+        return {
+            "peft_type": "LORA", "task_type": cfg.task_type, "r": cfg.r, "lora_alpha": cfg.lora_alpha,
+            "lora_dropout": cfg.lora_dropout, "target_modules": cfg.target_modules, "bias": cfg.bias,
+            "use_rslora": cfg.use_rslora, "modules_to_save": cfg.modules_to_save,
+            "init_lora_weights": cfg.init_lora_weights, "base_model_name_or_path": cfg.base_model_name_or_path,
+            "fan_in_fan_out": False, "inference_mode": True,
+        }
+    from fastft.peft import ADAPTER_SITES, _model_type
+
+    table = cfg.target_modules or ADAPTER_SITES[_model_type(peft_model.base_model.model)]
+    return {
+        "peft_type": "BOTTLENECK", "format_version": 1, "task_type": cfg.task_type,
+        "bottleneck_size": cfg.bottleneck_size, "placement": cfg.placement, "non_linearity": cfg.non_linearity,
+        "scaling": cfg.scaling, "dropout": cfg.dropout, "target_modules": {s: table[s] for s in cfg.sites},
+        "modules_to_save": cfg.modules_to_save, "base_model_name_or_path": cfg.base_model_name_or_path,
+        "adapter_modules": sorted(peft_model.adapter_layers()),
+    }
+
+
+def read_adapter_config(directory) -> dict:
+    path = os.path.join(os.fspath(directory), CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {os.fspath(directory)!r}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return d
+
+
+# ----------------------------------------------------------------------------------------------
+# State dicts
+
+
+def adapter_state_dict(peft_model) -> dict[str, torch.Tensor]:
+    """The tensors PEFT would save for this adapter, keyed as PEFT keys them."""
+    from fastft.peft import LoraConfig
+
+    cfg = peft_model.adapter_config
+    model = peft_model.base_model.model
+    out: dict[str, torch.Tensor] = {}
+    for path, layer in peft_model.lora_layers().items():
+        out[f"{path}.lora_A.weight"] = layer.lora_A.weight
+        out[f"{path}.lora_B.weight"] = layer.lora_B.weight
+        if cfg.bias == "lora_only" and layer.base_layer.bias is not None:
+            out[f"{path}.base_layer.bias"] = layer.base_layer.bias
+    if isinstance(cfg, LoraConfig) and cfg.bias == "all":
+        # PEFT filters the model state_dict, which lists tied parameters under every name.
+        for n, p in model.named_parameters(remove_duplicate=False):
+            if n == "bias" or n.endswith(".bias"):
+                out[n] = p
+    for path, wrapped in peft_model.adapter_layers().items():
+        for k, v in wrapped.adapter.state_dict(keep_vars=True).items():
+            out[f"{path}.adapter.{k}"] = v
+    for path, wrapper in peft_model.modules_to_save_wrappers().items():
+        for k, v in wrapper.modules_to_save.state_dict(keep_vars=True).items():
+            out[f"{path}.{k}"] = v
+    return {PREFIX + k: v for k, v in out.items()}
+
+
+def _for_safetensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses tensors that share storage (tied weights, bias="all" duplicates): copy those.
+    seen, res = set(), {}
+    for k, v in sd.items():
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"adapter tensor {k!r} is a {type(v).__name__}, not a tensor")
+        t = v.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        res[k] = t
+    return res
+
+
+def _load_state_dict_into(peft_model, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Copy PEFT-keyed tensors into the adapted model, strictly: every key placed, every adapter weight set."""
+    model = peft_model.base_model.model
+    params = dict(model.named_parameters(remove_duplicate=False))
+    params.update(dict(model.named_buffers(remove_duplicate=False)))
+    wrappers = sorted(peft_model.modules_to_save_wrappers(), key=len, reverse=True)
+    bad_prefix = [k for k in sd if not k.startswith(PREFIX)]
+    if bad_prefix:
+        raise ValueError(f"{source}: keys without the '{PREFIX}' prefix PEFT writes: {bad_prefix[:5]}")
+    plan, unexpected, mismatched = [], [], []
+    for key, tensor in sd.items():
+        k = key[len(PREFIX):]
+        target = None
+        for w in wrappers:  # a modules_to_save module's tensors are saved under its own path
+            if k.startswith(w + ".") and not k.startswith((w + ".modules_to_save.", w + ".original_module.")):
+                target = f"{w}.modules_to_save.{k[len(w) + 1:]}"
+                break
+        target = target or k
+        if target not in params:
+            unexpected.append(key)
+        elif tuple(params[target].shape) != tuple(tensor.shape):
+            mismatched.append(f"{key}: file {tuple(tensor.shape)} vs model {tuple(params[target].shape)}")
+        else:
+            plan.append((target, tensor))
+    if unexpected or mismatched:
+        raise ValueError(f"{source}: adapter does not fit the model: unexpected keys {unexpected[:8]}"
+                         f"{' ...' if len(unexpected) > 8 else ''}; shape mismatches {mismatched[:8]}")
+    required = set()
+    for path, layer in peft_model.lora_layers().items():
+        required |= {f"{path}.lora_A.weight", f"{path}.lora_B.weight"}
+    for path, wrapped in peft_model.adapter_layers().items():
+        required |= {f"{path}.adapter.{k}" for k in wrapped.adapter.state_dict()}
+    for path, w in peft_model.modules_to_save_wrappers().items():
+        required |= {f"{path}.modules_to_save.{k}" for k, _ in w.modules_to_save.named_parameters()}
+    missing = sorted(required - {t for t, _ in plan})
+    if missing:
+        raise ValueError(f"{source}: adapter weights missing from the file: {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''}")
+    with torch.no_grad():
+        for target, tensor in plan:
+            params[target].copy_(tensor)
+
+
+# ----------------------------------------------------------------------------------------------
+# Save / load
+
+
+def _atomic_write(save_directory, writers: dict[str, Callable[[str], None]]) -> None:
+    target = os.path.abspath(os.fspath(save_directory))
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise NotADirectoryError(f"cannot save adapter: {target!r} exists and is not a directory")
+    if os.path.isdir(target):
+        tmps = []
+        try:
+            for name, write in writers.items():
+                fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=target)
+                os.close(fd)
+                tmps.append((tmp, name))
+                write(tmp)
+            for tmp, name in tmps:
+                os.replace(tmp, os.path.join(target, name))
+        finally:
+            for tmp, _ in tmps:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        return
+    parent = os.path.dirname(target)
+    created_top, p = None, parent
+    while not os.path.exists(p):
+        created_top, p = p, os.path.dirname(p)
+    os.makedirs(parent, exist_ok=True)
+    tmpdir = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+    try:
+        for name, write in writers.items():
+            write(os.path.join(tmpdir, name))
+        os.rename(tmpdir, target)
+    except BaseException:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+        if created_top is not None:
+            shutil.rmtree(created_top, ignore_errors=True)
+        raise
+
+
+def save_adapter(peft_model, save_directory) -> None:
+    """Write the adapter of ``peft_model`` (a FastPeftModel) to ``save_directory`` (see module doc)."""
+    from safetensors.torch import save_file
+
+    # Everything that can fail on bad input happens before the first file-system change.
+    tensors = _for_safetensors(adapter_state_dict(peft_model))
+    text = json.dumps(config_to_json(peft_model), indent=2, sort_keys=True)
+
+    def write_config(path):
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+
+    def write_weights(path):
+        save_file(tensors, path, metadata={"format": "pt"})
+
+    _atomic_write(save_directory, {WEIGHTS_NAME: write_weights, CONFIG_NAME: write_config})
+
+
+def load_adapter(model: nn.Module, adapter_dir, *, is_trainable: bool = False):
+    """Apply the adapter in ``adapter_dir`` (written by fastft or PEFT) to ``model``.
+
+    ``model`` is a plain model (transformers or fastft native; modified in place) and the result a
+    ``FastPeftModel``. As with ``peft.PeftModel.from_pretrained``, the adapter comes back frozen
+    for inference unless ``is_trainable=True``.
+    """
+    from safetensors.torch import load_file
+
+    from fastft.peft import FastPeftModel, get_peft_model
+
+    if isinstance(model, FastPeftModel):
+        raise ValueError("load_adapter expects a model without adapters; this one is already a FastPeftModel")
+    adapter_dir = os.fspath(adapter_dir)
+    d = read_adapter_config(adapter_dir)
+    weights = os.path.join(adapter_dir, WEIGHTS_NAME)
+    if not os.path.isfile(weights):
+        other = [f for f in ("adapter_model.bin",) if os.path.exists(os.path.join(adapter_dir, f))]
+        hint = f" (found {other[0]}: fastft reads safetensors only)" if other else ""
+        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {adapter_dir!r}{hint}")
+    source = os.path.join(adapter_dir, CONFIG_NAME)
+    peft_type = d.get("peft_type")
+    if peft_type == "LORA":
+        config = lora_config_from_dict(d, source)
+        # The file overwrites the initial values, so the init scheme recorded in the config is moot.
+        config.init_lora_weights = True
+    elif peft_type == "BOTTLENECK":
+        config = adapter_config_from_dict(d, source)
+    else:
+        raise ValueError(f"{source}: peft_type {peft_type!r} is not supported (LORA or BOTTLENECK)")
+    if config.modules_to_save:
+        # PEFT writes its task defaults (e.g. ["classifier", "score"] for SEQ_CLS) whether or not the
+        # model has them; a name naming nothing has no tensors in the file either. Tensors in the
+        # file that fit no module are still refused below.
+        from fastft.peft import _name_matches
+
+        keys = [k for k, _ in model.named_modules() if k]
+        config.modules_to_save = [n for n in config.modules_to_save if any(_name_matches(n, k) for k in keys)] or None
+    sd = load_file(weights)  # read before touching the model: a corrupt file leaves it unchanged
+    grad_flags = {id(p): p.requires_grad for p in model.parameters()}
+    peft_model = get_peft_model(model, config)
+    try:
+        if peft_type == "BOTTLENECK" and d.get("adapter_modules") is not None:
+            got = sorted(peft_model.adapter_layers())
+            if got != sorted(d["adapter_modules"]):
+                raise ValueError(f"{source}: adapter sites {sorted(d['adapter_modules'])} do not match the "
+                                 f"model's {got}")
+        _load_state_dict_into(peft_model, sd, weights)
+    except Exception:
+        # Leave the caller's model as it was: original modules back, requires_grad flags restored.
+        _unload(peft_model, keep_trained_copies=False)
+        for p in model.parameters():
+            p.requires_grad_(grad_flags.get(id(p), p.requires_grad))
+        raise
+    if not is_trainable:
+        for p in peft_model.parameters():
+            p.requires_grad_(False)
+    return peft_model
+
+
+# ----------------------------------------------------------------------------------------------
+# Merge / unload
+
+
+def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, child, new)
+
+
+def _adopt_trained_copy(model: nn.Module, path: str, wrapper) -> None:
+    """Replace a modules_to_save wrapper by its trained copy, keeping parameter sharing meaningful.
+
+    The original module's parameters may be shared with other modules: an output layer tied to the
+    input embedding (Llama with tie_word_embeddings, BERT's decoder), or an alias of the same
+    tensor (BERT's ``cls.predictions.bias`` is its decoder's bias). Training ran with the copy
+    untied from them. A tie to the input embedding (a different computation, which was not trained)
+    is broken and ``tie_word_embeddings`` turned off, so a saved merged model keeps both weights.
+    An alias gets the trained values in a tensor of its own: transformers 5 saves a shared pair under
+    one name only, and with tying off it would then load the other name as missing.
+    """
+    copy_ = wrapper.modules_to_save
+    orig_names = {id(p): n for n, p in wrapper.original_module.named_parameters(remove_duplicate=False)}
+    get_in = getattr(model, "get_input_embeddings", None)
+    in_emb = get_in() if callable(get_in) else None
+    untie = False
+    for mname, m in model.named_modules(remove_duplicate=False):
+        if mname == path or mname.startswith(path + "."):
+            continue
+        for attr, p in list(m._parameters.items()):
+            if p is None or id(p) not in orig_names:
+                continue
+            if m is in_emb:
+                untie = True
+            else:
+                trained = copy_.get_parameter(orig_names[id(p)]).detach().clone()
+                setattr(m, attr, nn.Parameter(trained, requires_grad=p.requires_grad))
+    if untie:
+        for obj in (getattr(model, "config", None), model):
+            if obj is not None and getattr(obj, "tie_word_embeddings", False):
+                obj.tie_word_embeddings = False
+    _replace(model, path, copy_)
+
+
+def merge_and_unload(peft_model) -> nn.Module:
+    """W ← W + s·B·A in fp32 for every LoRA layer; return the plain model (see FastPeftModel.merge_and_unload)."""
+    adapters = peft_model.adapter_layers()
+    if adapters:
+        raise ValueError(f"bottleneck adapters are nonlinear and cannot be merged into weights "
+                         f"({len(adapters)} adapted layers); use unload() or keep the adapters")
+    model = peft_model.base_model.model
+    for path, layer in peft_model.lora_layers().items():
+        _replace(model, path, layer.merged_linear())
+    for path, wrapper in peft_model.modules_to_save_wrappers().items():
+        _adopt_trained_copy(model, path, wrapper)
+    return model
+
+
+def unload(peft_model) -> nn.Module:
+    """Remove adapters without merging (trained modules_to_save copies stay, as in PEFT)."""
+    return _unload(peft_model, keep_trained_copies=True)
+
+
+def _unload(peft_model, keep_trained_copies: bool) -> nn.Module:
+    model = peft_model.base_model.model
+    for path, layer in peft_model.lora_layers().items():
+        _replace(model, path, layer.base_layer)
+    for path, wrapped in peft_model.adapter_layers().items():
+        _replace(model, path, wrapped.base_layer)
+    for path, wrapper in peft_model.modules_to_save_wrappers().items():
+        if keep_trained_copies:
+            _adopt_trained_copy(model, path, wrapper)
+        else:
+            _replace(model, path, wrapper.original_module)
+    return model
+
+
+__all__ = ["load_adapter", "save_adapter", "adapter_state_dict", "merge_and_unload", "unload",
+           "lora_config_from_dict", "CONFIG_NAME", "WEIGHTS_NAME"]
