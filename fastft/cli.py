@@ -151,10 +151,10 @@ def _tokenizer(path):
 
 
 def cmd_train(args):
+    o = _merged_train_options(args)  # validate options before anything heavy is imported or loaded
     import fastft
-    from fastft.train import TrainingArguments, load_dataset, default_collator
+    from fastft.train import TrainingArguments, default_collator, load_dataset
 
-    o = _merged_train_options(args)
     method = o.get("method", "lora")
     quant = o.get("quantization") or ("nf4" if method == "qlora" else None)
     if method == "full" and quant:

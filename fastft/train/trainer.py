@@ -1,0 +1,469 @@
+"""fastft.Trainer: a small, exact training loop for native fastft models, PEFT-wrapped ones and any
+module whose ``forward(**batch)`` returns ``.loss`` (the contract in docs/CONTRACTS.md).
+
+Loss normalisation under gradient accumulation. The loss of an optimizer step is the mean over
+*all* target tokens of all its micro-batches. The trainer collates the step's micro-batches first,
+counts their targets N (CLM: labels[..., 1:] != -100, since the model shifts; MLM: labels != -100)
+and passes ``num_items_in_batch=N`` so each micro-batch returns sum(token losses) / N; the summed
+gradients are then exactly those of one big batch. Averaging per-micro-batch means instead would
+over-weight tokens of short sequences (the bug fixed in transformers 4.46).
+
+Reproducibility. The data order is a pure function of (seed, epoch): a seeded permutation per
+epoch, cut into micro-batches, grouped into optimizer steps. The global step is therefore the
+whole data position, and a checkpoint (checkpoint.py) with weights, optimizer, scheduler and RNG
+states lets ``resume_from_checkpoint`` continue the run bit for bit (CPU, fp32). Evaluation runs
+under a forked, fixed-seed RNG so it neither changes training nor varies between evaluations.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import random
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from .args import TrainingArguments
+from .collators import default_collator
+from .data import IGNORE_INDEX
+
+# When neither the collator nor the model names its objective, config.model_type decides: these
+# families are masked LMs (unshifted labels), every other model with a config is taken as causal.
+_MLM_MODEL_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "albert", "deberta", "deberta-v2",
+                    "camembert", "mpnet", "modernbert"}
+
+
+def set_seed(seed: int):
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def lr_lambda(step: int, *, kind: str, warmup: int, total: int) -> float:
+    """Multiplier of the peak learning rate for optimizer step ``step`` (0-based), as in HF."""
+    if kind != "constant" and step < warmup:
+        return step / max(1, warmup)
+    if kind in ("constant", "constant_with_warmup"):
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    if kind == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+    raise ValueError(f"unknown lr_scheduler_type {kind!r}")
+
+
+@dataclass
+class TrainResult:
+    global_step: int
+    final_loss: float  # loss of the last optimizer step
+    train_loss: float  # mean step loss over the whole run
+    metrics_path: str
+    output_dir: str
+    plot_path: Optional[str] = None
+    eval_loss: Optional[float] = None
+    eval_perplexity: Optional[float] = None
+    train_runtime: float = 0.0
+    losses: list = field(default_factory=list)  # per optimizer step, from step 1
+
+    def __getitem__(self, k):
+        return getattr(self, k)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _device_of(model) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _accepts_kwarg(fn, name) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == name or p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+class Trainer:
+    def __init__(self, model, train_dataset, args: Optional[TrainingArguments] = None, eval_dataset=None,
+                 data_collator=None, tokenizer=None):
+        # Everything that can be wrong is checked here, before output_dir is created.
+        self.args = args if args is not None else TrainingArguments()
+        if not isinstance(self.args, TrainingArguments):
+            raise TypeError(f"args must be a fastft TrainingArguments, got {type(self.args).__name__}")
+        a = self.args
+        self.model = model
+        self.tokenizer = tokenizer
+        self.train_dataset = self._check_dataset(train_dataset, "train_dataset")
+        self.eval_dataset = self._check_dataset(eval_dataset, "eval_dataset") if eval_dataset is not None else None
+        self.data_collator = data_collator if data_collator is not None else self._default_collator()
+        if not callable(self.data_collator):
+            raise TypeError("data_collator must be callable")
+        self.objective = self._objective()
+        if os.path.exists(a.output_dir) and not os.path.isdir(a.output_dir):
+            raise ValueError(f"output_dir {a.output_dir} exists and is not a directory")
+        self.trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not self.trainable:
+            raise ValueError("the model has no trainable parameters (requires_grad=False everywhere)")
+        self.device = _device_of(model)
+        if a.bf16 and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError("bf16=True but this GPU does not support bfloat16")
+        if a.gradient_checkpointing and not hasattr(model, "gradient_checkpointing_enable"):
+            raise ValueError("gradient_checkpointing=True but the model has no gradient_checkpointing_enable()")
+        self._pass_num_items = _accepts_kwarg(model.forward, "num_items_in_batch")
+        n_micro = self._micro_batches_per_epoch()
+        if n_micro == 0:
+            raise ValueError(f"train_dataset has {len(self.train_dataset)} examples, fewer than one batch of "
+                             f"{a.per_device_train_batch_size} with dataloader_drop_last=True")
+        self.steps_per_epoch = math.ceil(n_micro / a.gradient_accumulation_steps)
+        self.total_steps = a.max_steps if a.max_steps > 0 else max(1, math.ceil(a.num_train_epochs * self.steps_per_epoch))
+        self.resume_dir = self._resolve_resume()
+        self.metrics_path = os.path.join(a.output_dir, "metrics.jsonl")
+        self.optimizer = None
+        self.scheduler = None
+        self.global_step = 0
+        self._groups_cache: dict[int, list] = {}
+
+    # --- setup helpers ----------------------------------------------------------------------------
+    @staticmethod
+    def _check_dataset(ds, name):
+        try:
+            n = len(ds)
+        except TypeError:
+            raise TypeError(f"{name} must be a sized sequence of examples (e.g. a list of dicts)") from None
+        if n == 0:
+            raise ValueError(f"{name} is empty")
+        for i in range(n):
+            ex = ds[i]
+            if not isinstance(ex, dict) or "input_ids" not in ex or len(ex["input_ids"]) == 0:
+                raise ValueError(f"{name}[{i}] must be a dict with a non-empty 'input_ids'")
+        return ds
+
+    def _default_collator(self):
+        a = self.args
+        has_labels = "labels" in self.train_dataset[0]
+        # The model family decides; for an unknown model, examples without labels mean MLM.
+        objective = self._model_objective() or ("clm" if has_labels else "mlm")
+        if objective == "mlm" and self.tokenizer is None:
+            raise ValueError("examples without labels need the mlm collator, which needs a tokenizer: "
+                             "pass tokenizer= or data_collator=")
+        return default_collator(self.tokenizer, objective=objective, packing=a.packing, max_length=a.max_length)
+
+    def _model_objective(self):
+        obj = getattr(self.model, "objective", None)
+        if obj is None:
+            model_type = getattr(getattr(self.model, "config", None), "model_type", None)
+            if model_type:
+                obj = "mlm" if model_type in _MLM_MODEL_TYPES else "clm"
+        return obj
+
+    def _objective(self):
+        obj = getattr(self.data_collator, "objective", None) or self._model_objective() or "clm"
+        if obj not in ("clm", "mlm"):
+            raise ValueError(f"unknown objective {obj!r}")
+        return obj
+
+    def _micro_batches_per_epoch(self):
+        n, b = len(self.train_dataset), self.args.per_device_train_batch_size
+        return n // b if self.args.dataloader_drop_last else math.ceil(n / b)
+
+    def _resolve_resume(self, r=None):
+        r = self.args.resume_from_checkpoint if r is None else r
+        if r is None or r is False:
+            return None
+        if r is True:
+            path = ckpt.latest_checkpoint(self.args.output_dir)
+            if path is None:
+                raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir} holds no checkpoint")
+        else:
+            path = r
+            if not os.path.isdir(path):
+                raise ValueError(f"resume_from_checkpoint: {path} is not a directory")
+        state = ckpt.read_trainer_state(path)
+        # The data position only means something for the same data order.
+        want = self._run_identity()
+        got = state.get("run", {})
+        diff = [f"{k}: checkpoint {got.get(k)!r} vs now {v!r}" for k, v in want.items() if got.get(k) != v]
+        if diff:
+            raise ValueError(f"{path}: cannot resume a different run ({'; '.join(diff)})")
+        if state["global_step"] > self.total_steps:
+            raise ValueError(f"{path}: checkpoint is at step {state['global_step']}, past this run's "
+                             f"{self.total_steps} steps")
+        return path
+
+    def _run_identity(self):
+        a = self.args
+        return {"train_dataset_size": len(self.train_dataset), "per_device_train_batch_size": a.per_device_train_batch_size,
+                "gradient_accumulation_steps": a.gradient_accumulation_steps, "seed": a.seed,
+                "dataloader_drop_last": a.dataloader_drop_last, "trainable_params": len(self.trainable)}
+
+    def create_optimizer(self):
+        a = self.args
+        # No weight decay on biases and norm weights (the 1-D parameters), as in GPT-2/HF practice.
+        decay = [p for _, p in self.trainable if p.ndim >= 2]
+        no_decay = [p for _, p in self.trainable if p.ndim < 2]
+        groups = [g for g in ({"params": decay, "weight_decay": a.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        self.optimizer = torch.optim.AdamW(groups, lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2),
+                                           eps=a.adam_epsilon)
+        warmup = a.num_warmup_steps(self.total_steps)
+
+        def fn(step, kind=a.lr_scheduler_type, warmup=warmup, total=self.total_steps):
+            return lr_lambda(step, kind=kind, warmup=warmup, total=total)
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, fn)
+        return self.optimizer, self.scheduler
+
+    # --- data order -------------------------------------------------------------------------------
+    def _step_groups(self, epoch):
+        if epoch not in self._groups_cache:
+            a = self.args
+            n, b = len(self.train_dataset), a.per_device_train_batch_size
+            g = torch.Generator().manual_seed(a.seed * 1_000_003 + epoch)
+            perm = torch.randperm(n, generator=g).tolist()
+            batches = [perm[i : i + b] for i in range(0, n, b)]
+            if a.dataloader_drop_last and len(batches[-1]) < b:
+                batches.pop()
+            ga = a.gradient_accumulation_steps
+            self._groups_cache = {epoch: [batches[i : i + ga] for i in range(0, len(batches), ga)]}
+        return self._groups_cache[epoch]
+
+    def _step_batches(self, step):
+        """Index lists of the micro-batches of optimizer step ``step`` (0-based)."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        return self._step_groups(epoch)[k]
+
+    # --- one step ---------------------------------------------------------------------------------
+    def count_targets(self, batch) -> int:
+        labels = batch["labels"]
+        if self.objective == "clm":
+            labels = labels[..., 1:]
+        return int((labels != IGNORE_INDEX).sum())
+
+    @staticmethod
+    def _input_tokens(batch) -> int:
+        mask = batch.get("attention_mask")
+        return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+    def _to_device(self, batch):
+        return {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+    def _autocast(self):
+        if not self.args.bf16:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def compute_loss(self, batch, num_items: int):
+        """sum of this batch's token losses / num_items."""
+        with self._autocast():
+            if self._pass_num_items:
+                return self.model(**batch, num_items_in_batch=num_items).loss.float()
+            # A model without num_items_in_batch averages over its own targets: rescale that mean.
+            loss = self.model(**batch).loss.float()
+        return loss * (self.count_targets(batch) / num_items)
+
+    def training_step(self, micro_batches: list, num_items: int) -> torch.Tensor:
+        """Forward+backward every micro-batch of one optimizer step; returns the step's mean loss."""
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        for batch in micro_batches:
+            loss = self.compute_loss(self._to_device(batch), num_items)
+            loss.backward()
+            total += loss.detach()
+        return total
+
+    def _grad_norm_and_clip(self):
+        params = [p for _, p in self.trainable if p.grad is not None]
+        if not params:
+            return 0.0
+        mgn = self.args.max_grad_norm
+        if mgn:
+            return float(torch.nn.utils.clip_grad_norm_(params, mgn))
+        return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+
+    # --- metrics ----------------------------------------------------------------------------------
+    def _log(self, row: dict):
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def _truncate_metrics(self, upto_step: Optional[int]):
+        """Fresh run: empty the file. Resume: keep rows up to the checkpoint's step."""
+        keep = []
+        if upto_step is not None and os.path.isfile(self.metrics_path):
+            with open(self.metrics_path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue  # a line torn by the crash we are resuming from
+                    if row.get("step", 0) <= upto_step:
+                        keep.append(line if line.endswith("\n") else line + "\n")
+        tmp = self.metrics_path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(keep)
+        os.replace(tmp, self.metrics_path)
+
+    # --- evaluation -------------------------------------------------------------------------------
+    @contextmanager
+    def _eval_rng(self):
+        coll_gen = getattr(self.data_collator, "generator", None)
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.args.seed)
+            if coll_gen is not None:
+                self.data_collator.generator = torch.Generator().manual_seed(self.args.seed)
+            try:
+                yield
+            finally:
+                if coll_gen is not None:
+                    self.data_collator.generator = coll_gen
+
+    def evaluate(self, eval_dataset=None) -> dict:
+        """Token-weighted mean loss over the eval set and perplexity = exp(loss)."""
+        ds = self._check_dataset(eval_dataset, "eval_dataset") if eval_dataset is not None else self.eval_dataset
+        if ds is None:
+            raise ValueError("evaluate() needs an eval_dataset (none was given to the Trainer)")
+        bs = self.args.per_device_eval_batch_size
+        was_training = self.model.training
+        self.model.eval()
+        total, count = 0.0, 0
+        try:
+            with self._eval_rng(), torch.no_grad():
+                for i in range(0, len(ds), bs):
+                    batch = self.data_collator([ds[j] for j in range(i, min(i + bs, len(ds)))])
+                    n = self.count_targets(batch)
+                    if n == 0:
+                        continue
+                    total += float(self.compute_loss(self._to_device(batch), n)) * n
+                    count += n
+        finally:
+            self.model.train(was_training)
+        if count == 0:
+            raise ValueError("eval_dataset has no target tokens")
+        loss = total / count
+        ppl = math.exp(loss) if loss < 700 else float("inf")
+        return {"eval_loss": loss, "eval_perplexity": ppl, "eval_tokens": count}
+
+    # --- the loop ---------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint=None) -> TrainResult:
+        """Run the loop; ``resume_from_checkpoint`` (a directory, or True for the newest in
+        output_dir) overrides the argument of the same name, as in transformers."""
+        from tqdm.auto import tqdm
+
+        a = self.args
+        if resume_from_checkpoint is not None:
+            self.resume_dir = self._resolve_resume(resume_from_checkpoint)
+        t0 = time.time()
+        os.makedirs(a.output_dir, exist_ok=True)
+        ckpt.remove_stale_tmp(a.output_dir)
+        set_seed(a.seed)
+        if a.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.model.train()
+        self.create_optimizer()
+        losses: list[float] = []
+        window = [0.0, 0]  # loss sum and step count since the last log row
+        start = 0
+        if self.resume_dir is not None:
+            state = ckpt.load_checkpoint(self.resume_dir, model=self.model, optimizer=self.optimizer,
+                                         scheduler=self.scheduler, collator=self.data_collator)
+            start, losses, window = state["global_step"], list(state["losses"]), list(state["log_window"])
+            self._truncate_metrics(start)
+        else:
+            self._truncate_metrics(None)
+        self.global_step = start
+        eval_metrics = None
+        self.optimizer.zero_grad(set_to_none=True)
+        seen_tokens, t_window = 0, time.perf_counter()  # input tokens (pads excluded) for throughput
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        bar = tqdm(total=self.total_steps, initial=start, desc="train", disable=a.disable_tqdm, dynamic_ncols=True)
+        try:
+            for step in range(start, self.total_steps):
+                micro = [self.data_collator([self.train_dataset[i] for i in idx]) for idx in self._step_batches(step)]
+                num_items = sum(self.count_targets(b) for b in micro)
+                lr = self.scheduler.get_last_lr()[0]
+                loss = float(self.training_step(micro, max(1, num_items)))
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss} at step {step + 1}; stopping (try a lower "
+                                             "learning_rate or max_grad_norm)")
+                grad_norm = self._grad_norm_and_clip()
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.global_step = gs = step + 1
+                losses.append(loss)
+                window = [window[0] + loss, window[1] + 1]
+                seen_tokens += sum(self._input_tokens(b) for b in micro)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                if gs % a.logging_steps == 0 or gs == self.total_steps:
+                    now = time.perf_counter()
+                    row = {"step": gs, "epoch": round(gs / self.steps_per_epoch, 4), "loss": window[0] / window[1],
+                           "learning_rate": lr, "grad_norm": grad_norm, "num_target_tokens": num_items,
+                           # Wall-clock figures: the only fields that differ between identical runs.
+                           "tokens_per_second": seen_tokens / max(now - t_window, 1e-9)}
+                    if self.device.type == "cuda":
+                        row["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                    self._log(row)
+                    window, seen_tokens, t_window = [0.0, 0], 0, now
+                pause = time.perf_counter()
+                if self.eval_dataset is not None and a.eval_steps and gs % a.eval_steps == 0:
+                    eval_metrics = self.evaluate()
+                    self._log({"step": gs, **eval_metrics})
+                if a.save_steps and gs % a.save_steps == 0:
+                    self.save_checkpoint(losses, window)
+                t_window += time.perf_counter() - pause  # throughput counts training time only
+        finally:
+            bar.close()
+        if self.eval_dataset is not None and not (a.eval_steps and self.global_step % a.eval_steps == 0):
+            eval_metrics = self.evaluate()
+            self._log({"step": self.global_step, **eval_metrics})
+        plot_path = None
+        if a.plot_loss:
+            from .plot import plot_loss_curve
+
+            plot_path = plot_loss_curve(self.metrics_path, os.path.join(a.output_dir, "loss.png"), step_losses=losses)
+        if a.save_final_model:
+            self.save_model(a.output_dir)
+        return TrainResult(
+            global_step=self.global_step, final_loss=losses[-1] if losses else float("nan"),
+            train_loss=sum(losses) / len(losses) if losses else float("nan"), metrics_path=self.metrics_path,
+            output_dir=a.output_dir, plot_path=plot_path,
+            eval_loss=eval_metrics["eval_loss"] if eval_metrics else None,
+            eval_perplexity=eval_metrics["eval_perplexity"] if eval_metrics else None,
+            train_runtime=time.time() - t0, losses=losses,
+        )
+
+    # --- saving -----------------------------------------------------------------------------------
+    def save_checkpoint(self, losses, window) -> str:
+        state = {"global_step": self.global_step, "total_steps": self.total_steps, "losses": list(losses),
+                 "log_window": list(window), "run": self._run_identity(), "args": _jsonable(self.args.to_dict())}
+        path = os.path.join(self.args.output_dir, f"{ckpt.PREFIX}{self.global_step}")
+        ckpt.save_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                             trainer_state=state, collator=self.data_collator)
+        ckpt.rotate_checkpoints(self.args.output_dir, self.args.save_total_limit)
+        return path
+
+    def save_model(self, output_dir: str):
+        """model.save_pretrained(output_dir) when the model has it, else its trainable params."""
+        if hasattr(self.model, "save_pretrained"):
+            self.model.save_pretrained(output_dir)
+        else:
+            from safetensors.torch import save_file
+
+            os.makedirs(output_dir, exist_ok=True)
+            save_file(ckpt.trainable_state(self.model), os.path.join(output_dir, "model.safetensors"))
+
+
+def _jsonable(d):
+    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool, type(None)))}
