@@ -294,11 +294,8 @@ NATIVE_CASES = [
     pytest.param("bert", dict(target_modules="all-linear", bias="all", modules_to_save=["transform.dense"]),
                  id="bert"),
     # The merged model has an untied decoder (tie_word_embeddings turned off); transformers then
-    # expects cls.predictions.decoder.bias in the checkpoint, which the native BERT's
-    # save_pretrained does not write yet (it writes cls.predictions.bias only).
-    pytest.param("bert", dict(target_modules=["query", "value"], modules_to_save=["decoder"]), id="bert-decoder",
-                 marks=pytest.mark.xfail(strict=True, reason="native BERT save_pretrained omits "
-                                         "cls.predictions.decoder.bias when tie_word_embeddings is False")),
+    # expects cls.predictions.decoder.bias in the checkpoint as well as cls.predictions.bias.
+    pytest.param("bert", dict(target_modules=["query", "value"], modules_to_save=["decoder"]), id="bert-decoder"),
 ]
 
 

@@ -213,6 +213,11 @@ class NativeModel(nn.Module):
         from .safetensors_io import save_safetensors_atomic
 
         tensors = {name: self._tensor_for_save(name).detach().to("cpu") for name in self.weight_table(self.config)}
+        # A shared head bias (BERT's decoder.bias = predictions.bias) is written under both names:
+        # transformers re-initialises the decoder's bias when the head is untied and only one exists.
+        for alias, src in self.tied_aliases().items():
+            if alias.endswith(".bias") and src in tensors and alias not in tensors:
+                tensors[alias] = tensors[src].clone()
         if any(type(m).__name__ == "QuantLinear" for m in self.modules()):
             warnings.warn("save_pretrained: quantized layers are written dequantized", stacklevel=2)
         os.makedirs(save_directory, exist_ok=True)
