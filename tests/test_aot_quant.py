@@ -1,0 +1,185 @@
+"""Ahead-of-time compilation of the 4-bit kernels (fastft/kernels/quant.py) for sm_80 and sm_90.
+
+No GPU needed (tests/aot.py drives Triton's own ptxas / cuobjdump). Every quant-matmul config the
+autotuner can pick (``quant.matmul_configs``, all kinds) compiles for both archs without register
+spills, and the training tiles (BLOCK_M >= 64) use wgmma on sm_90; the fixed-heuristic row kernels
+(quantize / dequantize) compile for every block size they accept. Each compile prints shared
+memory, registers and spills (run with -s to see the table).
+"""
+import sys
+
+import pytest
+import triton.language as tl
+
+from tests.aot import compile_kernel
+
+Q = pytest.importorskip("fastft.kernels.quant")
+
+ARCHS = [80, 90]
+
+
+# Triton 3.9's interpreter patches triton.language for every interpreted call, and restores only
+# what it patched through the kernel's own globals: a jit helper from another module (tl.cdiv,
+# tl.zeros, ... whose globals name ``core``) re-patches ``triton.language.core`` and never undoes
+# it. Compiling after interpreter tests in the same process then fails inside those helpers
+# ("'block_argument' object has no attribute 'dtype'"). Test modules are imported at collection,
+# before any test runs, so a snapshot taken here is pristine; it is put back before each compile.
+def _lang_objects():
+    mods = [m for n, m in list(sys.modules.items())
+            if m is not None and (n == "triton.language" or n.startswith("triton.language."))]
+    return mods + [tl.core.tensor, tl.core.dtype, tl.core.condition, tl.core.tensor_descriptor_base]
+
+
+_PRISTINE = [(obj, dict(vars(obj))) for obj in _lang_objects()]
+
+
+@pytest.fixture(autouse=True)
+def _pristine_triton_language():
+    for obj, saved in _PRISTINE:
+        current = vars(obj)
+        for name in [n for n in current if n not in saved]:
+            try:
+                delattr(obj, name)
+            except (AttributeError, TypeError):
+                pass
+        for name, val in saved.items():
+            if current.get(name, None) is not val:
+                try:
+                    setattr(obj, name, val)
+                except (AttributeError, TypeError):  # read-only class attributes (__dict__, ...)
+                    pass
+    yield
+
+
+def _report(what, r):
+    print(f"sm_{r['arch']} {what}: shared={r['shared']} B, registers={r['registers']}, spills={r['spills']}, "
+          f"wgmma={r['wgmma']}")
+
+
+def _no_spills(r, what):
+    if r["spills"] is None:
+        pytest.fail(f"{what}: cannot read register use ({r['cuobjdump']})")
+    assert r["spills"] == 0, f"{what}: {r['spills']} bytes spilled, {r['registers']} registers (sm_{r['arch']})"
+
+
+def _mm_spec(kind, *, act=None, qtype=0, double_quant=True, symmetric=False, has_bias=True, split_k=None):
+    bwd = "bwd" in kind
+    aligned = not kind.endswith("_general")
+    act = act or ("*fp32" if kind.startswith("fp32_") else "*bf16")
+    sig = {("dy_ptr" if bwd else "x_ptr"): act, "data_ptr": "*u8",
+           "scale_ptr": "*u8" if (qtype == 0 and double_quant) else "*fp32",
+           "aux_ptr": "*fp32", "auxmap_ptr": "*fp32", "qmap_ptr": "*fp32"}
+    if not bwd:
+        sig["bias_ptr"] = act
+    sig[("dx_ptr" if bwd else "out_ptr")] = act if (bwd or split_k in (None, 1)) else "*fp32"
+    sig.update({"M": "i32", "N": "i32", "K": "i32", ("stride_dym" if bwd else "stride_xm"): "i32",
+                "offset": "fp32", "M_BUCKET": "i32"})
+    ce = dict(QTYPE=qtype, DOUBLE_QUANT=double_quant, SYMMETRIC=symmetric, ALIGNED=aligned, QBLOCK=128, NBS=256,
+              INTERPRET=False, PRECISION="ieee" if act == "*fp32" else "tf32")
+    if not bwd:
+        ce.update(HAS_BIAS=has_bias and split_k in (None, 1),
+                  SPLIT_K=split_k or (4 if "decode" in kind else 1))
+    return (Q._quant_matmul_bwd_kernel if bwd else Q._quant_matmul_fwd_kernel), sig, ce
+
+
+# fp32 activations (FMA dots) are no hot path: a few spilled bytes are tolerated there.
+FP32_SPILL_LIMIT = 32
+
+
+def _configs():
+    for kind in ("fwd", "decode", "bwd", "fwd_general", "decode_general", "bwd_general", "fp32_fwd", "fp32_decode",
+                 "fp32_bwd"):
+        for cfg in Q.matmul_configs(kind):
+            k = cfg.kwargs
+            yield pytest.param(kind, cfg, id=f"{kind}-{k['BLOCK_M']}x{k['BLOCK_N']}x{k['BLOCK_K']}"
+                                               f"-w{cfg.num_warps}s{cfg.num_stages}")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kind,cfg", list(_configs()))
+def test_matmul_config_compiles(kind, cfg, arch):
+    """NF4 double-quant, bf16 (fp32 for the fp32_* lists), bias: every config in every list."""
+    kernel, sig, ce = _mm_spec(kind)
+    r = compile_kernel(kernel, sig, {**ce, **cfg.kwargs}, arch, cfg.num_warps, cfg.num_stages)
+    what = f"quant_matmul {kind} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}"
+    _report(what, r)
+    if kind.startswith("fp32_"):
+        assert r["spills"] is not None and r["spills"] <= FP32_SPILL_LIMIT, f"{what}: {r['spills']} bytes spilled"
+        return
+    _no_spills(r, what)
+    if arch == 90 and cfg.kwargs["BLOCK_M"] >= 64:
+        assert r["wgmma"], f"{what}: no wgmma on sm_90"
+
+
+# The other flag combinations share the code paths above (fwd and bwd decode W tiles with the
+# same helper); each is compiled once, on the hottest tile, alternating fwd / bwd.
+VARIANTS = {
+    "int4-asym-fp16": ("fwd", dict(act="*fp16", qtype=1, double_quant=False, symmetric=False)),
+    "int4-sym-bf16": ("bwd", dict(qtype=1, double_quant=False, symmetric=True)),
+    "int4-sym-bf16-nobias": ("fwd", dict(qtype=1, double_quant=False, symmetric=True, has_bias=False)),
+    "nf4-fp16": ("bwd", dict(act="*fp16", double_quant=False)),
+}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_matmul_variants_compile(variant, arch):
+    kind, kw = VARIANTS[variant]
+    cfg = Q.matmul_configs(kind)[0]
+    kernel, sig, ce = _mm_spec(kind, **kw)
+    r = compile_kernel(kernel, sig, {**ce, **cfg.kwargs}, arch, cfg.num_warps, cfg.num_stages)
+    what = f"quant_matmul {kind} {variant} {cfg.kwargs}"
+    _report(what, r)
+    _no_spills(r, what)
+    if arch == 90:
+        assert r["wgmma"], f"{what}: no wgmma on sm_90"
+
+
+NF4_BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_nf4_row_kernels_compile(arch):
+    """Quantize (+ double quant) and dequantize, for every blocksize (the launcher's ROWS heuristic
+    gives one variant per blocksize); single-quant dequantize (a subset of the double-quant code)
+    at the default blocksize."""
+    for bs in NF4_BLOCKSIZES:
+        rows = Q._rows_per_program(bs)
+        r = compile_kernel(Q._nf4_quantize_kernel, {"w_ptr": "*bf16", "out_ptr": "*u8", "absmax_ptr": "*fp32",
+                                                    "mids_ptr": "*fp32", "n": "i64", "nblocks": "i32"},
+                           {"BS": bs, "ROWS": rows}, arch)
+        _report(f"nf4_quantize bs={bs} rows={rows}", r)
+        _no_spills(r, f"nf4_quantize bs={bs}")
+        for dq in ((True, False) if bs == 64 else (True,)):  # dq=False only removes loads: one bs
+            r = compile_kernel(
+                Q._nf4_dequantize_kernel,
+                {"data_ptr": "*u8", "scale_ptr": "*u8" if dq else "*fp32", "aux_ptr": "*fp32", "auxmap_ptr": "*fp32",
+                 "qmap_ptr": "*fp32", "out_ptr": "*bf16", "n": "i64", "nblocks": "i32", "offset": "fp32"},
+                {"BS": bs, "NBS": 256, "DOUBLE_QUANT": dq, "ROWS": rows, "INTERPRET": False}, arch)
+            _report(f"nf4_dequantize bs={bs} dq={dq}", r)
+            _no_spills(r, f"nf4_dequantize bs={bs} dq={dq}")
+    r = compile_kernel(Q._dq8_quantize_kernel, {"absmax_ptr": "*fp32", "code_ptr": "*u8", "nested_ptr": "*fp32",
+                                                "mids_ptr": "*fp64", "nblocks": "i32", "offset": "fp32"},
+                       {"NBS": 256}, arch)
+    _report("dq8_quantize", r)
+    _no_spills(r, "dq8_quantize")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_int4_row_kernels_compile(arch):
+    for g in (32, 64, 128):
+        rows = Q._rows_per_program(g)
+        for sym in (False, True):
+            r = compile_kernel(Q._int4_quantize_kernel, {"w_ptr": "*bf16", "data_ptr": "*u8", "scale_ptr": "*fp32",
+                                                         "zero_ptr": "*fp32", "N": "i32", "K": "i32"},
+                               {"G": g, "SYMMETRIC": sym, "ROWS": rows}, arch)
+            _report(f"int4_quantize g={g} sym={sym}", r)
+            _no_spills(r, f"int4_quantize g={g} sym={sym}")
+            if sym and g != 128:
+                continue  # symmetric dequantize = asymmetric minus one load: one group size
+            r = compile_kernel(Q._int4_dequantize_kernel, {"data_ptr": "*u8", "scale_ptr": "*fp32",
+                                                           "zero_ptr": "*fp32", "out_ptr": "*fp16", "N": "i32",
+                                                           "K": "i32"},
+                               {"G": g, "SYMMETRIC": sym, "ROWS": rows, "INTERPRET": False}, arch)
+            _report(f"int4_dequantize g={g} sym={sym}", r)
+            _no_spills(r, f"int4_dequantize g={g} sym={sym}")
