@@ -7,17 +7,29 @@
   unknown to the mask interface makes transformers skip mask creation, so padded batches would
   silently arrive with ``attention_mask=None``. Ours hands the attention function the 2-D padding
   mask (B, S) (None when there is no padding) and the attention function applies causality from
-  ``module.is_causal``, aligned bottom-right so decoding with a KV cache works.
-* **quantization** -- ``"nf4"`` / ``"int4"`` replaces the frozen ``nn.Linear`` (and GPT-2 style
-  ``Conv1D``, whose weight is stored transposed) of the transformer blocks with
+  ``module.is_causal``, aligned bottom-right so decoding with a KV cache works. Models whose config
+  needs what fastft's kernel lacks (logit softcapping) or whose class does not route attention
+  through the interface keep their attention, with one log line. Sliding-window attention runs as
+  long as the keys fit in the window and raises a clear error beyond it.
+* **quantization** -- ``"nf4"`` / ``"int4"`` replaces the ``nn.Linear`` (and GPT-2 style
+  ``Conv1D``, whose weight is stored (in, out) and is transposed first) of the model with
   ``fastft.nn.QuantLinear``, one layer at a time, so peak memory grows by one layer, not a model.
-  The output projection (``get_output_embeddings()``) stays in full precision, as in QLoRA.
+  The output projection (``get_output_embeddings()``) stays in full precision, as in QLoRA, and so
+  do adapter weights (PEFT's ``lora_A`` / ``lora_B``, ``modules_to_save``). Other leaf modules with
+  2-D weights are left alone; one log line names their types. With ``quantization=None`` dense
+  linears stay ``nn.Linear`` (a dense GEMM is already what fastft would run).
 * **PEFT LoRA layers** already in the model (a ``peft.PeftModel``) keep their parameters and
-  state_dict keys; only their forward is rerouted through ``fastft.ops.lora_linear``.
+  state_dict keys; only their forward is rerouted through ``fastft.ops.lora_linear`` (single active
+  adapter, no DoRA, no ``fan_in_fan_out``; anything else keeps PEFT's forward).
 * **lora** -- a ``fastft.LoraConfig`` / ``peft.LoraConfig`` applied after patching
   (``fastft.get_peft_model``).
 
-Modules fastft does not know are left alone (one log line lists their types).
+``from_pretrained(path)`` loads a checkpoint as a patched transformers model; a bitsandbytes 4-bit
+NF4 checkpoint loads straight into fastft's NF4 weights without bitsandbytes
+(``fastft.models.save_quantized`` writes that layout back).
+
+``torch.compile``: every fastft op traces without graph breaks (the mask function skips its
+all-ones shortcut while compiling; backends are resolved at patch time, not inside the graph).
 """
 from __future__ import annotations
 
@@ -38,12 +50,25 @@ def fastft_attention_forward(module, query, key, value, attention_mask, dropout=
     """transformers attention function: query (B, Hq, L, D), key/value (B, Hkv, S, D) -> ((B, L, Hq, D), None)."""
     if kwargs.get("softcap") is not None:
         raise ValueError("fastft attention does not support attention logit softcapping (softcap)")
+    if not (query.dtype == key.dtype == value.dtype):
+        # Under autocast, rotary embeddings leave q/k in fp32 while v comes out of a bf16/fp16 linear;
+        # eager attention's matmuls would run in the autocast dtype, so the kernel gets that dtype.
+        dev = query.device.type
+        dt = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
+              else torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype))
+        query, key, value = query.to(dt), key.to(dt), value.to(dt)
+    p = dropout if module.training else 0.0
+    if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype == torch.bool \
+            and kwargs.get("cu_seq_lens_q") is None:
+        cu = _packed_cu_seqlens(attention_mask, kwargs.get("position_ids"), query.shape[2], key.shape[2])
+        if cu is None:
+            return _sdpa_fallback(module, query, key, value, attention_mask, scaling, p)
+        kwargs["cu_seq_lens_q"], kwargs["max_length_q"] = cu, int((cu[1:] - cu[:-1]).max())
     window = kwargs.get("sliding_window")
     if window is not None and key.shape[2] > window:
         raise ValueError(f"fastft attention: sliding_window={window} is shorter than the key length {key.shape[2]}; "
-                         "sliding-window attention is not supported")
+                         "the mask function should have handed a full mask")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    p = dropout if module.training else 0.0
     cu = kwargs.get("cu_seq_lens_q")
     if cu is not None and query.shape[0] == 1 and causal:
         # Packed batch (transformers' flattening collator): documents never attend to each other.
@@ -62,13 +87,72 @@ def fastft_attention_forward(module, query, key, value, attention_mask, dropout=
 
 def fastft_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                           attention_mask=None, **kwargs):
-    """transformers mask function: the 2-D (B, kv_length) padding mask, or None without padding."""
+    """transformers mask function: the 2-D (B, kv_length) padding mask, or None without padding.
+
+    Masks beyond causal/bidirectional + padding (packed sequences found from position_ids,
+    sliding windows the keys exceed, blockwise or image-token overlays) are built in full by
+    transformers' ``sdpa_mask`` as a (B, 1, q, kv) bool tensor; the attention function then runs
+    them through torch's SDPA, so such models stay correct (one log line says so).
+    """
+    from transformers import masking_utils as mu
+
+    plain = (mu.causal_mask_function, mu.bidirectional_mask_function)
+    if mask_function is not None and mask_function not in plain:
+        full = mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                            kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                            allow_is_causal_skip=False, device=kwargs.get("device"), use_vmap=kwargs.get("use_vmap", False))
+        if torch.compiler.is_compiling():
+            return full
+        simple = mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                              kv_offset=kv_offset, mask_function=mu.causal_mask_function,
+                              attention_mask=attention_mask, allow_is_causal_skip=False,
+                              device=kwargs.get("device"))
+        if not torch.equal(full.expand_as(simple), simple):
+            return full  # e.g. a sliding window the keys exceed: equal to causal otherwise
     if attention_mask is None:
         return None
     attention_mask = attention_mask[:, -kv_length:]
-    if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+    # Dropping an all-ones mask saves the kernel its masking; under torch.compile that data-dependent
+    # check would break the graph, and the mask is exact either way.
+    if attention_mask.shape[1] == kv_length and not torch.compiler.is_compiling() and bool(attention_mask.all()):
         return None
     return attention_mask
+
+
+_logged_fallback = set()
+
+
+def _packed_cu_seqlens(mask, position_ids, q_len, kv_len):
+    """cu_seqlens (int32) when the full mask is exactly causal attention within documents that start
+    where ``position_ids`` restart at 0 (one packed row, no cache), else None."""
+    if (torch.compiler.is_compiling() or position_ids is None or mask.shape[0] != 1 or position_ids.shape[0] != 1
+            or q_len != kv_len or position_ids.shape[-1] != q_len):
+        return None
+    pos = position_ids[0]
+    start = pos == 0
+    if not bool(start[0]):
+        return None
+    doc = torch.cumsum(start.to(torch.int32), 0)
+    idx = torch.arange(q_len, device=pos.device)
+    expected = (doc[:, None] == doc[None, :]) & (idx[None, :] <= idx[:, None])
+    if not torch.equal(mask[0, 0].to(expected.device), expected):
+        return None
+    ends = torch.cat([start.nonzero().flatten()[1:], torch.tensor([q_len], device=pos.device)])
+    return torch.cat([torch.zeros(1, dtype=torch.int32, device=pos.device), ends.to(torch.int32)])
+
+
+def _sdpa_fallback(module, query, key, value, mask, scaling, p):
+    """Attention under a full (B, 1, q, kv) bool mask, through torch's SDPA (rows with no visible key
+    give 0, as fastft's kernels do)."""
+    name = type(module).__name__
+    if name not in _logged_fallback:
+        _logged_fallback.add(name)
+        logger.info("fastft attention: %s needs a mask beyond causal + padding (packed sequences, sliding "
+                    "window, overlays); those calls run through torch SDPA", name)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask.to(query.device), dropout_p=p, scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
 
 
 def register_attention() -> str:
@@ -81,14 +165,38 @@ def register_attention() -> str:
     return ATTN_NAME
 
 
-def _set_attn_implementation(model):
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(ATTN_NAME)
-        return
-    for m in model.modules():  # older transformers: every (sub)config carries the name
-        cfg = getattr(m, "config", None)
-        if cfg is not None and hasattr(cfg, "_attn_implementation"):
-            cfg._attn_implementation = ATTN_NAME
+def _unsupported_attention(model) -> str | None:
+    """Why fastft attention cannot serve ``model`` (None when it can). Checked per config, not per class."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return "the model has no transformers config"
+    if getattr(cfg, "attn_logit_softcapping", None) is not None:
+        return "attention logit softcapping (attn_logit_softcapping)"
+    can = getattr(model, "_can_set_attn_implementation", None)
+    if callable(can) and not can():
+        return f"{type(model).__name__} does not route attention through transformers' AttentionInterface"
+    return None
+
+
+def _set_attn_implementation(model) -> bool:
+    """Select "fastft" attention on ``model`` (a PreTrainedModel, or a PEFT wrapper delegating to one)."""
+    inner = model
+    while not hasattr(inner, "config") or not hasattr(inner, "set_attn_implementation"):
+        nxt = getattr(inner, "get_base_model", None)
+        if not callable(nxt) or nxt() is inner:
+            break
+        inner = nxt()
+    why = _unsupported_attention(inner)
+    if why is None and hasattr(inner, "set_attn_implementation"):
+        inner.set_attn_implementation(ATTN_NAME)
+        if getattr(inner.config, "_attn_implementation", None) != ATTN_NAME:
+            why = "transformers refused the attention implementation"
+    elif why is None:
+        why = "the model has no set_attn_implementation (not a transformers PreTrainedModel)"
+    if why is not None:
+        logger.info("fastft.patch: attention left unchanged (%s)", why)
+        return False
+    return True
 
 
 def _peft_lora_forward(self, x, *args, **kwargs):
@@ -104,8 +212,77 @@ def _peft_lora_forward(self, x, *args, **kwargs):
                            bias=base.bias, dropout_p=p)
 
 
+def _is_peft_lora_linear(m) -> bool:
+    """A peft ``lora.Linear`` on a plain (out, in) weight: the layers fastft's fused op can run."""
+    if type(m).__module__.split(".")[0] != "peft" or not hasattr(m, "lora_A") or not hasattr(m, "get_base_layer"):
+        return False
+    try:
+        from peft.tuners.lora import Linear as PeftLoraLinear
+    except ImportError:  # pragma: no cover - peft without the lora tuner
+        return False
+    return isinstance(m, PeftLoraLinear) and not getattr(m, "fan_in_fan_out", False)
+
+
 def _is_conv1d(m):
     return type(m).__name__ == "Conv1D" and hasattr(m, "nf")
+
+
+# Trained adapter parts under PEFT / fastft adapter layers: never quantized (only frozen bases are).
+_ADAPTER_CHILDREN = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+                     "modules_to_save", "adapter"}
+
+
+def _as_linear(child) -> nn.Linear | None:
+    """``child`` as an nn.Linear with an (out, in) weight, or None when it is no linear layer fastft knows."""
+    if isinstance(child, nn.Linear):
+        return child
+    if _is_conv1d(child):  # GPT-2 Conv1D: weight (in, out), y = x W + b -> Linear with W transposed
+        lin = nn.Linear(child.weight.shape[0], child.nf, bias=child.bias is not None, device="meta")
+        lin.weight = nn.Parameter(child.weight.detach().t().contiguous(), requires_grad=False)
+        if child.bias is not None:
+            lin.bias = nn.Parameter(child.bias.detach(), requires_grad=False)
+        return lin
+    return None
+
+
+def _quantize_linears(model, quantization, out_emb, kw) -> set[str]:
+    """Replace each linear layer (except the output layer and adapter weights) by a QuantLinear, one at a
+    time; returns the type names of other leaf modules holding 2-D weights, which stay as they are."""
+    from fastft.nn.quant_linear import QuantLinear
+
+    skipped = set()
+    stack = [model]
+    while stack:
+        mod = stack.pop()
+        for cname, child in list(mod.named_children()):
+            if child is out_emb or cname in _ADAPTER_CHILDREN:
+                continue
+            lin = _as_linear(child)
+            if lin is not None:
+                setattr(mod, cname, QuantLinear.from_linear(lin, quantization, **kw))
+                del lin, child
+            elif next(child.children(), None) is not None:
+                stack.append(child)
+            elif any(p.dim() == 2 for p in child.parameters(recurse=False)) \
+                    and not any(t in type(child).__name__ for t in ("Embedding", "Norm")):
+                skipped.add(type(child).__name__)
+    return skipped
+
+
+def _load_backends(model) -> None:
+    """Resolve fastft's backends for the model's device now: the dispatcher imports its providers on
+    first use, and an import inside a ``torch.compile``d forward would break the graph there."""
+    from fastft.ops import dispatch
+
+    devices = {p.device for p in model.parameters()} or {torch.device("cpu")}
+    for dev in devices:
+        if dev.type == "meta":
+            continue
+        for op in ("attention", "attention_varlen", "lora_linear", "quant_matmul"):
+            try:
+                dispatch.backend_for(op, dev)
+            except NotImplementedError:
+                pass
 
 
 def patch(model, *, quantization=None, attention=True, lora=None, blocksize=64, double_quant=True, group_size=128):
@@ -116,41 +293,20 @@ def patch(model, *, quantization=None, attention=True, lora=None, blocksize=64, 
     if attention:
         register_attention()
         _set_attn_implementation(model)
-    skipped = set()
+    _load_backends(model)
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     peft_lora = 0
     for name, mod in list(model.named_modules()):
-        if hasattr(mod, "lora_A") and hasattr(mod, "get_base_layer") and not hasattr(mod, "_fastft_orig_forward"):
+        if _is_peft_lora_linear(mod) and not hasattr(mod, "_fastft_orig_forward"):
             mod._fastft_orig_forward = mod.forward
             mod.forward = types.MethodType(_peft_lora_forward, mod)
             peft_lora += 1
     if quantization:
-        from fastft.nn.quant_linear import QuantLinear
-
-        for name, mod in list(model.named_modules()):
-            for cname, child in list(mod.named_children()):
-                if child is out_emb:
-                    continue
-                if isinstance(child, nn.Linear):
-                    lin = child
-                elif _is_conv1d(child):  # GPT-2 Conv1D: weight (in, out), y = x W + b
-                    lin = nn.Linear(child.weight.shape[0], child.nf, bias=True, device=child.weight.device,
-                                    dtype=child.weight.dtype)
-                    with torch.no_grad():
-                        lin.weight.copy_(child.weight.t())
-                        lin.bias.copy_(child.bias)
-                else:
-                    if len(list(child.children())) == 0 and any(p.dim() == 2 for p in child.parameters(recurse=False)):
-                        skipped.add(type(child).__name__)
-                    continue
-                q = QuantLinear.from_linear(lin, quantization, blocksize=blocksize, double_quant=double_quant,
-                                            group_size=group_size)
-                setattr(mod, cname, q)
-                del lin, child
-    skipped.discard("Embedding")
-    skipped.discard("LayerNorm")
-    if skipped:
-        logger.info("fastft.patch: left these module types unchanged: %s", ", ".join(sorted(skipped)))
+        skipped = _quantize_linears(model, quantization, out_emb,
+                                    dict(blocksize=blocksize, double_quant=double_quant, group_size=group_size))
+        if skipped:
+            logger.info("fastft.patch: left these module types unchanged (not nn.Linear / Conv1D): %s",
+                        ", ".join(sorted(skipped)))
     if peft_lora:
         logger.info("fastft.patch: %d PEFT LoRA layers now run through fastft.ops.lora_linear", peft_lora)
     if lora is not None:
@@ -158,6 +314,87 @@ def patch(model, *, quantization=None, attention=True, lora=None, blocksize=64, 
 
         return fastft.get_peft_model(model, lora)
     return model
+
+
+def from_pretrained(path, *, model_class=None, attention=True, quantization=None, **patch_kwargs):
+    """A transformers model from checkpoint directory ``path``, patched (see ``patch``).
+
+    A checkpoint saved by transformers with bitsandbytes 4-bit NF4 (``quantization_config.quant_method
+    == "bitsandbytes"``) loads straight into fastft's NF4 weights, without bitsandbytes: the model is
+    built with empty parameters, each quantized layer becomes a ``QuantLinear`` from its
+    ``weight``, ``weight.absmax``, ... tensors, and the rest loads as usual. Other checkpoints load with
+    ``transformers`` and are then patched (``quantization`` quantizes them on the fly).
+    ``model_class``: a transformers class (default: ``config.architectures[0]``).
+    """
+    import os
+
+    import transformers
+
+    from fastft.models.loader import Checkpoint, bnb_4bit_settings, bnb_quantized_prefixes
+
+    path = os.fspath(path)
+    config = transformers.AutoConfig.from_pretrained(path)
+    if model_class is None:
+        archs = getattr(config, "architectures", None) or []
+        model_class = getattr(transformers, archs[0], None) if archs else None
+        if model_class is None:
+            raise ValueError(f"{path}: config.json names no transformers architecture ({archs}); pass model_class=")
+    if bnb_4bit_settings(config, path) is None:
+        model = model_class.from_pretrained(path)
+        return patch(model, attention=attention, quantization=quantization, **patch_kwargs)
+    if quantization not in (None, "nf4"):
+        raise ValueError(f"{path}: the checkpoint is already NF4-quantized; quantization={quantization!r} "
+                         "cannot apply")
+    return patch(_load_bnb_model(path, config, model_class, Checkpoint, bnb_quantized_prefixes),
+                 attention=attention, **patch_kwargs)
+
+
+def _load_bnb_model(path, config, model_class, checkpoint_cls, prefixes_of):
+    from accelerate import init_empty_weights
+
+    from fastft.nn.quant_linear import QuantLinear
+    from fastft.quant import NF4Weight
+
+    del config.quantization_config  # transformers would otherwise ask bitsandbytes to build the layers
+    dtype = getattr(config, "dtype", None) or torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary) real
+        model = model_class(config)
+    ckpt = checkpoint_cls(path)
+    try:
+        sd = {k: ckpt.read(k) for k in ckpt.infos}
+    finally:
+        ckpt.close()
+    for prefix in prefixes_of(sd):
+        parent_path, _, child = prefix.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        old = getattr(parent, child)
+        if _as_linear_shape(old) is None:
+            raise ValueError(f"{path}: {prefix}.weight is 4-bit quantized but {prefix} is a {type(old).__name__}")
+        qw = NF4Weight.from_bnb_state_dict(sd, prefix + ".")
+        if tuple(qw.shape) != _as_linear_shape(old):
+            raise ValueError(f"{path}: {prefix}.weight holds shape {tuple(qw.shape)}, model expects "
+                             f"{_as_linear_shape(old)}")
+        for k in [k for k in sd if k.startswith(prefix + ".weight")]:
+            del sd[k]
+        bias = sd.pop(prefix + ".bias", None)
+        setattr(parent, child, QuantLinear(qw, bias.to(dtype) if bias is not None else None))
+    sd = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    model.tie_weights()
+    left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if unexpected or left:
+        raise ValueError(f"{path}: checkpoint does not fit {model_class.__name__}: unexpected {unexpected[:8]}, "
+                         f"missing {left[:8]}")
+    return model.eval()
+
+
+def _as_linear_shape(m):
+    if isinstance(m, nn.Linear):
+        return (m.out_features, m.in_features)
+    if _is_conv1d(m):
+        return (m.nf, m.weight.shape[0])
+    return None
 
 
 class _CallableModule(types.ModuleType):

@@ -460,6 +460,28 @@ class FastPeftModel(nn.Module):
         self.adapter_config = config
         # PEFT keeps configs per adapter name; code written for PeftModel reads peft_config["default"].
         self.peft_config = {"default": config}
+        self._expose_forward_signature(model)
+
+    def _expose_forward_signature(self, model: nn.Module) -> None:
+        """Give this instance's ``forward`` the wrapped model's signature.
+
+        ``transformers.Trainer`` drops dataset columns that ``inspect.signature(model.forward)`` does
+        not name (``remove_unused_columns``), and it sees through ``peft.PeftModel`` only. A bound
+        method of a per-instance function copy carries the signature; deepcopy rebinds it to the copy.
+        """
+        import inspect
+        import types
+
+        try:
+            sig = inspect.signature(model.forward)
+        except (TypeError, ValueError):
+            return
+        base = FastPeftModel.forward
+        fn = types.FunctionType(base.__code__, base.__globals__, base.__name__, base.__defaults__, base.__closure__)
+        fn.__qualname__, fn.__doc__ = base.__qualname__, base.__doc__
+        self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        fn.__signature__ = sig.replace(parameters=[self_param, *sig.parameters.values()])
+        self.forward = types.MethodType(fn, self)
 
     # -- delegation ------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -470,6 +492,31 @@ class FastPeftModel(nn.Module):
 
     def get_base_model(self) -> nn.Module:
         return self.base_model.model
+
+    @property
+    def loss_type(self) -> str | None:
+        """transformers' loss family of the wrapped model. Trainer counts ``num_items_in_batch`` over
+        ``labels[..., 1:]`` only for "ForCausalLM"; fastft's native causal LMs shift labels too."""
+        model = self.base_model.model
+        lt = getattr(model, "loss_type", None)
+        if lt is None and str(getattr(model, "hf_architecture", "")).endswith("ForCausalLM"):
+            lt = "ForCausalLM"
+        return lt
+
+    @property
+    def accepts_loss_kwargs(self) -> bool:
+        """Whether the wrapped model's forward takes ``num_items_in_batch`` (named or via ``**kwargs``):
+        ``transformers.Trainer`` then passes it and stops dividing the loss by the accumulation steps."""
+        import inspect
+
+        model = self.base_model.model
+        if hasattr(model, "accepts_loss_kwargs"):
+            return bool(model.accepts_loss_kwargs)
+        try:
+            params = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            return False
+        return "num_items_in_batch" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
 
     @property
     def active_peft_config(self):

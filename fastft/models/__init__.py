@@ -7,7 +7,7 @@ GGUF files into such directories and locates the bundled real checkpoints used b
 """
 from .bert import BertForMaskedLM
 from .llama import LlamaForCausalLM
-from .loader import ARCHITECTURES, from_pretrained
+from .loader import ARCHITECTURES, from_pretrained, save_quantized
 from .safetensors_io import CheckpointError
 
-__all__ = ["from_pretrained", "ARCHITECTURES", "CheckpointError", "LlamaForCausalLM", "BertForMaskedLM"]
+__all__ = ["from_pretrained", "save_quantized", "ARCHITECTURES", "CheckpointError", "LlamaForCausalLM", "BertForMaskedLM"]

@@ -112,6 +112,7 @@ class Checkpoint:
     def __init__(self, path: str, allow_pickle: bool = False):
         self.path = path
         self.files = []
+        self.duplicates = {}  # model tensor name -> further checkpoint keys holding it (match_checkpoint)
         self.infos = {}
         st_index = os.path.join(path, "model.safetensors.index.json")
         st_single = os.path.join(path, "model.safetensors")
@@ -215,10 +216,16 @@ def match_checkpoint(cls, config, ckpt: Checkpoint):
         return forms
 
     plan, missing = {}, []
+    duplicates = ckpt.duplicates = {}
     for name in table:
         hit = [c for c in candidates(name) if c in keys]
         if len(hit) > 1:
-            raise CheckpointError(f"{ckpt.path}: tensor {name!r} appears twice in the checkpoint, as {hit}")
+            # The same tensor saved under two names (e.g. a shared head bias, which transformers needs
+            # under both when the head is untied): fine if the copies agree, checked when read.
+            if len({ckpt.infos[h].shape for h in hit}) > 1:
+                raise CheckpointError(f"{ckpt.path}: tensor {name!r} appears twice in the checkpoint with "
+                                      f"different shapes, as {hit}")
+            duplicates[name] = hit[1:]
         if hit:
             plan[name] = hit[0]
         else:
@@ -230,7 +237,7 @@ def match_checkpoint(cls, config, ckpt: Checkpoint):
             missing_groups.append(g)
             missing = [m for m in missing if m not in names]
     ignored = [re.compile(p) for p in cls.ignored_checkpoint_keys(config)]
-    used = set(plan.values())
+    used = set(plan.values()) | {d for ds in duplicates.values() for d in ds}
     unexpected = sorted(k for k in keys - used if not any(p.fullmatch(k) for p in ignored))
     if missing or unexpected:
         lines = [f"{ckpt.path}: checkpoint does not match model_type {config.model_type!r} "
@@ -301,10 +308,18 @@ def from_pretrained(path, *, quantization=None, dtype=None, device=None, double_
     try:
         with torch.device("meta"):
             model = cls(config)
+        bnb = bnb_4bit_settings(config, path)
+        prequant = {}
+        if bnb is not None:
+            if quantization == "int4":
+                raise ValueError(f"{path}: the checkpoint is already NF4-quantized (bitsandbytes); "
+                                 "load it with quantization=None or 'nf4', not 'int4'")
+            prequant = _split_bnb_keys(ckpt)  # checkpoint module prefix -> its weight.* aux keys
         plan, missing_groups = match_checkpoint(cls, config, ckpt)
-        _check_shapes(model, plan, ckpt)
+        preq_names = {n for n, k in plan.items() if k.endswith(".weight") and k[:-len(".weight")] in prequant}
+        _check_shapes(model, {n: k for n, k in plan.items() if n not in preq_names}, ckpt)
         dtype = dtype or ckpt.float_dtype()
-        targets = set(cls.quant_targets(config)) if quantization else set()
+        targets = set(cls.quant_targets(config)) if quantization and not prequant else set()
         if quantization == "int4":
             for t in sorted(targets):
                 inf = model.get_submodule(t).in_features
@@ -322,8 +337,14 @@ def from_pretrained(path, *, quantization=None, dtype=None, device=None, double_
         order = sorted(plan, key=lambda n: (first[n.rpartition(".")[0]], n.endswith(".weight")))
         for name in order:
             key = plan[name]
-            t = ckpt.read(key, dtype=dtype, device=device)
             mod_path = name.rpartition(".")[0]
+            if name in preq_names:
+                _load_bnb_into(model, mod_path, ckpt, key, prequant[key[:-len(".weight")]], device)
+                continue
+            t = ckpt.read(key, dtype=dtype, device=device)
+            for dup in ckpt.duplicates.get(name, ()):
+                if not torch.equal(ckpt.read(dup, dtype=dtype, device=device), t):
+                    raise CheckpointError(f"{ckpt.path}: {key!r} and {dup!r} both hold {name!r} but differ")
             if mod_path in targets and name.endswith(".weight"):
                 _quantize_into(model, mod_path, t, quantization,
                                _quant_kwargs(quantization, blocksize, double_quant, group_size))
@@ -344,6 +365,75 @@ def from_pretrained(path, *, quantization=None, dtype=None, device=None, double_
     return model
 
 
+# ----------------------------------------------------------------------------------------------
+# bitsandbytes 4-bit checkpoints (transformers' BitsAndBytesConfig(load_in_4bit=True) layout)
+# ----------------------------------------------------------------------------------------------
+BNB_AUX = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")
+
+
+def bnb_4bit_settings(config, source) -> dict | None:
+    """The ``quantization_config`` of a bitsandbytes NF4 checkpoint, None for an unquantized one;
+    any other quantization method or mode raises, naming it."""
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return None
+    qc = qc if isinstance(qc, dict) else qc.to_dict()
+    method = qc.get("quant_method")
+    if method != "bitsandbytes":
+        raise ValueError(f"{source}: quantization_config.quant_method {method!r} is not supported "
+                         "(fastft reads bitsandbytes 4-bit NF4 checkpoints)")
+    if qc.get("load_in_8bit") or not qc.get("load_in_4bit", qc.get("_load_in_4bit")):
+        raise ValueError(f"{source}: only bitsandbytes 4-bit checkpoints are supported (load_in_4bit), "
+                         f"got load_in_8bit={qc.get('load_in_8bit')}")
+    if qc.get("bnb_4bit_quant_type", "fp4") != "nf4":
+        raise ValueError(f"{source}: bnb_4bit_quant_type {qc.get('bnb_4bit_quant_type', 'fp4')!r} is not "
+                         "supported (NF4 only)")
+    return qc
+
+
+def bnb_quantized_prefixes(keys) -> list[str]:
+    """Module paths that carry a bitsandbytes NF4 weight (``<path>.weight.quant_state.bitsandbytes__nf4``)."""
+    fp4 = [k for k in keys if k.endswith(".weight.quant_state.bitsandbytes__fp4")]
+    if fp4:
+        raise ValueError(f"{fp4[0]}: FP4 weights are not supported (NF4 only)")
+    tail = ".weight." + BNB_AUX[-1]
+    return sorted(k[:-len(tail)] for k in keys if k.endswith(tail))
+
+
+def _split_bnb_keys(ckpt) -> dict[str, list[str]]:
+    """Take the NF4 auxiliary tensors out of ``ckpt.infos`` (so name matching sees one ``weight`` per
+    layer); returns {module prefix: [aux keys]}."""
+    out = {}
+    for prefix in bnb_quantized_prefixes(ckpt.infos):
+        aux = [f"{prefix}.weight.{a}" for a in BNB_AUX if f"{prefix}.weight.{a}" in ckpt.infos]
+        for k in aux:
+            ckpt.infos.pop(k)
+        out[prefix] = aux
+    return out
+
+
+def _load_bnb_into(model, mod_path, ckpt, weight_key, aux_keys, device):
+    from fastft.nn import QuantLinear
+    from fastft.quant import NF4Weight
+
+    parent_path, _, child = mod_path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    lin = getattr(parent, child)
+    if not isinstance(lin, nn.Linear):
+        raise CheckpointError(f"{ckpt.path}: {weight_key!r} is 4-bit quantized but {mod_path} is a "
+                              f"{type(lin).__name__}, not a linear layer")
+    prefix = weight_key[:-len("weight")]
+    sd = {k: ckpt.read(k, device=device) for k in [weight_key, *aux_keys]}  # raw dtypes: no cast
+    qw = NF4Weight.from_bnb_state_dict(sd, prefix)
+    if tuple(qw.shape) != (lin.out_features, lin.in_features):
+        raise CheckpointError(f"{ckpt.path}: {weight_key!r} holds shape {tuple(qw.shape)}, model expects "
+                              f"{(lin.out_features, lin.in_features)}")
+    bias = lin.bias if lin.bias is not None and lin.bias.device.type != "meta" else None
+    if lin.bias is not None and bias is None:
+        raise RuntimeError(f"fastft loader: bias of {mod_path} not loaded before its weight")
+    setattr(parent, child, QuantLinear(qw, bias))
+
+
 def _quantize_into(model, mod_path, weight, quantization, kw):
     from fastft.nn import QuantLinear
 
@@ -357,3 +447,83 @@ def _quantize_into(model, mod_path, weight, quantization, kw):
     q = QuantLinear.from_linear(dense, quantization=quantization, **kw)
     del dense
     setattr(parent, child, q)
+
+
+def bnb_quantization_config(model) -> dict:
+    """The ``quantization_config`` transformers + bitsandbytes need to load ``model``'s NF4 layers."""
+    from fastft.nn import QuantLinear
+    from fastft.quant import NF4Weight
+
+    quant = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    if not quant:
+        raise ValueError("save_quantized: the model has no quantized layers (load it with quantization='nf4')")
+    bad = sorted({n for n, m in quant if not isinstance(m.weight, NF4Weight)})
+    if bad:
+        raise ValueError(f"save_quantized: bitsandbytes reads NF4 only; these layers are int4: {bad[:5]}")
+    w = quant[0][1].weight
+    if len({(m.weight.double_quant, m.weight.dtype) for _, m in quant}) != 1:
+        raise ValueError("save_quantized: NF4 layers disagree on double_quant / dtype; bitsandbytes' config "
+                         "holds one setting for the whole model")
+    dense = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+    return {
+        "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+        "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": bool(w.double_quant),
+        "bnb_4bit_compute_dtype": str(w.dtype).replace("torch.", ""), "bnb_4bit_quant_storage": "uint8",
+        "llm_int8_skip_modules": dense or None, "llm_int8_threshold": 6.0, "llm_int8_has_fp16_weight": False,
+        "llm_int8_enable_fp32_cpu_offload": False,
+    }
+
+
+def save_quantized(model, out_dir) -> None:
+    """Write ``model`` (native fastft or a patched transformers model) with its NF4 layers in
+    bitsandbytes' layout (keys ``<path>.weight``, ``.weight.absmax``, ``.weight.quant_map``,
+    ``.weight.nested_*``, ``.weight.quant_state.bitsandbytes__nf4``) plus a config.json whose
+    ``quantization_config`` makes ``transformers.AutoModel*.from_pretrained`` rebuild them as
+    bitsandbytes ``Linear4bit`` layers. Dense layers (embeddings, norms, the LM head) stay dense."""
+    from fastft.nn import QuantLinear
+
+    from .safetensors_io import save_safetensors_atomic
+
+    out_dir = os.fspath(out_dir)
+    qconfig = bnb_quantization_config(model)
+    os.makedirs(out_dir, exist_ok=True)
+    if hasattr(model, "weight_table"):  # native: the explicit name table, as save_pretrained writes it
+        tensors = {}
+        for name in model.weight_table(model.config):
+            mod_path, _, attr = name.rpartition(".")
+            mod = model.get_submodule(mod_path)
+            if isinstance(mod, QuantLinear) and attr == "weight":
+                tensors.update(mod.weight.to_bnb_state_dict(mod_path + "."))
+            else:
+                tensors[name] = model._tensor_for_save(name)
+        for alias, src in model.tied_aliases().items():
+            if alias.endswith(".bias") and src in tensors and alias not in tensors:
+                tensors[alias] = tensors[src].clone()
+        cfg = model.config.to_dict()
+        cfg["architectures"] = [model.hf_architecture]
+    else:  # a transformers model: its own state dict (QuantLinear writes bitsandbytes' keys)
+        tensors, seen = {}, {}
+        tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+        for k, v in model.state_dict().items():
+            if k in tied:
+                continue
+            ptr = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+            if ptr in seen and v.numel():
+                continue  # a tied tensor under a second name: transformers re-ties it on load
+            seen[ptr] = k
+            tensors[k] = v
+        cfg = model.config.to_dict()
+        cfg.pop("_attn_implementation", None)
+        cfg.pop("_attn_implementation_internal", None)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    cfg.pop("torch_dtype", None)
+    cfg["dtype"] = qconfig["bnb_4bit_compute_dtype"]
+    cfg["quantization_config"] = qconfig
+    save_safetensors_atomic(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    tmp = os.path.join(out_dir, ".config.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+    os.replace(tmp, os.path.join(out_dir, "config.json"))
+    stale = os.path.join(out_dir, "model.safetensors.index.json")
+    if os.path.exists(stale):
+        os.unlink(stale)
