@@ -200,16 +200,7 @@ def test_site_errors_leave_model_untouched():
     assert all(p.requires_grad for p in model.parameters())
 
 
-def _native_available():
-    try:
-        from models_util import save_tiny_checkpoint  # noqa: F401
-        from fastft.models import from_pretrained  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
-
-@pytest.mark.skipif(not _native_available(), reason="fastft native models not available")
 @pytest.mark.parametrize("arch", ["llama", "bert"])
 def test_native_models_same_sites_and_logits(tmp_path, arch):
     """The site table finds the same layers in a native model, and the adapted models agree."""

@@ -3,6 +3,7 @@ patching a peft.PeftModel, torch.compile on a patched model, bitsandbytes 4-bit 
 
 Adapter round trips are judged by logits with randomised adapter weights (PEFT loads mis-keyed files
 into nothing and only warns, so a key check alone could pass on an adapter that never loaded)."""
+import importlib
 import copy
 import logging
 
@@ -24,9 +25,7 @@ def _one_thread():
     yield
     torch.set_num_threads(n)
 
-peft = pytest.importorskip("peft")
-
-
+peft = importlib.import_module("peft")
 @torch.no_grad()
 def _randomise(model):
     g = torch.Generator().manual_seed(5)
@@ -173,7 +172,7 @@ def _bnb_checkpoint(tmp_path, arch):
     (bitsandbytes' CPU kernels need in_features divisible by the blocksize, hence intermediate 128.)"""
     import transformers
 
-    pytest.importorskip("bitsandbytes")
+    importlib.import_module("bitsandbytes")
     dense = tmp_path / f"{arch}_dense"
     tiny_model(arch, **({} if arch == "gpt2" else {"intermediate_size": 128})).save_pretrained(dense)
     bnb_cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",

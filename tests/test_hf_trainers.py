@@ -2,6 +2,7 @@
 curves over 30 steps match the unpatched runs (fp32, 1e-4 relative per step), gradient accumulation
 normalises by the accumulated batch's target tokens (num_items_in_batch), and fastft's PEFT wrapper
 works under Trainer with its default remove_unused_columns=True."""
+import importlib
 import importlib.util
 import os
 
@@ -94,7 +95,7 @@ def test_trainer_loss_curve_matches_unpatched_with_token_normalised_ga(tmp_path,
 
 
 def test_lora_under_trainer_fastft_wrapper_and_patched_peft_match_peft(tmp_path, attention_calls):
-    peft = pytest.importorskip("peft")
+    peft = importlib.import_module("peft")
     cfg = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
 
     def peft_model():

@@ -6,6 +6,7 @@ Philox seed; ``dropout_mask`` materialises that mask and the gold is the referen
 these run under TRITON_INTERPRET=1 (set by conftest) on small shapes: fp32 and fp16 (the
 interpreter's bf16 dot is wrong, see the kernel module).
 """
+import importlib
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,8 +17,7 @@ from tests.utils import assert_close_to_gold, rel_err
 
 pytestmark = pytest.mark.interpreter
 
-L = pytest.importorskip("fastft.kernels.lora")
-
+L = importlib.import_module("fastft.kernels.lora")
 DTYPES = [torch.float32, torch.float16]
 
 
@@ -314,7 +314,7 @@ def test_lora_gate_up_swiglu(device, dtype, p, bias, full_ft):
 @pytest.mark.parametrize("qtype", ["nf4", "int4"])
 def test_lora_linear_quantized_base(device, qtype):
     """Base from ops.quant_matmul, rank-r part fused onto it; gold uses the dequantized weight."""
-    quant = pytest.importorskip("fastft.quant")
+    quant = importlib.import_module("fastft.quant")
     x, W, A, B, b = _make(37, 128, 64, 8, bias=True, seed=8)
     if qtype == "nf4":
         qW = quant.NF4Weight.from_float(W.float().to(device), blocksize=64)
@@ -387,7 +387,7 @@ def _train_tiny_llama(ckpt, backend, monkeypatch, device, steps=20):
 
 def test_tiny_llama_lora_training_tracks_reference(tmp_path, monkeypatch, device):
     """20 LoRA steps of a tiny native Llama through the fused path track the reference path (fp32)."""
-    models_util = pytest.importorskip("models_util")
+    models_util = importlib.import_module("models_util")
     ckpt = models_util.save_tiny_checkpoint(tmp_path / "llama", "llama", num_hidden_layers=1)
     ref = _train_tiny_llama(ckpt, "reference", monkeypatch, device)
     launches = []

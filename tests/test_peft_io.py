@@ -4,6 +4,7 @@ Round trips are judged by logits (PEFT silently loads nothing from mis-keyed fil
 check could pass on an adapter that never loads), with the adapter weights randomised so that a
 dropped tensor changes the output.
 """
+import importlib
 import copy
 import json
 import os
@@ -18,7 +19,7 @@ from fastft.nn import LoraLinear
 from fastft.peft_io import CONFIG_NAME, WEIGHTS_NAME
 from utils import rel_err
 
-peft = pytest.importorskip("peft")
+peft = importlib.import_module("peft")
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, BertConfig, BertForMaskedLM  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
@@ -275,14 +276,6 @@ def test_load_errors_leave_model_unchanged(tmp_path):
 # fastft native models (fastft.from_pretrained): same files as for transformers models
 
 
-def _native_available():
-    try:
-        from models_util import save_tiny_checkpoint  # noqa: F401
-        from fastft.models import from_pretrained  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
 
 def real(x, data):
     """Logits at real (unpadded) positions: what padded query rows produce is unspecified."""
@@ -299,7 +292,6 @@ NATIVE_CASES = [
 ]
 
 
-@pytest.mark.skipif(not _native_available(), reason="fastft native models not available")
 @pytest.mark.parametrize("arch,kw", NATIVE_CASES)
 def test_native_model_adapter_round_trip(tmp_path, arch, kw):
     from models_util import save_tiny_checkpoint
@@ -348,7 +340,6 @@ def test_peft_seq_cls_adapter_loads(tmp_path):
     assert rel_err(logits(pm, data), logits(base, data)) > 1e-2
 
 
-@pytest.mark.skipif(not _native_available(), reason="fastft native models not available")
 def test_native_qlora_reload_and_merge(tmp_path):
     """QLoRA on a native NF4 model: the adapter reloads exactly; the merged (dequantized) model loads in transformers."""
     from models_util import save_tiny_checkpoint

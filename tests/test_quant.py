@@ -11,6 +11,7 @@ bitsandbytes 0.50 on CPU, two known deviations this file works around, each chec
   (in_features % blocksize == 0); for blocks straddling rows we compare with its pure-PyTorch
   implementation (``backends/default/ops.py``) instead, which agrees with its own quantizer.
 """
+import importlib
 import math
 import os
 import subprocess
@@ -26,7 +27,7 @@ from fastft.quant import Int4Weight, NF4Weight
 from fastft.quant.codebooks import NF4_VALUES, dynamic_map
 from tests.utils import FLOOR, assert_close_to_gold
 
-bnb = pytest.importorskip("bitsandbytes")
+bnb = importlib.import_module("bitsandbytes")
 BF = bnb.functional
 
 EPS32 = torch.finfo(torch.float32).eps

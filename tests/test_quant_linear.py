@@ -1,5 +1,6 @@
 """fastft.nn.QuantLinear: forward, device/dtype moves, state dicts (bitsandbytes layout for NF4),
 memory accounting and input checks."""
+import importlib
 import pytest
 import torch
 import torch.nn.functional as F
@@ -115,7 +116,7 @@ def test_state_dict_round_trip(kind, kw, tmp_path):
 
 
 def test_nf4_state_dict_matches_bitsandbytes_linear4bit():
-    bnb = pytest.importorskip("bitsandbytes")
+    bnb = importlib.import_module("bitsandbytes")
     w = torch.randn(64, 256, dtype=torch.bfloat16) * 0.05
     b = torch.randn(64, dtype=torch.bfloat16)
     ref = bnb.nn.Linear4bit(256, 64, bias=True, compress_statistics=True, quant_type="nf4")

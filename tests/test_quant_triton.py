@@ -8,6 +8,7 @@ PyTorch's own error in the same dtype; then the decode split-K path, errors, and
 On CPU everything runs under TRITON_INTERPRET=1 (tests/conftest.py) on small shapes. bf16 runs on
 CPU too: the kernels upcast bf16 dots and round bf16 casts themselves when interpreting.
 """
+import importlib
 import os
 
 import pytest
@@ -22,9 +23,7 @@ from tests.utils import assert_close_to_gold
 
 pytestmark = pytest.mark.interpreter
 
-Q = pytest.importorskip("fastft.kernels.quant")
-
-
+Q = importlib.import_module("fastft.kernels.quant")
 @pytest.fixture(autouse=True)
 def _triton_usable(device):
     if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -34,9 +33,7 @@ def _triton_usable(device):
 
 
 def _bnb():
-    return pytest.importorskip("bitsandbytes.functional")
-
-
+    return importlib.import_module("bitsandbytes.functional")
 def _nf4_fields_equal(a: NF4Weight, b: NF4Weight):
     assert torch.equal(a.data, b.data), "packed 4-bit codes differ"
     assert a.absmax.dtype == b.absmax.dtype
