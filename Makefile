@@ -8,7 +8,7 @@ export MAX_JOBS ?= 2
 
 .PHONY: venv test demo bench clean
 
-$(STAMP): setup.py pyproject.toml requirements.txt $(wildcard csrc/*.cpp csrc/*.h csrc/*.py)
+$(STAMP): setup.py pyproject.toml requirements.txt $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc csrc/*.py)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip "setuptools>=64" wheel
 	$(PIP) install -q torch==2.13.0

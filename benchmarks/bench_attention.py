@@ -1,0 +1,184 @@
+"""Fused attention (fastft.kernels.attention) against torch SDPA's flash backend and FlashAttention.
+
+GPU suite (bf16, issue 5): B·T = 16k tokens, T in {512, 1k, 2k, 4k, 8k, 16k}, D in {64, 128} with
+H·D = 2048, causal and not; forward and backward separately. FLOPs: forward 4·B·H·T²·D (x0.5
+causal), backward 2.5x forward. Every row carries TFLOP/s and % of the measured bf16 matmul rate
+(``ceiling="matmul_bf16"``); fastft rows carry the speedup over SDPA. Also:
+
+* varlen: 16k tokens of mixed-length documents packed (``attention_varlen``) vs the same documents
+  padded to the longest (dense kernel with a key padding mask); target >= 1.5x;
+* decode: one query token per sequence against a 4k / 16k KV cache with GQA (GB/s of K/V read).
+
+The CPU suite has nothing to time (the kernels are CUDA-only; the interpreter is a correctness
+tool) and returns no rows; so does the GPU suite when no GPU is present.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    from benchmarks import common
+except ImportError:  # pragma: no cover - benchmarks/common.py is another module's job
+    common = None
+
+TOKENS = 16 * 1024
+SEQ_LENS = (512, 1024, 2048, 4096, 8192, 16384)
+HEAD_DIMS = (64, 128)
+MODEL_DIM = 2048  # H = MODEL_DIM // D
+
+
+def attn_flops(B, H, T, S, D, causal, backward=False):
+    f = 4.0 * B * H * T * S * D * (0.5 if causal else 1.0)
+    return f * 2.5 if backward else f
+
+
+def _sdpa_flash(q, k, v, causal):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def _flash_attn():
+    try:
+        import flash_attn  # noqa: F401
+        from flash_attn import flash_attn_func, flash_attn_varlen_func
+        return flash_attn_func, flash_attn_varlen_func
+    except Exception:  # not installed / built for another torch: no baseline
+        return None
+
+
+def _fwd_bwd_times(fn, inputs, timer):
+    """(forward seconds, backward seconds) of out = fn(*inputs); backward reuses one graph."""
+    t_fwd = timer(lambda: fn(*inputs))
+    out = fn(*inputs)
+    dout = torch.randn_like(out)
+    t_bwd = timer(lambda: out.backward(dout, retain_graph=True))
+    for t in inputs:
+        t.grad = None
+    return t_fwd, t_bwd
+
+
+def dense_rows(device, timer, row, seq_lens=SEQ_LENS, head_dims=HEAD_DIMS, tokens=TOKENS, model_dim=MODEL_DIM,
+               dtype=torch.bfloat16):
+    from fastft.kernels import attention as A
+
+    fa = _flash_attn()
+    rows = []
+    for D in head_dims:
+        H = model_dim // D
+        for T in seq_lens:
+            B = max(1, tokens // T)
+            for causal in (False, True):
+                case = f"B{B} H{H} T{T} D{D} {'causal' if causal else 'full'}"
+                q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+                impls = [("fastft", lambda q, k, v: A.attention(q, k, v, causal=causal)),
+                         ("torch_sdpa_flash", lambda q, k, v: _sdpa_flash(q, k, v, causal))]
+                if fa is not None:
+                    impls.append(("flash_attn", lambda q, k, v: fa[0](q.transpose(1, 2), k.transpose(1, 2),
+                                                                      v.transpose(1, 2), causal=causal)))
+                times = {}
+                for name, fn in impls:
+                    try:
+                        times[name] = _fwd_bwd_times(fn, (q, k, v), timer)
+                    except Exception as e:  # a baseline that cannot run this shape is reported, not fatal
+                        rows.append({"case": case, "impl": name, "error": f"{type(e).__name__}: {e}"[:200]})
+                base = times.get("torch_sdpa_flash")
+                for name, (tf, tb) in times.items():
+                    for d, t, bw in (("fwd", tf, False), ("bwd", tb, True)):
+                        kw = {}
+                        if name != "torch_sdpa_flash" and base is not None:
+                            kw = dict(baseline="torch_sdpa_flash", baseline_s=base[0] if d == "fwd" else base[1])
+                        rows.append(row(f"attention {d} {case}", name, t,
+                                        flops=attn_flops(B, H, T, T, D, causal, backward=bw), **kw))
+                del q, k, v
+    return rows
+
+
+def _doc_lengths(tokens, lo=128, hi=4096, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lens, total = [], 0
+    while total < tokens:
+        n = int(torch.randint(lo, hi + 1, (), generator=g))
+        n = min(n, tokens - total)
+        lens.append(n)
+        total += n
+    return lens
+
+
+def varlen_rows(device, timer, row, tokens=TOKENS, D=128, H=16, dtype=torch.bfloat16):
+    """Packed mixed-length documents vs the same documents padded to the longest (right padding)."""
+    from fastft.kernels import attention as A
+
+    lens = _doc_lengths(tokens)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    L = max(lens)
+    q, k, v = (torch.randn(tokens, H, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    qp, kp, vp = (torch.zeros(len(lens), H, L, D, device=device, dtype=dtype) for _ in range(3))
+    kpm = torch.zeros(len(lens), L, dtype=torch.bool, device=device)
+    for i, (a, b) in enumerate(zip(cu.tolist(), cu.tolist()[1:])):
+        for src, dst in ((q, qp), (k, kp), (v, vp)):
+            dst[i, :, : b - a] = src[a:b].detach().transpose(0, 1)
+        kpm[i, : b - a] = True
+    for t in (qp, kp, vp):
+        t.requires_grad_(True)
+    flops = sum(attn_flops(1, H, n, n, D, True) for n in lens)
+    t_var = _fwd_bwd_times(lambda q, k, v: A.attention_varlen(q, k, v, cu, L, causal=True), (q, k, v), timer)
+    t_pad = _fwd_bwd_times(lambda q, k, v: A.attention(q, k, v, causal=True, key_padding_mask=kpm),
+                           (qp, kp, vp), timer)
+    case = f"{len(lens)} docs {tokens} tokens (max {L}) H{H} D{D} causal"
+    rows = []
+    for d, i, bw in (("fwd", 0, False), ("bwd", 1, True)):
+        f = flops * (2.5 if bw else 1.0)
+        rows.append(row(f"attention_varlen {d} {case}", "fastft_varlen", t_var[i], flops=f,
+                        baseline="fastft_padded", baseline_s=t_pad[i]))
+        rows.append(row(f"attention_varlen {d} {case}", "fastft_padded", t_pad[i], flops=f))
+    return rows
+
+
+def decode_rows(device, timer, row, dtype=torch.bfloat16):
+    """One new token per sequence against a KV cache (GQA 32/8, D = 128): bytes of K/V read."""
+    from fastft.kernels import attention as A
+
+    rows = []
+    for B, S in ((8, 4096), (1, 16384)):
+        Hq, Hkv, D = 32, 8, 128
+        q = torch.randn(B, Hq, 1, D, device=device, dtype=dtype)
+        k, v = (torch.randn(B, Hkv, S, D, device=device, dtype=dtype) for _ in range(2))
+        nbytes = 2 * k.numel() * k.element_size()
+        with torch.no_grad():
+            t = timer(lambda: A.attention(q, k, v, causal=True))
+            kk, vv = k.repeat_interleave(Hq // Hkv, 1), v.repeat_interleave(Hq // Hkv, 1)
+            tb = timer(lambda: torch.nn.functional.scaled_dot_product_attention(q, kk, vv))
+        case = f"decode B{B} Hq{Hq} Hkv{Hkv} S{S} D{D}"
+        rows.append(row(case, "fastft", t, bytes=nbytes, baseline="torch_sdpa", baseline_s=tb))
+        rows.append(row(case, "torch_sdpa", tb, bytes=nbytes, note="K/V expanded to Hq heads beforehand"))
+    return rows
+
+
+def run(suite: str) -> list[dict]:
+    if suite == "cpu" or not torch.cuda.is_available():
+        return []
+    if common is None:
+        raise RuntimeError("benchmarks/common.py is missing")
+    dev = common.device_for(suite)
+
+    def timer(fn):
+        return common.bench(fn, device=dev)
+
+    def row(case, impl, t, **kw):
+        kw.setdefault("ceiling", "matmul_bf16" if "flops" in kw else ("copy" if "bytes" in kw else None))
+        return common.row(case, impl, t, device=str(dev), **kw)
+
+    rows = []
+    rows += dense_rows(dev, timer, row)
+    rows += varlen_rows(dev, timer, row)
+    rows += decode_rows(dev, timer, row)
+    return rows
+
+
+if __name__ == "__main__":  # python -m benchmarks.bench_attention
+    for r in run("gpu" if torch.cuda.is_available() else "cpu"):
+        print(r)
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to time (attention kernels are CUDA-only)")

@@ -1,0 +1,136 @@
+"""Fused LoRA linear (fastft.kernels.lora) against the base matmul, PEFT and the three-matmul composition.
+
+GPU suite, bf16, issue 4's shapes: M in {512, 4096, 8192} x (in, out) in {(4096, 4096), (4096, 14336),
+(14336, 4096)} x r in {16, 64}. Every case times forward + backward (dX, dA, dB; W frozen) of:
+
+* ``base``     -- the floor: cuBLAS x Wᵀ and dY W alone, no LoRA (no autograd overhead);
+* ``fastft``   -- ``fastft.kernels.lora.lora_linear`` (u = x Aᵀ first, s·u Bᵀ in the GEMM epilogue,
+                  dX = dY W + du A fused the same way);
+* ``compose``  -- F.linear(x, W) + s·F.linear(F.linear(x, A), B) under autograd;
+* ``peft``     -- PEFT's ``lora.Linear`` around an ``nn.Linear`` (when peft is importable);
+* ``fastft_dropout`` / ``peft_dropout`` -- the same with lora_dropout = 0.1;
+* ``fastft_nf4`` -- the fused path over an NF4 (double-quant, blocksize 64) base weight.
+
+Targets (issue 4): at r = 16, fastft ≤ 1.10x the base time and ≥ 1.3x faster than PEFT; NF4 ≤ 1.15x the
+dense base; activation memory saved for backward ≤ 0.5x PEFT's (``saved_mb`` / ``saved_vs_peft``, counted
+with ``torch.autograd.graph.saved_tensors_hooks``, parameters excluded). Each fastft row carries
+``vs_base`` (time / base time) and ``speedup`` over PEFT. The CPU suite returns no rows: the kernels
+are CUDA-only (the interpreter checks semantics; it is not something to time).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from benchmarks import common
+except ImportError:  # pragma: no cover - benchmarks/common.py is another module's job
+    common = None
+
+M_VALUES = (512, 4096, 8192)
+KN_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))
+RANKS = (16, 64)
+
+
+def _flops(M, K, N, r):
+    """fwd x Wᵀ + dX = dY W (4MNK) plus the rank-r work: u, s·u Bᵀ, du, dB, dA, du A."""
+    return 4 * M * N * K + 2 * M * r * (K + N) + 4 * M * N * r + 4 * M * K * r
+
+
+def _saved_bytes(fn, params):
+    """Bytes of activations autograd saves for backward while ``fn`` runs (parameters excluded)."""
+    ptrs = {p.data_ptr() for p in params}
+    seen = {}
+
+    def pack(t):
+        if t.data_ptr() not in ptrs:
+            seen[(t.data_ptr(), t.numel())] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def _peft_layer(W, r, alpha, dropout):
+    try:
+        from peft.tuners.lora import Linear as PeftLinear
+    except Exception:  # peft absent: its rows are skipped
+        return None
+    N, K = W.shape
+    base = torch.nn.Linear(K, N, bias=False, device=W.device, dtype=W.dtype)
+    base.weight.data.copy_(W)
+    base.weight.requires_grad_(False)
+    try:  # peft >= 0.18 takes the LoraConfig; older releases take the options as keywords
+        from peft import LoraConfig
+
+        layer = PeftLinear(base, "default", LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout), r=r,
+                           lora_alpha=alpha, lora_dropout=dropout)
+    except TypeError:
+        layer = PeftLinear(base, "default", r=r, lora_alpha=alpha, lora_dropout=dropout)
+    layer.to(device=W.device, dtype=W.dtype)
+    torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.02)
+    return layer
+
+
+def run(suite: str) -> list[dict]:
+    if suite == "cpu" or common is None or not torch.cuda.is_available():
+        return []
+    from fastft.kernels import lora as L
+
+    dev = common.device_for(suite)
+    dt = torch.bfloat16
+    rows = []
+    for M in M_VALUES:
+        for K, N in KN_SHAPES:
+            W = torch.randn(N, K, device=dev, dtype=dt) / K**0.5
+            x = torch.randn(M, K, device=dev, dtype=dt, requires_grad=True)
+            dy = torch.randn(M, N, device=dev, dtype=dt)
+            t_base = common.bench(lambda: (F.linear(x, W), dy @ W), device=dev)
+            case0 = f"lora M={M} in={K} out={N}"
+            flops_base = 4 * M * N * K
+            rows.append(common.row(f"{case0} base", "torch", t_base, flops=flops_base, ceiling="matmul_bf16",
+                                   device="cuda"))
+            nf4 = None
+            try:
+                from fastft.quant import NF4Weight
+
+                nf4 = NF4Weight.from_float(W, blocksize=64, double_quant=True)
+            except Exception as e:  # the quant module is another issue's; report, don't fail the suite
+                rows.append(common.row(f"{case0} nf4", "fastft_nf4", float("nan"), error=repr(e)[:200]))
+            for r in RANKS:
+                case = f"{case0} r={r}"
+                s = 2.0
+                A = (torch.randn(r, K, device=dev, dtype=dt) / K**0.5).requires_grad_()
+                B = (torch.randn(N, r, device=dev, dtype=dt) * 0.02).requires_grad_()
+                params = [W, A, B]
+                flops = _flops(M, K, N, r)
+
+                def fused(p=0.0, weight=W):
+                    y = L.lora_linear(x, weight, A, B, s, dropout_p=p)
+                    y.backward(dy)
+
+                def compose():
+                    y = F.linear(x, W) + F.linear(F.linear(x, A), B) * s
+                    y.backward(dy)
+
+                impls = {"fastft": fused, "compose": compose, "fastft_dropout": lambda: fused(0.1)}
+                peft = {p: _peft_layer(W, r, s * r, p) for p in (0.0, 0.1)}
+                if peft[0.0] is not None:
+                    impls["peft"] = lambda: peft[0.0](x).backward(dy)
+                    impls["peft_dropout"] = lambda: peft[0.1](x).backward(dy)
+                if nf4 is not None:
+                    impls["fastft_nf4"] = lambda: fused(0.0, nf4)
+                times = {name: common.bench(fn, device=dev) for name, fn in impls.items()}
+                peft_params = [q for layer in peft.values() if layer is not None for q in layer.parameters()]
+                saved = {name: _saved_bytes(fn, params + peft_params) for name, fn in impls.items()}
+                for name, t in times.items():
+                    extra = {"vs_base": round(t / t_base, 3), "saved_mb": round(saved[name] / 2**20, 2)}
+                    peer = "peft_dropout" if name.endswith("dropout") else "peft"
+                    if name.startswith("fastft") and peer in times:
+                        extra["saved_vs_peft"] = round(saved[name] / max(saved[peer], 1), 3)
+                    baseline = peer if name.startswith("fastft") and peer in times else None
+                    rows.append(common.row(case, name, t, flops=flops, ceiling="matmul_bf16", device="cuda",
+                                           baseline=baseline, baseline_s=times.get(peer), **extra))
+                x.grad = A.grad = B.grad = None
+    return rows

@@ -1,0 +1,70 @@
+// fastft CPU kernels: the ISA-independent interface.
+//
+// The inner loops live in isa_kernels.inc, compiled three times (isa_avx512.cpp, isa_avx2.cpp,
+// isa_scalar.cpp) under different `#pragma GCC target`s; `kernels()` picks one table at run time
+// from the CPU's features (or FASTFT_CPU_ISA=avx512|avx2|scalar). The ISA files include no torch
+// headers on purpose: an inline function from a shared header compiled under an AVX-512 target
+// could be picked by the linker for every caller (an ODR clash that would fault on older CPUs).
+//
+// Everything here takes raw pointers and element indices into the row-major flattened weight;
+// the ATen glue (ops.cpp, matmul.cpp) owns shapes, dtypes, allocation and threading.
+#pragma once
+
+#include <cstdint>
+
+namespace fastft {
+
+// Output element types of dequantization. Half types travel as raw bits (uint16_t).
+enum class OutType : int { F32 = 0, BF16 = 1, F16 = 2 };
+
+struct KernelTable {
+  const char* name;
+
+  // NF4 dequantize elements [start, start + len) of the flattened weight into out[0 .. len).
+  // `data` is the whole packed weight (two codes per byte, element 2i in the high nibble of byte
+  // i); `absmax` holds the fp32 scale of blocks first_block, first_block + 1, ... (one per
+  // `blocksize` elements, indexed by (start + j) / blocksize - first_block); `lut` the 16 codes.
+  // y = lut[code] * absmax in fp32, then one round-to-nearest-even cast to the output type.
+  // `stream`: use non-temporal stores where aligned (outputs much larger than the caches; the
+  // AVX-512 table only, others ignore it).
+  void (*nf4_dequant)(const uint8_t* data, int64_t start, int64_t len, const float* absmax,
+                      int64_t first_block, int64_t blocksize, const float* lut, void* out, OutType t,
+                      bool stream);
+
+  // NF4 quantize `nblocks` whole blocks of fp32 input x (blocksize even), writing
+  // nblocks * blocksize / 2 bytes and nblocks absmax. The rule (fastft/quant/nf4.py, as
+  // bitsandbytes): absmax = max|x|; scaled = clamp(x * (1 / max(absmax, 1e-38)), -1, 1);
+  // code = #{fp32 midpoints < scaled}. A block holding inf or NaN gets absmax = NaN (the caller
+  // turns that into an error).
+  void (*nf4_quant_blocks)(const float* x, int64_t nblocks, int64_t blocksize, const float* mids,
+                           uint8_t* packed, float* absmax);
+
+  // One block of `len` elements quantized to a sorted codebook given by its nmids midpoints in
+  // float64 (exact for fp32 codes, so the code is the exactly nearest one, ties low): the 8-bit
+  // dynamic map of double quantization, or an NF4 tail block. One code per byte; same scaling rule.
+  void (*quant_codebook_block)(const float* x, int64_t len, const double* mids, int64_t nmids,
+                               uint8_t* codes, float* absmax);
+
+  // Int4 dequantize one row segment: columns [c0, c0 + len) of a row whose packed bytes start at
+  // `row` (even column in the high nibble); scales / zeros are that row's per-group values
+  // (zeros may be null: symmetric). y = (q - zero) * scale, or (q - 8) * scale when symmetric.
+  void (*int4_dequant_row)(const uint8_t* row, int64_t c0, int64_t len, const float* scales,
+                           const float* zeros, int64_t group_size, void* out, OutType t);
+
+  // acc[m] += dot(w[0 .. len), x[m * ldx .. m * ldx + len)) for m < M, fp32 with per-lane partial
+  // sums (fused multiply-add where the ISA has it). The inner product of the small-M quant-matmul,
+  // whose w is a just-dequantized, L1-resident piece of one weight row.
+  void (*dot_rows)(const float* w, int64_t len, const float* x, int64_t ldx, int64_t M, float* acc);
+};
+
+// The table for this machine (cached after the first call).
+const KernelTable& kernels();
+// Force a table by name ("avx512", "avx2", "scalar", or "auto"); returns false if the CPU cannot
+// run it. Used by tests to cover every path on one machine.
+bool set_isa(const char* name);
+// Names of the tables this CPU can run, best first, and whether each was compiled in.
+const KernelTable* table_avx512();
+const KernelTable* table_avx2();
+const KernelTable* table_scalar();
+
+}  // namespace fastft

@@ -1,0 +1,761 @@
+// fastft._C: ATen glue for the CPU kernels. Shapes, dtype checks, allocation and OpenMP
+// threading (at::parallel_for) live here; the per-ISA inner loops are in isa_kernels.inc.
+//
+// Ops (schemas are declared in fastft/ops/cpp.py, which also registers the fake kernels and the
+// autograd formula; this file registers the CPU implementations under TORCH_LIBRARY_IMPL):
+//   nf4_quantize(w, blocksize) -> (packed ((n+1)//2, 1) uint8, absmax (nblocks,) fp32)
+//   quantize_blockwise_8bit(x, code, blocksize) -> (codes uint8, absmax fp32)   [double quant]
+//   dequantize_blockwise_8bit(q, absmax, code, blocksize, offset) -> fp32
+//   nf4_dequantize(data, absmax, quant_map, nested_absmax?, nested_quant_map?, offset, blocksize,
+//                  nested_blocksize, shape, dtype) -> Tensor(shape, dtype)
+//   nf4_dequantize_out(<same>, out)       into a preallocated contiguous buffer
+//   nf4_matmul(x, bias?, <quant args>, out_features, in_features) -> x @ Wᵀ + bias
+//   nf4_matmul_grad_x(grad, <quant args>, out_features, in_features) -> grad @ W
+//   int4_quantize / int4_dequantize / int4_matmul / int4_matmul_grad_x likewise.
+//
+// Quant-matmul strategy ("tiled", the default): split W into tiles that hold the whole reduction
+// dimension (row tiles of W for the forward, column tiles for dX), dequantize one tile into a
+// per-thread buffer that stays in L2/L3, and hand it straight to the BLAS (at::mm, MKL/oneDNN,
+// single-threaded inside our parallel region). Because every tile carries the full reduction, each
+// output element is one BLAS dot product, rounded once, as in torch's x @ W_deqᵀ. The alternative
+// ("full": dequantize all of W into one scratch buffer, then one multi-threaded at::mm) writes the
+// full-precision weight to memory; benchmarks/bench_cpu.py measures both.
+// Lean headers (not torch/extension.h, which pulls in all of libtorch's C++ API and doubles the
+// compile time): ATen, the op registration API and bare pybind11 for the few module functions.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdlib>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+namespace fastft {
+
+// --------------------------------------------------------------------------------------------
+// ISA selection
+// --------------------------------------------------------------------------------------------
+static bool cpu_can_run(const std::string& name) {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (name == "avx512")
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  if (name == "avx2")
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+           __builtin_cpu_supports("bmi2");
+#endif
+  return name == "scalar";
+}
+
+static const KernelTable* table_by_name(const std::string& name) {
+  const KernelTable* t = nullptr;
+  if (name == "avx512") t = table_avx512();
+  else if (name == "avx2") t = table_avx2();
+  else if (name == "scalar") t = table_scalar();
+  return (t && cpu_can_run(name)) ? t : nullptr;
+}
+
+static const KernelTable* best_table() {
+  if (const char* env = std::getenv("FASTFT_CPU_ISA")) {
+    std::string e(env);
+    if (!e.empty() && e != "auto") {
+      const KernelTable* t = table_by_name(e);
+      TORCH_CHECK(t != nullptr, "FASTFT_CPU_ISA=", e, " is not one this CPU can run (avx512, avx2, scalar, auto)");
+      return t;
+    }
+  }
+  for (const char* n : {"avx512", "avx2", "scalar"})
+    if (const KernelTable* t = table_by_name(n)) return t;
+  return table_scalar();
+}
+
+static std::atomic<const KernelTable*> g_table{nullptr};
+
+const KernelTable& kernels() {
+  const KernelTable* t = g_table.load(std::memory_order_acquire);
+  if (!t) {
+    t = best_table();
+    g_table.store(t, std::memory_order_release);
+  }
+  return *t;
+}
+
+bool set_isa(const char* name) {
+  if (std::string(name) == "auto") {
+    g_table.store(best_table());
+    return true;
+  }
+  const KernelTable* t = table_by_name(name);
+  if (!t) return false;
+  g_table.store(t);
+  return true;
+}
+
+// Tunables for the quant-matmul (set from Python by the benchmark; defaults measured there).
+static std::atomic<int> g_strategy{0};                  // 0 tiled, 1 full scratch
+static std::atomic<int64_t> g_tile_elems{1 << 18};      // weight elements per dequantized tile
+static std::atomic<int64_t> g_fused_max_m{8};           // rows of x up to which the fused dot kernel runs
+
+// --------------------------------------------------------------------------------------------
+// Helpers
+// --------------------------------------------------------------------------------------------
+// The NF4 codebook (DESIGN.md "Formats"); quantization uses the fp32 midpoints of adjacent codes.
+static const float kNF4[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f, -0.28444138169288635f,
+    -0.18477343022823334f, -0.09105003625154495f, 0.0f, 0.07958029955625534f, 0.16093020141124725f,
+    0.24611230194568634f, 0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,
+    0.7229568362236023f, 1.0f};
+
+static std::vector<float> midpoints(const float* code, int64_t n) {
+  std::vector<float> m(n - 1);
+  for (int64_t i = 0; i + 1 < n; ++i) m[i] = (code[i] + code[i + 1]) / 2.0f;  // fp32, as torch does
+  return m;
+}
+
+static OutType out_type(at::ScalarType s, const char* op) {
+  switch (s) {
+    case at::kFloat: return OutType::F32;
+    case at::kBFloat16: return OutType::BF16;
+    case at::kHalf: return OutType::F16;
+    default: TORCH_CHECK(false, op, ": dtype must be float32, bfloat16 or float16, got ", s);
+  }
+}
+
+static void check_cpu(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
+}
+
+static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Waking OpenMP threads costs ~10 us, and far more on a loaded machine where they spin against
+// other processes; work below this many element-operations per thread runs on the caller alone.
+constexpr int64_t kMinWorkPerThread = 1 << 17;
+// Dequantized outputs at least this large bypass the caches (see nf4_dequant_all); settable from
+// Python (tests force both paths, the benchmark measures both).
+static std::atomic<int64_t> g_stream_bytes{16 << 20};
+
+// Grain (in items) for at::parallel_for when each item costs `work` element-operations.
+static int64_t grain_for(int64_t work) { return std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, work)); }
+
+// Converts elements [e0, e1) of a float tensor (fp32 / bf16 / fp16) to fp32 in `dst`.
+static void to_f32(const at::Tensor& w, int64_t e0, int64_t e1, float* dst) {
+  switch (w.scalar_type()) {
+    case at::kFloat: std::memcpy(dst, w.const_data_ptr<float>() + e0, (e1 - e0) * sizeof(float)); break;
+    case at::kBFloat16: {
+      const at::BFloat16* p = w.const_data_ptr<at::BFloat16>() + e0;
+      for (int64_t i = 0; i < e1 - e0; ++i) dst[i] = static_cast<float>(p[i]);
+      break;
+    }
+    case at::kHalf: {
+      const at::Half* p = w.const_data_ptr<at::Half>() + e0;
+      for (int64_t i = 0; i < e1 - e0; ++i) dst[i] = static_cast<float>(p[i]);
+      break;
+    }
+    default: TORCH_CHECK(false, "unreachable");
+  }
+}
+
+// Per-block absmax of an NF4 weight, plain fp32 or double-quantized
+// (absmax_b = nested_code[q_b] * nested_absmax[b / nested_blocksize] + offset, in fp32).
+struct AbsmaxSource {
+  const float* f32 = nullptr;
+  const uint8_t* q8 = nullptr;
+  const float* nested = nullptr;
+  const float* ncode = nullptr;
+  float offset = 0.0f;
+  int64_t nbs = 256;
+
+  void fill(int64_t b0, int64_t b1, float* out) const {
+    for (int64_t g = b0 / nbs, b = b0; b < b1; ++g) {  // nested group by group: no division per block
+      const float s = nested[g];
+      for (const int64_t ge = std::min(b1, (g + 1) * nbs); b < ge; ++b) {
+        const float v = ncode[q8[b]] * s;
+        out[b - b0] = v + offset;  // separate add: -ffp-contract=off keeps this from fusing
+      }
+    }
+  }
+};
+
+struct NF4View {
+  const uint8_t* data;
+  int64_t n, bs, nblocks;
+  const float* lut;
+  AbsmaxSource am;
+};
+
+static NF4View nf4_view(const char* op, const at::Tensor& data, const at::Tensor& absmax, const at::Tensor& quant_map,
+                        const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_quant_map,
+                        double offset, int64_t blocksize, int64_t nested_blocksize, int64_t n) {
+  for (auto* p : {&data, &absmax, &quant_map}) check_cpu(*p, op, "quantized weight tensors");
+  TORCH_CHECK(blocksize >= 2 && blocksize % 2 == 0 && blocksize <= 4096, op, ": blocksize must be even and in [2, 4096], got ", blocksize);
+  TORCH_CHECK(n >= 0, op, ": negative number of elements");
+  TORCH_CHECK(data.scalar_type() == at::kByte && data.is_contiguous() && data.numel() == (n + 1) / 2, op,
+              ": data must be contiguous uint8 with (n + 1) // 2 = ", (n + 1) / 2, " bytes, got ", data.scalar_type(), " ", data.sizes());
+  TORCH_CHECK(quant_map.scalar_type() == at::kFloat && quant_map.numel() == 16 && quant_map.is_contiguous(), op,
+              ": quant_map must be 16 contiguous fp32 codes");
+  NF4View v{data.const_data_ptr<uint8_t>(), n, blocksize, ceil_div(n, blocksize), quant_map.const_data_ptr<float>(), {}};
+  TORCH_CHECK(absmax.numel() == v.nblocks && absmax.is_contiguous(), op, ": absmax must hold ", v.nblocks,
+              " contiguous values (one per block), got ", absmax.sizes());
+  TORCH_CHECK(nested_absmax.has_value() == nested_quant_map.has_value(), op,
+              ": nested_absmax and nested_quant_map come together");
+  if (nested_absmax.has_value()) {
+    const auto& na = *nested_absmax;
+    const auto& nc = *nested_quant_map;
+    check_cpu(na, op, "nested_absmax");
+    check_cpu(nc, op, "nested_quant_map");
+    TORCH_CHECK(absmax.scalar_type() == at::kByte, op, ": double-quantized absmax must be uint8, got ", absmax.scalar_type());
+    TORCH_CHECK(nested_blocksize >= 1, op, ": nested_blocksize must be positive");
+    TORCH_CHECK(na.scalar_type() == at::kFloat && na.is_contiguous() && na.numel() == ceil_div(v.nblocks, nested_blocksize), op,
+                ": nested_absmax must be ", ceil_div(v.nblocks, nested_blocksize), " contiguous fp32 values");
+    TORCH_CHECK(nc.scalar_type() == at::kFloat && nc.is_contiguous() && nc.numel() == 256, op,
+                ": nested_quant_map must be 256 contiguous fp32 codes");
+    v.am.q8 = absmax.const_data_ptr<uint8_t>();
+    v.am.nested = na.const_data_ptr<float>();
+    v.am.ncode = nc.const_data_ptr<float>();
+    v.am.offset = static_cast<float>(offset);
+    v.am.nbs = nested_blocksize;
+  } else {
+    TORCH_CHECK(absmax.scalar_type() == at::kFloat, op, ": absmax must be fp32 without double quantization, got ", absmax.scalar_type());
+    v.am.f32 = absmax.const_data_ptr<float>();
+  }
+  return v;
+}
+
+// A new output tensor; large ones are backed by transparent huge pages where the kernel offers them
+// (madvise mode). A fresh 64 MiB buffer otherwise takes 16384 page faults on first touch, which
+// costs several times the dequantization itself; with 2 MiB pages it takes 32. The storage is an
+// ordinary CPU tensor that frees itself (only resizing it in place is not supported).
+static at::Tensor empty_output(at::IntArrayRef shape, const at::TensorOptions& opts) {
+  const int64_t nbytes = c10::multiply_integers(shape) * static_cast<int64_t>(c10::elementSize(opts.dtype().toScalarType()));
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr int64_t kHuge = 2 << 20;
+  if (nbytes >= 4 * kHuge) {
+    const size_t sz = static_cast<size_t>((nbytes + kHuge - 1) / kHuge * kHuge);
+    if (void* p = std::aligned_alloc(kHuge, sz)) {
+      (void)madvise(p, sz, MADV_HUGEPAGE);  // best effort: without THP these are ordinary pages
+      return at::from_blob(p, shape, [](void* q) { std::free(q); }, opts);
+    }
+  }
+#endif
+  return at::empty(shape, opts);
+}
+
+static int64_t numel_of(at::IntArrayRef shape) {
+  int64_t n = 1;
+  for (auto s : shape) {
+    TORCH_CHECK(s >= 0, "negative dimension in shape ", shape);
+    n *= s;
+  }
+  return n;
+}
+
+// Dequantizes the whole weight into `out` (contiguous, n elements of type t), in chunks of whole
+// blocks spread over the threads; double-quantized scales are expanded per chunk on the stack.
+static void nf4_dequant_all(const NF4View& v, void* out, OutType t, int64_t esize) {
+  if (v.n == 0) return;
+  // Outputs past the last-level cache are written with streaming stores (no read for ownership):
+  // it is what lets dequantization run at the speed of a copy while moving ~half its bytes.
+  const bool stream = v.n * esize >= g_stream_bytes.load();
+  const int64_t per = std::max<int64_t>(1, 16384 / v.bs);  // blocks per chunk
+  const int64_t nchunks = ceil_div(v.nblocks, per);
+  const KernelTable& K = kernels();
+  at::parallel_for(0, nchunks, grain_for(per * v.bs), [&](int64_t c0, int64_t c1) {
+    std::vector<float> buf(v.am.f32 ? 0 : per);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t b0 = c * per, b1 = std::min(v.nblocks, b0 + per);
+      const int64_t e0 = b0 * v.bs, e1 = std::min(v.n, b1 * v.bs);
+      const float* am = v.am.f32 ? v.am.f32 + b0 : (v.am.fill(b0, b1, buf.data()), buf.data());
+      K.nf4_dequant(v.data, e0, e1 - e0, am, b0, v.bs, v.lut, static_cast<char*>(out) + e0 * esize, t, stream);
+    }
+  });
+}
+
+// All block scales in fp32 (for the matmul, which reads each block many times).
+static at::Tensor nf4_absmax_f32(const NF4View& v, const at::Tensor& absmax) {
+  if (v.am.f32) return absmax;
+  at::Tensor out = at::empty({v.nblocks}, absmax.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, v.nblocks, kMinWorkPerThread, [&](int64_t b0, int64_t b1) { v.am.fill(b0, b1, o + b0); });
+  return out;
+}
+
+// --------------------------------------------------------------------------------------------
+// NF4 quantize / dequantize
+// --------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor> nf4_quantize(const at::Tensor& w_, int64_t blocksize) {
+  const char* op = "fastft::nf4_quantize";
+  check_cpu(w_, op, "w");
+  out_type(w_.scalar_type(), op);
+  TORCH_CHECK(blocksize >= 2 && blocksize % 2 == 0 && blocksize <= 4096, op, ": blocksize must be even and in [2, 4096], got ", blocksize);
+  const at::Tensor w = w_.contiguous();
+  const int64_t n = w.numel(), nblocks = ceil_div(n, blocksize), nfull = n / blocksize;
+  at::Tensor packed = at::empty({(n + 1) / 2, 1}, w.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({nblocks}, w.options().dtype(at::kFloat));
+  const std::vector<float> mids = midpoints(kNF4, 16);
+  uint8_t* pk = packed.data_ptr<uint8_t>();
+  float* am = absmax.data_ptr<float>();
+  const KernelTable& K = kernels();
+  const int64_t per = std::max<int64_t>(1, 16384 / blocksize);
+  const bool f32 = w.scalar_type() == at::kFloat;
+  at::parallel_for(0, ceil_div(nfull, per), grain_for(per * blocksize * 16), [&](int64_t c0, int64_t c1) {
+    std::vector<float> buf(f32 ? 0 : per * blocksize);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t b0 = c * per, b1 = std::min(nfull, b0 + per);
+      const float* x;
+      if (f32) {
+        x = w.const_data_ptr<float>() + b0 * blocksize;
+      } else {
+        to_f32(w, b0 * blocksize, b1 * blocksize, buf.data());
+        x = buf.data();
+      }
+      K.nf4_quant_blocks(x, b1 - b0, blocksize, mids.data(), pk + b0 * blocksize / 2, am + b0);
+    }
+  });
+  if (const int64_t rem = n - nfull * blocksize) {
+    // The short last block (same rule); an odd total pads the final low nibble with code 7 (0.0).
+    std::vector<float> x(rem);
+    std::vector<uint8_t> codes(rem + 1, 7);
+    const std::vector<double> mids64(mids.begin(), mids.end());
+    to_f32(w, nfull * blocksize, n, x.data());
+    K.quant_codebook_block(x.data(), rem, mids64.data(), 15, codes.data(), am + nfull);
+    for (int64_t j = 0; j < rem; j += 2) pk[(nfull * blocksize + j) / 2] = static_cast<uint8_t>((codes[j] << 4) | codes[j + 1]);
+  }
+  return {packed, absmax};
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise_8bit(const at::Tensor& x_, const at::Tensor& code, int64_t blocksize) {
+  const char* op = "fastft::quantize_blockwise_8bit";
+  check_cpu(x_, op, "x");
+  check_cpu(code, op, "code");
+  TORCH_CHECK(x_.scalar_type() == at::kFloat, op, ": x must be fp32, got ", x_.scalar_type());
+  TORCH_CHECK(code.scalar_type() == at::kFloat && code.dim() == 1 && code.numel() >= 2 && code.numel() <= 256, op,
+              ": code must be a 1-D fp32 codebook of 2..256 sorted values");
+  TORCH_CHECK(blocksize >= 1, op, ": blocksize must be positive");
+  const at::Tensor x = x_.contiguous(), c = code.contiguous();
+  const float* cp = c.const_data_ptr<float>();
+  // Midpoints in float64 are exact, so the code is the exactly nearest one (ties low), as
+  // fastft's reference and bitsandbytes' CUDA kernel choose it.
+  std::vector<double> mids(c.numel() - 1);
+  for (int64_t i = 0; i + 1 < c.numel(); ++i) {
+    TORCH_CHECK(cp[i] <= cp[i + 1], op, ": code must be sorted ascending");
+    mids[i] = (static_cast<double>(cp[i]) + static_cast<double>(cp[i + 1])) / 2.0;
+  }
+  const int64_t n = x.numel(), nblocks = ceil_div(n, blocksize);
+  at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({nblocks}, x.options());
+  const float* xp = x.const_data_ptr<float>();
+  uint8_t* qp = q.data_ptr<uint8_t>();
+  float* ap = absmax.data_ptr<float>();
+  const KernelTable& K = kernels();
+  at::parallel_for(0, nblocks, grain_for(blocksize * 8), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t e0 = b * blocksize, len = std::min(n, e0 + blocksize) - e0;
+      K.quant_codebook_block(xp + e0, len, mids.data(), static_cast<int64_t>(mids.size()), qp + e0, ap + b);
+    }
+  });
+  return {q, absmax};
+}
+
+at::Tensor dequantize_blockwise_8bit(const at::Tensor& q_, const at::Tensor& absmax_, const at::Tensor& code_, int64_t blocksize,
+                                     double offset) {
+  const char* op = "fastft::dequantize_blockwise_8bit";
+  for (auto* p : {&q_, &absmax_, &code_}) check_cpu(*p, op, "inputs");
+  TORCH_CHECK(q_.scalar_type() == at::kByte, op, ": codes must be uint8");
+  TORCH_CHECK(absmax_.scalar_type() == at::kFloat && code_.scalar_type() == at::kFloat && code_.numel() == 256, op,
+              ": absmax must be fp32 and code 256 fp32 values");
+  TORCH_CHECK(blocksize >= 1 && absmax_.numel() == ceil_div(q_.numel(), blocksize), op, ": absmax must hold one value per block");
+  const at::Tensor q = q_.contiguous(), absmax = absmax_.contiguous(), code = code_.contiguous();
+  at::Tensor out = at::empty(q.sizes(), q.options().dtype(at::kFloat));
+  AbsmaxSource s;
+  s.q8 = q.const_data_ptr<uint8_t>();
+  s.nested = absmax.const_data_ptr<float>();
+  s.ncode = code.const_data_ptr<float>();
+  s.offset = static_cast<float>(offset);
+  s.nbs = blocksize;
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, q.numel(), kMinWorkPerThread, [&](int64_t b0, int64_t b1) { s.fill(b0, b1, o + b0); });
+  return out;
+}
+
+at::Tensor nf4_dequantize(const at::Tensor& data, const at::Tensor& absmax, const at::Tensor& quant_map,
+                          const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_quant_map,
+                          double offset, int64_t blocksize, int64_t nested_blocksize, at::IntArrayRef shape, at::ScalarType dtype) {
+  const char* op = "fastft::nf4_dequantize";
+  const OutType t = out_type(dtype, op);
+  const NF4View v = nf4_view(op, data, absmax, quant_map, nested_absmax, nested_quant_map, offset, blocksize, nested_blocksize,
+                             numel_of(shape));
+  at::Tensor out = empty_output(shape, data.options().dtype(dtype));
+  nf4_dequant_all(v, out.data_ptr(), t, out.element_size());
+  return out;
+}
+
+void nf4_dequantize_out(const at::Tensor& data, const at::Tensor& absmax, const at::Tensor& quant_map,
+                        const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_quant_map,
+                        double offset, int64_t blocksize, int64_t nested_blocksize, at::IntArrayRef shape, const at::Tensor& out) {
+  const char* op = "fastft::nf4_dequantize_out";
+  check_cpu(out, op, "out");
+  const OutType t = out_type(out.scalar_type(), op);
+  const NF4View v = nf4_view(op, data, absmax, quant_map, nested_absmax, nested_quant_map, offset, blocksize, nested_blocksize,
+                             numel_of(shape));
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == shape, op, ": out must be contiguous with shape ", shape, ", got ", out.sizes(),
+              out.is_contiguous() ? "" : " (non-contiguous)");
+  nf4_dequant_all(v, out.data_ptr(), t, out.element_size());
+}
+
+// --------------------------------------------------------------------------------------------
+// Int4 group-wise
+// --------------------------------------------------------------------------------------------
+struct Int4View {
+  const uint8_t* data;
+  const float* scales;
+  const float* zeros;  // null: symmetric
+  int64_t N, K, gs, G, row_bytes;
+};
+
+static Int4View int4_view(const char* op, const at::Tensor& data, const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
+                          int64_t group_size, int64_t N, int64_t K) {
+  check_cpu(data, op, "data");
+  check_cpu(scales, op, "scales");
+  TORCH_CHECK(group_size >= 1 && K % group_size == 0, op, ": in_features (", K, ") must be a multiple of group_size (", group_size, ")");
+  const int64_t G = K / group_size, rb = (K + 1) / 2;
+  TORCH_CHECK(data.scalar_type() == at::kByte && data.is_contiguous() && data.numel() == N * rb, op,
+              ": data must be contiguous uint8 (out_features, ceil(in_features / 2)) = (", N, ", ", rb, "), got ", data.sizes());
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == N * G, op,
+              ": scales must be contiguous fp32 (", N, ", ", G, "), got ", scales.scalar_type(), " ", scales.sizes());
+  const float* zp = nullptr;
+  if (zeros.has_value()) {
+    check_cpu(*zeros, op, "zeros");
+    TORCH_CHECK(zeros->scalar_type() == at::kFloat && zeros->is_contiguous() && zeros->numel() == N * G, op,
+                ": zeros must be contiguous fp32 (", N, ", ", G, ")");
+    zp = zeros->const_data_ptr<float>();
+  }
+  return {data.const_data_ptr<uint8_t>(), scales.const_data_ptr<float>(), zp, N, K, group_size, G, rb};
+}
+
+// Int4 quantization, fastft's format (fastft/quant/int4.py), in fp32 with round-half-even:
+// asymmetric: lo = min(min x, 0), hi = max(max x, 0), scale = (hi - lo) / 15, float zero point
+//   zero = -lo / scale, q = clamp(round(x / scale + zero), 0, 15);
+// symmetric: scale = max|x| / 7, q = clamp(round(x / scale), -8, 7) + 8.
+// An all-zero group keeps scale 0 (and zero 0) and divides by 1. A group holding inf or NaN gets
+// scale NaN (the caller turns that into an error). Odd in_features pad with the code of 0.0.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> int4_quantize(const at::Tensor& w_, int64_t group_size, bool symmetric) {
+  const char* op = "fastft::int4_quantize";
+  check_cpu(w_, op, "w");
+  out_type(w_.scalar_type(), op);
+  TORCH_CHECK(w_.dim() == 2, op, ": w must be 2-D (out_features, in_features), got ", w_.sizes());
+  const int64_t N = w_.size(0), K = w_.size(1);
+  TORCH_CHECK(group_size >= 1 && K % group_size == 0, op, ": in_features (", K, ") must be a multiple of group_size (", group_size, ")");
+  const at::Tensor w = w_.contiguous();
+  const int64_t G = K / group_size, rb = (K + 1) / 2;
+  at::Tensor data = at::empty({N, rb}, w.options().dtype(at::kByte));
+  at::Tensor scales = at::empty({N, G}, w.options().dtype(at::kFloat));
+  at::Tensor zeros = at::empty({symmetric ? 0 : N, G}, w.options().dtype(at::kFloat));
+  uint8_t* dp = data.data_ptr<uint8_t>();
+  float* sp = scales.data_ptr<float>();
+  float* zp = zeros.data_ptr<float>();
+  const uint8_t pad = symmetric ? 8 : 0;
+  at::parallel_for(0, N, grain_for(K * 16), [&](int64_t r0, int64_t r1) {
+    std::vector<float> x(K);
+    std::vector<uint8_t> codes(K + 1, pad);
+    for (int64_t r = r0; r < r1; ++r) {
+      to_f32(w, r * K, (r + 1) * K, x.data());
+      for (int64_t g = 0; g < G; ++g) {
+        const float* xg = x.data() + g * group_size;
+        uint8_t* cg = codes.data() + g * group_size;
+        bool bad = false;
+        for (int64_t j = 0; j < group_size; ++j) bad |= !(std::fabs(xg[j]) <= 3.402823466e+38f);
+        if (symmetric) {
+          float am = 0.0f;
+          for (int64_t j = 0; j < group_size; ++j) am = std::max(am, std::fabs(xg[j]));
+          const float s = am / 7.0f;
+          const float safe = s > 0.0f ? s : 1.0f;
+          sp[r * G + g] = bad ? std::nanf("") : s;
+          for (int64_t j = 0; j < group_size; ++j)
+            cg[j] = static_cast<uint8_t>(std::min(std::max(std::nearbyint(xg[j] / safe), -8.0f), 7.0f) + 8.0f);
+        } else {
+          float lo = 0.0f, hi = 0.0f;
+          for (int64_t j = 0; j < group_size; ++j) {
+            lo = std::min(lo, xg[j]);
+            hi = std::max(hi, xg[j]);
+          }
+          const float s = (hi - lo) / 15.0f;
+          const bool pos = s > 0.0f;
+          const float safe = pos ? s : 1.0f;
+          const float z = pos ? -lo / safe : 0.0f;
+          sp[r * G + g] = bad ? std::nanf("") : s;
+          zp[r * G + g] = z;
+          for (int64_t j = 0; j < group_size; ++j) {
+            const float t = xg[j] / safe + z;  // two roundings, as torch's x / scale + zero
+            cg[j] = static_cast<uint8_t>(std::min(std::max(std::nearbyint(t), 0.0f), 15.0f));
+          }
+        }
+      }
+      uint8_t* row = dp + r * rb;
+      for (int64_t c = 0; c < rb; ++c) row[c] = static_cast<uint8_t>((codes[2 * c] << 4) | codes[2 * c + 1]);
+    }
+  });
+  return {data, scales, zeros};
+}
+
+at::Tensor int4_dequantize(const at::Tensor& data, const at::Tensor& scales, const std::optional<at::Tensor>& zeros, int64_t group_size,
+                           int64_t out_features, int64_t in_features, at::ScalarType dtype) {
+  const char* op = "fastft::int4_dequantize";
+  const OutType t = out_type(dtype, op);
+  const Int4View v = int4_view(op, data, scales, zeros, group_size, out_features, in_features);
+  at::Tensor out = empty_output({v.N, v.K}, data.options().dtype(dtype));
+  char* o = static_cast<char*>(out.data_ptr());
+  const int64_t es = out.element_size();
+  const KernelTable& Kt = kernels();
+  at::parallel_for(0, v.N, grain_for(v.K), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      Kt.int4_dequant_row(v.data + r * v.row_bytes, 0, v.K, v.scales + r * v.G, v.zeros ? v.zeros + r * v.G : nullptr, v.gs,
+                          o + r * v.K * es, t);
+  });
+  return out;
+}
+
+// --------------------------------------------------------------------------------------------
+// Quant-matmul: y = x @ Wᵀ and dX = dY @ W with W dequantized tile by tile.
+// `deq(row, k0, len, dst)` writes W[row, k0 : k0 + len) in the activation dtype to dst.
+// --------------------------------------------------------------------------------------------
+// Tile extent along a dimension of size `dim`: at most `max_extent` (the cache budget), a multiple
+// of `align` when that is possible, and cut so that the tile count is a multiple of the thread
+// count -- with 2 threads, 5 equal tiles leave one thread idle for a fifth of the time.
+static int64_t tile_extent(int64_t dim, int64_t max_extent, int64_t align) {
+  const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t rounds = std::max<int64_t>(1, ceil_div(dim, nth * max_extent));
+  int64_t t = ceil_div(dim, nth * rounds);
+  if (t > align) t = ceil_div(t, align) * align;  // round up: never more tiles than nth * rounds
+  return std::max<int64_t>(1, t);
+}
+
+template <class Deq>
+static at::Tensor qmm_forward(const char* op, const at::Tensor& x_, const std::optional<at::Tensor>& bias, int64_t N, int64_t K,
+                              const Deq& deq) {
+  check_cpu(x_, op, "x");
+  out_type(x_.scalar_type(), op);
+  TORCH_CHECK(x_.dim() >= 1 && x_.size(-1) == K, op, ": x must have in_features = ", K, " as its last dimension, got ", x_.sizes());
+  if (bias.has_value()) {
+    check_cpu(*bias, op, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == x_.scalar_type(), op,
+                ": bias must be (out_features,) = (", N, ",) in x's dtype ", x_.scalar_type(), ", got ", bias->scalar_type(), " ",
+                bias->sizes());
+  }
+  std::vector<int64_t> out_shape(x_.sizes().begin(), x_.sizes().end());
+  out_shape.back() = N;
+  const at::Tensor x = x_.reshape({-1, K}).contiguous();
+  const int64_t M = x.size(0), es = x.element_size();
+  at::Tensor y = empty_output({M, N}, x.options());
+  if (M == 0 || N == 0) return y.view(out_shape);
+  if (K == 0) {
+    if (bias.has_value()) return y.copy_(bias->expand({M, N})).view(out_shape);
+    return y.zero_().view(out_shape);
+  }
+  if (g_strategy.load() == 1) {  // full scratch + one multi-threaded GEMM
+    at::Tensor w = at::empty({N, K}, x.options());
+    char* wp = static_cast<char*>(w.data_ptr());
+    at::parallel_for(0, N, grain_for(K), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) deq(r, 0, K, wp + r * K * es);
+    });
+    if (bias.has_value()) at::addmm_out(y, *bias, x, w.t());
+    else at::mm_out(y, x, w.t());
+    return y.view(out_shape);
+  }
+  if (M <= g_fused_max_m.load()) {
+    // Few rows of x (decoding, small batches): the GEMM is a handful of dot products per weight
+    // element, so the BLAS call per tile would cost more than it saves. Dequantize each weight row
+    // piece by piece into an L1 buffer (fp32) and take the dot products with all M rows of x at
+    // once: W is read once, in 4-bit form, and never exists in full precision.
+    const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+    const float* xp = xf.const_data_ptr<float>();
+    at::Tensor yf = x.scalar_type() == at::kFloat ? y : at::empty({M, N}, x.options().dtype(at::kFloat));
+    float* yp = yf.data_ptr<float>();
+    const at::Tensor bf = bias.has_value() ? bias->to(at::kFloat) : at::Tensor();
+    const float* bp = bias.has_value() ? bf.const_data_ptr<float>() : nullptr;
+    const KernelTable& Kt = kernels();
+    constexpr int64_t kChunk = 2048;  // 8 KiB of fp32 weights: stays in L1 next to the x pieces
+    at::parallel_for(0, N, grain_for(K * (M + 4)), [&](int64_t r0, int64_t r1) {
+      float wbuf[kChunk];
+      std::vector<float> acc(M);
+      for (int64_t r = r0; r < r1; ++r) {
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+          const int64_t len = std::min(kChunk, K - k0);
+          deq.f32(r, k0, len, wbuf);
+          Kt.dot_rows(wbuf, len, xp + k0, K, M, acc.data());
+        }
+        for (int64_t m = 0; m < M; ++m) yp[m * N + r] = bp ? acc[m] + bp[r] : acc[m];
+      }
+    });
+    if (!yf.is_same(y)) y.copy_(yf);  // one rounding to x's dtype, as the BLAS output would be
+    return y.view(out_shape);
+  }
+  // Row tiles of W: as many rows as fit the tile budget, but enough tiles to keep every thread busy.
+  const int64_t nt = tile_extent(N, std::max<int64_t>(1, g_tile_elems.load() / K), 16);
+  const int64_t ntiles = ceil_div(N, nt);
+  at::parallel_for(0, ntiles, grain_for(nt * K * (M + 4)), [&](int64_t t0, int64_t t1) {
+    at::Tensor buf = at::empty({nt, K}, x.options());
+    char* bp = static_cast<char*>(buf.data_ptr());
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * nt, nr = std::min(N, n0 + nt) - n0;
+      for (int64_t r = 0; r < nr; ++r) deq(n0 + r, 0, K, bp + r * K * es);
+      const at::Tensor wt = buf.narrow(0, 0, nr).t();
+      // The bias goes into the GEMM (beta = 1), one rounding as in F.linear.
+      y.narrow(1, n0, nr).copy_(bias.has_value() ? at::addmm(bias->narrow(0, n0, nr), x, wt) : at::mm(x, wt));
+    }
+  });
+  return y.view(out_shape);
+}
+
+template <class Deq>
+static at::Tensor qmm_grad_x(const char* op, const at::Tensor& g_, int64_t N, int64_t K, int64_t align, const Deq& deq) {
+  check_cpu(g_, op, "grad");
+  out_type(g_.scalar_type(), op);
+  TORCH_CHECK(g_.dim() >= 1 && g_.size(-1) == N, op, ": grad must have out_features = ", N, " as its last dimension, got ", g_.sizes());
+  std::vector<int64_t> out_shape(g_.sizes().begin(), g_.sizes().end());
+  out_shape.back() = K;
+  const at::Tensor g = g_.reshape({-1, N}).contiguous();
+  const int64_t M = g.size(0), es = g.element_size();
+  at::Tensor dx = empty_output({M, K}, g.options());
+  if (M == 0 || K == 0) return dx.view(out_shape);
+  if (N == 0) return dx.zero_().view(out_shape);
+  if (g_strategy.load() == 1) {
+    at::Tensor w = at::empty({N, K}, g.options());
+    char* wp = static_cast<char*>(w.data_ptr());
+    at::parallel_for(0, N, grain_for(K), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) deq(r, 0, K, wp + r * K * es);
+    });
+    at::mm_out(dx, g, w);
+    return dx.view(out_shape);
+  }
+  // Column tiles of W (all N rows, kt columns), kt a multiple of `align` = 32 where possible: with
+  // blocks / groups of a multiple of 32 elements, 32-aligned tile edges keep every 32-element SIMD
+  // run inside one block, while still letting the tiles split evenly over the threads.
+  const int64_t kt = tile_extent(K, std::max<int64_t>(1, g_tile_elems.load() / N), align);
+  const int64_t ntiles = ceil_div(K, kt);
+  at::parallel_for(0, ntiles, grain_for(kt * N * (M + 4)), [&](int64_t t0, int64_t t1) {
+    at::Tensor buf = at::empty({N * kt}, g.options());
+    char* bp = static_cast<char*>(buf.data_ptr());
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t k0 = t * kt, kr = std::min(K, k0 + kt) - k0;
+      for (int64_t r = 0; r < N; ++r) deq(r, k0, kr, bp + r * kr * es);
+      dx.narrow(1, k0, kr).copy_(at::mm(g, buf.narrow(0, 0, N * kr).view({N, kr})));
+    }
+  });
+  return dx.view(out_shape);
+}
+
+struct NF4Deq {
+  NF4View v;
+  const float* am;  // all block scales, fp32
+  int64_t K;
+  OutType t;
+  const KernelTable* k;
+  void operator()(int64_t row, int64_t k0, int64_t len, void* dst) const {
+    k->nf4_dequant(v.data, row * K + k0, len, am, 0, v.bs, v.lut, dst, t, /*stream=*/false);  // tile stays in cache
+  }
+  void f32(int64_t row, int64_t k0, int64_t len, float* dst) const {
+    k->nf4_dequant(v.data, row * K + k0, len, am, 0, v.bs, v.lut, dst, OutType::F32, false);
+  }
+};
+
+struct Int4Deq {
+  Int4View v;
+  OutType t;
+  const KernelTable* k;
+  void operator()(int64_t row, int64_t k0, int64_t len, void* dst) const {
+    k->int4_dequant_row(v.data + row * v.row_bytes, k0, len, v.scales + row * v.G, v.zeros ? v.zeros + row * v.G : nullptr, v.gs, dst, t);
+  }
+  void f32(int64_t row, int64_t k0, int64_t len, float* dst) const {
+    k->int4_dequant_row(v.data + row * v.row_bytes, k0, len, v.scales + row * v.G, v.zeros ? v.zeros + row * v.G : nullptr, v.gs, dst,
+                        OutType::F32);
+  }
+};
+
+#define NF4_ARGS                                                                                                            \
+  const at::Tensor &data, const at::Tensor &absmax, const at::Tensor &quant_map, const std::optional<at::Tensor>&nested_absmax, \
+      const std::optional<at::Tensor>&nested_quant_map, double offset, int64_t blocksize, int64_t nested_blocksize,           \
+      int64_t out_features, int64_t in_features
+
+at::Tensor nf4_matmul(const at::Tensor& x, const std::optional<at::Tensor>& bias, NF4_ARGS) {
+  const char* op = "fastft::nf4_matmul";
+  const NF4View v = nf4_view(op, data, absmax, quant_map, nested_absmax, nested_quant_map, offset, blocksize, nested_blocksize,
+                             out_features * in_features);
+  const at::Tensor am = nf4_absmax_f32(v, absmax);
+  const NF4Deq deq{v, am.const_data_ptr<float>(), in_features, out_type(x.scalar_type(), op), &kernels()};
+  return qmm_forward(op, x, bias, out_features, in_features, deq);
+}
+
+at::Tensor nf4_matmul_grad_x(const at::Tensor& grad, NF4_ARGS) {
+  const char* op = "fastft::nf4_matmul_grad_x";
+  const NF4View v = nf4_view(op, data, absmax, quant_map, nested_absmax, nested_quant_map, offset, blocksize, nested_blocksize,
+                             out_features * in_features);
+  const at::Tensor am = nf4_absmax_f32(v, absmax);
+  const NF4Deq deq{v, am.const_data_ptr<float>(), in_features, out_type(grad.scalar_type(), op), &kernels()};
+  return qmm_grad_x(op, grad, out_features, in_features, 32, deq);
+}
+
+at::Tensor int4_matmul(const at::Tensor& x, const std::optional<at::Tensor>& bias, const at::Tensor& data, const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
+                       int64_t group_size, int64_t out_features, int64_t in_features) {
+  const char* op = "fastft::int4_matmul";
+  const Int4View v = int4_view(op, data, scales, zeros, group_size, out_features, in_features);
+  return qmm_forward(op, x, bias, out_features, in_features, Int4Deq{v, out_type(x.scalar_type(), op), &kernels()});
+}
+
+at::Tensor int4_matmul_grad_x(const at::Tensor& grad, const at::Tensor& data, const at::Tensor& scales,
+                              const std::optional<at::Tensor>& zeros, int64_t group_size, int64_t out_features, int64_t in_features) {
+  const char* op = "fastft::int4_matmul_grad_x";
+  const Int4View v = int4_view(op, data, scales, zeros, group_size, out_features, in_features);
+  return qmm_grad_x(op, grad, out_features, in_features, 32,
+                    Int4Deq{v, out_type(grad.scalar_type(), op), &kernels()});
+}
+
+}  // namespace fastft
+
+TORCH_LIBRARY_IMPL(fastft, CPU, m) {
+  m.impl("nf4_quantize", &fastft::nf4_quantize);
+  m.impl("quantize_blockwise_8bit", &fastft::quantize_blockwise_8bit);
+  m.impl("dequantize_blockwise_8bit", &fastft::dequantize_blockwise_8bit);
+  m.impl("nf4_dequantize", &fastft::nf4_dequantize);
+  m.impl("nf4_dequantize_out", &fastft::nf4_dequantize_out);
+  m.impl("nf4_matmul", &fastft::nf4_matmul);
+  m.impl("nf4_matmul_grad_x", &fastft::nf4_matmul_grad_x);
+  m.impl("int4_quantize", &fastft::int4_quantize);
+  m.impl("int4_dequantize", &fastft::int4_dequantize);
+  m.impl("int4_matmul", &fastft::int4_matmul);
+  m.impl("int4_matmul_grad_x", &fastft::int4_matmul_grad_x);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastft C++ CPU kernels (NF4 / int4 quantize, dequantize, quant-matmul); ops live in torch.ops.fastft";
+  m.def("isa", []() { return std::string(fastft::kernels().name); }, "Name of the kernel table in use (avx512, avx2, scalar).");
+  m.def("set_isa", [](const std::string& name) { return fastft::set_isa(name.c_str()); },
+        "Force a kernel table ('avx512', 'avx2', 'scalar' or 'auto'); False if this CPU cannot run it.");
+  m.def("set_matmul_strategy", [](const std::string& s) {
+    TORCH_CHECK(s == "tiled" || s == "full", "strategy must be 'tiled' or 'full', got ", s);
+    fastft::g_strategy.store(s == "full" ? 1 : 0);
+  }, "Quant-matmul strategy: 'tiled' (dequantize an L2-sized tile, then BLAS) or 'full' (whole-weight scratch).");
+  m.def("matmul_strategy", []() { return std::string(fastft::g_strategy.load() ? "full" : "tiled"); });
+  m.def("set_fused_max_m", [](int64_t m) { fastft::g_fused_max_m.store(m); },
+        "Rows of x up to which the forward uses the fused dequantize-dot kernel instead of tiles + BLAS (0: never).");
+  m.def("fused_max_m", []() { return fastft::g_fused_max_m.load(); });
+  m.def("set_tile_elems", [](int64_t e) {
+    TORCH_CHECK(e >= 1, "tile size must be positive");
+    fastft::g_tile_elems.store(e);
+  }, "Weight elements per dequantized quant-matmul tile.");
+  m.def("tile_elems", []() { return fastft::g_tile_elems.load(); });
+  m.def("set_stream_bytes", [](int64_t b) { fastft::g_stream_bytes.store(b); },
+        "Dequantized outputs of at least this many bytes use streaming (non-temporal) stores.");
+  m.def("stream_bytes", []() { return fastft::g_stream_bytes.load(); });
+}

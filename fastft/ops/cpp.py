@@ -1,0 +1,253 @@
+"""The ``cpp`` backend: fastft's C++ CPU kernels (``fastft._C``, built from ``csrc/``).
+
+This module declares the ``torch.library`` ops of namespace ``fastft`` (schemas below; the CPU
+implementations are registered from C++ with ``TORCH_LIBRARY_IMPL``), their fake kernels (so
+``torch.compile`` and FSDP trace them as single ops) and the autograd formula of the quant-matmuls,
+and registers the ``cpp`` implementations of the public ops with ``fastft.ops.dispatch``:
+``nf4_quantize``, ``nf4_dequantize``, ``int4_quantize``, ``int4_dequantize``, ``quant_matmul``.
+
+Raw-tensor ops (arguments are the fields of ``NF4Weight`` / ``Int4Weight``; see csrc/README.md):
+
+* ``nf4_quantize(w, blocksize) -> (data, absmax)`` and, for double quantization,
+  ``quantize_blockwise_8bit(absmax - offset, code, 256) -> (q, nested_absmax)``: bytes identical
+  to ``fastft.ops.reference_quant.nf4_quantize`` (and hence to bitsandbytes' 4-bit codes).
+* ``nf4_dequantize(...)`` / ``nf4_dequantize_out(..., out)``: ``quant_map[code] * absmax`` in fp32
+  then one cast, bit-identical to the reference; fp32 / bf16 / fp16 outputs.
+* ``nf4_matmul(x, bias, ...)`` = ``x @ W_deqᵀ + bias`` and ``nf4_matmul_grad_x(dy, ...)`` =
+  ``dy @ W_deq``: W is dequantized one L2-sized tile at a time straight into the BLAS, never as a
+  whole. Autograd saves only the packed weight tensors (inputs anyway), nothing dequantized, not x.
+* ``int4_*``: the same for group-wise int4.
+
+Dtypes: activations fp32 / bf16 / fp16 (the compute dtype is x's, or autocast's, as in the
+reference); other dtypes (float64 for gold computations) and non-CPU tensors go to the reference.
+
+If ``fastft._C`` is missing (not built, ``FASTFT_BUILD_EXT=0``, no compiler) this module still
+imports, registers nothing, and logs once -- when the dispatcher first loads it, i.e. on the first
+CPU op -- that fastft runs its slower PyTorch fallback.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from fastft.quant.codebooks import dynamic_map, nf4_code
+from fastft.quant.int4 import Int4Weight, check_int4_args
+from fastft.quant.nf4 import NESTED_BLOCKSIZE, NF4Weight, check_nf4_args
+
+from . import dispatch
+from .dispatch import register
+
+logger = logging.getLogger("fastft")
+
+try:
+    from fastft import _C  # noqa: F401  (registers the CPU kernels of the ops defined below)
+except ImportError as _e:  # not built, or built against another torch
+    _C = None
+    _IMPORT_ERROR: Exception | None = _e
+else:
+    _IMPORT_ERROR = None
+
+AVAILABLE = _C is not None
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_NF4_Q = ("Tensor data, Tensor absmax, Tensor quant_map, Tensor? nested_absmax, Tensor? nested_quant_map, "
+          "float offset, int blocksize, int nested_blocksize")
+_INT4_Q = "Tensor data, Tensor scales, Tensor? zeros, int group_size"
+SCHEMAS = {
+    "nf4_quantize": "nf4_quantize(Tensor w, int blocksize) -> (Tensor, Tensor)",
+    "quantize_blockwise_8bit": "quantize_blockwise_8bit(Tensor x, Tensor code, int blocksize) -> (Tensor, Tensor)",
+    "dequantize_blockwise_8bit": ("dequantize_blockwise_8bit(Tensor q, Tensor absmax, Tensor code, int blocksize, "
+                                  "float offset) -> Tensor"),
+    "nf4_dequantize": f"nf4_dequantize({_NF4_Q}, int[] shape, ScalarType dtype) -> Tensor",
+    "nf4_dequantize_out": f"nf4_dequantize_out({_NF4_Q}, int[] shape, Tensor(a!) out) -> ()",
+    "nf4_matmul": f"nf4_matmul(Tensor x, Tensor? bias, {_NF4_Q}, int out_features, int in_features) -> Tensor",
+    "nf4_matmul_grad_x": f"nf4_matmul_grad_x(Tensor grad, {_NF4_Q}, int out_features, int in_features) -> Tensor",
+    "int4_quantize": "int4_quantize(Tensor w, int group_size, bool symmetric) -> (Tensor, Tensor, Tensor)",
+    "int4_dequantize": f"int4_dequantize({_INT4_Q}, int out_features, int in_features, ScalarType dtype) -> Tensor",
+    "int4_matmul": f"int4_matmul(Tensor x, Tensor? bias, {_INT4_Q}, int out_features, int in_features) -> Tensor",
+    "int4_matmul_grad_x": f"int4_matmul_grad_x(Tensor grad, {_INT4_Q}, int out_features, int in_features) -> Tensor",
+}
+
+
+def nf4_args(q: NF4Weight) -> tuple:
+    """The NF4Weight fields in the order of the ops' ``_NF4_Q`` arguments."""
+    return (q.data, q.absmax, q.quant_map, q.nested_absmax, q.nested_quant_map,
+            0.0 if q.offset is None else q.offset, q.blocksize, q.nested_blocksize)
+
+
+def int4_args(q: Int4Weight) -> tuple:
+    return (q.data, q.scales, q.zeros, q.group_size)
+
+
+def _reference(op: str):
+    return dispatch.impl(op, "reference")
+
+
+if AVAILABLE:
+    _lib = torch.library.Library("fastft", "FRAGMENT")
+    for _schema in SCHEMAS.values():
+        _lib.define(_schema)
+    ops = torch.ops.fastft
+
+    # -- fake kernels: output metadata only ---------------------------------------------------
+    @torch.library.register_fake("fastft::nf4_quantize")
+    def _(w, blocksize):
+        n = w.numel()
+        return w.new_empty(((n + 1) // 2, 1), dtype=torch.uint8), w.new_empty((-(-n // blocksize),), dtype=torch.float32)
+
+    @torch.library.register_fake("fastft::quantize_blockwise_8bit")
+    def _(x, code, blocksize):
+        return x.new_empty(x.shape, dtype=torch.uint8), x.new_empty((-(-x.numel() // blocksize),), dtype=torch.float32)
+
+    @torch.library.register_fake("fastft::dequantize_blockwise_8bit")
+    def _(q, absmax, code, blocksize, offset):
+        return q.new_empty(q.shape, dtype=torch.float32)
+
+    @torch.library.register_fake("fastft::nf4_dequantize")
+    def _(data, absmax, quant_map, nested_absmax, nested_quant_map, offset, blocksize, nested_blocksize, shape, dtype):
+        return data.new_empty(shape, dtype=dtype)
+
+    @torch.library.register_fake("fastft::nf4_dequantize_out")
+    def _(data, absmax, quant_map, nested_absmax, nested_quant_map, offset, blocksize, nested_blocksize, shape, out):
+        return None
+
+    @torch.library.register_fake("fastft::nf4_matmul")
+    def _(x, bias, data, absmax, quant_map, nested_absmax, nested_quant_map, offset, blocksize, nested_blocksize,
+          out_features, in_features):
+        return x.new_empty((*x.shape[:-1], out_features))
+
+    @torch.library.register_fake("fastft::nf4_matmul_grad_x")
+    def _(grad, data, absmax, quant_map, nested_absmax, nested_quant_map, offset, blocksize, nested_blocksize,
+          out_features, in_features):
+        return grad.new_empty((*grad.shape[:-1], in_features))
+
+    @torch.library.register_fake("fastft::int4_quantize")
+    def _(w, group_size, symmetric):
+        n, k = w.shape
+        g = k // group_size
+        return (w.new_empty((n, (k + 1) // 2), dtype=torch.uint8), w.new_empty((n, g), dtype=torch.float32),
+                w.new_empty((0 if symmetric else n, g), dtype=torch.float32))
+
+    @torch.library.register_fake("fastft::int4_dequantize")
+    def _(data, scales, zeros, group_size, out_features, in_features, dtype):
+        return data.new_empty((out_features, in_features), dtype=dtype)
+
+    @torch.library.register_fake("fastft::int4_matmul")
+    def _(x, bias, data, scales, zeros, group_size, out_features, in_features):
+        return x.new_empty((*x.shape[:-1], out_features))
+
+    @torch.library.register_fake("fastft::int4_matmul_grad_x")
+    def _(grad, data, scales, zeros, group_size, out_features, in_features):
+        return grad.new_empty((*grad.shape[:-1], in_features))
+
+    # -- autograd: dX = dY · W through the transposed kernel; db = Σ dY; W frozen ---------------
+    # Only the packed weight tensors (inputs that exist anyway) are saved; never x, never W_deq.
+    def _qmm_setup_context(ctx, inputs, output):
+        x, bias, *q = inputs
+        tensors = [t for t in q if isinstance(t, torch.Tensor) or t is None]
+        ctx.n_tensors = len(tensors)
+        ctx.save_for_backward(*tensors)
+        ctx.scalars = tuple(q[len(tensors):])
+        ctx.out_features = q[-2]
+
+    def _make_backward(grad_op):
+        def backward(ctx, grad):
+            q = ctx.saved_tensors
+            dx = grad_op(grad, *q, *ctx.scalars) if ctx.needs_input_grad[0] else None
+            db = grad.reshape(-1, ctx.out_features).sum(0) if ctx.needs_input_grad[1] else None
+            return (dx, db) + (None,) * (len(q) + len(ctx.scalars))
+
+        return backward
+
+    torch.library.register_autograd("fastft::nf4_matmul", _make_backward(ops.nf4_matmul_grad_x),
+                                    setup_context=_qmm_setup_context)
+    torch.library.register_autograd("fastft::int4_matmul", _make_backward(ops.int4_matmul_grad_x),
+                                    setup_context=_qmm_setup_context)
+
+    # -- the cpp backend of the public ops ------------------------------------------------------
+    @register("nf4_quantize", "cpp")
+    def nf4_quantize(w, blocksize=64, double_quant=True):
+        """Float (out, in) -> NF4Weight; bytes identical to the reference quantizer."""
+        check_nf4_args(w, blocksize)
+        if w.device.type != "cpu":
+            return _reference("nf4_quantize")(w, blocksize=blocksize, double_quant=double_quant)
+        w = w.detach()
+        # float64 is rounded to fp32 first, exactly as the reference does (all arithmetic is fp32).
+        data, absmax = ops.nf4_quantize(w.float() if w.dtype == torch.float64 else w, blocksize)
+        if not torch.isfinite(absmax).all():
+            raise ValueError("nf4_quantize: the weight contains inf or NaN; NF4 block scales must be finite")
+        kw = {}
+        if double_quant:
+            # offset: torch's fp32 mean, as the reference (fastft.quant.double_quantize_absmax),
+            # taken in float64 when the fp32 sum overflows (absmax near fp32's max).
+            offset = absmax.mean()
+            if not torch.isfinite(offset):
+                offset = absmax.double().mean().float()
+            code = dynamic_map(True)
+            q, nested = ops.quantize_blockwise_8bit(absmax - offset, code, NESTED_BLOCKSIZE)
+            kw = dict(nested_absmax=nested, nested_quant_map=code, offset=float(offset.item()))
+            absmax = q
+        return NF4Weight(data, w.shape, blocksize, w.dtype, nf4_code(), absmax, **kw)
+
+    @register("nf4_dequantize", "cpp")
+    def nf4_dequantize(qweight, dtype=torch.float32):
+        """NF4Weight -> dense (out, in) ``dtype``, bit-identical to the reference."""
+        if not isinstance(qweight, NF4Weight):
+            raise TypeError(f"nf4_dequantize: expected an NF4Weight, got {type(qweight).__name__}")
+        if dtype not in KERNEL_DTYPES or qweight.device.type != "cpu":
+            return _reference("nf4_dequantize")(qweight, dtype)
+        return ops.nf4_dequantize(*nf4_args(qweight), list(qweight.shape), dtype)
+
+    @register("int4_quantize", "cpp")
+    def int4_quantize(w, group_size=128, symmetric=False):
+        """Float (out, in) -> Int4Weight; bytes identical to the reference quantizer."""
+        check_int4_args(w, group_size)
+        if w.device.type != "cpu":
+            return _reference("int4_quantize")(w, group_size=group_size, symmetric=symmetric)
+        w = w.detach()
+        data, scales, zeros = ops.int4_quantize(w.float() if w.dtype == torch.float64 else w, group_size, symmetric)
+        if not torch.isfinite(scales).all():
+            raise ValueError("int4_quantize: the weight contains inf or NaN")
+        return Int4Weight(data, scales, None if symmetric else zeros, group_size, w.shape, w.dtype)
+
+    @register("int4_dequantize", "cpp")
+    def int4_dequantize(qweight, dtype=torch.float32):
+        if not isinstance(qweight, Int4Weight):
+            raise TypeError(f"int4_dequantize: expected an Int4Weight, got {type(qweight).__name__}")
+        if dtype not in KERNEL_DTYPES or qweight.device.type != "cpu":
+            return _reference("int4_dequantize")(qweight, dtype)
+        return ops.int4_dequantize(*int4_args(qweight), *qweight.shape, dtype)
+
+    @register("quant_matmul", "cpp")
+    def quant_matmul(x, qweight, bias=None):
+        """y = x @ W_deqᵀ (+ bias) in the compute dtype; dX by the transposed kernel, W gets no grad."""
+        from .reference_quant import _compute_dtype, check_quant_matmul_args
+
+        check_quant_matmul_args(x, qweight, bias)
+        dt = _compute_dtype(x)
+        if x.device.type != "cpu" or dt not in KERNEL_DTYPES or not isinstance(qweight, (NF4Weight, Int4Weight)):
+            return _reference("quant_matmul")(x, qweight, bias)
+        xc = x.to(dt)
+        b = None if bias is None else bias.to(dt)
+        if isinstance(qweight, NF4Weight):
+            return ops.nf4_matmul(xc, b, *nf4_args(qweight), *qweight.shape)
+        return ops.int4_matmul(xc, b, *int4_args(qweight), *qweight.shape)
+
+    def nf4_dequantize_into(qweight: NF4Weight, out: torch.Tensor) -> torch.Tensor:
+        """Dequantize into a preallocated contiguous (out, in) CPU buffer of fp32 / bf16 / fp16."""
+        ops.nf4_dequantize_out(*nf4_args(qweight), list(qweight.shape), out)
+        return out
+
+    def isa() -> str:
+        """The SIMD kernel table in use: 'avx512', 'avx2' or 'scalar' (FASTFT_CPU_ISA overrides)."""
+        return _C.isa()
+
+else:
+    logger.warning(
+        "fastft: the C++ extension fastft._C is not available (%s); CPU ops use the slower PyTorch "
+        "reference fallback. Rebuild with `pip install --no-build-isolation -e .` to get the C++ kernels.",
+        _IMPORT_ERROR,
+    )
+
+__all__ = ["AVAILABLE", "SCHEMAS", "KERNEL_DTYPES", "nf4_args", "int4_args"]

@@ -1,0 +1,445 @@
+"""The C++ CPU kernels (csrc/, ``fastft._C``) behind the ``cpp`` backend.
+
+Oracles: the reference quantizer (``fastft/ops/reference_quant.py``) for bytes and dequantized
+values -- compared bit for bit, on every SIMD path this CPU can run (avx512, avx2, scalar) --
+bitsandbytes for the 4-bit codes, and float64 matmuls on the dequantized weight for the
+quant-matmul with tolerances derived from PyTorch's own error (tests/utils.py).
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastft.ops import dispatch
+from fastft.quant import Int4Weight, NF4Weight
+from utils import assert_close_to_gold
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+if os.environ.get("FASTFT_BUILD_EXT", "1") == "0":
+    pytest.skip("FASTFT_BUILD_EXT=0: the C++ extension was deliberately not built", allow_module_level=True)
+
+import fastft.ops.cpp as cpp  # noqa: E402  (after the skip: imports cleanly either way)
+
+ref = dispatch.impl
+LOWP = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _isas():
+    if not cpp.AVAILABLE:
+        return ["scalar"]
+    from fastft import _C
+
+    names = []
+    for n in ("avx512", "avx2", "scalar"):
+        if _C.set_isa(n):
+            names.append(n)
+    _C.set_isa("auto")
+    return names
+
+
+@pytest.fixture(params=_isas())
+def isa(request):
+    """Runs a test once per kernel table this CPU can execute."""
+    from fastft import _C
+
+    assert _C.set_isa(request.param)
+    yield request.param
+    _C.set_isa("auto")
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """Raw bits, so that equality also covers -0.0 and is exact."""
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def same_nf4(a: NF4Weight, b: NF4Weight):
+    assert torch.equal(a.data, b.data), f"packed codes differ in {(a.data != b.data).sum().item()} bytes"
+    assert a.absmax.dtype == b.absmax.dtype and torch.equal(bits(a.absmax), bits(b.absmax)), "absmax differs"
+    assert a.double_quant == b.double_quant and a.shape == b.shape and a.dtype == b.dtype
+    if a.double_quant:
+        assert torch.equal(bits(a.nested_absmax), bits(b.nested_absmax)), "nested_absmax differs"
+        assert torch.equal(a.nested_quant_map, b.nested_quant_map) and a.offset == b.offset
+
+
+# --------------------------------------------------------------------------------------------
+# Build and registration
+# --------------------------------------------------------------------------------------------
+def test_extension_builds_and_loads(monkeypatch):
+    assert cpp.AVAILABLE, f"fastft._C did not import: {cpp._IMPORT_ERROR}"
+    from fastft import _C
+
+    assert _C.isa() in ("avx512", "avx2", "scalar")
+    monkeypatch.delenv("FASTFT_BACKEND", raising=False)
+    for op in ("nf4_quantize", "nf4_dequantize", "int4_quantize", "int4_dequantize", "quant_matmul"):
+        assert dispatch.backend_for(op, torch.device("cpu")) == "cpp", op
+    for name in cpp.SCHEMAS:
+        assert hasattr(torch.ops.fastft, name), name
+
+
+def test_build_ext_opt_out(monkeypatch):
+    """FASTFT_BUILD_EXT=0 or a missing compiler: no extension, and the install still proceeds."""
+    spec = importlib.util.spec_from_file_location("_fastft_build_ext_test", os.path.join(REPO, "csrc", "build_ext.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setenv("FASTFT_BUILD_EXT", "0")
+    assert mod.extensions() == ([], {})
+    monkeypatch.setenv("FASTFT_BUILD_EXT", "1")
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    assert mod.extensions() == ([], {})
+    monkeypatch.delenv("CXX")
+    exts, cmd = mod.extensions()
+    assert [e.name for e in exts] == ["fastft._C"] and "build_ext" in cmd
+
+
+FALLBACK_SCRIPT = textwrap.dedent(
+    """
+    import importlib.abc, logging, sys
+    class Block(importlib.abc.MetaPathFinder):  # the extension "was never built"
+        def find_spec(self, name, path=None, target=None):
+            if name == "fastft._C":
+                raise ModuleNotFoundError("No module named 'fastft._C'", name=name)
+    sys.meta_path.insert(0, Block())
+    records = []
+    class H(logging.Handler):
+        def emit(self, r): records.append(r.getMessage())
+    logging.getLogger("fastft").addHandler(H())
+    import torch
+    import fastft.ops as ops
+    from fastft.quant import NF4Weight
+    w = torch.randn(24, 40)
+    q = NF4Weight.from_float(w)
+    x = torch.randn(3, 40, requires_grad=True)
+    ops.quant_matmul(x, q).sum().backward()
+    ops.nf4_dequantize(q, torch.bfloat16)
+    cpu = torch.device("cpu")
+    print("BACKENDS", {op: ops.backend_for(op, cpu) for op in ("quant_matmul", "nf4_quantize", "nf4_dequantize")})
+    print("DEFINED", hasattr(torch.ops.fastft, "nf4_matmul"))
+    print("LOGS", sum("fastft._C" in m for m in records))
+    """
+)
+
+
+def test_fallback_when_extension_missing():
+    env = dict(os.environ, FASTFT_BACKEND="auto", PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], capture_output=True, text=True, env=env, cwd=REPO,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = dict(line.split(" ", 1) for line in r.stdout.splitlines() if line.split(" ", 1)[0] in
+               ("BACKENDS", "DEFINED", "LOGS"))
+    assert eval(out["BACKENDS"]) == {"quant_matmul": "reference", "nf4_quantize": "reference",
+                                     "nf4_dequantize": "reference"}
+    assert out["DEFINED"] == "False"
+    assert out["LOGS"] == "1", "the fallback must be announced exactly once"
+
+
+needs_ext = pytest.mark.skipif(not cpp.AVAILABLE, reason="fastft._C not built (test_extension_builds_and_loads fails)")
+
+
+# --------------------------------------------------------------------------------------------
+# NF4 quantize: bytes equal
+# --------------------------------------------------------------------------------------------
+SHAPES = [(1, 1), (1, 3), (3, 5), (40, 200), (200, 40), (97, 41), (64, 64)]
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("blocksize", [32, 64, 256])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_quantize_bytes_equal_reference(isa, shape, blocksize, double_quant):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        w = (torch.randn(shape) * 0.05).to(dtype)
+        same_nf4(ref("nf4_quantize", "cpp")(w, blocksize, double_quant),
+                 ref("nf4_quantize", "reference")(w, blocksize, double_quant))
+
+
+@needs_ext
+def test_nf4_quantize_edge_values(isa):
+    """Ties on fp32 midpoints go low; all-zero blocks; subnormals; a large weight's nested groups."""
+    code = NF4Weight.from_float(torch.ones(1, 2)).quant_map
+    mids = (code[:-1] + code[1:]) / 2  # fp32, as the quantizers compute them
+    tie = torch.cat([torch.ones(1), mids, -mids, torch.zeros(1)])  # absmax 1: scaled == x exactly
+    w = torch.cat([tie, torch.zeros(64), torch.full((64,), 1e-41), torch.randn(4096 * 3 + 31) * 1e3])
+    w = w[: w.numel() // 7 * 7].view(-1, 7)
+    for dq in (False, True):
+        same_nf4(ref("nf4_quantize", "cpp")(w, 64, dq), ref("nf4_quantize", "reference")(w, 64, dq))
+    with pytest.raises(ValueError, match="inf or NaN"):
+        ref("nf4_quantize", "cpp")(torch.tensor([[1.0, float("nan")] * 40]), 64, True)
+    with pytest.raises(ValueError, match="inf or NaN"):
+        ref("nf4_quantize", "cpp")(torch.tensor([[1.0, float("inf")] * 40]), 64, True)
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", [(40, 200), (97, 41), (3, 5)])
+@pytest.mark.parametrize("blocksize", [64, 128])
+def test_nf4_codes_equal_bitsandbytes(shape, blocksize):
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        w = torch.randn(shape).to(dtype)
+        packed, state = bnbf.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=False)
+        q = ref("nf4_quantize", "cpp")(w, blocksize, False)
+        assert torch.equal(q.data, packed) and torch.equal(bits(q.absmax), bits(state.absmax))
+
+
+# --------------------------------------------------------------------------------------------
+# NF4 dequantize: bit-identical, new or preallocated output
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(params=["cached", "streaming"])
+def store_kind(request):
+    """Ordinary stores, and the non-temporal stores used for outputs larger than the caches
+    (forced here for small outputs, whose start may then be misaligned: the kernel must check)."""
+    from fastft import _C
+
+    old = _C.stream_bytes()
+    if request.param == "streaming":
+        _C.set_stream_bytes(0)
+    yield request.param
+    _C.set_stream_bytes(old)
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("blocksize", [32, 64])
+def test_nf4_dequantize_bitwise(isa, store_kind, shape, blocksize):
+    w = torch.randn(shape)
+    for dq in (False, True):
+        q = ref("nf4_quantize", "reference")(w, blocksize, dq)
+        for dtype in LOWP:
+            expect = ref("nf4_dequantize", "reference")(q, dtype)
+            got = ref("nf4_dequantize", "cpp")(q, dtype)
+            assert got.shape == shape and got.dtype == dtype
+            assert torch.equal(bits(got), bits(expect)), f"{dtype}: {(got != expect).sum().item()} values differ"
+            out = torch.full(shape, float("nan"), dtype=dtype)
+            assert cpp.nf4_dequantize_into(q, out) is out
+            assert torch.equal(bits(out), bits(expect))
+            # A buffer 4 bytes past a 64-byte boundary: streaming stores must fall back to ordinary ones.
+            off = torch.empty(out.numel() + 16, dtype=dtype)[4 // out.element_size():][: out.numel()].view(shape)
+            cpp.nf4_dequantize_into(q, off)
+            assert torch.equal(bits(off), bits(expect))
+
+
+@needs_ext
+def test_nf4_dequantize_large_output():
+    """Outputs of 8 MiB and more are allocated in huge pages (and 16 MiB and more streamed): still
+    bit-identical, and an ordinary tensor that autograd and in-place ops accept."""
+    q = ref("nf4_quantize", "reference")(torch.randn(1024, 2049), 64, True)
+    for dtype in (torch.float32, torch.bfloat16):
+        got = ref("nf4_dequantize", "cpp")(q, dtype)
+        assert torch.equal(bits(got), bits(ref("nf4_dequantize", "reference")(q, dtype)))
+    got.mul_(2).requires_grad_(True).sum().backward()
+    assert got.grad is not None and got.grad.shape == got.shape
+
+
+@needs_ext
+def test_nf4_dequantize_rounding_corners(isa):
+    """Output casts round to nearest even like torch, incl. subnormal and overflowing products."""
+    n = 64 * 8
+    q0 = NF4Weight.from_float(torch.randn(8, 64), blocksize=64, double_quant=False)
+    # Scales whose products land in fp16/bf16 subnormals, overflow fp16, or are fp32 subnormals.
+    absmax = torch.tensor([1e-39, 3e-6, 7e-8, 1e5, 7e4, 1.0, 3.3e38, 1e-45], dtype=torch.float32)
+    data = torch.randint(0, 256, ((n + 1) // 2, 1), dtype=torch.uint8)
+    q = NF4Weight(data, (8, 64), 64, torch.float32, q0.quant_map, absmax)
+    for dtype in LOWP:
+        expect = ref("nf4_dequantize", "reference")(q, dtype)
+        assert torch.equal(bits(ref("nf4_dequantize", "cpp")(q, dtype)), bits(expect)), dtype
+
+
+@needs_ext
+def test_nf4_dequantize_out_errors():
+    q = NF4Weight.from_float(torch.randn(8, 64))
+    with pytest.raises(RuntimeError, match="shape"):
+        cpp.nf4_dequantize_into(q, torch.empty(64, 8))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        cpp.nf4_dequantize_into(q, torch.empty(64, 8).t())
+    with pytest.raises(RuntimeError, match="dtype"):
+        cpp.nf4_dequantize_into(q, torch.empty(8, 64, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="absmax must hold"):
+        torch.ops.fastft.nf4_dequantize(q.data, q.absmax[:-1], q.quant_map, q.nested_absmax, q.nested_quant_map,
+                                        q.offset, 64, 256, [8, 64], torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Int4
+# --------------------------------------------------------------------------------------------
+@needs_ext
+@pytest.mark.parametrize("shape,group_size", [((3, 40), 40), ((40, 200), 40), ((97, 64), 32), ((5, 45), 5),
+                                              ((64, 256), 128)])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int4_bytes_and_dequant_equal_reference(isa, shape, group_size, symmetric):
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        w = torch.randn(shape).to(dtype)
+        w[0, :group_size] = 0  # an all-zero group
+        a = ref("int4_quantize", "cpp")(w, group_size, symmetric)
+        b = ref("int4_quantize", "reference")(w, group_size, symmetric)
+        assert torch.equal(a.data, b.data), f"{(a.data != b.data).sum().item()} bytes differ"
+        assert torch.equal(bits(a.scales), bits(b.scales))
+        assert (a.zeros is None) == symmetric and (symmetric or torch.equal(bits(a.zeros), bits(b.zeros)))
+        for out in LOWP:
+            assert torch.equal(bits(ref("int4_dequantize", "cpp")(b, out)), bits(ref("int4_dequantize", "reference")(b, out)))
+    with pytest.raises(ValueError, match="inf or NaN"):
+        ref("int4_quantize", "cpp")(torch.full((2, group_size), float("inf")), group_size, symmetric)
+
+
+# --------------------------------------------------------------------------------------------
+# Quant-matmul: forward and dX against float64 gold
+# --------------------------------------------------------------------------------------------
+def _weights(N, K):
+    w = torch.randn(N, K) / K ** 0.5
+    return [ref("nf4_quantize", "reference")(w, 64, True), ref("nf4_quantize", "reference")(w, 32, False),
+            ref("int4_quantize", "reference")(w, 40 if K % 40 == 0 else 8, False)]
+
+
+@pytest.fixture(params=["default", "tiled-small", "full"])
+def strategy(request):
+    """default: the fused dequantize-dot kernel for M <= 16, tiles + BLAS above; tiled-small:
+    tiles + BLAS for every M, with tiles of a few rows (many tile edges); full: whole-weight scratch."""
+    from fastft import _C
+
+    old_tile, old_m = _C.tile_elems(), _C.fused_max_m()
+    _C.set_matmul_strategy("full" if request.param == "full" else "tiled")
+    if request.param == "tiled-small":
+        _C.set_tile_elems(300)
+        _C.set_fused_max_m(0)
+    yield request.param
+    _C.set_matmul_strategy("tiled")
+    _C.set_tile_elems(old_tile)
+    _C.set_fused_max_m(old_m)
+
+
+@needs_ext
+@pytest.mark.parametrize("M", [1, 3, 97])
+@pytest.mark.parametrize("N,K", [(40, 200), (200, 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quant_matmul_vs_gold(strategy, M, N, K, dtype):
+    for q in _weights(N, K):
+        w64 = q.dequantize(torch.float64)  # exact: products of fp32 values widened
+        wl = q.dequantize(dtype)
+        x = torch.randn(M, K).to(dtype).requires_grad_(True)
+        bias = torch.randn(N, dtype=dtype, requires_grad=True)
+        y = ref("quant_matmul", "cpp")(x, q, bias)
+        assert y.dtype == dtype
+        gold = x.detach().double() @ w64.t() + bias.detach().double()
+        assert_close_to_gold(y.detach(), gold, F.linear(x.detach(), wl, bias.detach()), name=f"y {type(q).__name__}")
+        dy = torch.randn(M, N).to(dtype)
+        dx, db = torch.autograd.grad(y, (x, bias), dy)
+        assert dx.dtype == dtype and db.dtype == dtype
+        assert_close_to_gold(dx, dy.double() @ w64, dy @ wl, name="dx")
+        assert_close_to_gold(db, dy.double().sum(0), dy.sum(0), name="dbias")
+
+
+@needs_ext
+def test_quant_matmul_fused_every_isa(isa):
+    """The small-M dequantize-dot kernel on each SIMD path (K = 200: vector body and scalar tail)."""
+    for q in _weights(40, 200):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(3, 200).to(dtype)
+            bias = torch.randn(40, dtype=dtype)
+            y = ref("quant_matmul", "cpp")(x, q, bias)
+            gold = x.double() @ q.dequantize(torch.float64).t() + bias.double()
+            assert_close_to_gold(y, gold, F.linear(x, q.dequantize(dtype), bias), name=f"{isa} {dtype}")
+
+
+@needs_ext
+def test_quant_matmul_batched_autocast_and_no_bias():
+    q = ref("nf4_quantize", "reference")(torch.randn(48, 64), 64, True)
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    y = ref("quant_matmul", "cpp")(x, q)
+    assert y.shape == (2, 5, 48)
+    yr = ref("quant_matmul", "reference")(x, q)
+    assert_close_to_gold(y, x.double() @ q.dequantize(torch.float64).t(), yr)
+    (dx,) = torch.autograd.grad(y.sum(), x)
+    assert dx.shape == x.shape and dx.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        yb = ref("quant_matmul", "cpp")(x, q)
+        yrb = ref("quant_matmul", "reference")(x, q)
+    assert yb.dtype == torch.bfloat16 == yrb.dtype
+    assert_close_to_gold(yb, x.double() @ q.dequantize(torch.float64).t(), yrb)
+    (dxb,) = torch.autograd.grad(yb.float().sum(), x)
+    assert dxb.dtype == torch.float32
+    # float64 activations (gold computations) go to the reference, exactly.
+    x64 = x.detach().double()
+    assert torch.equal(ref("quant_matmul", "cpp")(x64, q), ref("quant_matmul", "reference")(x64, q))
+
+
+@needs_ext
+def test_quant_matmul_saves_nothing_dequantized():
+    q = ref("nf4_quantize", "reference")(torch.randn(96, 128), 64, True)
+    x = torch.randn(4, 128, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = ref("quant_matmul", "cpp")(x, q, torch.zeros(96, requires_grad=True))
+    allowed = {t.data_ptr() for t in (q.data, q.absmax, q.quant_map, q.nested_absmax, q.nested_quant_map)}
+    assert saved and all(t.data_ptr() in allowed for t in saved), [tuple(t.shape) for t in saved]
+    y.sum().backward()
+    assert x.grad is not None
+
+
+@needs_ext
+def test_quant_matmul_errors():
+    q = ref("nf4_quantize", "reference")(torch.randn(16, 64), 64, True)
+    with pytest.raises(ValueError, match="in_features"):
+        ref("quant_matmul", "cpp")(torch.randn(2, 63), q)
+    with pytest.raises(TypeError, match="floating-point"):
+        ref("quant_matmul", "cpp")(torch.ones(2, 64, dtype=torch.int64), q)
+    with pytest.raises(RuntimeError, match="in_features = 64"):
+        torch.ops.fastft.nf4_matmul(torch.randn(2, 32), None, *cpp.nf4_args(q), 16, 64)
+    qi = ref("int4_quantize", "reference")(torch.randn(16, 64), 32, False)
+    with pytest.raises(RuntimeError, match=r"in_features \(64\) must be a multiple of group_size \(48\)"):
+        torch.ops.fastft.int4_matmul(torch.randn(2, 64), None, qi.data, qi.scales, qi.zeros, 48, 16, 64)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library.opcheck: schema, fake kernel, autograd registration, AOT dispatch
+# --------------------------------------------------------------------------------------------
+@needs_ext
+def test_opcheck_every_op():
+    o = torch.ops.fastft
+    w = torch.randn(24, 40)
+    q = ref("nf4_quantize", "reference")(w, 32, True)
+    qp = ref("nf4_quantize", "reference")(w, 64, False)
+    qi = ref("int4_quantize", "reference")(w, 8, False)
+    qs = ref("int4_quantize", "reference")(w, 8, True)
+    x = torch.randn(3, 40, requires_grad=True)
+    xb = torch.randn(2, 3, 40, dtype=torch.bfloat16, requires_grad=True)
+    bias = torch.randn(24, requires_grad=True)
+    cases = [
+        (o.nf4_quantize.default, (w, 64)),
+        (o.nf4_quantize.default, (w.bfloat16(), 32)),
+        (o.quantize_blockwise_8bit.default, (torch.randn(300), q.nested_quant_map, 256)),
+        (o.dequantize_blockwise_8bit.default, (q.absmax, q.nested_absmax, q.nested_quant_map, 256, q.offset)),
+        (o.nf4_dequantize.default, (*cpp.nf4_args(q), [24, 40], torch.bfloat16)),
+        (o.nf4_dequantize.default, (*cpp.nf4_args(qp), [24, 40], torch.float32)),
+        (o.nf4_dequantize_out.default, (*cpp.nf4_args(q), [24, 40], torch.empty(24, 40))),
+        (o.nf4_matmul.default, (x, bias, *cpp.nf4_args(q), 24, 40)),
+        (o.nf4_matmul.default, (xb, None, *cpp.nf4_args(qp), 24, 40)),
+        (o.nf4_matmul_grad_x.default, (torch.randn(3, 24), *cpp.nf4_args(q), 24, 40)),
+        (o.int4_quantize.default, (w, 8, False)),
+        (o.int4_quantize.default, (w, 8, True)),
+        (o.int4_dequantize.default, (*cpp.int4_args(qi), 24, 40, torch.float16)),
+        (o.int4_dequantize.default, (*cpp.int4_args(qs), 24, 40, torch.float32)),
+        (o.int4_matmul.default, (x, bias, *cpp.int4_args(qi), 24, 40)),
+        (o.int4_matmul.default, (xb, None, *cpp.int4_args(qs), 24, 40)),
+        (o.int4_matmul_grad_x.default, (torch.randn(3, 24), *cpp.int4_args(qi), 24, 40)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+@needs_ext
+def test_dispatch_picks_cpp_and_logs_nothing(caplog, monkeypatch):
+    monkeypatch.delenv("FASTFT_BACKEND", raising=False)
+    import fastft.ops as ops
+
+    with caplog.at_level(logging.INFO, logger="fastft"):
+        q = NF4Weight.from_float(torch.randn(16, 64))
+        y = ops.quant_matmul(torch.randn(2, 64), q)
+    assert y.shape == (2, 16)
+    assert not [r for r in caplog.records if "fastft._C" in r.getMessage()]
