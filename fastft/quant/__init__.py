@@ -6,6 +6,7 @@ runs through ``fastft.ops`` (``nf4_quantize``, ``nf4_dequantize``, ``int4_quanti
 ``int4_dequantize``), so kernel backends plug in without this package knowing about them.
 """
 from .codebooks import NF4_VALUES, dynamic_map, nf4_code
+from .base import QuantizedWeight
 from .int4 import Int4Weight
 from .nf4 import NF4Weight, double_quantize_absmax
 
@@ -20,5 +21,5 @@ def quantize(w, quantization: str = "nf4", *, blocksize: int = 64, double_quant:
     raise ValueError(f"quantization must be 'nf4' or 'int4', got {quantization!r}")
 
 
-__all__ = ["NF4Weight", "Int4Weight", "quantize", "double_quantize_absmax", "NF4_VALUES", "nf4_code",
+__all__ = ["QuantizedWeight", "NF4Weight", "Int4Weight", "quantize", "double_quantize_absmax", "NF4_VALUES", "nf4_code",
            "dynamic_map"]

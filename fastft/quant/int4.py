@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from .base import QuantizedWeight
 from .nf4 import FLOAT_DTYPES, dtype_from_name, dtype_name, pack_json, unpack_json
 
 INT4_QS_KEY = "quant_state.fastft__int4"
@@ -45,18 +46,11 @@ def check_int4_args(w, group_size) -> None:
         raise ValueError(f"int4_quantize: in_features ({w.shape[1]}) must be a multiple of group_size ({group_size})")
 
 
-class Int4Weight:
+class Int4Weight(QuantizedWeight):
     """A frozen group-wise int4 (out, in) weight (see module docstring for the exact convention)."""
 
     quant_type = "int4"
-    requires_grad = False
-
-    def requires_grad_(self, requires_grad: bool = True):
-        """Freezing is a no-op (quantized weights never train); asking for gradients is an error."""
-        if requires_grad:
-            raise ValueError(f"{type(self).__name__} is frozen: quantized weights get no gradient "
-                             "(train LoRA adapters on top, or dequantize first)")
-        return self
+    _dequantize_op = "int4_dequantize"
 
     def __init__(self, data, scales, zeros, group_size, shape, dtype):
         shape = torch.Size(shape)
@@ -105,48 +99,14 @@ class Int4Weight:
     def symmetric(self) -> bool:
         return self.zeros is None
 
-    @property
-    def in_features(self) -> int:
-        return self.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        return self.shape[0]
-
-    @property
-    def device(self) -> torch.device:
-        return self.data.device
-
     def _tensors(self) -> dict:
         t = {"data": self.data, "scales": self.scales}
         if self.zeros is not None:
             t["zeros"] = self.zeros
         return t
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._tensors().values())
-
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        from fastft import ops
-
-        return ops.int4_dequantize(self, self.dtype if dtype is None else dtype)
-
-    def to(self, device=None, *, non_blocking: bool = False) -> "Int4Weight":
-        """A copy on ``device`` (self if already there). Dtype casts do not apply to 4-bit data."""
-        if isinstance(device, torch.dtype):
-            raise TypeError("Int4Weight.to moves devices only; 4-bit data has no float dtype to cast "
-                            "(use dequantize(dtype))")
-        if device is None:
-            return self
-        device = torch.device(device)
-        if device == self.device or (device.index is None and device.type == self.device.type):
-            return self
-        t = {k: v.to(device, non_blocking=non_blocking) for k, v in self._tensors().items()}
+    def _with_tensors(self, t: dict) -> "Int4Weight":
         return Int4Weight(t["data"], t["scales"], t.get("zeros"), self.group_size, self.shape, self.dtype)
-
-    def cpu(self) -> "Int4Weight":
-        return self.to("cpu")
 
     def to_state_dict(self, prefix: str = "") -> dict:
         p = prefix + "weight"

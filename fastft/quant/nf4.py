@@ -36,6 +36,7 @@ import json
 
 import torch
 
+from .base import QuantizedWeight
 from .codebooks import dynamic_map, dynamic_map_midpoints_f64, nf4_code
 
 VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -111,7 +112,7 @@ def double_quantize_absmax(absmax: torch.Tensor, nested_blocksize: int = NESTED_
     return q, nested_absmax, float(offset.item())
 
 
-class NF4Weight:
+class NF4Weight(QuantizedWeight):
     """A frozen NF4-quantized (out, in) weight in bitsandbytes' layout (see module docstring).
 
     Fields: ``data`` uint8 ((n+1)//2, 1); ``shape`` torch.Size (out, in); ``blocksize``; ``dtype``
@@ -122,14 +123,7 @@ class NF4Weight:
     """
 
     quant_type = "nf4"
-    requires_grad = False
-
-    def requires_grad_(self, requires_grad: bool = True):
-        """Freezing is a no-op (quantized weights never train); asking for gradients is an error."""
-        if requires_grad:
-            raise ValueError(f"{type(self).__name__} is frozen: quantized weights get no gradient "
-                             "(train LoRA adapters on top, or dequantize first)")
-        return self
+    _dequantize_op = "nf4_dequantize"
 
     def __init__(self, data, shape, blocksize, dtype, quant_map, absmax, nested_absmax=None,
                  nested_quant_map=None, offset=None, nested_blocksize=NESTED_BLOCKSIZE):
@@ -218,18 +212,6 @@ class NF4Weight:
     def nblocks(self) -> int:
         return self.absmax.numel()
 
-    @property
-    def in_features(self) -> int:
-        return self.shape[1]
-
-    @property
-    def out_features(self) -> int:
-        return self.shape[0]
-
-    @property
-    def device(self) -> torch.device:
-        return self.data.device
-
     def _tensors(self) -> dict:
         t = {"data": self.data, "quant_map": self.quant_map, "absmax": self.absmax}
         if self.double_quant:
@@ -237,10 +219,9 @@ class NF4Weight:
             t["nested_quant_map"] = self.nested_quant_map
         return t
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the quantized tensors (codes, scales and both codebooks)."""
-        return sum(t.numel() * t.element_size() for t in self._tensors().values())
+    def _with_tensors(self, t: dict) -> "NF4Weight":
+        return NF4Weight(t["data"], self.shape, self.blocksize, self.dtype, t["quant_map"], t["absmax"],
+                         t.get("nested_absmax"), t.get("nested_quant_map"), self.offset, self.nested_blocksize)
 
     # -- decoding ----------------------------------------------------------------------------
     def absmax_fp32(self) -> torch.Tensor:
@@ -250,30 +231,6 @@ class NF4Weight:
         nb, g = self.nblocks, self.nested_blocksize
         scale = self.nested_absmax.repeat_interleave(g)[:nb]
         return self.nested_quant_map[self.absmax.long()] * scale + self.offset
-
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Dense (out, in) tensor of ``dtype`` (default: the original dtype)."""
-        from fastft import ops
-
-        return ops.nf4_dequantize(self, self.dtype if dtype is None else dtype)
-
-    # -- devices -----------------------------------------------------------------------------
-    def to(self, device=None, *, non_blocking: bool = False) -> "NF4Weight":
-        """A copy on ``device`` (self if already there). Dtype casts do not apply to 4-bit data."""
-        if isinstance(device, torch.dtype):
-            raise TypeError("NF4Weight.to moves devices only; 4-bit data has no float dtype to cast "
-                            "(use dequantize(dtype))")
-        if device is None:
-            return self
-        device = torch.device(device)
-        if device == self.device or (device.index is None and device.type == self.device.type):
-            return self
-        t = {k: v.to(device, non_blocking=non_blocking) for k, v in self._tensors().items()}
-        return NF4Weight(t["data"], self.shape, self.blocksize, self.dtype, t["quant_map"], t["absmax"],
-                         t.get("nested_absmax"), t.get("nested_quant_map"), self.offset, self.nested_blocksize)
-
-    def cpu(self) -> "NF4Weight":
-        return self.to("cpu")
 
     # -- bitsandbytes serialization ----------------------------------------------------------
     def to_bnb_state_dict(self, prefix: str = "") -> dict:
