@@ -16,7 +16,11 @@ Supported:
   restarting per document (or, as transformers' flattening collator sends them, one row whose
   ``position_ids`` restart at 0 per document); a KV cache for ``generate``.
 - Loss: labels shifted inside (HF convention), sum over targets / (num_items_in_batch or count).
-  In packed batches the target that would cross a document boundary is ignored.
+  In packed batches the target that would cross a document boundary is ignored. In training mode
+  with labels (grad enabled, no autocast, no logits_to_keep) the loss is a chunked cross-entropy
+  (``ChunkedLinearCrossEntropy``: about 32 MiB of logits at a time, gradient formed in the
+  forward) and the output's ``.logits`` is None -- the full (B, T, V) logits are never built.
+  Eval mode, ``labels=None`` or ``torch.no_grad()`` return the logits as before.
 Limits: sliding-window attention is not implemented, so inputs longer than a declared window
 raise; sequences longer than ``max_position_embeddings`` raise (dynamic RoPE excepted, since it
 exists to extend that length).
@@ -269,7 +273,33 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+
+
+class SiluMul(torch.autograd.Function):
+    """silu(g) · u saving only g and u (autograd on the plain expression also keeps silu(g)).
+
+    Backward: du = dy · silu(g), dg = silu'(g) · (dy · u), through the same aten ops autograd uses
+    (``silu_backward``), so the gradients round identically.
+    """
+
+    @staticmethod
+    def forward(ctx, g, u):
+        ctx.save_for_backward(g, u)
+        return F.silu(g) * u
+
+    @staticmethod
+    def backward(ctx, dy):
+        g, u = ctx.saved_tensors
+        dg = torch.ops.aten.silu_backward(dy * u, g) if ctx.needs_input_grad[0] else None
+        du = dy * F.silu(g) if ctx.needs_input_grad[1] else None
+        return dg, du
+
+
+def silu_mul(g, u):
+    if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad) and g.dtype == u.dtype:
+        return SiluMul.apply(g, u)
+    return F.silu(g) * u
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -476,6 +506,12 @@ class LlamaForCausalLM(NativeModel):
         h = m.norm(h)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
+        if (labels is not None and self.training and torch.is_grad_enabled() and not logits_to_keep
+                and not torch.is_autocast_enabled(dev.type) and self.lm_head.bias is None):
+            # Training with labels: the loss is computed chunk by chunk from h and the lm_head weight;
+            # the full (B, T, V) logits are never formed, and `.logits` is None.
+            loss = chunked_causal_lm_loss(h, self.lm_head.weight, labels, num_items_in_batch, cu_seqlens)
+            return CausalLMOutputWithPast(loss=loss, logits=None)
         logits = self.lm_head(h)
 
         loss = None
@@ -493,10 +529,9 @@ class LlamaForCausalLM(NativeModel):
         return KVCache(self.config, batch, max_len, self.device, self.dtype)
 
 
-def causal_lm_loss(logits, labels, num_items_in_batch=None, cu_seqlens=None):
-    """Token t's logits predict labels[t + 1]; -100 ignored; sum / (num_items_in_batch or count)."""
-    if labels.shape != logits.shape[:2]:
-        raise ValueError(f"labels shape {tuple(labels.shape)} does not match input_ids {tuple(logits.shape[:2])}")
+def _shifted_targets(labels, shape, cu_seqlens):
+    if labels.shape != shape:
+        raise ValueError(f"labels shape {tuple(labels.shape)} does not match input_ids {tuple(shape)}")
     targets = F.pad(labels, (0, 1), value=-100)[:, 1:]
     if cu_seqlens is not None and cu_seqlens.numel() > 2:
         # The last token of a document must not learn to predict the next document's first token.
@@ -504,10 +539,85 @@ def causal_lm_loss(logits, labels, num_items_in_batch=None, cu_seqlens=None):
         ends = ends[ends >= 0]
         targets = targets.clone()
         targets[0, ends] = -100
-    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
-                            reduction="sum")
+    return targets
+
+
+def _normalise(total, targets, num_items_in_batch):
     denom = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
     if isinstance(denom, torch.Tensor):
         denom = denom.to(total.device)
         return total / denom.clamp_min(1)
     return total / max(denom, 1)
+
+
+def causal_lm_loss(logits, labels, num_items_in_batch=None, cu_seqlens=None):
+    """Token t's logits predict labels[t + 1]; -100 ignored; sum / (num_items_in_batch or count)."""
+    targets = _shifted_targets(labels, logits.shape[:2], cu_seqlens)
+    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                            reduction="sum")
+    return _normalise(total, targets, num_items_in_batch)
+
+
+# Rows of logits per chunk: about 2^23 fp32 logits (32 MiB) at a time.
+CE_CHUNK_ELEMS = 1 << 23
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Σ_t CE(h_t Wᵀ, target_t) over valid targets, never holding more than one chunk of logits.
+
+    The gradient is produced during the forward (the loss is a scalar, so the backward only scales
+    it): per chunk z = h_c Wᵀ (in h's dtype, then at least fp32 like ``causal_lm_loss``), lse = logsumexp(z),
+    loss += Σ (lse − z[target]); dz = softmax(z) − onehot(target) (0 on ignored rows);
+    dh_c = dz W, dW += dzᵀ h_c (only when W requires grad). Saved: dh (N, H) and dW.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_rows):
+        N = h.shape[0]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dh = torch.empty_like(h) if need_h else None
+        cdt = torch.promote_types(h.dtype, torch.float32)  # fp32 logits for half / fp32, float64 stays
+        dw = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=cdt, device=h.device)
+        for a in range(0, N, chunk_rows):
+            b = min(a + chunk_rows, N)
+            hc, tc = h[a:b], targets[a:b]
+            z = F.linear(hc, weight).to(cdt)  # (n, V)
+            valid = tc != -100
+            tsafe = torch.where(valid, tc, torch.zeros_like(tc))
+            lse = torch.logsumexp(z, dim=-1)
+            zt = z.gather(1, tsafe[:, None])[:, 0]
+            total += torch.where(valid, lse - zt, torch.zeros_like(lse)).sum()
+            if need_h or need_w:
+                z.sub_(lse[:, None]).exp_()  # softmax, in place
+                z.scatter_add_(1, tsafe[:, None], -valid[:, None].to(z.dtype))
+                z.mul_(valid[:, None].to(z.dtype))
+                dz = z.to(h.dtype)
+                if need_h:
+                    torch.mm(dz, weight.to(h.dtype), out=dh[a:b])
+                if need_w:
+                    dw.addmm_(dz.t().to(cdt), hc.to(cdt))
+        ctx.save_for_backward(dh, dw)
+        ctx.w_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        dh, dw = ctx.saved_tensors
+        gh = dh * grad.to(dh.dtype) if dh is not None else None
+        gw = (dw * grad).to(ctx.w_dtype) if dw is not None else None
+        return gh, gw, None, None
+
+
+def chunked_causal_lm_loss(h, weight, labels, num_items_in_batch=None, cu_seqlens=None, chunk_rows=None):
+    """``causal_lm_loss(F.linear(h, weight), ...)`` without materialising the logits.
+
+    h (B, T, H) final hidden states, weight (V, H) the lm_head. Same value and gradients as the
+    unchunked loss (up to summation order).
+    """
+    targets = _shifted_targets(labels, h.shape[:2], cu_seqlens)
+    if chunk_rows is None:
+        chunk_rows = max(1, CE_CHUNK_ELEMS // weight.shape[0])
+    total = ChunkedLinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1).to(h.device),
+                                            int(chunk_rows))
+    return _normalise(total, targets, num_items_in_batch)

@@ -18,6 +18,11 @@ Raw-tensor ops (arguments are the fields of ``NF4Weight`` / ``Int4Weight``; see 
   whole. Autograd saves only the packed weight tensors (inputs anyway), nothing dequantized, not x.
 * ``int4_*``: the same for group-wise int4.
 
+Also registered for CPU tensors (pure torch, no C++ needed beyond the ops above):
+``attention`` / ``attention_varlen`` on torch's fused CPU SDPA kernel (causal; GQA without
+repeating K/V; fully masked rows fixed up to 0), and ``lora_linear`` through the rank side
+(``LoraDeltaFunction``: saves x and u = drop(x)Aᵀ, regenerates the dropout mask in backward).
+
 Dtypes: activations fp32 / bf16 / fp16 (the compute dtype is x's, or autocast's, as in the
 reference); other dtypes (float64 for gold computations) and non-CPU tensors go to the reference.
 
@@ -30,6 +35,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 
 from fastft.quant.codebooks import dynamic_map, nf4_code
 from fastft.quant.int4 import Int4Weight, check_int4_args
@@ -233,6 +239,140 @@ if AVAILABLE:
         if isinstance(qweight, NF4Weight):
             return ops.nf4_matmul(xc, b, *nf4_args(qweight), *qweight.shape)
         return ops.int4_matmul(xc, b, *int4_args(qweight), *qweight.shape)
+
+    # -- attention on CPU: torch's fused (flash) CPU SDPA kernel, GQA without repeating K/V ---------
+    @register("attention", "cpp")
+    def attention(q, k, v, *, causal, scale=None, key_padding_mask=None, dropout_p=0.0, generator=None):
+        """The reference's contract on torch's fused CPU SDPA (online softmax, nothing (T, S) saved).
+
+        ``enable_gqa`` maps query-head groups onto K/V heads inside the kernel (no repeat). Masks
+        are boolean: ``is_causal`` when T == S and there is no padding (SDPA's causal is aligned
+        top-left, which equals bottom-right only then), else an explicit bottom-right mask. Rows
+        with no visible key are unmasked for the kernel and their output set to 0, so they get 0
+        output and contribute 0 to every gradient. float64 (gold), dropout and non-CPU tensors go
+        to the reference, and so does bidirectional (non-causal, BERT-style) attention for now:
+        the BERT parity tests (tests/test_patch.py, tests/test_lora.py) compare the key-bias
+        gradient, which is analytically 0, by relative error against transformers' eager
+        attention, which only an identically rounded computation (the reference's) passes.
+        """
+        from .reference import _check_attention_inputs, attention_mask_bias
+
+        _check_attention_inputs(q, k, v, key_padding_mask)
+        if q.device.type != "cpu" or q.dtype not in KERNEL_DTYPES or dropout_p > 0.0 or not causal:
+            return _reference("attention")(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+                                           dropout_p=dropout_p, generator=generator)
+        T, S = q.shape[2], k.shape[2]
+        gqa = q.shape[1] != k.shape[1]
+        if key_padding_mask is None and (not causal or T == S):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+        allowed = attention_mask_bias(T, S, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
+        # No data-dependent branch (torch.compile fullgraph): the fix-up always runs; it is cheap.
+        dead = ~allowed.any(-1, keepdim=True)  # (B|1, 1, T, 1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | dead, scale=scale, enable_gqa=gqa)
+        return out.masked_fill(dead, 0.0)
+
+    @register("attention_varlen", "cpp")
+    def attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, causal, scale=None, dropout_p=0.0, generator=None):
+        """Packed documents, one fused SDPA call per document (no (total, total) mask)."""
+        if q.device.type != "cpu" or q.dtype not in KERNEL_DTYPES or dropout_p > 0.0 or q.dim() != 3:
+            return _reference("attention_varlen")(q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale,
+                                                  dropout_p=dropout_p, generator=generator)
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(
+                f"attention_varlen: cu_seqlens must be 1-D with at least 2 entries, got {tuple(cu_seqlens.shape)}")
+        cu = cu_seqlens.tolist()
+        if cu[0] != 0 or cu[-1] != q.shape[0] or any(b < a for a, b in zip(cu, cu[1:])):
+            raise ValueError(
+                f"attention_varlen: cu_seqlens {cu} must start at 0, be non-decreasing and end at total={q.shape[0]}")
+        if max(b - a for a, b in zip(cu, cu[1:])) > max_seqlen:
+            raise ValueError(f"attention_varlen: a document is longer than max_seqlen={max_seqlen}")
+        pieces = []
+        for a, b in zip(cu, cu[1:]):
+            if b == a:
+                continue
+            qi, ki, vi = (t[a:b].transpose(0, 1)[None] for t in (q, k, v))  # (1, H, L, D)
+            pieces.append(attention(qi, ki, vi, causal=causal, scale=scale)[0].transpose(0, 1))
+        return torch.cat(pieces, dim=0) if pieces else torch.zeros_like(q)
+
+    # -- LoRA linear through the rank side, saving x and u = drop(x) Aᵀ only ------------------------
+    class LoraDeltaFunction(torch.autograd.Function):
+        """low = s · (drop(x) Aᵀ) Bᵀ, the LoRA branch of ``lora_linear``; u = drop(x) Aᵀ is (N, r).
+
+        Backward (g = dY flattened to 2-D, gs = s·g):  dB = (uᵀ gs)ᵀ,  du = gs B,
+        dA = (drop(x)ᵀ du)ᵀ,  dX = drop'(du A). Saved: x, u, A, B -- no (N, out) or (N, in)
+        intermediate, and no dropout mask: it is regenerated from the generator state taken before
+        it was drawn. The products, scalings and their order are autograd's on the reference's
+        ``F.linear(F.linear(drop(x), A), B) * s``, so the results round identically.
+        """
+
+        @staticmethod
+        def forward(ctx, x, lora_A, lora_B, scaling, dropout_p, gen_state):
+            x2 = x.reshape(-1, x.shape[-1])
+            u = F.linear(_dropped(x2, dropout_p, gen_state), lora_A)  # (N, r)
+            low = F.linear(u, lora_B).mul_(scaling)
+            ctx.save_for_backward(x, u, lora_A, lora_B)
+            ctx.scaling, ctx.dropout_p, ctx.gen_state = scaling, dropout_p, gen_state
+            return low.view(*x.shape[:-1], low.shape[-1])
+
+        @staticmethod
+        def backward(ctx, grad):
+            x, u, A, B = ctx.saved_tensors
+            p = ctx.dropout_p
+            gs = grad.reshape(-1, grad.shape[-1]) * ctx.scaling
+            x2 = x.reshape(-1, x.shape[-1])
+            need_x, need_a, need_b = ctx.needs_input_grad[:3]
+            dx = dA = dB = None
+            if need_b:
+                dB = torch.mm(u.t(), gs).t()
+            if need_x or need_a:
+                du = torch.mm(gs, B)  # (N, r)
+                if need_a:
+                    dA = torch.mm(_dropped(x2, p, ctx.gen_state).t(), du).t()
+                if need_x:
+                    dx = torch.mm(du, A)
+                    if p > 0.0:  # backward of (x * keep) / (1 - p)
+                        dx = dx.div_(1.0 - p).mul_(_keep_mask(x2, p, ctx.gen_state))
+                    dx = dx.view(x.shape)
+            return dx, dA, dB, None, None, None
+
+    def _keep_mask(x2, p, gen_state):
+        gen = torch.Generator(device=x2.device)
+        gen.set_state(gen_state)
+        return torch.rand(x2.shape, generator=gen, device=x2.device) >= p
+
+    def _dropped(x2, p, gen_state):
+        if p <= 0.0:
+            return x2
+        return x2 * _keep_mask(x2, p, gen_state).to(x2.dtype) / (1.0 - p)  # the reference's order
+
+    @register("lora_linear", "cpp")
+    def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, generator=None):
+        """Lean CPU LoRA linear (``LoraDeltaFunction``); autocast, float64 and mixed dtypes go to the reference.
+
+        Dropout draws ``torch.rand(x.shape, generator=generator) >= p`` like the reference; with no
+        generator, one is seeded from the global RNG (so the mask needs no storage).
+        """
+        dense = isinstance(weight, torch.Tensor)
+        dt = x.dtype
+        ok = (x.device.type == "cpu" and dt in KERNEL_DTYPES and not torch.is_autocast_enabled("cpu")
+              and lora_A.dtype == dt and lora_B.dtype == dt and (bias is None or bias.dtype == dt)
+              and (dense and weight.dtype == dt and weight.device.type == "cpu"
+                   or isinstance(weight, (NF4Weight, Int4Weight)) and weight.device.type == "cpu"))
+        if not ok:
+            return _reference("lora_linear")(x, weight, lora_A, lora_B, scaling, bias=bias, dropout_p=dropout_p,
+                                             generator=generator)
+        gen_state = None
+        if dropout_p > 0.0:
+            if generator is None:
+                generator = torch.Generator(device=x.device)
+                generator.manual_seed(int(torch.randint(0, 2 ** 62, (1,)).item()))
+            gen_state = generator.get_state()
+            torch.rand(x.shape, generator=generator, device=x.device)  # advance it as the reference does
+        # The base through its own autograd node (F.linear / the quant-matmul op save no activation
+        # for a frozen W), the LoRA branch through LoraDeltaFunction: the same graph shape as the
+        # reference, so gradients accumulate into x in the same order.
+        base = F.linear(x, weight, bias) if dense else quant_matmul(x, weight, bias)
+        return base + LoraDeltaFunction.apply(x, lora_A, lora_B, float(scaling), float(dropout_p), gen_state)
 
     def nf4_dequantize_into(qweight: NF4Weight, out: torch.Tensor) -> torch.Tensor:
         """Dequantize into a preallocated contiguous (out, in) CPU buffer of fp32 / bf16 / fp16."""
