@@ -705,13 +705,11 @@ def nf4_quantize_raw(w: torch.Tensor, blocksize: int = 64, double_quant: bool = 
     out = dict(data=data, absmax=absmax, nested_absmax=None, nested_quant_map=None, offset=None,
                quant_map=codebooks.nf4_code(dev))
     if double_quant:
-        # torch's fp32 mean, as bitsandbytes computes it (summation order decides the last bit);
-        # if that sum overflows (absmax near fp32's max) the mean is taken in float64, as the
-        # reference does (fastft.quant.nf4.double_quantize_absmax; bitsandbytes would store inf).
-        offset_t = absmax.mean()
-        if not torch.isfinite(offset_t):
-            offset_t = absmax.double().mean().float()
-        offset = float(offset_t.item())
+        # torch's fp32 mean, as bitsandbytes computes it (summation order decides the last bit),
+        # by the reference's rule (float64 when the fp32 sum overflows).
+        from fastft.quant.nf4 import double_quant_offset
+
+        offset = float(double_quant_offset(absmax).item())
         ng = triton.cdiv(nblocks, _NESTED_BLOCK)
         codes = torch.empty(nblocks, dtype=torch.uint8, device=dev)
         nested = torch.empty(ng, dtype=torch.float32, device=dev)

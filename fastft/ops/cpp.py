@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from fastft.quant.codebooks import dynamic_map, nf4_code
 from fastft.quant.int4 import Int4Weight, check_int4_args
-from fastft.quant.nf4 import NESTED_BLOCKSIZE, NF4Weight, check_nf4_args
+from fastft.quant.nf4 import NESTED_BLOCKSIZE, NF4Weight, check_nf4_args, double_quant_offset
 
 from . import dispatch
 from .dispatch import register
@@ -185,11 +185,7 @@ if AVAILABLE:
             raise ValueError("nf4_quantize: the weight contains inf or NaN; NF4 block scales must be finite")
         kw = {}
         if double_quant:
-            # offset: torch's fp32 mean, as the reference (fastft.quant.double_quantize_absmax),
-            # taken in float64 when the fp32 sum overflows (absmax near fp32's max).
-            offset = absmax.mean()
-            if not torch.isfinite(offset):
-                offset = absmax.double().mean().float()
+            offset = double_quant_offset(absmax)  # the reference's rule, shared
             code = dynamic_map(True)
             q, nested = ops.quantize_blockwise_8bit(absmax - offset, code, NESTED_BLOCKSIZE)
             kw = dict(nested_absmax=nested, nested_quant_map=code, offset=float(offset.item()))

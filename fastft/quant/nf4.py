@@ -85,6 +85,16 @@ def check_nf4_args(w, blocksize) -> None:
         raise ValueError(f"nf4_quantize: blocksize must be one of {VALID_BLOCKSIZES}, got {blocksize!r}")
 
 
+def double_quant_offset(absmax: torch.Tensor) -> torch.Tensor:
+    """The double-quant offset: mean(absmax) as a 0-dim fp32 tensor, exactly what bitsandbytes
+    computes -- except when the fp32 sum overflows (absmax near fp32's max): the mean itself is
+    representable, so it is then taken in float64 (bitsandbytes would store inf)."""
+    offset = absmax.float().mean()
+    if not torch.isfinite(offset):
+        offset = absmax.double().mean().float()
+    return offset
+
+
 def double_quantize_absmax(absmax: torch.Tensor, nested_blocksize: int = NESTED_BLOCKSIZE):
     """Double quantization of the per-block absmax (shared by all nf4_quantize backends).
 
@@ -94,11 +104,7 @@ def double_quantize_absmax(absmax: torch.Tensor, nested_blocksize: int = NESTED_
     """
     absmax = absmax.float().reshape(-1)
     nb = absmax.numel()
-    offset = absmax.mean()  # 0-dim fp32, exactly what bitsandbytes computes
-    if not torch.isfinite(offset):
-        # The fp32 sum overflowed (absmax values near fp32's max); the mean itself is
-        # representable, so take it in float64. bitsandbytes would store inf here.
-        offset = absmax.double().mean().float()
+    offset = double_quant_offset(absmax)
     centered = absmax - offset
     ng = -(-nb // nested_blocksize)
     pad = ng * nested_blocksize - nb
