@@ -123,6 +123,8 @@ def run(suite: str) -> list[dict]:
                     impls["fastft_nf4"] = lambda: fused(0.0, nf4)
                 times = {name: common.bench(fn, device=dev) for name, fn in impls.items()}
                 peft_params = [q for layer in peft.values() if layer is not None for q in layer.parameters()]
+                if nf4 is not None:  # the packed base weight is a parameter too, not an activation
+                    peft_params += [t for t in nf4._tensors().values() if isinstance(t, torch.Tensor)]
                 saved = {name: _saved_bytes(fn, params + peft_params) for name, fn in impls.items()}
                 for name, t in times.items():
                     extra = {"vs_base": round(t / t_base, 3), "saved_mb": round(saved[name] / 2**20, 2)}

@@ -154,7 +154,24 @@ def row(case: str, impl: str, median_s: float, *, bytes: float | None = None, fl
         r["baseline"] = baseline
         r["speedup"] = round(baseline_s / median_s, 3)
     r.update(extra)
+    stream(r)
     return r
+
+
+# Streaming: with ``FASTFT_BENCH_STREAM=path`` every row is also appended to that file the moment it
+# is made (``benchmarks.run`` writes the environment as its first line and sets ``CURRENT_BENCH``), so
+# a run cut short by a time box still leaves its rows; ``python -m benchmarks.run --ingest path``
+# records them into the results files afterwards.
+CURRENT_BENCH: str | None = None
+
+
+def stream(r: dict) -> None:
+    path = os.environ.get("FASTFT_BENCH_STREAM")
+    if not path:
+        return
+    line = {**r, "bench": r.get("bench", CURRENT_BENCH)} if CURRENT_BENCH else r
+    with open(path, "a") as f:
+        f.write(json.dumps(line, sort_keys=True) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,6 +197,8 @@ def versions() -> dict:
 
 
 def git_commit() -> str | None:
+    if os.environ.get("FASTFT_COMMIT"):  # a copy of the tree without .git (e.g. a lent device machine)
+        return os.environ["FASTFT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO,

@@ -67,6 +67,8 @@ import triton.language as tl
 
 from fastft.ops.dispatch import register
 
+from . import _tuning
+
 __all__ = [
     "lora_linear", "lora_qkv", "lora_gate_up_swiglu", "dropout_mask", "draw_seed", "LoraLinearFunction",
     "LoraMultiFunction", "LoraSwiGLUFunction", "gemm_configs", "HOT_CONFIGS",
@@ -461,7 +463,7 @@ def gemm_configs(accumulators: int = 1, dropout: bool = False) -> list:
     for bm, bn, bk, warps, stages in dict.fromkeys(table):
         out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                                  num_warps=warps, num_stages=stages))
-    return out
+    return _tuning.cap(out)
 
 
 HOT_CONFIGS = 3  # the first three of gemm_configs() carry large-M training shapes: no spills allowed

@@ -81,6 +81,8 @@ import triton.language as tl
 
 from fastft.ops.dispatch import register
 
+from . import _tuning
+
 _NESTED_BLOCK = 256  # bitsandbytes' block size for the double-quantized absmax
 _ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # matmul activations / outputs
 _FLOAT_DTYPES = _ACT_DTYPES + (torch.float64,)  # quantizer inputs, dequantizer outputs
@@ -104,7 +106,7 @@ def _nf4_quantize_kernel(w_ptr, out_ptr, absmax_ptr, mids_ptr, n, nblocks,
     amax = tl.max(tl.abs(w), axis=1)  # (ROWS,)
     # IEEE reciprocal (div_rn): Triton's plain fp32 '/' lowers to the approximate div.full.f32 on
     # NVIDIA GPUs, which would flip codes that sit next to a midpoint.
-    inv = tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), tl.maximum(amax, _SCALE_FLOOR))
+    inv = tl.math.div_rn(tl.full([ROWS], 1.0, tl.float32), tl.maximum(amax, _SCALE_FLOOR).to(tl.float32))
     scaled = tl.minimum(tl.maximum(w * inv[:, None], -1.0), 1.0)
     code = tl.zeros([ROWS, BS], dtype=tl.int32)
     for j in tl.static_range(15):
@@ -129,7 +131,7 @@ def _dq8_quantize_kernel(absmax_ptr, code_ptr, nested_ptr, mids_ptr, nblocks, of
     m = i < nblocks
     v = tl.where(m, tl.load(absmax_ptr + i, mask=m, other=0.0) - offset, 0.0)
     amax = tl.max(tl.abs(v), axis=0)
-    inv = tl.math.div_rn(1.0, tl.maximum(amax, _SCALE_FLOOR))
+    inv = tl.math.div_rn(1.0, tl.maximum(amax, _SCALE_FLOOR).to(tl.float32))
     s = tl.minimum(tl.maximum(v * inv, -1.0), 1.0).to(tl.float64)
     c = tl.zeros([NBS], dtype=tl.int32)
     for p in tl.static_range(8):
@@ -429,9 +431,9 @@ def _quant_matmul_bwd_kernel(
 # "bwd": BLOCK_N is the reduction tile, BLOCK_K the output tile.
 # "*_general": the per-element NF4 path (in % blocksize != 0), which needs more registers per element.
 _CONFIGS = {
-    "fwd": [(128, 128, 32, 8, 8, 4), (128, 64, 32, 8, 4, 4), (64, 64, 32, 8, 4, 4), (32, 64, 32, 8, 4, 4)],
+    "fwd": [(128, 128, 32, 8, 8, 4), (128, 64, 32, 8, 8, 4), (64, 64, 32, 8, 4, 4), (32, 64, 32, 8, 4, 4)],
     "decode": [(16, 128, 64, 1, 4, 3), (16, 32, 128, 1, 4, 4), (16, 64, 32, 1, 2, 4)],
-    "bwd": [(128, 32, 128, 8, 8, 3), (128, 32, 64, 8, 8, 4), (64, 64, 64, 8, 4, 4), (64, 32, 32, 8, 4, 4)],
+    "bwd": [(128, 32, 128, 8, 8, 3), (128, 32, 64, 8, 8, 4), (64, 64, 64, 8, 8, 4), (64, 32, 32, 8, 4, 4)],
     "fwd_general": [(128, 64, 32, 8, 8, 3), (64, 32, 32, 8, 4, 3)],
     "decode_general": [(16, 64, 32, 1, 4, 3)],
     "bwd_general": [(64, 32, 32, 8, 4, 3)],
@@ -453,8 +455,8 @@ def matmul_configs(kind: str) -> list:
     """
     if kind not in _CONFIGS:
         raise ValueError(f"unknown matmul config kind {kind!r}; expected one of {sorted(_CONFIGS)}")
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}, num_warps=w, num_stages=st)
-            for bm, bn, bk, g, w, st in _CONFIGS[kind]]
+    return _tuning.cap([triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g},
+                                      num_warps=w, num_stages=st) for bm, bn, bk, g, w, st in _CONFIGS[kind]])
 
 
 # Under the interpreter (CPU tests) one config per kernel: tiles small enough that the test shapes

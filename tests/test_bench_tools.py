@@ -1,0 +1,53 @@
+"""The benchmark plumbing the time-boxed GPU check relies on: the autotune cap, row streaming and
+ingesting a streamed run into the results files."""
+import json
+
+import pytest
+
+from benchmarks import common, run
+from fastft.kernels import _tuning
+
+
+def test_autotune_cap(monkeypatch):
+    items = list(range(7))
+    monkeypatch.delenv("FASTFT_AUTOTUNE_MAX", raising=False)
+    assert _tuning.cap(items) == items
+    monkeypatch.setenv("FASTFT_AUTOTUNE_MAX", "0")
+    assert _tuning.cap(items) == items
+    monkeypatch.setenv("FASTFT_AUTOTUNE_MAX", "3")
+    assert _tuning.cap(items) == [0, 1, 2]
+    for bad in ("-1", "three"):
+        monkeypatch.setenv("FASTFT_AUTOTUNE_MAX", bad)
+        with pytest.raises(ValueError, match="FASTFT_AUTOTUNE_MAX"):
+            _tuning.cap(items)
+
+
+def test_streamed_rows_are_ingested(tmp_path, monkeypatch):
+    stream = tmp_path / "rows.jsonl"
+    monkeypatch.setenv("FASTFT_BENCH_STREAM", str(stream))
+    env = {"date": "2026-11-28T00:00:00+00:00", "suite": "gpu", "commit": "abc", "machine": {"gpu": "test"},
+           "versions": {"torch": "x"}}
+    stream.write_text(json.dumps({"_env": env}) + "\n")
+    monkeypatch.setattr(common, "CURRENT_BENCH", "quant")
+    r1 = common.row("case a", "fastft", 2e-3, baseline="dense", baseline_s=3e-3)
+    monkeypatch.setattr(common, "CURRENT_BENCH", "lora")
+    common.row("case b", "fastft", 1e-3)
+    with open(stream, "a") as f:
+        f.write('{"case": "cut off mid-wri')  # what a killed run leaves
+    lines = [json.loads(x) for x in stream.read_text().splitlines()[1:3]]
+    assert lines[0] == {**r1, "bench": "quant"} and lines[0]["speedup"] == 1.5
+    assert lines[1]["bench"] == "lora"
+
+    out = tmp_path / "results"
+    assert run.ingest(str(stream), results_dir=str(out)) == 0
+    rows = [json.loads(x) for x in (out / "gpu.jsonl").read_text().splitlines()]
+    assert sorted(r["case"] for r in rows) == ["case a", "case b"]
+    assert all(r["commit"] == "abc" and r["machine"] == {"gpu": "test"} for r in rows)
+    assert "case a" in (out / "gpu.md").read_text()
+
+
+def test_ingest_needs_the_environment_line(tmp_path):
+    p = tmp_path / "rows.jsonl"
+    p.write_text(json.dumps({"case": "a", "impl": "b", "median_ms": 1.0}) + "\n")
+    with pytest.raises(SystemExit, match="no environment line"):
+        run.ingest(str(p), results_dir=str(tmp_path / "r"))
