@@ -9,7 +9,10 @@ GPU suite, bf16, issue 4's shapes: M in {512, 4096, 8192} x (in, out) in {(4096,
 * ``compose``  -- F.linear(x, W) + s·F.linear(F.linear(x, A), B) under autograd;
 * ``peft``     -- PEFT's ``lora.Linear`` around an ``nn.Linear`` (when peft is importable);
 * ``fastft_dropout`` / ``peft_dropout`` -- the same with lora_dropout = 0.1;
-* ``fastft_nf4`` -- the fused path over an NF4 (double-quant, blocksize 64) base weight.
+* ``fastft_nf4`` -- the fused path over an NF4 (double-quant, blocksize 64) base weight;
+* ``fastft_lean`` / ``fastft_lean_dropout`` / ``fastft_lean_nf4`` -- the ``torch`` backend's
+  composition (fastft/ops/lean.py), the CUDA default of ``fastft.ops.lora_linear`` since the first
+  H200 run measured the fused kernels at 6-9x the base time.
 
 Targets (issue 4): at r = 16, fastft ≤ 1.10x the base time and ≥ 1.3x faster than PEFT; NF4 ≤ 1.15x the
 dense base; activation memory saved for backward ≤ 0.5x PEFT's (``saved_mb`` / ``saved_vs_peft``, counted
@@ -77,6 +80,9 @@ def run(suite: str) -> list[dict]:
     if suite == "cpu" or common is None or not torch.cuda.is_available():
         return []
     from fastft.kernels import lora as L
+    from fastft.ops import dispatch
+
+    lean_lora = dispatch.impl("lora_linear", "torch")
 
     dev = common.device_for(suite)
     dt = torch.bfloat16
@@ -114,13 +120,19 @@ def run(suite: str) -> list[dict]:
                     y = F.linear(x, W) + F.linear(F.linear(x, A), B) * s
                     y.backward(dy)
 
-                impls = {"fastft": fused, "compose": compose, "fastft_dropout": lambda: fused(0.1)}
+                def lean(p=0.0, weight=W):  # the CUDA default of fastft.ops.lora_linear (fastft/ops/lean.py)
+                    y = lean_lora(x, weight, A, B, s, dropout_p=p)
+                    y.backward(dy)
+
+                impls = {"fastft": fused, "compose": compose, "fastft_dropout": lambda: fused(0.1),
+                         "fastft_lean": lean, "fastft_lean_dropout": lambda: lean(0.1)}
                 peft = {p: _peft_layer(W, r, s * r, p) for p in (0.0, 0.1)}
                 if peft[0.0] is not None:
                     impls["peft"] = lambda: peft[0.0](x).backward(dy)
                     impls["peft_dropout"] = lambda: peft[0.1](x).backward(dy)
                 if nf4 is not None:
                     impls["fastft_nf4"] = lambda: fused(0.0, nf4)
+                    impls["fastft_lean_nf4"] = lambda: lean(0.0, nf4)
                 times = {name: common.bench(fn, device=dev) for name, fn in impls.items()}
                 peft_params = [q for layer in peft.values() if layer is not None for q in layer.parameters()]
                 if nf4 is not None:  # the packed base weight is a parameter too, not an activation

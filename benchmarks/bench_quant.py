@@ -13,6 +13,9 @@ GPU suite, bf16 activations, NF4 with double quantization (blocksize 64), the QL
 * backward dX = dY @ W for M >= 512: fastft's fused transposed kernel vs dense bf16 and
   bitsandbytes dequantize + matmul.
 
+``fastft_lean`` rows: the ``torch`` backend (Triton dequantize + cuBLAS, nothing dense saved), the
+CUDA default of ``fastft.ops.quant_matmul`` since the first H200 run (fastft/ops/lean.py).
+
 Each fastft row carries ``speedup`` over dense bf16 and, in ``vs_bnb_dequant_matmul``, over
 bitsandbytes' dequantize + matmul. The CPU suite returns no rows: the kernels are CUDA-only (the
 interpreter is a correctness tool, not something to time); so does the GPU suite without a GPU.
@@ -55,7 +58,11 @@ def run(suite: str) -> list[dict]:
     if suite == "cpu" or common is None or not torch.cuda.is_available():
         return []
     from fastft.kernels import quant as Q
+    from fastft.ops import dispatch
+    from fastft.ops.lean import _device_dequantize as lean_dequant
     from fastft.quant import NF4Weight
+
+    lean_qmm = dispatch.impl("quant_matmul", "torch")  # the CUDA default of fastft.ops.quant_matmul
 
     dev = common.device_for(suite)
     bnb, F = _bnb()
@@ -91,6 +98,7 @@ def run(suite: str) -> list[dict]:
             case = f"quant_matmul fwd M={M} {shape}"
             t_dense = _bench(lambda: torch.nn.functional.linear(x, w_deq), dev)
             t_ours = _bench(lambda: Q.quant_matmul_triton(x, qw), dev)
+            t_lean = _bench(lambda: lean_qmm(x, qw), dev)
             t_bdq = _bench(lambda: x @ F.dequantize_4bit(*bnb_q).t(), dev) if bnb_q else None
             t_b4 = _bench(lambda: bnb.matmul_4bit(x, bnb_q[0].t(), quant_state=bnb_q[1]), dev) if bnb_q else None
             extra = {"vs_bnb_dequant_matmul": round(t_bdq / t_ours, 3)} if t_bdq else {}
@@ -100,6 +108,9 @@ def run(suite: str) -> list[dict]:
                                    baseline="dense_bf16", baseline_s=t_dense, weight_bytes=_nf4_bytes(N, K),
                                    **extra))
             rows.append(common.row(case, "dense_bf16", t_dense, flops=flops, ceiling="matmul_bf16", device="cuda"))
+            extra = {"vs_bnb_dequant_matmul": round(t_bdq / t_lean, 3)} if t_bdq else {}
+            rows.append(common.row(case, "fastft_lean", t_lean, flops=flops, ceiling="matmul_bf16", device="cuda",
+                                   baseline="dense_bf16", baseline_s=t_dense, **extra))
             if t_bdq:
                 rows.append(common.row(case, "bnb_dequant_matmul", t_bdq, flops=flops, ceiling="matmul_bf16",
                                        device="cuda"))
@@ -113,12 +124,16 @@ def run(suite: str) -> list[dict]:
                 case = f"quant_matmul bwd_dx M={M} {shape}"
                 t_dense = _bench(lambda: dy @ w_deq, dev)
                 t_ours = _bench(lambda: Q._matmul_bwd(dy, meta, tensors), dev)
+                t_lean = _bench(lambda: dy @ lean_dequant(qw, torch.bfloat16), dev)
                 t_bdq = _bench(lambda: dy @ F.dequantize_4bit(*bnb_q), dev) if bnb_q else None
                 extra = {"vs_bnb_dequant_matmul": round(t_bdq / t_ours, 3)} if t_bdq else {}
                 rows.append(common.row(case, "fastft", t_ours, flops=flops, ceiling="matmul_bf16", device="cuda",
                                        baseline="dense_bf16", baseline_s=t_dense, **extra))
                 rows.append(common.row(case, "dense_bf16", t_dense, flops=flops, ceiling="matmul_bf16",
                                        device="cuda"))
+                extra = {"vs_bnb_dequant_matmul": round(t_bdq / t_lean, 3)} if t_bdq else {}
+                rows.append(common.row(case, "fastft_lean", t_lean, flops=flops, ceiling="matmul_bf16",
+                                       device="cuda", baseline="dense_bf16", baseline_s=t_dense, **extra))
                 if t_bdq:
                     rows.append(common.row(case, "bnb_dequant_matmul", t_bdq, flops=flops, ceiling="matmul_bf16",
                                            device="cuda"))

@@ -6,8 +6,9 @@
 # timeout. Every benchmark row is streamed to $OUT/rows.jsonl as it is made, so a module cut off by
 # its time box keeps what it measured; record them here with
 #   python -m benchmarks.run --ingest <fetched rows.jsonl>
-# Logs: $OUT/tests.log, $OUT/bench.log (with the autotuner's picks). Budgets (seconds) can be set:
-# T_TESTS, T_CEILINGS, T_QUANT, T_ATTENTION, T_LORA; FASTFT_AUTOTUNE_MAX caps autotune lists (3 here).
+# Logs: $OUT/tests.log, $OUT/profile.log (per-kernel CUDA time of the fused paths,
+# benchmarks/profile_gpu.py), $OUT/bench.log (with the autotuner's picks). Budgets (seconds) can be set:
+# T_TESTS, T_PROFILE, T_CEILINGS, T_QUANT, T_ATTENTION, T_LORA; FASTFT_AUTOTUNE_MAX caps autotune lists (3 here).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 O=${OUT:-/tmp/fastft_gpu}
@@ -35,13 +36,19 @@ stamp "installed"
 
 xdist=""
 python -c "import xdist" 2>/dev/null && xdist="-n 16"
-timeout "${T_TESTS:-170}" python -m pytest -q $xdist --device cuda -p no:cacheprovider -o addopts="" \
+# CUDA_LAUNCH_BLOCKING: a kernel fault is reported at its own launch; tests/conftest.py restarts an
+# xdist worker whose CUDA context a fault poisoned, so one broken kernel does not fail the rest.
+CUDA_LAUNCH_BLOCKING=1 timeout "${T_TESTS:-170}" python -m pytest -q $xdist --device cuda -p no:cacheprovider -o addopts="" \
     tests/test_attention.py tests/test_lora_triton.py tests/test_quant_triton.py tests/test_quant_linear.py \
     > "$O/tests.log" 2>&1
 rc_tests=$?
-grep -E "^(FAILED|ERROR)" "$O/tests.log" | head -30
+grep -E "^(FAILED|ERROR)|\[conftest\]|crashed" "$O/tests.log" | head -30
 tail -3 "$O/tests.log"
 stamp "tests rc=$rc_tests"
+
+timeout "${T_PROFILE:-60}" python -m benchmarks.profile_gpu > "$O/profile.log" 2>&1
+stamp "profile rc=$?"
+grep -E "^## " "$O/profile.log"
 
 rc_bench=0
 for b in ceilings quant attention lora; do

@@ -457,8 +457,17 @@ def _attn_bwd_dkdv_kernel(
     # set of prefetch buffers live and spills at D = 128 (tests/test_aot_attention.py).
     n_diag = (mid - lo + BLOCK_M - 1) // BLOCK_M  # query blocks straddling the diagonal (masked)
     n_full = (T_b - mid + BLOCK_M - 1) // BLOCK_M  # query blocks that see the whole key block
+    # Every address this loop forms stays inside Q / dO / LSE / Delta for ANY value of ``it``, not only
+    # for the iterations that run: the software pipeliner issues the loads of iterations past the end
+    # (and of the first iteration of a loop that runs zero times) with only their own masks, which
+    # cover rows, not heads. So the head index is clamped to the group and the divisor is never 0.
+    # (The first H200 run, Triton 3.6, hit an illegal address in this kernel on every non-causal
+    # backward; these bounds are the out-of-range addressing found by reading it. Unconfirmed on a
+    # GPU yet: benchmarks/gpu_check.sh runs the non-causal cases first thing.)
+    diag_div = tl.maximum(n_diag, 1)
+    full_div = tl.maximum(n_full, 1)
     for it in range(0, GROUP * n_diag):
-        g = it // n_diag
+        g = tl.minimum(it // diag_div, GROUP - 1)
         start_m = lo + (it - g * n_diag) * BLOCK_M
         h64 = (off_hk * GROUP + g).to(tl.int64)
         if VARLEN:
@@ -472,7 +481,7 @@ def _attn_bwd_dkdv_kernel(
                                  T_b, causal_off, qk_scale, seed, dropout_p, rng_base, DROP_COLS, k_start,
                                  HEAD_DIM, BLOCK_D, True, DROPOUT, MM_DTYPE, PRECISION)
     for it in range(0, GROUP * n_full):
-        g = it // n_full
+        g = tl.minimum(it // full_div, GROUP - 1)
         start_m = mid + (it - g * n_full) * BLOCK_M
         h64 = (off_hk * GROUP + g).to(tl.int64)
         if VARLEN:

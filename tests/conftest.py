@@ -45,3 +45,21 @@ def pytest_collection_modifyitems(session, config, items):
     # NameError 'interpreter_semantic'), while compiling after interpreter runs is handled by
     # tests/aot.py. So the AOT tests run after all others (a stable sort keeps every other order).
     items.sort(key=lambda item: os.path.basename(str(item.fspath)).startswith("test_aot_"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    # A CUDA error (an illegal address, say) poisons the process's CUDA context: every later test in
+    # it would fail at setup and hide which kernel broke. Under pytest-xdist (the prepared GPU run,
+    # benchmarks/gpu_check.sh) the worker prints the failure and exits, and xdist starts a
+    # fresh one for the remaining tests.
+    outcome = yield
+    rep = outcome.get_result()
+    if (call.excinfo is not None and rep.failed and os.environ.get("PYTEST_XDIST_WORKER")
+            and "CUDA error" in str(call.excinfo.value)):
+        import sys
+
+        first = str(call.excinfo.value).strip().splitlines()[0]
+        print(f"\n[conftest] {item.nodeid}: {first} -- worker exits for a fresh CUDA context",
+              file=sys.__stderr__, flush=True)
+        os._exit(3)

@@ -290,56 +290,8 @@ if AVAILABLE:
             pieces.append(attention(qi, ki, vi, causal=causal, scale=scale)[0].transpose(0, 1))
         return torch.cat(pieces, dim=0) if pieces else torch.zeros_like(q)
 
-    # -- LoRA linear through the rank side, saving x and u = drop(x) Aᵀ only ------------------------
-    class LoraDeltaFunction(torch.autograd.Function):
-        """low = s · (drop(x) Aᵀ) Bᵀ, the LoRA branch of ``lora_linear``; u = drop(x) Aᵀ is (N, r).
-
-        Backward (g = dY flattened to 2-D, gs = s·g):  dB = (uᵀ gs)ᵀ,  du = gs B,
-        dA = (drop(x)ᵀ du)ᵀ,  dX = drop'(du A). Saved: x, u, A, B -- no (N, out) or (N, in)
-        intermediate, and no dropout mask: it is regenerated from the generator state taken before
-        it was drawn. The products, scalings and their order are autograd's on the reference's
-        ``F.linear(F.linear(drop(x), A), B) * s``, so the results round identically.
-        """
-
-        @staticmethod
-        def forward(ctx, x, lora_A, lora_B, scaling, dropout_p, gen_state):
-            x2 = x.reshape(-1, x.shape[-1])
-            u = F.linear(_dropped(x2, dropout_p, gen_state), lora_A)  # (N, r)
-            low = F.linear(u, lora_B).mul_(scaling)
-            ctx.save_for_backward(x, u, lora_A, lora_B)
-            ctx.scaling, ctx.dropout_p, ctx.gen_state = scaling, dropout_p, gen_state
-            return low.view(*x.shape[:-1], low.shape[-1])
-
-        @staticmethod
-        def backward(ctx, grad):
-            x, u, A, B = ctx.saved_tensors
-            p = ctx.dropout_p
-            gs = grad.reshape(-1, grad.shape[-1]) * ctx.scaling
-            x2 = x.reshape(-1, x.shape[-1])
-            need_x, need_a, need_b = ctx.needs_input_grad[:3]
-            dx = dA = dB = None
-            if need_b:
-                dB = torch.mm(u.t(), gs).t()
-            if need_x or need_a:
-                du = torch.mm(gs, B)  # (N, r)
-                if need_a:
-                    dA = torch.mm(_dropped(x2, p, ctx.gen_state).t(), du).t()
-                if need_x:
-                    dx = torch.mm(du, A)
-                    if p > 0.0:  # backward of (x * keep) / (1 - p)
-                        dx = dx.div_(1.0 - p).mul_(_keep_mask(x2, p, ctx.gen_state))
-                    dx = dx.view(x.shape)
-            return dx, dA, dB, None, None, None
-
-    def _keep_mask(x2, p, gen_state):
-        gen = torch.Generator(device=x2.device)
-        gen.set_state(gen_state)
-        return torch.rand(x2.shape, generator=gen, device=x2.device) >= p
-
-    def _dropped(x2, p, gen_state):
-        if p <= 0.0:
-            return x2
-        return x2 * _keep_mask(x2, p, gen_state).to(x2.dtype) / (1.0 - p)  # the reference's order
+    # -- LoRA linear through the rank side (fastft.ops.lean.LoraDeltaFunction, device-agnostic) --------
+    from .lean import LoraDeltaFunction, lean_lora_linear  # noqa: F401  (LoraDeltaFunction: re-export)
 
     @register("lora_linear", "cpp")
     def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, generator=None):
@@ -357,18 +309,7 @@ if AVAILABLE:
         if not ok:
             return _reference("lora_linear")(x, weight, lora_A, lora_B, scaling, bias=bias, dropout_p=dropout_p,
                                              generator=generator)
-        gen_state = None
-        if dropout_p > 0.0:
-            if generator is None:
-                generator = torch.Generator(device=x.device)
-                generator.manual_seed(int(torch.randint(0, 2 ** 62, (1,)).item()))
-            gen_state = generator.get_state()
-            torch.rand(x.shape, generator=generator, device=x.device)  # advance it as the reference does
-        # The base through its own autograd node (F.linear / the quant-matmul op save no activation
-        # for a frozen W), the LoRA branch through LoraDeltaFunction: the same graph shape as the
-        # reference, so gradients accumulate into x in the same order.
-        base = F.linear(x, weight, bias) if dense else quant_matmul(x, weight, bias)
-        return base + LoraDeltaFunction.apply(x, lora_A, lora_B, float(scaling), float(dropout_p), gen_state)
+        return lean_lora_linear(x, weight, lora_A, lora_B, scaling, bias, dropout_p, generator, quant_matmul)
 
     def nf4_dequantize_into(qweight: NF4Weight, out: torch.Tensor) -> torch.Tensor:
         """Dequantize into a preallocated contiguous (out, in) CPU buffer of fp32 / bf16 / fp16."""

@@ -5,10 +5,14 @@ Every op has up to three implementations with one signature:
 * ``triton``    -- Triton kernels in ``fastft.kernels`` (CUDA tensors; CPU tensors only under
                    ``TRITON_INTERPRET=1``, which is how the tests check kernel semantics).
 * ``cpp``       -- the C++ CPU extension ``fastft._C`` (built from ``csrc/``), when it is built.
+* ``torch``     -- lean compositions of PyTorch ops (``fastft.ops.lean``): vendor-BLAS matmuls with
+                   fastft's autograd bookkeeping (what is saved, regenerated dropout masks); any device.
 * ``reference`` -- pure PyTorch (``fastft.ops.reference``): any device, float64-capable, autograd.
 
-``FASTFT_BACKEND=auto|triton|cpp|reference`` overrides the automatic choice, which is
-CUDA -> triton, CPU -> cpp if built, else reference. An op that has no implementation on the chosen
+``FASTFT_BACKEND=auto|triton|cpp|torch|reference`` overrides the automatic choice, which is per op
+and device: CPU -> cpp if built, else reference; CUDA -> triton, except the ops in ``CUDA_PREFER``,
+which go to the backend measured faster on a GPU (``torch`` for lora_linear and quant_matmul: the
+fused Triton GEMMs ran at 6-9x cuBLAS's time on an H200, see fastft/ops/lean.py). An op that has no implementation on the chosen
 backend falls back to ``reference`` (an explicit ``FASTFT_BACKEND`` that names a backend with no
 implementation of the op for that device falls back too, with one log line per op).
 
@@ -25,7 +29,7 @@ import torch
 
 logger = logging.getLogger("fastft")
 
-BACKENDS = ("triton", "cpp", "reference")
+BACKENDS = ("triton", "cpp", "torch", "reference")
 _IMPLS: dict[str, dict[str, Callable]] = {b: {} for b in BACKENDS}
 # Modules that register implementations when imported, per backend.
 _PROVIDERS: dict[str, list[str]] = {
@@ -34,7 +38,11 @@ _PROVIDERS: dict[str, list[str]] = {
     "triton": ["fastft.kernels.attention", "fastft.kernels.quant", "fastft.kernels.lora"],
     # The C++ extension's Python side registers the CPU ops it was built with.
     "cpp": ["fastft.ops.cpp"],
+    "torch": ["fastft.ops.lean"],
 }
+# On CUDA, ops whose first choice is not triton, from measurements (benchmarks/results/gpu.md): the
+# lean cuBLAS compositions beat the fused Triton GEMMs by 5-8x on an H200 (Triton 3.6, 2026-11-28).
+CUDA_PREFER: dict[str, str] = {"lora_linear": "torch", "quant_matmul": "torch"}
 _loaded: set[str] = set()
 _warned: set[tuple[str, str]] = set()
 
@@ -75,7 +83,7 @@ def _load(backend: str) -> None:
 def requested_backend() -> str:
     b = os.environ.get("FASTFT_BACKEND", "auto").strip().lower() or "auto"
     if b not in BACKENDS + ("auto",):
-        raise ValueError(f"FASTFT_BACKEND={b!r} is not one of auto, triton, cpp, reference")
+        raise ValueError(f"FASTFT_BACKEND={b!r} is not one of auto, triton, cpp, torch, reference")
     return b
 
 
@@ -88,7 +96,7 @@ def backend_for(op: str, device: torch.device) -> str:
     req = requested_backend()
     if req == "auto":
         if device.type == "cuda":
-            order = ["triton", "reference"]
+            order = [CUDA_PREFER[op], "triton", "reference"] if op in CUDA_PREFER else ["triton", "reference"]
         elif device.type == "cpu":
             order = ["cpp", "reference"]
         else:

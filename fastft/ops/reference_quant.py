@@ -232,13 +232,17 @@ def check_quant_matmul_args(x, qweight, bias) -> None:
 
 
 class QuantMatmulFunction(torch.autograd.Function):
-    """y = x W_deqᵀ + b;  dX = dY W_deq;  db = Σ dY;  W gets no gradient and nothing is saved."""
+    """y = x W_deqᵀ + b;  dX = dY W_deq;  db = Σ dY;  W gets no gradient and nothing is saved.
+
+    ``dequantize(qweight, dtype)`` makes the transient dense weight (the reference's by default; the
+    ``torch`` backend passes the device's fastest dequantize op)."""
 
     @staticmethod
-    def forward(ctx, x, qweight, bias):
+    def forward(ctx, x, qweight, bias, dequantize=None):
         dt = _compute_dtype(x)
+        ctx.dequantize = dequantize = dequantize or _reference_dequantize
         with torch.autocast(x.device.type, enabled=False):
-            w = _reference_dequantize(qweight, dt)  # (out, in), dropped on return
+            w = dequantize(qweight, dt)  # (out, in), dropped on return
             y = F.linear(x.to(dt), w, None if bias is None else bias.to(dt))
         del w
         # The quantized weight is referenced (it exists anyway), never a dense copy.
@@ -254,12 +258,12 @@ class QuantMatmulFunction(torch.autograd.Function):
         dt = ctx.compute_dtype
         if ctx.needs_input_grad[0]:
             with torch.autocast(dy.device.type, enabled=False):
-                w = _reference_dequantize(ctx.qweight, dt)
+                w = ctx.dequantize(ctx.qweight, dt)
                 dx = torch.matmul(dy.to(dt), w).to(ctx.x_dtype)
             del w
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             db = dy.reshape(-1, dy.shape[-1]).sum(dim=0).to(ctx.bias_dtype)
-        return dx, None, db
+        return dx, None, db, None
 
 
 @register("quant_matmul", "reference")

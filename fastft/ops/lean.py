@@ -1,0 +1,155 @@
+"""The ``torch`` backend: lean compositions of PyTorch ops (cuBLAS / CPU BLAS matmuls), any device.
+
+What it owns, and why it is the default for some ops on CUDA (``fastft.ops.dispatch``):
+
+* ``lora_linear`` -- the base matmul through F.linear (or the quant-matmul op), the LoRA branch
+  through the rank side in ``LoraDeltaFunction``: it saves x and u = drop(x) Aᵀ only (no dropout
+  copy of x, no mask: the mask is regenerated from the generator state in backward), like Unsloth's
+  bookkeeping, with dropout and bias on the same path.
+* ``quant_matmul`` -- dequantize the 4-bit weight with the fastest dequantize op of the device (the
+  Triton kernel on CUDA), multiply with the vendor BLAS, drop the dense copy; backward dequantizes
+  again. Nothing dense is saved for backward.
+
+Measured on an H200 (2026-11-28, benchmarks/results/gpu.md, Triton 3.6): fastft's fused Triton
+LoRA and quant-matmul kernels ran at ~85-120 TFLOP/s where cuBLAS runs at ~700, i.e. 6-9x the
+time of the dense base matmul; these compositions are bounded by cuBLAS plus a few rank-r GEMMs
+(PEFT's compose measured 1.16-1.5x the base at M >= 4096) and, for NF4, one dequantize pass
+(~0.03-0.09 ms per 4096 x 4096 / 4096 x 14336 weight). So on CUDA the dispatcher picks these for
+``lora_linear`` and ``quant_matmul`` until the fused kernels beat them; ``FASTFT_BACKEND=triton``
+forces the kernels.
+
+Fallback to the reference: float64 (gold computations), mixed dtypes, and autocast for
+``lora_linear`` (the reference's plain composition lets autocast choose each matmul's dtype).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastft.quant.int4 import Int4Weight
+from fastft.quant.nf4 import NF4Weight
+
+from . import dispatch
+from .dispatch import register
+
+LEAN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class LoraDeltaFunction(torch.autograd.Function):
+    """low = s · (drop(x) Aᵀ) Bᵀ, the LoRA branch of ``lora_linear``; u = drop(x) Aᵀ is (N, r).
+
+    Backward (g = dY flattened to 2-D, gs = s·g):  dB = (uᵀ gs)ᵀ,  du = gs B,
+    dA = (drop(x)ᵀ du)ᵀ,  dX = drop'(du A). Saved: x, u, A, B -- no (N, out) or (N, in)
+    intermediate, and no dropout mask: it is regenerated from the generator state taken before
+    it was drawn. The products, scalings and their order are autograd's on the reference's
+    ``F.linear(F.linear(drop(x), A), B) * s``, so the results round identically.
+    """
+
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, scaling, dropout_p, gen_state):
+        x2 = x.reshape(-1, x.shape[-1])
+        u = F.linear(_dropped(x2, dropout_p, gen_state), lora_A)  # (N, r)
+        low = F.linear(u, lora_B).mul_(scaling)
+        ctx.save_for_backward(x, u, lora_A, lora_B)
+        ctx.scaling, ctx.dropout_p, ctx.gen_state = scaling, dropout_p, gen_state
+        return low.view(*x.shape[:-1], low.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, u, A, B = ctx.saved_tensors
+        p = ctx.dropout_p
+        gs = grad.reshape(-1, grad.shape[-1]) * ctx.scaling
+        x2 = x.reshape(-1, x.shape[-1])
+        need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        dx = dA = dB = None
+        if need_b:
+            dB = torch.mm(u.t(), gs).t()
+        if need_x or need_a:
+            du = torch.mm(gs, B)  # (N, r)
+            if need_a:
+                dA = torch.mm(_dropped(x2, p, ctx.gen_state).t(), du).t()
+            if need_x:
+                dx = torch.mm(du, A)
+                if p > 0.0:  # backward of (x * keep) / (1 - p)
+                    dx = dx.div_(1.0 - p).mul_(_keep_mask(x2, p, ctx.gen_state))
+                dx = dx.view(x.shape)
+        return dx, dA, dB, None, None, None
+
+def _keep_mask(x2, p, gen_state):
+    gen = torch.Generator(device=x2.device)
+    gen.set_state(gen_state)
+    return torch.rand(x2.shape, generator=gen, device=x2.device) >= p
+
+def _dropped(x2, p, gen_state):
+    if p <= 0.0:
+        return x2
+    return x2 * _keep_mask(x2, p, gen_state).to(x2.dtype) / (1.0 - p)  # the reference's order
+
+
+def lora_dropout_state(x, dropout_p, generator):
+    """The generator state the dropout mask is drawn from (None without dropout), advancing the
+    generator exactly as the reference's ``torch.rand(x.shape, generator=...)`` does. With no
+    generator, one is seeded from the global RNG, so the mask itself never needs storing."""
+    if dropout_p <= 0.0:
+        return None
+    if generator is None:
+        generator = torch.Generator(device=x.device)
+        generator.manual_seed(int(torch.randint(0, 2 ** 62, (1,)).item()))
+    state = generator.get_state()
+    torch.rand(x.shape, generator=generator, device=x.device)  # advance it as the reference does
+    return state
+
+
+def lean_lora_linear(x, weight, lora_A, lora_B, scaling, bias, dropout_p, generator, quant_matmul):
+    """base + LoraDeltaFunction: the base through its own autograd node (F.linear / the quant-matmul
+    op save no activation for a frozen W), so gradients accumulate into x in the reference's order."""
+    gen_state = lora_dropout_state(x, dropout_p, generator)
+    base = F.linear(x, weight, bias) if isinstance(weight, torch.Tensor) else quant_matmul(x, weight, bias)
+    return base + LoraDeltaFunction.apply(x, lora_A, lora_B, float(scaling), float(dropout_p), gen_state)
+
+
+def _reference(op: str):
+    return dispatch.impl(op, "reference")
+
+
+@register("lora_linear", "torch")
+def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, generator=None):
+    """``fastft.ops.lora_linear`` through ``LoraDeltaFunction``; see the module docstring."""
+    dt = x.dtype
+    dense = isinstance(weight, torch.Tensor)
+    ok = (dt in LEAN_DTYPES and not torch.is_autocast_enabled(x.device.type)
+          and lora_A.dtype == dt and lora_B.dtype == dt and (bias is None or bias.dtype == dt)
+          and lora_A.device == x.device and lora_B.device == x.device
+          and (dense and weight.dtype == dt and weight.device == x.device
+               or isinstance(weight, (NF4Weight, Int4Weight)) and weight.device == x.device))
+    if not ok:
+        return _reference("lora_linear")(x, weight, lora_A, lora_B, scaling, bias=bias, dropout_p=dropout_p,
+                                         generator=generator)
+    from fastft import ops
+
+    return lean_lora_linear(x, weight, lora_A, lora_B, scaling, bias, dropout_p, generator, ops.quant_matmul)
+
+
+def _device_dequantize(qweight, dtype):
+    """The device's dispatched dequantize op (the Triton kernel on CUDA), one pass, dense result."""
+    from fastft import ops
+
+    if isinstance(qweight, NF4Weight):
+        return ops.nf4_dequantize(qweight, dtype)
+    if isinstance(qweight, Int4Weight):
+        return ops.int4_dequantize(qweight, dtype)
+    return qweight.dequantize(dtype)
+
+
+@register("quant_matmul", "torch")
+def quant_matmul(x, qweight, bias=None):
+    """``x @ dequant(W)ᵀ (+ b)``: dequantize (device op) + BLAS, nothing dense saved for backward."""
+    from .reference_quant import QuantMatmulFunction, check_quant_matmul_args
+
+    check_quant_matmul_args(x, qweight, bias)
+    if x.dtype == torch.float64:
+        return _reference("quant_matmul")(x, qweight, bias)
+    return QuantMatmulFunction.apply(x, qweight, bias, _device_dequantize)
+
+
+__all__ = ["LoraDeltaFunction", "lora_dropout_state", "lean_lora_linear", "lora_linear", "quant_matmul"]
