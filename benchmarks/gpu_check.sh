@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one prepared GPU check for a lent device (see the device tool's METHOD.md), time-boxed to end
 # inside a 10-minute call: install fastft without dependencies (the device has torch, triton,
-# transformers, peft, safetensors and no network; bitsandbytes travels in .gpu_site/ when present),
+# transformers, peft, safetensors and no network; bitsandbytes travels in .gpu_site/ when present,
+# made by benchmarks/prepare_gpu_site.sh and named in the call's carry list),
 # run the Triton kernel tests on CUDA, then the gpu benchmark modules one by one, each under its own
 # timeout. Every benchmark row is streamed to $OUT/rows.jsonl as it is made, so a module cut off by
 # its time box keeps what it measured; record them here with
