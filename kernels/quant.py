@@ -236,7 +236,11 @@ def _nf4_dequantize_kernel(data_ptr, scale_ptr, aux_ptr, auxmap_ptr, qmap_ptr, o
     byte = tl.load(data_ptr + fb, mask=fb < (n + 1) // 2, other=0)
     code = tl.reshape(tl.join(byte >> 4, byte & 0xF), (ROWS, BS)).to(tl.int32)
     s = _nf4_block_scale(scale_ptr, aux_ptr, auxmap_ptr, offset, blk, blk < nblocks, DOUBLE_QUANT, NBS)
-    v = _lut16(code, qmap_ptr) * s[:, None]
+    # A gather from the 64-byte code table (L1-resident), not the matmul kernels' select tree: the
+    # tree's ~20 integer/select ops per element made this kernel ALU-heavy (the first H200 run: 1.45-
+    # 1.56 TB/s, 35-38 % of copy, with ~42 us of the 95 us at 4096 x 14336 predicted as ALU time);
+    # a gather is ~3 ops and one L1 load per element. Predicted: memory-bound, >= 80 % of copy.
+    v = tl.load(qmap_ptr + code) * s[:, None]
     f = blk[:, None] * BS + tl.arange(0, BS)[None, :]
     tl.store(out_ptr + f, _cast(v, out_ptr.dtype.element_ty, INTERPRET), mask=f < n)
 
@@ -674,6 +678,9 @@ def _matmul_bwd(dy2, meta: QuantMeta, t):
     return dx
 
 
+DEQUANT_WARPS = 8  # warps per program of the NF4 dequantize row kernel on a GPU
+
+
 def _rows_per_program(bs: int) -> int:
     # Row kernels: a fixed heuristic, no autotune. ~4096 elements per program keeps enough bytes in
     # flight per SM without register pressure, and gives exactly one compiled variant per block size.
@@ -746,7 +753,9 @@ def nf4_dequantize_raw(data, absmax, quant_map, shape, blocksize, dtype=torch.fl
     dq = nested_absmax is not None
     d = _dummy(dev)
     rows = _rows_per_program(blocksize)
-    launch = {} if _interpreting() else {"enable_fp_fusion": False}  # nested decode: no FMA
+    # nested decode: no FMA. 8 warps: 16 elements per thread (4 warps held 32 and took 238 registers
+    # on sm_90 with the select-tree lookup, i.e. 2 programs per SM, too few loads in flight).
+    launch = {} if _interpreting() else {"enable_fp_fusion": False, "num_warps": DEQUANT_WARPS}
     _nf4_dequantize_kernel[(triton.cdiv(nblocks, rows),)](
         data, absmax, nested_absmax if dq else d, nested_quant_map if dq else d, quant_map, out, n, nblocks,
         float(offset) if dq else 0.0, BS=blocksize, NBS=_NESTED_BLOCK, DOUBLE_QUANT=dq, ROWS=rows,

@@ -155,7 +155,8 @@ def test_nf4_row_kernels_compile(arch):
                 Q._nf4_dequantize_kernel,
                 {"data_ptr": "*u8", "scale_ptr": "*u8" if dq else "*fp32", "aux_ptr": "*fp32", "auxmap_ptr": "*fp32",
                  "qmap_ptr": "*fp32", "out_ptr": "*bf16", "n": "i64", "nblocks": "i32", "offset": "fp32"},
-                {"BS": bs, "NBS": 256, "DOUBLE_QUANT": dq, "ROWS": rows, "INTERPRET": False}, arch)
+                {"BS": bs, "NBS": 256, "DOUBLE_QUANT": dq, "ROWS": rows, "INTERPRET": False}, arch,
+                num_warps=Q.DEQUANT_WARPS)
             _report(f"nf4_dequantize bs={bs} dq={dq}", r)
             _no_spills(r, f"nf4_dequantize bs={bs} dq={dq}")
     r = compile_kernel(Q._dq8_quantize_kernel, {"absmax_ptr": "*fp32", "code_ptr": "*u8", "nested_ptr": "*fp32",
