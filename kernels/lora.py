@@ -121,12 +121,26 @@ def _gemm_loop(acc, P, Q, rows, cols, Kdim, stride_pm, stride_pk, stride_qk, str
 
 
 @triton.jit
-def _tile_origin(pid_m, pid_n, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """int64 tile origin (m0, n0), clamped in-tile indices for loads, and global indices for stores."""
+def _tile_origin(pid_m, pid_n, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 EVEN_M: tl.constexpr, EVEN_N: tl.constexpr):
+    """int64 tile origin (m0, n0), in-tile indices for loads, and global indices for stores.
+
+    In-tile load indices are clamped to the last valid row / column, except along a dimension that
+    is a multiple of its block (EVEN_M / EVEN_N): there they stay a plain ``arange``. The clamp
+    hides contiguity from the compiler, so where that index runs along an operand's contiguous
+    dimension (dX's W tile, dB's and dW's transposed dY tile) the loads fell back to 2-byte LDGs
+    outside the cp.async pipeline (seen in the sm_90 SASS after the first H200 run measured these
+    kernels at ~85 TFLOP/s)."""
     m0 = pid_m.to(tl.int64) * BLOCK_M
     n0 = pid_n.to(tl.int64) * BLOCK_N
-    rows = tl.minimum(tl.arange(0, BLOCK_M), (M - 1 - m0).to(tl.int32))
-    cols = tl.minimum(tl.arange(0, BLOCK_N), (N - 1 - n0).to(tl.int32))
+    if EVEN_M:
+        rows = tl.arange(0, BLOCK_M)
+    else:
+        rows = tl.minimum(tl.arange(0, BLOCK_M), (M - 1 - m0).to(tl.int32))
+    if EVEN_N:
+        cols = tl.arange(0, BLOCK_N)
+    else:
+        cols = tl.minimum(tl.arange(0, BLOCK_N), (N - 1 - n0).to(tl.int32))
     return m0, n0, rows, cols, m0 + tl.arange(0, BLOCK_M), n0 + tl.arange(0, BLOCK_N)
 
 
@@ -222,7 +236,7 @@ def _lora_fwd_kernel(X, W, U, B, BIAS, Y, M, N, K, R, stride_xm, scaling, M_KEY,
     Backward: ``_lora_dx_kernel`` (dX), ``_matmul_kernel`` (du, dB, dW), ``_lora_dA_kernel`` (dA).
     """
     pid_m, pid_n = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    m0, n0, rows, cols, offs_m, offs_n = _tile_origin(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
+    m0, n0, rows, cols, offs_m, offs_n = _tile_origin(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N, False, False)
     y_ptrs = Y + offs_m[:, None] * N + offs_n[None, :]
     y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if BASE_IN:
@@ -260,7 +274,7 @@ def _dx_lowrank(acc, DU, A, m0, n0, rows, cols, offs_m, offs_n, K, R, seed, p, k
 def _lora_dx_kernel(DY0, DY1, DY2, W0, W1, W2, DU0, DU1, DU2, A0, A1, A2, DX,
                     M, K, N0, N1, N2, R0, R1, R2, seed0, seed1, seed2, p, keep_scale, M_KEY,
                     NUM_SEG: tl.constexpr, HAS_W: tl.constexpr, HAS_DROPOUT: tl.constexpr, EVEN_K: tl.constexpr,
-                    UPCAST: tl.constexpr, PREC: tl.constexpr,
+                    EVEN_OUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
                     GROUP_M: tl.constexpr):
     """dX = Σ_i dY_i W_i + Σ_i keep_i ⊙ (du_i A_i) / (1 - p), one (BLOCK_M, BLOCK_N) tile of dX (M × K).
@@ -270,7 +284,7 @@ def _lora_dx_kernel(DY0, DY1, DY2, W0, W1, W2, DU0, DU1, DU2, A0, A1, A2, DX,
     base: its dX comes from quant_matmul's backward) keeps only the low-rank part.
     """
     pid_m, pid_n = _tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_N, GROUP_M)
-    m0, n0, rows, cols, offs_m, offs_n = _tile_origin(pid_m, pid_n, M, K, BLOCK_M, BLOCK_N)
+    m0, n0, rows, cols, offs_m, offs_n = _tile_origin(pid_m, pid_n, M, K, BLOCK_M, BLOCK_N, False, EVEN_OUT)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if HAS_W:
         # dY_i (M × N_i) row-major; W_i (N_i × K) row-major is the (N_i, K) operand: strides (K, 1).
@@ -344,12 +358,13 @@ def _lora_dA_kernel(X, DU0, DU1, DU2, DA0, DA1, DA2, M, K, R0, R1, R2, stride_xm
 
 @triton.jit
 def _matmul_kernel(P, Q, C, M, N, K, stride_pm, stride_pk, stride_qk, stride_qn, alpha, M_KEY,
-                   EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                   EVEN_K: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
+                   PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """C (M × N, row-major) = alpha · P Q with P (M × K), Q (K × N) given by strides (so transposes are
     free). Backward pieces: du = s·dY B, dB = s·dYᵀ u, dW = dYᵀ x."""
     pid_m, pid_n = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    m0, n0, rows, cols, offs_m, offs_n = _tile_origin(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
+    m0, n0, rows, cols, offs_m, offs_n = _tile_origin(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N, EVEN_M, EVEN_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = _gemm_loop(acc, P + m0 * stride_pm, Q + n0 * stride_qn, rows, cols, K, stride_pm, stride_pk, stride_qk,
                      stride_qn, 1.0, BLOCK_K, EVEN_K, False, UPCAST, PREC)
@@ -372,7 +387,7 @@ def _lora_swiglu_fwd_kernel(X, WG, WU, UG, UU, BG, BU, BIASG, BIASU, G, UP, H, M
     (``_swiglu_bwd_kernel``), then runs the two-projection LoRA backward.
     """
     pid_m, pid_n = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    m0, n0, rows, cols, offs_m, offs_n = _tile_origin(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N)
+    m0, n0, rows, cols, offs_m, offs_n = _tile_origin(pid_m, pid_n, M, N, BLOCK_M, BLOCK_N, False, False)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -516,12 +531,14 @@ def _tuned(name: str):
         return triton.autotune(gemm_configs(dropout=name == "dx_dropout"),
                                key=["M_KEY", "K", "N0", "N1", "N2", "NUM_SEG", "HAS_W", "HAS_DROPOUT"],
                                prune_configs_by={"early_config_prune": _prune_factory("M", "K", "DX")})(
-            triton.heuristics({"EVEN_K": lambda a: all(a[n] % a["BLOCK_K"] == 0 for n in ("N0", "N1", "N2"))})(
+            triton.heuristics({"EVEN_K": lambda a: all(a[n] % a["BLOCK_K"] == 0 for n in ("N0", "N1", "N2")),
+                               "EVEN_OUT": lambda a: a["K"] % a["BLOCK_N"] == 0})(
                 _lora_dx_kernel))
     if name == "mm":
         return triton.autotune(gemm_configs(), key=["M_KEY", "N", "K", "stride_pm", "stride_qk"],
                                prune_configs_by={"early_config_prune": _prune_factory("M", "N", "C")})(
-            triton.heuristics({"EVEN_K": _even_k})(_matmul_kernel))
+            triton.heuristics({"EVEN_K": _even_k, "EVEN_M": lambda a: a["M"] % a["BLOCK_M"] == 0,
+                               "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0})(_matmul_kernel))
     if name == "swiglu":
         return triton.autotune(gemm_configs(2), key=["M_KEY", "N", "K", "RG", "RU", "HAS_BIAS", "STORE_GU"],
                                prune_configs_by={"early_config_prune": _prune_factory("M", "N", "X", 3)})(
@@ -536,6 +553,11 @@ def _launch(name: str, raw_kernel, grid_fn, args: dict):
         if "EVEN_K" in raw_kernel.arg_names:
             ks = [args[n] for n in ("N0", "N1", "N2")] if "N0" in args else [args["K"]]
             meta["EVEN_K"] = all(k % meta["BLOCK_K"] == 0 for k in ks)
+        if "EVEN_OUT" in raw_kernel.arg_names:  # dX: output columns are K
+            meta["EVEN_OUT"] = args["K"] % meta["BLOCK_N"] == 0
+        if "EVEN_M" in raw_kernel.arg_names:
+            meta["EVEN_M"] = args["M"] % meta["BLOCK_M"] == 0
+            meta["EVEN_N"] = args["N"] % meta["BLOCK_N"] == 0
         raw_kernel[grid_fn(meta)](**args, **meta)
     else:
         _tuned(name)[grid_fn](**args)

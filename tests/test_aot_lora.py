@@ -31,7 +31,7 @@ def _dx_spec(cfg_kwargs, *, num_seg=1, dropout=False, has_w=True):
     sig = {**_ptrs(names), "M": "i32", "K": "i32:16", "N0": "i32:16", "N1": "i32:16", "N2": "i32:16",
            "R0": "i32:16", "R1": "i32:16", "R2": "i32:16", "seed0": "i64", "seed1": "i64", "seed2": "i64", "p": "fp32",
            "keep_scale": "fp32", "M_KEY": "i32:16"}
-    ce = dict(NUM_SEG=num_seg, HAS_W=has_w, HAS_DROPOUT=dropout, EVEN_K=True, UPCAST=False, PREC="ieee",
+    ce = dict(NUM_SEG=num_seg, HAS_W=has_w, HAS_DROPOUT=dropout, EVEN_K=True, EVEN_OUT=True, UPCAST=False, PREC="ieee",
               BLOCK_R=16, **cfg_kwargs)
     return L._lora_dx_kernel, sig, ce
 
@@ -44,7 +44,8 @@ def _mm_spec(cfg_kwargs, layout):
     ones = {"stride_pk": 1, "stride_qn": 1} if layout == "du" else {"stride_pm": 1, "stride_qn": 1}
     other = "stride_pm" if layout == "du" else "stride_pk"
     sig[other] = "i32:16"
-    return L._matmul_kernel, sig, dict(EVEN_K=True, UPCAST=False, PREC="ieee", **ones, **cfg_kwargs)
+    return L._matmul_kernel, sig, dict(EVEN_K=True, EVEN_M=True, EVEN_N=True, UPCAST=False, PREC="ieee", **ones,
+                                       **cfg_kwargs)
 
 
 def _swiglu_spec(cfg_kwargs):
