@@ -9,7 +9,7 @@
 #   python -m benchmarks.run --ingest <fetched rows.jsonl>
 # Logs: $OUT/tests.log, $OUT/profile.log (per-kernel CUDA time of the fused paths,
 # benchmarks/profile_gpu.py), $OUT/bench.log (with the autotuner's picks). Budgets (seconds) can be set:
-# T_TESTS, T_PROFILE, T_CEILINGS, T_QUANT, T_ATTENTION, T_LORA; FASTFT_AUTOTUNE_MAX caps autotune lists (3 here).
+# T_TESTS, T_PROFILE, T_CEILINGS, T_QUANT, T_ATTENTION, T_LORA; BENCHES picks and orders the modules; FASTFT_AUTOTUNE_MAX caps autotune lists (3 here).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 O=${OUT:-/tmp/fastft_gpu}
@@ -52,7 +52,7 @@ stamp "profile rc=$?"
 grep -E "^## " "$O/profile.log"
 
 rc_bench=0
-for b in ceilings quant attention lora; do
+for b in ${BENCHES:-ceilings quant attention lora}; do
     var="T_${b^^}"
     timeout "${!var:-120}" python -m benchmarks.run --suite gpu --only "$b" >> "$O/bench.log" 2>&1
     rc=$?
