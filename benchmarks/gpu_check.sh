@@ -39,12 +39,14 @@ xdist=""
 python -c "import xdist" 2>/dev/null && xdist="-n 16"
 # CUDA_LAUNCH_BLOCKING: a kernel fault is reported at its own launch; tests/conftest.py restarts an
 # xdist worker whose CUDA context a fault poisoned, so one broken kernel does not fail the rest.
-CUDA_LAUNCH_BLOCKING=1 timeout "${T_TESTS:-170}" python -m pytest -q $xdist --device cuda -p no:cacheprovider -o addopts="" \
+# -v -rf: each result is named the moment it lands (a time-boxed run is cut before pytest's summary).
+CUDA_LAUNCH_BLOCKING=1 timeout "${T_TESTS:-170}" python -m pytest -v -rf $xdist --device cuda -p no:cacheprovider \
+    -p no:benchmark -o addopts="" \
     tests/test_attention.py tests/test_lora_triton.py tests/test_quant_triton.py tests/test_quant_linear.py \
     > "$O/tests.log" 2>&1
 rc_tests=$?
-grep -E "^(FAILED|ERROR)|\[conftest\]|crashed" "$O/tests.log" | head -30
-tail -3 "$O/tests.log"
+grep -E " (FAILED|ERROR) |^(FAILED|ERROR)|\[conftest\]|crashed" "$O/tests.log" | sed 's/^\[gw[0-9]*\] \[ *[0-9]*%\] //' | sort -u | head -40
+echo "tests: $(grep -c ' PASSED ' "$O/tests.log") passed, $(grep -c ' FAILED ' "$O/tests.log") failed (as streamed)"
 stamp "tests rc=$rc_tests"
 
 timeout "${T_PROFILE:-60}" python -m benchmarks.profile_gpu > "$O/profile.log" 2>&1

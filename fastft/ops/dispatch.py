@@ -11,8 +11,8 @@ Every op has up to three implementations with one signature:
 
 ``FASTFT_BACKEND=auto|triton|cpp|torch|reference`` overrides the automatic choice, which is per op
 and device: CPU -> cpp if built, else reference; CUDA -> triton, except the ops in ``CUDA_PREFER``,
-which go to the backend measured faster on a GPU (``torch`` for lora_linear and quant_matmul: the
-fused Triton GEMMs ran at 6-9x cuBLAS's time on an H200, see fastft/ops/lean.py). An op that has no implementation on the chosen
+which go to the backend measured faster on a GPU (``torch`` for lora_linear and quant_matmul, see
+the H200 numbers in fastft/ops/lean.py). An op that has no implementation on the chosen
 backend falls back to ``reference`` (an explicit ``FASTFT_BACKEND`` that names a backend with no
 implementation of the op for that device falls back too, with one log line per op).
 
@@ -40,8 +40,8 @@ _PROVIDERS: dict[str, list[str]] = {
     "cpp": ["fastft.ops.cpp"],
     "torch": ["fastft.ops.lean"],
 }
-# On CUDA, ops whose first choice is not triton, from measurements (benchmarks/results/gpu.md): the
-# lean cuBLAS compositions beat the fused Triton GEMMs by 5-8x on an H200 (Triton 3.6, 2026-11-28).
+# On CUDA, ops whose first choice is not triton, from measurements (benchmarks/results/gpu.md,
+# benchmarks/NOTES.md): on an H200 the lean cuBLAS compositions beat the fused Triton GEMMs.
 CUDA_PREFER: dict[str, str] = {"lora_linear": "torch", "quant_matmul": "torch"}
 _loaded: set[str] = set()
 _warned: set[tuple[str, str]] = set()

@@ -10,13 +10,14 @@ What it owns, and why it is the default for some ops on CUDA (``fastft.ops.dispa
   Triton kernel on CUDA), multiply with the vendor BLAS, drop the dense copy; backward dequantizes
   again. Nothing dense is saved for backward.
 
-Measured on an H200 (2026-11-28, benchmarks/results/gpu.md, Triton 3.6): fastft's fused Triton
-LoRA and quant-matmul kernels ran at ~85-120 TFLOP/s where cuBLAS runs at ~700, i.e. 6-9x the
-time of the dense base matmul; these compositions are bounded by cuBLAS plus a few rank-r GEMMs
-(PEFT's compose measured 1.16-1.5x the base at M >= 4096) and, for NF4, one dequantize pass
-(~0.03-0.09 ms per 4096 x 4096 / 4096 x 14336 weight). So on CUDA the dispatcher picks these for
-``lora_linear`` and ``quant_matmul`` until the fused kernels beat them; ``FASTFT_BACKEND=triton``
-forces the kernels.
+Measured on an H200 (2026-11-28, benchmarks/NOTES.md, Triton 3.6), forward + backward at M = 8192,
+r = 16, bf16: this LoRA path takes 1.24-1.40x the base matmul's time (speedup over PEFT 1.00-1.02),
+fastft's fused Triton LoRA kernels 1.34-1.66x (after a fix; 7.7-9.3x before it); the fused NF4
+quant-matmul is ALU-bound at ~120 TFLOP/s, 0.16-0.18x dense cuBLAS, where dequantize + cuBLAS runs
+near the dense rate at training sizes. So on CUDA the dispatcher picks these for ``lora_linear``
+and ``quant_matmul`` until the fused kernels beat them; ``FASTFT_BACKEND=triton`` forces the
+kernels. Known cost: with dropout the mask is regenerated (four full-size RNG + elementwise passes
+per step), 0.62-0.91x PEFT's speed, which stores the mask instead.
 
 Fallback to the reference: float64 (gold computations), mixed dtypes, and autocast for
 ``lora_linear`` (the reference's plain composition lets autocast choose each matmul's dtype).
