@@ -614,30 +614,30 @@ def fwd_configs(interpret: bool | None = None) -> list:
     the tile-skipping arithmetic honest."""
     if _interpreting() if interpret is None else interpret:
         return [_cfg(64, 32, 4, 1)]
-    return _tuning.cap([_cfg(bm, bn, w, s) for bm, bn, w, s in [
+    return [_cfg(bm, bn, w, s) for bm, bn, w, s in [
         (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 32, 4, 3),
         (64, 64, 8, 2), (64, 32, 8, 3), (16, 64, 4, 3),
-    ]])
+    ]]
 
 
 def dq_configs(interpret: bool | None = None) -> list:
     """dQ kernel space: many query rows per program, narrow key blocks (it holds Q, dO, dQ)."""
     if _interpreting() if interpret is None else interpret:
         return [_cfg(64, 32, 4, 1)]
-    return _tuning.cap([_cfg(bm, bn, w, s) for bm, bn, w, s in [
+    return [_cfg(bm, bn, w, s) for bm, bn, w, s in [
         (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (64, 64, 8, 2), (64, 32, 8, 3),
         (16, 64, 4, 3),
-    ]])
+    ]]
 
 
 def dkdv_configs(interpret: bool | None = None) -> list:
     """dK/dV kernel space: many keys per program (it holds K, V, dK, dV), narrow query blocks."""
     if _interpreting() if interpret is None else interpret:
         return [_cfg(32, 64, 4, 1)]
-    return _tuning.cap([_cfg(bm, bn, w, s) for bm, bn, w, s in [
+    return [_cfg(bm, bn, w, s) for bm, bn, w, s in [
         (32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (32, 64, 8, 3), (16, 32, 8, 2),
         (16, 64, 4, 3),
-    ]])
+    ]]
 
 
 # Per-thread fp32 registers a config needs for its live tiles, and the most that compiled without
@@ -698,8 +698,9 @@ def prune_configs(configs, block_d: int, t_bucket: int = 1 << 20, s_bucket: int 
 def _pruner(kind):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        return prune_configs(configs, int(args["BLOCK_D"]), int(args["T_BUCKET"]), int(args["S_BUCKET"]),
-                             kind=kind, elem_bytes=args["Q"].element_size(), dropout=bool(args["DROPOUT"]))
+        return _tuning.cap(prune_configs(configs, int(args["BLOCK_D"]), int(args["T_BUCKET"]), int(args["S_BUCKET"]),
+                                         kind=kind, elem_bytes=args["Q"].element_size(),
+                                         dropout=bool(args["DROPOUT"])))
     return prune
 
 

@@ -459,7 +459,8 @@ def gemm_configs(accumulators: int = 1, dropout: bool = False) -> list:
     """Tile configs the GEMM-shaped kernels autotune over on a GPU (pruned per shape by ``_prune``).
 
     128×128×64 with 8 warps is the large-M config (wgmma on Hopper); 128×64 / 64×128 with 4 warps
-    cover narrow outputs, 32- and 16-row tiles short or decode-sized M. 128×256 tiles and 4-warp
+    cover narrow outputs, 32- and 16-row tiles short or decode-sized M, and the last three the
+    rank-r outputs of the backward (N = r). 128×256 tiles and 4-warp
     128×128 tiles spill (tests/test_aot_lora.py), so they are not offered. The SwiGLU kernel holds
     two accumulators (``accumulators=2``) and gets the half-width tiles. The dX kernel with dropout
     holds a second accumulator plus the Philox state of its tile (``dropout=True``): at most 32
@@ -468,6 +469,10 @@ def gemm_configs(accumulators: int = 1, dropout: bool = False) -> list:
     table = [
         (128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
         (64, 64, 64, 4, 4), (32, 64, 64, 4, 4), (16, 64, 128, 4, 4),
+        # r-wide outputs (du = s dY B, dB = s dYᵀ u: N = r): only these survive the pruning at r <= 16,
+        # and their short M tiles give the memory-bound reductions enough programs (H200 profile:
+        # 128x64 tiles left 32-64 programs and took 10x the bytes' time).
+        (64, 32, 128, 4, 4), (32, 32, 128, 4, 4), (32, 16, 128, 4, 4),
     ]
     if dropout:  # the 8-warp 64×64 tile is what several projections (≤ 16 elements per thread) get
         table = [(64, 128, 64, 8, 4), (128, 64, 64, 8, 4), (64, 64, 64, 8, 4), (64, 64, 64, 4, 4),
@@ -478,7 +483,7 @@ def gemm_configs(accumulators: int = 1, dropout: bool = False) -> list:
     for bm, bn, bk, warps, stages in dict.fromkeys(table):
         out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                                  num_warps=warps, num_stages=stages))
-    return _tuning.cap(out)
+    return out
 
 
 HOT_CONFIGS = 3  # the first three of gemm_configs() carry large-M training shapes: no spills allowed
@@ -511,7 +516,7 @@ def _prune_factory(m_arg: str, n_arg: str, ptr_arg: str, n_operands: int = 2):
             kept.append(c)
         if not kept:  # a tiny problem: the smallest tile
             kept = [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
-        return kept
+        return _tuning.cap(kept)
     return prune
 
 

@@ -459,8 +459,8 @@ def matmul_configs(kind: str) -> list:
     """
     if kind not in _CONFIGS:
         raise ValueError(f"unknown matmul config kind {kind!r}; expected one of {sorted(_CONFIGS)}")
-    return _tuning.cap([triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g},
-                                      num_warps=w, num_stages=st) for bm, bn, bk, g, w, st in _CONFIGS[kind]])
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}, num_warps=w, num_stages=st)
+            for bm, bn, bk, g, w, st in _CONFIGS[kind]]
 
 
 # Under the interpreter (CPU tests) one config per kernel: tiles small enough that the test shapes
@@ -493,7 +493,7 @@ def _prune_configs(configs, named_args, **kwargs):
                                              aligned=bool(args["ALIGNED"]), qblock=args["QBLOCK"],
                                              bwd="dx_ptr" in args)]
     if kept:
-        return kept
+        return _tuning.cap(kept)
     # Always keep one: the config with the smallest tiles that respects the quant block.
     ok = [c for c in configs if not args["ALIGNED"] or args["QBLOCK"] % c.kwargs["BLOCK_K"] == 0]
     return [min(ok or configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"])]

@@ -16,8 +16,9 @@ fastft's fused Triton LoRA kernels 1.34-1.66x (after a fix; 7.7-9.3x before it);
 quant-matmul is ALU-bound at ~120 TFLOP/s, 0.16-0.18x dense cuBLAS, where dequantize + cuBLAS runs
 near the dense rate at training sizes. So on CUDA the dispatcher picks these for ``lora_linear``
 and ``quant_matmul`` until the fused kernels beat them; ``FASTFT_BACKEND=triton`` forces the
-kernels. Known cost: with dropout the mask is regenerated (four full-size RNG + elementwise passes
-per step), 0.62-0.91x PEFT's speed, which stores the mask instead.
+kernels. Known cost: with dropout the mask is not stored but drawn again in backward. Measured
+with four full-size draws per step (since cut to two): 0.62-0.91x PEFT's speed, whose dropout stores
+its mask.
 
 Fallback to the reference: float64 (gold computations), mixed dtypes, and autocast for
 ``lora_linear`` (the reference's plain composition lets autocast choose each matmul's dtype).
@@ -41,15 +42,19 @@ class LoraDeltaFunction(torch.autograd.Function):
 
     Backward (g = dY flattened to 2-D, gs = s·g):  dB = (uᵀ gs)ᵀ,  du = gs B,
     dA = (drop(x)ᵀ du)ᵀ,  dX = drop'(du A). Saved: x, u, A, B -- no (N, out) or (N, in)
-    intermediate, and no dropout mask: it is regenerated from the generator state taken before
-    it was drawn. The products, scalings and their order are autograd's on the reference's
-    ``F.linear(F.linear(drop(x), A), B) * s``, so the results round identically.
+    intermediate, and no dropout mask: the forward uses the mask drawn by ``lora_dropout_state``
+    and drops it; the backward regenerates it once, from the generator state taken before the
+    draw, for both dA and dX (two full-size draws per step in all). The products, scalings and
+    their order are autograd's on the reference's ``F.linear(F.linear(drop(x), A), B) * s``, so
+    the results round identically.
     """
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, scaling, dropout_p, gen_state):
+    def forward(ctx, x, lora_A, lora_B, scaling, dropout_p, gen_state, keep=None):
         x2 = x.reshape(-1, x.shape[-1])
-        u = F.linear(_dropped(x2, dropout_p, gen_state), lora_A)  # (N, r)
+        xd = x2 if dropout_p <= 0.0 else _apply_keep(x2, keep.reshape(x2.shape), dropout_p)
+        u = F.linear(xd, lora_A)  # (N, r)
+        del xd
         low = F.linear(u, lora_B).mul_(scaling)
         ctx.save_for_backward(x, u, lora_A, lora_B)
         ctx.scaling, ctx.dropout_p, ctx.gen_state = scaling, dropout_p, gen_state
@@ -67,46 +72,52 @@ class LoraDeltaFunction(torch.autograd.Function):
             dB = torch.mm(u.t(), gs).t()
         if need_x or need_a:
             du = torch.mm(gs, B)  # (N, r)
+            keep = _keep_mask(x2, p, ctx.gen_state) if p > 0.0 else None
             if need_a:
-                dA = torch.mm(_dropped(x2, p, ctx.gen_state).t(), du).t()
+                xd = x2 if keep is None else _apply_keep(x2, keep, p)
+                dA = torch.mm(xd.t(), du).t()
+                del xd
             if need_x:
                 dx = torch.mm(du, A)
-                if p > 0.0:  # backward of (x * keep) / (1 - p)
-                    dx = dx.div_(1.0 - p).mul_(_keep_mask(x2, p, ctx.gen_state))
+                if keep is not None:  # backward of (x * keep) / (1 - p)
+                    dx = dx.div_(1.0 - p).mul_(keep)
                 dx = dx.view(x.shape)
-        return dx, dA, dB, None, None, None
+        return dx, dA, dB, None, None, None, None
+
 
 def _keep_mask(x2, p, gen_state):
     gen = torch.Generator(device=x2.device)
     gen.set_state(gen_state)
     return torch.rand(x2.shape, generator=gen, device=x2.device) >= p
 
-def _dropped(x2, p, gen_state):
-    if p <= 0.0:
-        return x2
-    return x2 * _keep_mask(x2, p, gen_state).to(x2.dtype) / (1.0 - p)  # the reference's order
+
+def _apply_keep(x2, keep, p):
+    return x2 * keep.to(x2.dtype) / (1.0 - p)  # the reference's order
 
 
 def lora_dropout_state(x, dropout_p, generator):
-    """The generator state the dropout mask is drawn from (None without dropout), advancing the
-    generator exactly as the reference's ``torch.rand(x.shape, generator=...)`` does. With no
-    generator, one is seeded from the global RNG, so the mask itself never needs storing."""
+    """(generator state, keep mask) for dropout on x, or (None, None) without dropout.
+
+    The mask is ``torch.rand(x.shape, generator=generator) >= p``, drawn exactly as the reference
+    draws it (so the generator advances the same way); the state before the draw is what the
+    backward regenerates the mask from. With no generator, one is seeded from the global RNG, so
+    the mask itself never needs storing."""
     if dropout_p <= 0.0:
-        return None
+        return None, None
     if generator is None:
         generator = torch.Generator(device=x.device)
         generator.manual_seed(int(torch.randint(0, 2 ** 62, (1,)).item()))
     state = generator.get_state()
-    torch.rand(x.shape, generator=generator, device=x.device)  # advance it as the reference does
-    return state
+    keep = torch.rand(x.shape, generator=generator, device=x.device) >= dropout_p
+    return state, keep
 
 
 def lean_lora_linear(x, weight, lora_A, lora_B, scaling, bias, dropout_p, generator, quant_matmul):
     """base + LoraDeltaFunction: the base through its own autograd node (F.linear / the quant-matmul
     op save no activation for a frozen W), so gradients accumulate into x in the reference's order."""
-    gen_state = lora_dropout_state(x, dropout_p, generator)
+    gen_state, keep = lora_dropout_state(x, dropout_p, generator)
     base = F.linear(x, weight, bias) if isinstance(weight, torch.Tensor) else quant_matmul(x, weight, bias)
-    return base + LoraDeltaFunction.apply(x, lora_A, lora_B, float(scaling), float(dropout_p), gen_state)
+    return base + LoraDeltaFunction.apply(x, lora_A, lora_B, float(scaling), float(dropout_p), gen_state, keep)
 
 
 def _reference(op: str):
