@@ -51,3 +51,21 @@ def test_ingest_needs_the_environment_line(tmp_path):
     p.write_text(json.dumps({"case": "a", "impl": "b", "median_ms": 1.0}) + "\n")
     with pytest.raises(SystemExit, match="no environment line"):
         run.ingest(str(p), results_dir=str(tmp_path / "r"))
+
+
+def test_gpu_scripts_parse_and_profile_needs_cuda(monkeypatch, capsys):
+    """The prepared device scripts must at least parse here: a syntax error would burn a GPU lease."""
+    import os
+    import subprocess
+
+    import torch
+
+    from benchmarks import profile_gpu
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for script in ("benchmarks/gpu_check.sh", "benchmarks/prepare_gpu_site.sh"):
+        r = subprocess.run(["bash", "-n", os.path.join(here, script)], capture_output=True, text=True)
+        assert r.returncode == 0, (script, r.stderr)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert profile_gpu.main() == 0
+    assert "no CUDA device" in capsys.readouterr().out
