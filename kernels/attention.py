@@ -667,8 +667,17 @@ def _reg_estimate(kind: str, bm: int, bn: int, warps: int, block_d: int, elem_by
     return words / (32 * warps)
 
 
-def _reg_limit(kind: str, block_d: int, elem_bytes: int, dropout: bool = False) -> float:
+# Hopper (sm_90 and later): 128 x 128 forward tiles at D <= 128 compile to 238-248 registers with no
+# spills (Triton 3.6 and 3.9; they spill 8-80 bytes on sm_80), so the forward may try them there.
+# The first H200 run measured the 128 x 64 forward at 381-445 TFLOP/s (D = 128, T >= 4k); the
+# autotuner now times the wider tile beside it.
+_REG_LIMIT_SM90 = {"fwd": 160}
+
+
+def _reg_limit(kind: str, block_d: int, elem_bytes: int, dropout: bool = False, arch: int | None = None) -> float:
     limit = _REG_LIMIT_D256[kind] if block_d >= 256 else _REG_LIMIT[kind]
+    if arch is not None and arch >= 90 and kind in _REG_LIMIT_SM90 and block_d <= 128 and elem_bytes == 2:
+        limit = max(limit, _REG_LIMIT_SM90[kind])
     if dropout:
         limit = min(limit, _REG_LIMIT_DROPOUT[kind])
     if elem_bytes == 4:  # fp32: exact ("ieee") dots are FMA loops with far more live registers
@@ -677,11 +686,12 @@ def _reg_limit(kind: str, block_d: int, elem_bytes: int, dropout: bool = False) 
 
 
 def prune_configs(configs, block_d: int, t_bucket: int = 1 << 20, s_bucket: int = 1 << 20, *,
-                  kind: str = "fwd", elem_bytes: int = 2, dropout: bool = False):
-    """Drop configs whose tiles would spill registers at this head dim (see ``_REG_LIMIT``) or that are
-    wider than the (bucketed) sequence lengths; keep at least the cheapest one."""
+                  kind: str = "fwd", elem_bytes: int = 2, dropout: bool = False, arch: int | None = None):
+    """Drop configs whose tiles would spill registers at this head dim (see ``_REG_LIMIT``; ``arch``,
+    e.g. 90, the GPU's compute capability, None for the portable limits) or that are wider than the
+    (bucketed) sequence lengths; keep at least the cheapest one."""
     keep = []
-    limit = _reg_limit(kind, block_d, elem_bytes, dropout)
+    limit = _reg_limit(kind, block_d, elem_bytes, dropout, arch)
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
         if _reg_estimate(kind, bm, bn, c.num_warps, block_d, elem_bytes, dropout) > limit:
@@ -700,8 +710,21 @@ def _pruner(kind):
         args = {**named_args, **kwargs}
         return _tuning.cap(prune_configs(configs, int(args["BLOCK_D"]), int(args["T_BUCKET"]), int(args["S_BUCKET"]),
                                          kind=kind, elem_bytes=args["Q"].element_size(),
-                                         dropout=bool(args["DROPOUT"])))
+                                         dropout=bool(args["DROPOUT"]), arch=_arch(args["Q"].device)))
     return prune
+
+
+def _arch(device) -> int | None:
+    """Compute capability as 80 / 90 / ... for a CUDA device; None elsewhere (the interpreter)."""
+    if device.type != "cuda":
+        return None
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
 
 
 _TUNE_KEY = ["T_BUCKET", "S_BUCKET", "GROUP", "HEAD_DIM", "IS_CAUSAL", "HAS_KPM", "VARLEN", "DROPOUT"]

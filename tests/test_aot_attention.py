@@ -67,11 +67,11 @@ def constexprs(config, head_dim, dtype="bf16", causal=True, kpm=False, varlen=Fa
                 DROPOUT=dropout, MM_DTYPE=TL_DTYPE[dtype], PRECISION=precision, **config.kwargs)
 
 
-def pickable(kind, head_dim, dtype="bf16", dropout=False):
-    """Configs the autotuner can choose for this head dim (after pruning), GPU lists."""
+def pickable(kind, head_dim, dtype="bf16", dropout=False, arch=None):
+    """Configs the autotuner can choose for this head dim (after pruning) on ``arch``, GPU lists."""
     block_d = max(16, 1 << (head_dim - 1).bit_length())
     return A.prune_configs(KERNELS[kind][1](interpret=False), block_d, kind=kind,
-                           elem_bytes=4 if dtype == "fp32" else 2, dropout=dropout)
+                           elem_bytes=4 if dtype == "fp32" else 2, dropout=dropout, arch=arch)
 
 
 def test_autotune_pruning():
@@ -105,27 +105,27 @@ def _compile(kind, config, head_dim, arch, dtype="bf16", **flags):
     return r
 
 
-def hot(kind, head_dim):
+def hot(kind, head_dim, arch=None):
     """Pickable configs whose MMAs are tall enough for Hopper's warpgroup MMA (64 rows per warpgroup):
     the ones long sequences run on. 16-row configs exist for short sequences only."""
     rows = "BLOCK_N" if kind == "dkdv" else "BLOCK_M"  # dK/dV tiles put keys on the rows
-    return [c for c in pickable(kind, head_dim) if c.kwargs[rows] >= 64]
+    return [c for c in pickable(kind, head_dim, arch=arch) if c.kwargs[rows] >= 64]
 
 
 def _hot_cases():
     cases = []
-    for kind in KERNELS:
-        for d in (64, 128):
-            cfgs = hot(kind, d)
-            for i, c in enumerate(cfgs if FULL else cfgs[:1]):
-                cases.append(pytest.param(kind, d, i, id=f"{kind}-D{d}-cfg{i}"))
+    for arch in (90, 80):
+        for kind in KERNELS:
+            for d in (64, 128):
+                cfgs = hot(kind, d, arch)
+                for i, c in enumerate(cfgs if FULL else cfgs[:1]):
+                    cases.append(pytest.param(kind, d, i, arch, id=f"{kind}-D{d}-cfg{i}-{arch}"))
     return cases
 
 
-@pytest.mark.parametrize("arch", [90, 80])
-@pytest.mark.parametrize("kind,head_dim,idx", _hot_cases())
+@pytest.mark.parametrize("kind,head_dim,idx,arch", _hot_cases())
 def test_hot_configs_compile_without_spills(kind, head_dim, idx, arch):
-    config = hot(kind, head_dim)[idx]
+    config = hot(kind, head_dim, arch)[idx]
     r = _compile(kind, config, head_dim, arch)
     if cuobjdump_path() is None:
         pytest.fail("cuobjdump missing from triton/backends/nvidia/bin: cannot check spills")
