@@ -570,8 +570,13 @@ def _dummy(device):
 
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return 4  # interpreter: pretend a small GPU so that tests exercise the split-K path
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:  # read once per device, not on every decode-path launch
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _precision(dtype) -> str:

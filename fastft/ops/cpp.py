@@ -290,26 +290,12 @@ if AVAILABLE:
             pieces.append(attention(qi, ki, vi, causal=causal, scale=scale)[0].transpose(0, 1))
         return torch.cat(pieces, dim=0) if pieces else torch.zeros_like(q)
 
-    # -- LoRA linear through the rank side (fastft.ops.lean.LoraDeltaFunction, device-agnostic) --------
-    from .lean import LoraDeltaFunction, lean_lora_linear  # noqa: F401  (LoraDeltaFunction: re-export)
+    # -- LoRA linear through the rank side: the torch backend's op (fastft/ops/lean.py) is device-
+    # agnostic and its base matmul goes through fastft.ops.quant_matmul, i.e. this backend's C++
+    # quant-matmul on CPU; registered here too so that the CPU auto choice (cpp) finds it.
+    from .lean import lora_linear as _lean_lora_linear
 
-    @register("lora_linear", "cpp")
-    def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, generator=None):
-        """Lean CPU LoRA linear (``LoraDeltaFunction``); autocast, float64 and mixed dtypes go to the reference.
-
-        Dropout draws ``torch.rand(x.shape, generator=generator) >= p`` like the reference; with no
-        generator, one is seeded from the global RNG (so the mask needs no storage).
-        """
-        dense = isinstance(weight, torch.Tensor)
-        dt = x.dtype
-        ok = (x.device.type == "cpu" and dt in KERNEL_DTYPES and not torch.is_autocast_enabled("cpu")
-              and lora_A.dtype == dt and lora_B.dtype == dt and (bias is None or bias.dtype == dt)
-              and (dense and weight.dtype == dt and weight.device.type == "cpu"
-                   or isinstance(weight, (NF4Weight, Int4Weight)) and weight.device.type == "cpu"))
-        if not ok:
-            return _reference("lora_linear")(x, weight, lora_A, lora_B, scaling, bias=bias, dropout_p=dropout_p,
-                                             generator=generator)
-        return lean_lora_linear(x, weight, lora_A, lora_B, scaling, bias, dropout_p, generator, quant_matmul)
+    register("lora_linear", "cpp")(_lean_lora_linear)
 
     def nf4_dequantize_into(qweight: NF4Weight, out: torch.Tensor) -> torch.Tensor:
         """Dequantize into a preallocated contiguous (out, in) CPU buffer of fp32 / bf16 / fp16."""

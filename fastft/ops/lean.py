@@ -33,6 +33,7 @@ from fastft.quant.nf4 import NF4Weight
 
 from . import dispatch
 from .dispatch import register
+from .reference_quant import QuantMatmulFunction, check_quant_matmul_args
 
 LEAN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -112,14 +113,6 @@ def lora_dropout_state(x, dropout_p, generator):
     return state, keep
 
 
-def lean_lora_linear(x, weight, lora_A, lora_B, scaling, bias, dropout_p, generator, quant_matmul):
-    """base + LoraDeltaFunction: the base through its own autograd node (F.linear / the quant-matmul
-    op save no activation for a frozen W), so gradients accumulate into x in the reference's order."""
-    gen_state, keep = lora_dropout_state(x, dropout_p, generator)
-    base = F.linear(x, weight, bias) if isinstance(weight, torch.Tensor) else quant_matmul(x, weight, bias)
-    return base + LoraDeltaFunction.apply(x, lora_A, lora_B, float(scaling), float(dropout_p), gen_state, keep)
-
-
 def _reference(op: str):
     return dispatch.impl(op, "reference")
 
@@ -139,7 +132,11 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, ge
                                          generator=generator)
     from fastft import ops
 
-    return lean_lora_linear(x, weight, lora_A, lora_B, scaling, bias, dropout_p, generator, ops.quant_matmul)
+    gen_state, keep = lora_dropout_state(x, dropout_p, generator)
+    # The base through its own autograd node (F.linear / the dispatched quant-matmul save no
+    # activation for a frozen W), so gradients accumulate into x in the reference's order.
+    base = F.linear(x, weight, bias) if dense else ops.quant_matmul(x, weight, bias)
+    return base + LoraDeltaFunction.apply(x, lora_A, lora_B, float(scaling), float(dropout_p), gen_state, keep)
 
 
 def _device_dequantize(qweight, dtype):
@@ -156,12 +153,10 @@ def _device_dequantize(qweight, dtype):
 @register("quant_matmul", "torch")
 def quant_matmul(x, qweight, bias=None):
     """``x @ dequant(W)ᵀ (+ b)``: dequantize (device op) + BLAS, nothing dense saved for backward."""
-    from .reference_quant import QuantMatmulFunction, check_quant_matmul_args
-
     check_quant_matmul_args(x, qweight, bias)
     if x.dtype == torch.float64:
         return _reference("quant_matmul")(x, qweight, bias)
     return QuantMatmulFunction.apply(x, qweight, bias, _device_dequantize)
 
 
-__all__ = ["LoraDeltaFunction", "lora_dropout_state", "lean_lora_linear", "lora_linear", "quant_matmul"]
+__all__ = ["LoraDeltaFunction", "lora_dropout_state", "lora_linear", "quant_matmul"]
