@@ -55,6 +55,13 @@ struct KernelTable {
   // sums (fused multiply-add where the ISA has it). The inner product of the small-M quant-matmul,
   // whose w is a just-dequantized, L1-resident piece of one weight row.
   void (*dot_rows)(const float* w, int64_t len, const float* x, int64_t ldx, int64_t M, float* acc);
+
+  // Cross-entropy of one row of `len` logits z (fp32 or bf16, t F32 / BF16) against class
+  // `target`: returns lse(z) - z[target] = (m - z[target]) + log Σ e^(z - m) with m = max z
+  // (fp32), and overwrites z with its gradient softmax(z) - onehot(target) = e^(z - m) / Σ - onehot,
+  // rounded once to z's type (z - m is exact-ish, so no fp32 lse rounding enters the softmax). target < 0: an ignored row, z becomes 0
+  // and the loss is 0. Max, sum of exponentials and the gradient are three passes over the row.
+  float (*ce_row)(void* z, int64_t len, int64_t target, OutType t);
 };
 
 // The table for this machine (cached after the first call).

@@ -721,6 +721,39 @@ at::Tensor int4_matmul_grad_x(const at::Tensor& grad, const at::Tensor& data, co
                     Int4Deq{v, out_type(grad.scalar_type(), op), &kernels()});
 }
 
+// Cross-entropy loss and logits gradient in place, one row per task: logits (n, V) fp32 / bf16
+// contiguous, targets (n,) int64 (ignore_index: no loss, zero gradient). Returns the (n,) fp32
+// per-row losses lse - z[target]; logits become softmax - onehot (see KernelTable::ce_row).
+at::Tensor ce_loss_grad_(at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index) {
+  const char* op = "fastft::ce_loss_grad_";
+  check_cpu(logits, op, "logits");
+  check_cpu(targets, op, "targets");
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), op, ": logits must be a contiguous (rows, classes) matrix, got ",
+              logits.sizes(), logits.is_contiguous() ? "" : " (not contiguous)");
+  const auto st = logits.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16, op, ": logits must be float32 or bfloat16, got ", st);
+  const int64_t n = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == n && targets.scalar_type() == at::kLong, op,
+              ": targets must be (", n, ",) int64, got ", targets.scalar_type(), " ", targets.sizes());
+  const at::Tensor tg = targets.contiguous();
+  const int64_t* tp = tg.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(tp[i] == ignore_index || (tp[i] >= 0 && tp[i] < V), op, ": target ", tp[i], " at row ", i,
+                " is outside [0, ", V, ") and is not ignore_index ", ignore_index);
+  at::Tensor loss = at::empty({n}, logits.options().dtype(at::kFloat));
+  if (n == 0) return loss;
+  TORCH_CHECK(V > 0, op, ": logits have no classes");
+  float* lp = loss.data_ptr<float>();
+  char* zp = static_cast<char*>(logits.data_ptr());
+  const int64_t es = logits.element_size();
+  const OutType t = st == at::kFloat ? OutType::F32 : OutType::BF16;
+  const KernelTable& Kt = kernels();
+  at::parallel_for(0, n, grain_for(V * 8), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) lp[r] = Kt.ce_row(zp + r * V * es, V, tp[r] == ignore_index ? -1 : tp[r], t);
+  });
+  return loss;
+}
+
 }  // namespace fastft
 
 TORCH_LIBRARY_IMPL(fastft, CPU, m) {
@@ -735,6 +768,7 @@ TORCH_LIBRARY_IMPL(fastft, CPU, m) {
   m.impl("int4_dequantize", &fastft::int4_dequantize);
   m.impl("int4_matmul", &fastft::int4_matmul);
   m.impl("int4_matmul_grad_x", &fastft::int4_matmul_grad_x);
+  m.impl("ce_loss_grad_", &fastft::ce_loss_grad_);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

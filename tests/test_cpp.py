@@ -397,6 +397,89 @@ def test_quant_matmul_errors():
 
 
 # --------------------------------------------------------------------------------------------
+# fused cross-entropy rows (the chunked LM loss's loss + gradient step)
+# --------------------------------------------------------------------------------------------
+def _ce_gold(z, t):
+    """float64 per-row losses and d(sum)/dz via autograd on F.cross_entropy."""
+    zz = z.double().requires_grad_(True)
+    loss = F.cross_entropy(zz, t, ignore_index=-100, reduction="none")
+    (g,) = torch.autograd.grad(loss.sum(), zz)
+    return loss.detach(), g
+
+
+@needs_ext
+@pytest.mark.parametrize("V", [1, 5, 16, 17, 300, 49152])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ce_loss_grad_vs_gold(isa, V, dtype):
+    gen = torch.Generator().manual_seed(V)
+    n = 6
+    z = (torch.randn(n, V, generator=gen) * 4).to(dtype)
+    z[1] = z[1] + 60.0  # large logits: the max shift matters
+    z[2] = 0.0          # all equal
+    t = torch.randint(0, V, (n,), generator=gen)
+    t[4] = -100         # an ignored row
+    gold_loss, gold_grad = _ce_gold(z, t)
+    got = z.clone()
+    loss = torch.ops.fastft.ce_loss_grad_(got, t, -100)
+    ref_z = z.clone()  # torch's own composition in the same dtype
+    ref_loss = dispatch.impl("cross_entropy_grad_", "reference")(ref_z, t, -100)
+    assert loss.dtype == torch.float32 and got.dtype == dtype
+    assert_close_to_gold(loss, gold_loss, ref_loss, name="loss")
+    assert_close_to_gold(got, gold_grad, ref_z, name="dlogits")
+    assert loss[4] == 0 and (got[4] == 0).all()
+
+
+@needs_ext
+def test_ce_loss_grad_extremes(isa):
+    z = torch.tensor([[1e4, -1e4, 0.0, -1e4] * 5, [-1e30, 3.0, -1e30, 3.0] * 5])
+    t = torch.tensor([1, 0])
+    gold_loss, gold_grad = _ce_gold(z, t)
+    got = z.clone()
+    loss = torch.ops.fastft.ce_loss_grad_(got, t, -100)
+    assert torch.isfinite(loss).all() and torch.isfinite(got).all()
+    torch.testing.assert_close(loss.double(), gold_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got.double(), gold_grad, rtol=0, atol=1e-6)
+
+
+@needs_ext
+def test_ce_loss_grad_errors():
+    o = torch.ops.fastft
+    with pytest.raises(RuntimeError, match=r"target 7 at row 1 is outside \[0, 5\)"):
+        o.ce_loss_grad_(torch.randn(2, 5), torch.tensor([0, 7]), -100)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        o.ce_loss_grad_(torch.randn(2, 5, dtype=torch.float16), torch.tensor([0, 1]), -100)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        o.ce_loss_grad_(torch.randn(5, 2).t(), torch.tensor([0, 1]), -100)
+    with pytest.raises(RuntimeError, match=r"targets must be \(2,\) int64"):
+        o.ce_loss_grad_(torch.randn(2, 5), torch.tensor([0, 1, 2]), -100)
+    with pytest.raises(ValueError, match="outside"):
+        dispatch.impl("cross_entropy_grad_", "reference")(torch.randn(2, 5), torch.tensor([0, -3]))
+
+
+@needs_ext
+def test_cross_entropy_grad_dispatch(monkeypatch):
+    """The public op routes fp32 / bf16 CPU logits to the kernel and everything else to the reference."""
+    monkeypatch.delenv("FASTFT_BACKEND", raising=False)
+    import fastft.ops as ops
+
+    calls = []
+    real = torch.ops.fastft.ce_loss_grad_
+    monkeypatch.setattr(cpp.ops, "ce_loss_grad_", lambda *a: calls.append(a[0].dtype) or real(*a), raising=False)
+    from fastft import _C
+
+    want = [torch.bfloat16] if _C.isa() == "avx512" else []
+    t = torch.tensor([2, -100, 0])
+    for dt in (torch.bfloat16, torch.float16, torch.float64):
+        z = torch.randn(3, 40, dtype=dt)
+        zr = z.clone()
+        loss = ops.cross_entropy_grad_(z, t)
+        ref_loss = dispatch.impl("cross_entropy_grad_", "reference")(zr, t)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(z, zr, rtol=0, atol=float(torch.finfo(dt).eps))
+    assert calls == want
+
+
+# --------------------------------------------------------------------------------------------
 # torch.library.opcheck: schema, fake kernel, autograd registration, AOT dispatch
 # --------------------------------------------------------------------------------------------
 @needs_ext
@@ -428,6 +511,8 @@ def test_opcheck_every_op():
         (o.int4_matmul.default, (x, bias, *cpp.int4_args(qi), 24, 40)),
         (o.int4_matmul.default, (xb, None, *cpp.int4_args(qs), 24, 40)),
         (o.int4_matmul_grad_x.default, (torch.randn(3, 24), *cpp.int4_args(qi), 24, 40)),
+        (o.ce_loss_grad_.default, (torch.randn(4, 37), torch.tensor([3, -100, 0, 36]), -100)),
+        (o.ce_loss_grad_.default, (torch.randn(2, 50, dtype=torch.bfloat16), torch.tensor([1, 2]), -100)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)

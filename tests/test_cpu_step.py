@@ -149,13 +149,14 @@ def test_cpp_lora_linear_dropout_without_generator():
 # ----------------------------------------------------------------------------------------------
 # chunked cross-entropy
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("packed", [False, True])
-def test_chunked_loss_equals_unchunked(packed):
+def test_chunked_loss_equals_unchunked(packed, dtype):
     from fastft.models.llama import causal_lm_loss, chunked_causal_lm_loss
 
     torch.manual_seed(0)
     B, T, H, V = (1, 45, 24, 50) if packed else (3, 17, 24, 50)
-    h, W = torch.randn(B, T, H), torch.randn(V, H) * 0.3
+    h, W = torch.randn(B, T, H).to(dtype), (torch.randn(V, H) * 0.3).to(dtype)
     labels = torch.randint(0, V, (B, T))
     labels[0, :4] = -100
     cu = torch.tensor([0, 10, 30, 45], dtype=torch.int32) if packed else None

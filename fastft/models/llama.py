@@ -582,21 +582,21 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         for a in range(0, N, chunk_rows):
             b = min(a + chunk_rows, N)
             hc, tc = h[a:b], targets[a:b]
-            z = F.linear(hc, weight).to(cdt)  # (n, V)
-            valid = tc != -100
-            tsafe = torch.where(valid, tc, torch.zeros_like(tc))
-            lse = torch.logsumexp(z, dim=-1)
-            zt = z.gather(1, tsafe[:, None])[:, 0]
-            total += torch.where(valid, lse - zt, torch.zeros_like(lse)).sum()
-            if need_h or need_w:
-                z.sub_(lse[:, None]).exp_()  # softmax, in place
-                z.scatter_add_(1, tsafe[:, None], -valid[:, None].to(z.dtype))
-                z.mul_(valid[:, None].to(z.dtype))
-                dz = z.to(h.dtype)
-                if need_h:
-                    torch.mm(dz, weight.to(h.dtype), out=dh[a:b])
-                if need_w:
-                    dw.addmm_(dz.t().to(cdt), hc.to(cdt))
+            z = F.linear(hc, weight)  # (n, V) in h's dtype
+            if not (need_h or need_w):
+                z = z.to(cdt)
+                valid = tc != -100
+                lse = torch.logsumexp(z, dim=-1)
+                zt = z.gather(1, torch.where(valid, tc, torch.zeros_like(tc))[:, None])[:, 0]
+                total += torch.where(valid, lse - zt, torch.zeros_like(lse)).sum()
+                continue
+            # Loss rows and dz = softmax - onehot in one fused step (the C++ kernel on CPU).
+            total += ops.cross_entropy_grad_(z, tc, -100).to(cdt).sum()
+            dz = z.to(h.dtype)
+            if need_h:
+                torch.mm(dz, weight.to(h.dtype), out=dh[a:b])
+            if need_w:
+                dw.addmm_(dz.t().to(cdt), hc.to(cdt))
         ctx.save_for_backward(dh, dw)
         ctx.w_dtype = weight.dtype
         return total

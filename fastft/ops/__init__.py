@@ -63,7 +63,16 @@ def int4_dequantize(qweight, dtype=torch.float32):
     return dispatch.get_impl("int4_dequantize", _device(qweight))(qweight, dtype)
 
 
+def cross_entropy_grad_(logits, targets, ignore_index=-100):
+    """Per-row cross-entropy losses of ``logits`` (n, V); ``logits`` becomes softmax − onehot in place.
+
+    The fused loss-and-gradient step of a chunked cross-entropy: returns (n,) losses (fp32 for
+    fp32 / half logits), zero loss and gradient on rows whose target is ``ignore_index``.
+    """
+    return dispatch.get_impl("cross_entropy_grad_", logits.device)(logits, targets, ignore_index)
+
+
 __all__ = [
-    "attention", "attention_varlen", "lora_linear", "quant_matmul", "nf4_quantize", "nf4_dequantize",
+    "attention", "cross_entropy_grad_", "attention_varlen", "lora_linear", "quant_matmul", "nf4_quantize", "nf4_dequantize",
     "int4_quantize", "int4_dequantize", "backend_for", "impl", "register", "dispatch",
 ]

@@ -4,7 +4,8 @@ This module declares the ``torch.library`` ops of namespace ``fastft`` (schemas 
 implementations are registered from C++ with ``TORCH_LIBRARY_IMPL``), their fake kernels (so
 ``torch.compile`` and FSDP trace them as single ops) and the autograd formula of the quant-matmuls,
 and registers the ``cpp`` implementations of the public ops with ``fastft.ops.dispatch``:
-``nf4_quantize``, ``nf4_dequantize``, ``int4_quantize``, ``int4_dequantize``, ``quant_matmul``.
+``nf4_quantize``, ``nf4_dequantize``, ``int4_quantize``, ``int4_dequantize``, ``quant_matmul``,
+``cross_entropy_grad_``.
 
 Raw-tensor ops (arguments are the fields of ``NF4Weight`` / ``Int4Weight``; see csrc/README.md):
 
@@ -17,6 +18,10 @@ Raw-tensor ops (arguments are the fields of ``NF4Weight`` / ``Int4Weight``; see 
   ``dy @ W_deq``: W is dequantized one L2-sized tile at a time straight into the BLAS, never as a
   whole. Autograd saves only the packed weight tensors (inputs anyway), nothing dequantized, not x.
 * ``int4_*``: the same for group-wise int4.
+* ``ce_loss_grad_(logits, targets, ignore_index) -> losses``: per-row cross-entropy (fp32) of
+  fp32 / bf16 logits, which are overwritten by their gradient softmax - onehot in the same call:
+  three passes over each (cache-resident) row instead of the ~8 full passes of the torch
+  composition (``.float()``, logsumexp, sub, exp, scatter, mask, cast back).
 
 Also registered for CPU tensors (pure torch, no C++ needed beyond the ops above):
 ``attention`` / ``attention_varlen`` on torch's fused CPU SDPA kernel (causal; GQA without
@@ -73,6 +78,7 @@ SCHEMAS = {
     "int4_dequantize": f"int4_dequantize({_INT4_Q}, int out_features, int in_features, ScalarType dtype) -> Tensor",
     "int4_matmul": f"int4_matmul(Tensor x, Tensor? bias, {_INT4_Q}, int out_features, int in_features) -> Tensor",
     "int4_matmul_grad_x": f"int4_matmul_grad_x(Tensor grad, {_INT4_Q}, int out_features, int in_features) -> Tensor",
+    "ce_loss_grad_": "ce_loss_grad_(Tensor(a!) logits, Tensor targets, int ignore_index) -> Tensor",
 }
 
 
@@ -147,6 +153,10 @@ if AVAILABLE:
     def _(grad, data, scales, zeros, group_size, out_features, in_features):
         return grad.new_empty((*grad.shape[:-1], in_features))
 
+    @torch.library.register_fake("fastft::ce_loss_grad_")
+    def _(logits, targets, ignore_index):
+        return logits.new_empty((logits.shape[0],), dtype=torch.float32)
+
     # -- autograd: dX = dY · W through the transposed kernel; db = Σ dY; W frozen ---------------
     # Only the packed weight tensors (inputs that exist anyway) are saved; never x, never W_deq.
     def _qmm_setup_context(ctx, inputs, output):
@@ -172,6 +182,17 @@ if AVAILABLE:
                                     setup_context=_qmm_setup_context)
 
     # -- the cpp backend of the public ops ------------------------------------------------------
+    @register("cross_entropy_grad_", "cpp")
+    def cross_entropy_grad_(logits, targets, ignore_index=-100):
+        """Per-row losses, logits -> their gradient in place; fp32 / bf16 rows in one fused pass each."""
+        # The fused row kernel is vectorized by hand for AVX-512 only; on the AVX2 / scalar tables
+        # (correct, tested) it is slower than torch's own vectorized ops, which run instead.
+        if (_C.isa() == "avx512" and logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16)
+                and logits.dim() == 2
+                and logits.is_contiguous() and not logits.requires_grad):
+            return ops.ce_loss_grad_(logits, targets.to(torch.int64), int(ignore_index))
+        return _reference("cross_entropy_grad_")(logits, targets, ignore_index)
+
     @register("nf4_quantize", "cpp")
     def nf4_quantize(w, blocksize=64, double_quant=True):
         """Float (out, in) -> NF4Weight; bytes identical to the reference quantizer."""

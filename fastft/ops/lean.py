@@ -20,8 +20,8 @@ kernels. Known cost: with dropout the mask is not stored but drawn again in back
 with four full-size draws per step (since cut to two): 0.62-0.91x PEFT's speed, whose dropout stores
 its mask.
 
-Fallback to the reference: float64 (gold computations), mixed dtypes, and autocast for
-``lora_linear`` (the reference's plain composition lets autocast choose each matmul's dtype).
+Fallback to the reference: float64 (gold computations), a bias or weight in another dtype than x,
+and autocast for ``lora_linear`` (the reference's plain composition lets autocast choose each matmul's dtype).
 """
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, ge
     dt = x.dtype
     dense = isinstance(weight, torch.Tensor)
     ok = (dt in LEAN_DTYPES and not torch.is_autocast_enabled(x.device.type)
-          and lora_A.dtype == dt and lora_B.dtype == dt and (bias is None or bias.dtype == dt)
+          and lora_A.dtype in LEAN_DTYPES and lora_B.dtype in LEAN_DTYPES and (bias is None or bias.dtype == dt)
           and lora_A.device == x.device and lora_B.device == x.device
           and (dense and weight.dtype == dt and weight.device == x.device
                or isinstance(weight, (NF4Weight, Int4Weight)) and weight.device == x.device))
@@ -133,6 +133,9 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, ge
     from fastft import ops
 
     gen_state, keep = lora_dropout_state(x, dropout_p, generator)
+    # Adapters kept in fp32 under bf16 / fp16 activations (PEFT's default): computed in the
+    # activations' dtype, as the reference does, the casts' autograd returning fp32 gradients.
+    lora_A, lora_B = lora_A.to(dt), lora_B.to(dt)
     # The base through its own autograd node (F.linear / the dispatched quant-matmul save no
     # activation for a frozen W), so gradients accumulate into x in the reference's order.
     base = F.linear(x, weight, bias) if dense else ops.quant_matmul(x, weight, bias)

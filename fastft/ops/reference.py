@@ -140,6 +140,35 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, ge
     return base + low * scaling
 
 
+@register("cross_entropy_grad_", "reference")
+def cross_entropy_grad_(logits, targets, ignore_index=-100):
+    """Per-row cross-entropy of ``logits`` (n, V) against ``targets`` (n,), gradient in place.
+
+    Returns the (n,) losses lse(z) − z[target] (0 where target == ignore_index), computed in at
+    least fp32 (float64 stays float64), and overwrites ``logits`` with d(Σ losses)/d logits =
+    softmax(z) − onehot(target) (zero rows where ignored), rounded once to the logits' dtype.
+    """
+    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"cross_entropy_grad_: logits must be (n, V) and targets (n,), got {tuple(logits.shape)} "
+                         f"and {tuple(targets.shape)}")
+    cdt = torch.promote_types(logits.dtype, torch.float32)
+    z = logits.to(cdt)
+    valid = targets != ignore_index
+    tsafe = torch.where(valid, targets, torch.zeros_like(targets))
+    if valid.any() and (tsafe.min() < 0 or tsafe.max() >= logits.shape[1]):
+        raise ValueError(f"cross_entropy_grad_: a target is outside [0, {logits.shape[1]}) and is not "
+                         f"ignore_index {ignore_index}")
+    lse = torch.logsumexp(z, dim=-1)
+    zt = z.gather(1, tsafe[:, None])[:, 0]
+    loss = torch.where(valid, lse - zt, torch.zeros_like(lse))
+    z.sub_(lse[:, None]).exp_()  # softmax (in place on logits when they are already cdt)
+    z.scatter_add_(1, tsafe[:, None], -valid[:, None].to(z.dtype))
+    z.mul_(valid[:, None].to(z.dtype))
+    if z.data_ptr() != logits.data_ptr():
+        logits.copy_(z)
+    return loss
+
+
 try:  # quantization references (fastft/ops/reference_quant.py) register themselves on import
     from .reference_quant import *  # noqa: F401,F403
 except ImportError as _e:  # pragma: no cover - only while the module is being written
