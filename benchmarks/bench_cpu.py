@@ -12,7 +12,8 @@
 
 * A training step on the real SmolLM2-135M (batch 4 x seq 256, LoRA r = 16 on all linear layers,
   AdamW): fastft QLoRA (NF4 + double quant) vs transformers + PEFT + bitsandbytes with the same
-  settings, tokens/s and peak RSS. Each variant runs in its own process (peak RSS is per process):
+  settings, tokens/s and peak RSS; in fp32, and in bf16 (the baseline both with bf16 weights and
+  with fp32 weights under bf16 autocast, fastft's speedup against the faster of the two). Each variant runs in its own process (peak RSS is per process):
   ``python -m benchmarks.bench_cpu --train-step fastft-qlora``. ``FASTFT_BENCH_TRAIN=0`` skips it,
   ``FASTFT_BENCH_TRAIN=all`` adds the LoRA-on-fp32-base pair.
 
@@ -138,19 +139,26 @@ def matmul_rows(dev: str) -> list[dict]:
 TRAIN_B, TRAIN_T, TRAIN_R = 4, 256, 16
 
 
-def _train_step_main(variant: str, steps: int) -> dict:
-    """Build the model of ``variant``, run one untimed and ``steps`` timed steps; report as JSON."""
+def _train_step_main(variant: str, steps: int, dtype: str = "float32", autocast: bool = False) -> dict:
+    """Build the model of ``variant``, run one untimed and ``steps`` timed steps; report as JSON.
+
+    ``dtype``: the weights' (and so the activations') dtype; bfloat16 is QLoRA's usual compute dtype
+    (bitsandbytes' ``bnb_4bit_compute_dtype``) and runs on the CPU's AVX512-BF16 units. The LoRA
+    adapters stay fp32 (PEFT's default; fastft's too). ``autocast``: fp32 weights under
+    ``torch.autocast("cpu", bfloat16)`` -- the other way a transformers user gets bf16 matmuls
+    (for bitsandbytes with compute dtype bfloat16).
+    """
     from fastft.models.convert import smollm2_path
 
     path = smollm2_path()
     qlora = variant.endswith("qlora")
+    dt = getattr(torch, dtype)
     torch.manual_seed(0)
     rss0 = common.peak_rss_mb()
     if variant.startswith("fastft"):
         import fastft
 
-        model = fastft.from_pretrained(path, quantization="nf4" if qlora else None, double_quant=True,
-                                       dtype=torch.float32)
+        model = fastft.from_pretrained(path, quantization="nf4" if qlora else None, double_quant=True, dtype=dt)
         model = fastft.get_peft_model(model, fastft.LoraConfig(r=TRAIN_R, lora_alpha=2 * TRAIN_R,
                                                                target_modules="all-linear"))
     else:
@@ -161,8 +169,8 @@ def _train_step_main(variant: str, steps: int) -> dict:
         if qlora:
             kw["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch.float32)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="cpu", **kw)
+                bnb_4bit_compute_dtype=torch.bfloat16 if autocast else dt)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, device_map="cpu", **kw)
         model = peft.get_peft_model(model, peft.LoraConfig(r=TRAIN_R, lora_alpha=2 * TRAIN_R,
                                                            target_modules="all-linear", task_type="CAUSAL_LM"))
     model.train()
@@ -172,7 +180,8 @@ def _train_step_main(variant: str, steps: int) -> dict:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step():
-        loss = model(input_ids=ids, labels=ids).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -184,40 +193,53 @@ def _train_step_main(variant: str, steps: int) -> dict:
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    return {"variant": variant, "median_s": statistics.median(times), "steps": steps, "first_loss": loss0,
+    return {"variant": variant, "dtype": dtype, "autocast": autocast, "median_s": statistics.median(times),
+            "steps": steps, "first_loss": loss0,
             "peak_rss_mb": round(common.peak_rss_mb(), 1), "peak_rss_before_load_mb": round(rss0, 1),
             "peak_rss_after_load_mb": round(rss_loaded, 1)}
 
 
+def _train_step(variant: str, steps: int, dtype: str, autocast: bool) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.bench_cpu", "--train-step", variant, "--steps", str(steps), "--dtype", dtype]
+    if autocast:
+        cmd.append("--autocast")
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=common.REPO, timeout=1800)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    if r.returncode != 0 or not lines:
+        raise RuntimeError(f"training-step benchmark {variant} {dtype} failed:\n{r.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
 def train_rows(steps: int = 3) -> list[dict]:
+    """fp32 pairs, then bf16: fastft with bf16 weights against the baseline both with bf16 weights
+    and with fp32 weights under bf16 autocast; fastft's speedup is taken against the faster one."""
     mode = os.environ.get("FASTFT_BENCH_TRAIN", "1")
     if mode == "0":
         return []
     pairs = [("fastft-qlora", "peft-bnb-qlora")]
     if mode == "all":
         pairs.append(("fastft-lora", "peft-lora"))
+    dtypes = ("float32", "bfloat16")
     rows = []
-    for ours, theirs in pairs:
-        res = {}
-        for v in (theirs, ours):
-            r = subprocess.run([sys.executable, "-m", "benchmarks.bench_cpu", "--train-step", v, "--steps", str(steps)],
-                               capture_output=True, text=True, cwd=common.REPO, timeout=1800)
-            lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
-            if r.returncode != 0 or not lines:
-                raise RuntimeError(f"training-step benchmark {v} failed:\n{r.stderr[-3000:]}")
-            res[v] = json.loads(lines[-1])
-        case = (f"train step SmolLM2-135M b{TRAIN_B}xT{TRAIN_T} r{TRAIN_R} all-linear "
-                f"{'NF4+dq ' if ours.endswith('qlora') else 'fp32 base '}AdamW")
-        tokens = TRAIN_B * TRAIN_T
-        b = res[theirs]
-        rows.append(common.row(case, "transformers+peft" + ("+bitsandbytes" if theirs.endswith("qlora") else ""),
-                               b["median_s"], tokens=tokens, peak_rss_mb=b["peak_rss_mb"],
-                               peak_rss_after_load_mb=b["peak_rss_after_load_mb"]))
-        o = res[ours]
-        rows.append(common.row(case, "fastft", o["median_s"], tokens=tokens, peak_rss_mb=o["peak_rss_mb"],
-                               peak_rss_after_load_mb=o["peak_rss_after_load_mb"],
-                               baseline=rows[-1]["impl"], baseline_s=b["median_s"],
-                               rss_ratio=round(o["peak_rss_mb"] / b["peak_rss_mb"], 3)))
+    tokens = TRAIN_B * TRAIN_T
+    for dtype in dtypes:
+        for ours, theirs in pairs:
+            q = ours.endswith("qlora")
+            case = (f"train step SmolLM2-135M b{TRAIN_B}xT{TRAIN_T} r{TRAIN_R} all-linear "
+                    f"{'NF4+dq' if q else 'dense base'} {'fp32' if dtype == 'float32' else 'bf16'} AdamW")
+            name = "transformers+peft" + ("+bitsandbytes" if q else "")
+            base = [(name + ("" if dtype == "float32" else " (bf16 weights)"), _train_step(theirs, steps, dtype, False))]
+            if dtype != "float32":
+                base.append((name + " (fp32 weights, bf16 autocast)", _train_step(theirs, steps, "float32", True)))
+            for impl, b in base:
+                rows.append(common.row(case, impl, b["median_s"], tokens=tokens, peak_rss_mb=b["peak_rss_mb"],
+                                       peak_rss_after_load_mb=b["peak_rss_after_load_mb"]))
+            impl, b = min(base, key=lambda ib: ib[1]["median_s"])
+            o = _train_step(ours, steps, dtype, False)
+            rows.append(common.row(case, "fastft" + ("" if dtype == "float32" else " (bf16 weights)"), o["median_s"],
+                                   tokens=tokens, peak_rss_mb=o["peak_rss_mb"],
+                                   peak_rss_after_load_mb=o["peak_rss_after_load_mb"], baseline=impl,
+                                   baseline_s=b["median_s"], rss_ratio=round(o["peak_rss_mb"] / b["peak_rss_mb"], 3)))
     return rows
 
 
@@ -242,9 +264,11 @@ if __name__ == "__main__":
     ap.add_argument("--train-step", required=True,
                     choices=["fastft-qlora", "peft-bnb-qlora", "fastft-lora", "peft-lora"])
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--autocast", action="store_true")
     a = ap.parse_args()
     # `python -m` puts the repository root on sys.path, where fastft's kernels/ folder shadows the
     # PyPI package `kernels` that transformers and bitsandbytes probe for. fastft itself is
     # installed (editable), so the root is not needed past this point.
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != common.REPO]
-    print(json.dumps(_train_step_main(a.train_step, a.steps)))
+    print(json.dumps(_train_step_main(a.train_step, a.steps, a.dtype, a.autocast)))

@@ -62,7 +62,33 @@ struct KernelTable {
   // rounded once to z's type (z - m is exact-ish, so no fp32 lse rounding enters the softmax). target < 0: an ignored row, z becomes 0
   // and the loss is 0. Max, sum of exponentials and the gradient are three passes over the row.
   float (*ce_row)(void* z, int64_t len, int64_t target, OutType t);
+
+  // Attention on CPU, one query row of fp32 scores s = q·kᵀ (unscaled) against `width` keys of
+  // which the first `len` are visible (causal masking; len may be 0). Forward: s becomes
+  // softmax(scale·s) (0 on hidden keys); returns the log-sum-exp of scale·s (-inf if len == 0).
+  // Backward: s becomes P = exp(scale·s - lse) and dp (dO·vᵀ) becomes dS = P·(dp - di).
+  float (*attn_softmax_row)(float* s, int64_t len, int64_t width, float scale);
+  void (*attn_grad_row)(float* s, float* dp, int64_t len, int64_t width, float scale, float lse, float di);
 };
+
+// bf16 GEMM pieces of the CPU attention (attn_bf16.cpp, AVX512-BF16 vdpbf16ps). "Pair-packed" B:
+// word [p][j] holds (B[2p][j], B[2p+1][j]) as two bf16 (low half first); k is always even.
+struct AttnBf16Kernels {
+  // C (m x n, fp32, ldc) = or += (acc) A (m x k, bf16 row-major, lda) · B (pair-packed, ldb words per p).
+  void (*gemm)(const uint16_t* A, int64_t lda, const uint32_t* Bp, int64_t ldb, float* C, int64_t ldc, int64_t m,
+               int64_t n, int64_t k, bool acc);
+  // Pair-pack B = X (rows x cols): ceil(rows / 2) x cols words, a zero row added when rows is odd.
+  void (*pack_rows)(const uint16_t* X, int64_t ldx, int64_t rows, int64_t cols, uint32_t* out);
+  // Pair-pack B = Xᵀ for X (rows x cols, cols even): cols / 2 x rows words.
+  void (*pack_cols)(const uint16_t* X, int64_t ldx, int64_t rows, int64_t cols, uint32_t* out);
+  // fp32 rows -> bf16 (round to nearest even), each dst row zero-filled from cols to cols_pad.
+  void (*to_bf16)(const float* src, int64_t lds, int64_t rows, int64_t cols, uint16_t* dst, int64_t ldd, int64_t cols_pad);
+  // bf16 X (rows x cols) -> Xᵀ (cols x rows_pad), zero-filled from rows to rows_pad.
+  void (*transpose16)(const uint16_t* X, int64_t ldx, int64_t rows, int64_t cols, uint16_t* dst, int64_t ldd,
+                      int64_t rows_pad);
+};
+// The compiled table (nullptr on non-x86 builds); callers also check the CPU (avx512bf16).
+const AttnBf16Kernels* attn_bf16_kernels_compiled();
 
 // The table for this machine (cached after the first call).
 const KernelTable& kernels();

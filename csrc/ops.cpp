@@ -754,6 +754,290 @@ at::Tensor ce_loss_grad_(at::Tensor& logits, const at::Tensor& targets, int64_t 
   return loss;
 }
 
+// --------------------------------------------------------------------------------------------
+// Attention on CPU: q (B, Hq, T, D), k / v (B, Hkv, S, D), Hq % Hkv == 0, fp32 or bf16; causal
+// masks aligned bottom-right (row i sees keys j <= i + S - T). Every product is an fp32 GEMM (the
+// BLAS, single-threaded inside our parallel region) on blocks of 64 query rows against only the
+// keys the block can see, with the softmax between them done in L2-resident fp32 rows; K/V are
+// indexed per query head (GQA without copies). The backward recomputes P from the saved
+// log-sum-exp and runs one task per (batch, kv head), so dK / dV accumulate without atomics and the
+// result is deterministic.
+// --------------------------------------------------------------------------------------------
+static constexpr int64_t kAttnBlockQ = 64;
+
+static inline int64_t visible_keys(int64_t i, int64_t T, int64_t S, bool causal) {
+  return causal ? std::min<int64_t>(S, std::max<int64_t>(0, i + S - T + 1)) : S;
+}
+static std::atomic<int> g_attn_bf16{1};  // use the AVX512-BF16 GEMMs for bf16 inputs when the CPU has them
+
+static const AttnBf16Kernels* bf16_attn_kernels() {
+  static const bool cpu_ok = [] {
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#else
+    return false;
+#endif
+  }();
+  return cpu_ok && g_attn_bf16.load() ? attn_bf16_kernels_compiled() : nullptr;
+}
+
+static inline const uint16_t* u16(const at::Tensor& t) { return static_cast<const uint16_t*>(t.const_data_ptr()); }
+static inline float bf16_to_f32(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// bf16 forward on the pair-packed GEMMs: per (batch, kv head) K is packed as Kᵀ (for S = Q Kᵀ) and
+// V as is (for O = P V); per 64-row query block S (fp32) -> softmax rows -> P rounded to bf16 ->
+// O (fp32) -> one rounding to bf16.
+static void attn_fwd_bf16(const AttnBf16Kernels& K2, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, float scale,
+                          bool causal, at::Tensor& out, float* lp) {
+  const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1), S = k.size(2);
+  const int64_t G = Hq / Hkv, Sh = (S + 1) / 2;
+  const KernelTable& Kt = kernels();
+  at::Tensor kpt = at::empty({B * Hkv, D / 2 * S}, q.options().dtype(at::kInt));
+  at::Tensor vp = at::empty({B * Hkv, Sh * D}, q.options().dtype(at::kInt));
+  uint32_t* kptp = reinterpret_cast<uint32_t*>(kpt.data_ptr());
+  uint32_t* vpp = reinterpret_cast<uint32_t*>(vp.data_ptr());
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      K2.pack_cols(u16(k) + t * S * D, D, S, D, kptp + t * (D / 2) * S);
+      K2.pack_rows(u16(v) + t * S * D, D, S, D, vpp + t * Sh * D);
+    }
+  });
+  const int64_t nqb = ceil_div(T, kAttnBlockQ);
+  at::parallel_for(0, B * Hq * nqb, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> sbuf(kAttnBlockQ * S), obuf(kAttnBlockQ * D);
+    std::vector<uint16_t> pb(kAttnBlockQ * (S + 1));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / (Hq * nqb), h = (t / nqb) % Hq, i0 = (t % nqb) * kAttnBlockQ, hk = h / G, bk = b * Hkv + hk;
+      const int64_t n = std::min(kAttnBlockQ, T - i0);
+      const int64_t kend = visible_keys(i0 + n - 1, T, S, causal);
+      at::Tensor ob = out.select(0, b).select(0, h).narrow(0, i0, n);
+      float* lrow = lp + (b * Hq + h) * T + i0;
+      if (kend == 0) {
+        ob.zero_();
+        std::fill(lrow, lrow + n, -INFINITY);
+        continue;
+      }
+      const int64_t ke = kend + (kend & 1);
+      K2.gemm(u16(q) + ((b * Hq + h) * T + i0) * D, D, kptp + bk * (D / 2) * S, S, sbuf.data(), kend, n, kend, D, false);
+      for (int64_t r = 0; r < n; ++r)
+        lrow[r] = Kt.attn_softmax_row(sbuf.data() + r * kend, visible_keys(i0 + r, T, S, causal), kend, scale);
+      K2.to_bf16(sbuf.data(), kend, n, kend, pb.data(), ke, ke);
+      K2.gemm(pb.data(), ke, vpp + bk * Sh * D, D, obuf.data(), D, n, D, ke, false);
+      ob.copy_(at::from_blob(obuf.data(), {n, D}, at::TensorOptions().dtype(at::kFloat)));
+    }
+  });
+}
+
+// bf16 backward: one task per (batch, kv head). dVᵀ += dOᵀ P and dKᵀ += Qᵀ dS accumulate in fp32
+// (D x S) over the group's heads and query blocks (A = the transposed dO / Q block, B = the
+// pair-packed bf16 P / dS rows); dQ = scale · dS K per block. P and dS are rounded to bf16 before
+// their GEMMs, as FlashAttention-2 does on tensor cores; S, dP and every accumulation are fp32.
+static void attn_bwd_bf16(const AttnBf16Kernels& K2, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                          const at::Tensor& v, const at::Tensor& out, const float* lp, float scale, bool causal,
+                          at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1), S = k.size(2);
+  const int64_t G = Hq / Hkv, Sh = (S + 1) / 2, Tp = T + (T & 1);
+  const KernelTable& Kt = kernels();
+  const int64_t nqb = ceil_div(T, kAttnBlockQ);
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<uint32_t> kpt(D / 2 * S), kp(Sh * D), vpt(D / 2 * S);
+    std::vector<float> dkT(D * S), dvT(D * S), sbuf(kAttnBlockQ * S), dpbuf(kAttnBlockQ * S), dqbuf(kAttnBlockQ * D);
+    std::vector<uint16_t> qT(D * Tp), doT(D * Tp), pb(kAttnBlockQ * (S + 1)), dsb(kAttnBlockQ * (S + 1));
+    std::vector<uint32_t> pP((kAttnBlockQ / 2) * (S + 1)), pdS((kAttnBlockQ / 2) * (S + 1));
+    std::vector<float> di(T);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / Hkv, hk = t % Hkv;
+      const uint16_t* kb = u16(k) + t * S * D;
+      const uint16_t* vb = u16(v) + t * S * D;
+      K2.pack_cols(kb, D, S, D, kpt.data());
+      K2.pack_rows(kb, D, S, D, kp.data());
+      K2.pack_cols(vb, D, S, D, vpt.data());
+      std::fill(dkT.begin(), dkT.end(), 0.0f);
+      std::fill(dvT.begin(), dvT.end(), 0.0f);
+      for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
+        const int64_t bh = b * Hq + h;
+        const uint16_t* qh = u16(q) + bh * T * D;
+        const uint16_t* doh = u16(dout) + bh * T * D;
+        const uint16_t* oh = u16(out) + bh * T * D;
+        for (int64_t i = 0; i < T; ++i) {  // di = Σ_d dO·O per row, in fp32 from the bf16 values
+          float acc = 0.0f;
+          for (int64_t d = 0; d < D; ++d) acc += bf16_to_f32(doh[i * D + d]) * bf16_to_f32(oh[i * D + d]);
+          di[i] = acc;
+        }
+        K2.transpose16(qh, D, T, D, qT.data(), Tp, Tp);
+        K2.transpose16(doh, D, T, D, doT.data(), Tp, Tp);
+        for (int64_t qb = 0; qb < nqb; ++qb) {
+          const int64_t i0 = qb * kAttnBlockQ, n = std::min(kAttnBlockQ, T - i0);
+          const int64_t kend = visible_keys(i0 + n - 1, T, S, causal);
+          at::Tensor dqb = dq.select(0, b).select(0, h).narrow(0, i0, n);
+          if (kend == 0) {
+            dqb.zero_();
+            continue;
+          }
+          const int64_t ke = kend + (kend & 1), ne = n + (n & 1);
+          K2.gemm(qh + i0 * D, D, kpt.data(), S, sbuf.data(), kend, n, kend, D, false);
+          K2.gemm(doh + i0 * D, D, vpt.data(), S, dpbuf.data(), kend, n, kend, D, false);
+          for (int64_t r = 0; r < n; ++r)
+            Kt.attn_grad_row(sbuf.data() + r * kend, dpbuf.data() + r * kend, visible_keys(i0 + r, T, S, causal), kend, scale,
+                             lp[bh * T + i0 + r], di[i0 + r]);
+          K2.to_bf16(sbuf.data(), kend, n, kend, pb.data(), ke, ke);
+          K2.to_bf16(dpbuf.data(), kend, n, kend, dsb.data(), ke, ke);
+          K2.pack_rows(pb.data(), ke, n, ke, pP.data());
+          K2.pack_rows(dsb.data(), ke, n, ke, pdS.data());
+          K2.gemm(doT.data() + i0, Tp, pP.data(), ke, dvT.data(), S, D, kend, ne, true);
+          K2.gemm(qT.data() + i0, Tp, pdS.data(), ke, dkT.data(), S, D, kend, ne, true);
+          K2.gemm(dsb.data(), ke, kp.data(), D, dqbuf.data(), D, n, D, ke, false);
+          dqb.copy_(at::from_blob(dqbuf.data(), {n, D}, at::TensorOptions().dtype(at::kFloat)).mul_(scale));
+        }
+      }
+      const auto f32 = at::TensorOptions().dtype(at::kFloat);
+      dk.select(0, b).select(0, hk).copy_(at::from_blob(dkT.data(), {D, S}, f32).t().mul(scale));
+      dv.select(0, b).select(0, hk).copy_(at::from_blob(dvT.data(), {D, S}, f32).t());
+    }
+  });
+}
+
+
+static void check_attn(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  check_cpu(q, op, "q");
+  check_cpu(k, op, "k");
+  check_cpu(v, op, "v");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, ": q, k, v must be 4-D (B, H, T, D), got ", q.sizes(), ", ",
+              k.sizes(), ", ", v.sizes());
+  const auto st = q.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16, op, ": q must be float32 or bfloat16, got ", st);
+  TORCH_CHECK(k.scalar_type() == st && v.scalar_type() == st, op, ": q, k, v must share one dtype, got ", st, ", ",
+              k.scalar_type(), ", ", v.scalar_type());
+  TORCH_CHECK(k.sizes() == v.sizes(), op, ": k and v must have the same shape, got ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3), op, ": k/v batch and head dim must match q's, got q ",
+              q.sizes(), " and k ", k.sizes());
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op, ": the query heads (", q.size(1),
+              ") must be a multiple of the key/value heads (", k.size(1), ")");
+}
+
+std::tuple<at::Tensor, at::Tensor> attn_fwd(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, double scale_,
+                                            bool causal) {
+  const char* op = "fastft::attn_fwd";
+  check_attn(op, q_, k_, v_);
+  at::NoGradGuard no_grad;  // the ATen calls below are the kernel's insides, not graph nodes
+  const int64_t B = q_.size(0), Hq = q_.size(1), T = q_.size(2), D = q_.size(3), Hkv = k_.size(1), S = k_.size(2);
+  const int64_t G = Hq / Hkv;
+  const float scale = static_cast<float>(scale_);
+  at::Tensor out = at::empty({B, Hq, T, D}, q_.options());
+  at::Tensor lse = at::empty({B, Hq, T}, q_.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse.fill_(-INFINITY)};
+  const AttnBf16Kernels* K2 = bf16_attn_kernels();
+  if (K2 && q_.scalar_type() == at::kBFloat16 && D % 2 == 0) {
+    attn_fwd_bf16(*K2, q_.detach().contiguous(), k_.detach().contiguous(), v_.detach().contiguous(), scale, causal, out,
+                  lse.data_ptr<float>());
+    return {out, lse};
+  }
+  // Detached: the OpenMP workers below do not inherit this thread's no-grad mode.
+  const at::Tensor qf = q_.detach().to(at::kFloat).contiguous(), kf = k_.detach().to(at::kFloat).contiguous(),
+                   vf = v_.detach().to(at::kFloat).contiguous();
+  const bool f32 = q_.scalar_type() == at::kFloat;
+  float* lp = lse.data_ptr<float>();
+  const KernelTable& Kt = kernels();
+  const int64_t nqb = ceil_div(T, kAttnBlockQ);
+  at::parallel_for(0, B * Hq * nqb, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / (Hq * nqb), h = (t / nqb) % Hq, i0 = (t % nqb) * kAttnBlockQ, hk = h / G;
+      const int64_t n = std::min(kAttnBlockQ, T - i0);
+      const int64_t kend = visible_keys(i0 + n - 1, T, S, causal);  // the block's last row sees the most
+      at::Tensor ob = out.select(0, b).select(0, h).narrow(0, i0, n);
+      float* lrow = lp + (b * Hq + h) * T + i0;
+      if (kend == 0 || D == 0) {
+        ob.zero_();
+        for (int64_t r = 0; r < n; ++r) lrow[r] = kend == 0 ? -INFINITY : std::log(static_cast<float>(kend));
+        continue;
+      }
+      at::Tensor s = at::mm(qf.select(0, b).select(0, h).narrow(0, i0, n), kf.select(0, b).select(0, hk).narrow(0, 0, kend).t());
+      float* sp = s.data_ptr<float>();
+      for (int64_t r = 0; r < n; ++r)
+        lrow[r] = Kt.attn_softmax_row(sp + r * kend, visible_keys(i0 + r, T, S, causal), kend, scale);
+      const at::Tensor vb = vf.select(0, b).select(0, hk).narrow(0, 0, kend);
+      if (f32) at::mm_out(ob, s, vb);
+      else ob.copy_(at::mm(s, vb));  // one rounding of the fp32 result to bf16
+    }
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(const at::Tensor& dout, const at::Tensor& q_, const at::Tensor& k_,
+                                                        const at::Tensor& v_, const at::Tensor& out, const at::Tensor& lse,
+                                                        double scale_, bool causal) {
+  const char* op = "fastft::attn_bwd";
+  check_attn(op, q_, k_, v_);
+  at::NoGradGuard no_grad;
+  TORCH_CHECK(dout.sizes() == q_.sizes() && out.sizes() == q_.sizes(), op, ": grad and out must have q's shape ", q_.sizes(),
+              ", got ", dout.sizes(), " and ", out.sizes());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == q_.size(0) && lse.size(1) == q_.size(1) &&
+                  lse.size(2) == q_.size(2),
+              op, ": lse must be float32 (B, Hq, T), got ", lse.scalar_type(), " ", lse.sizes());
+  const int64_t B = q_.size(0), Hq = q_.size(1), T = q_.size(2), D = q_.size(3), Hkv = k_.size(1), S = k_.size(2);
+  const int64_t G = Hq / Hkv;
+  const float scale = static_cast<float>(scale_);
+  at::Tensor dq = at::empty({B, Hq, T, D}, q_.options()), dk = at::empty({B, Hkv, S, D}, k_.options()),
+             dv = at::empty({B, Hkv, S, D}, v_.options());
+  if (dq.numel() == 0 && dk.numel() == 0) return {dq, dk, dv};
+  const at::Tensor ls = lse.contiguous();
+  const float* lp = ls.const_data_ptr<float>();
+  const AttnBf16Kernels* K2 = bf16_attn_kernels();
+  if (K2 && q_.scalar_type() == at::kBFloat16 && D % 2 == 0) {
+    attn_bwd_bf16(*K2, dout.detach().to(at::kBFloat16).contiguous(), q_.detach().contiguous(), k_.detach().contiguous(),
+                  v_.detach().contiguous(), out.detach().to(at::kBFloat16).contiguous(), lp, scale, causal, dq, dk, dv);
+    return {dq, dk, dv};
+  }
+  const at::Tensor qf = q_.detach().to(at::kFloat).contiguous(), kf = k_.detach().to(at::kFloat).contiguous(),
+                   vf = v_.detach().to(at::kFloat).contiguous(), dof = dout.detach().to(at::kFloat).contiguous();
+  const at::Tensor di = (dof * out.detach().to(at::kFloat)).sum(-1).contiguous();  // (B, Hq, T): Σ_d dO·O
+  const float* dip = di.const_data_ptr<float>();
+  const KernelTable& Kt = kernels();
+  const int64_t nqb = ceil_div(T, kAttnBlockQ);
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / Hkv, hk = t % Hkv;
+      at::Tensor dkacc = at::zeros({S, D}, qf.options()), dvacc = at::zeros({S, D}, qf.options());
+      const at::Tensor kb_all = kf.select(0, b).select(0, hk), vb_all = vf.select(0, b).select(0, hk);
+      for (int64_t h = hk * G; h < (hk + 1) * G; ++h) {
+        for (int64_t qb = 0; qb < nqb; ++qb) {
+          const int64_t i0 = qb * kAttnBlockQ, n = std::min(kAttnBlockQ, T - i0);
+          const int64_t kend = visible_keys(i0 + n - 1, T, S, causal);
+          at::Tensor dqb = dq.select(0, b).select(0, h).narrow(0, i0, n);
+          if (kend == 0 || D == 0) {
+            dqb.zero_();
+            continue;
+          }
+          const at::Tensor kb = kb_all.narrow(0, 0, kend), vb = vb_all.narrow(0, 0, kend);
+          const at::Tensor qblk = qf.select(0, b).select(0, h).narrow(0, i0, n);
+          const at::Tensor doblk = dof.select(0, b).select(0, h).narrow(0, i0, n);
+          at::Tensor s = at::mm(qblk, kb.t());
+          at::Tensor dp = at::mm(doblk, vb.t());
+          float* sp = s.data_ptr<float>();
+          float* dpp = dp.data_ptr<float>();
+          const int64_t row0 = (b * Hq + h) * T + i0;
+          for (int64_t r = 0; r < n; ++r)
+            Kt.attn_grad_row(sp + r * kend, dpp + r * kend, visible_keys(i0 + r, T, S, causal), kend, scale, lp[row0 + r],
+                             dip[row0 + r]);
+          dvacc.narrow(0, 0, kend).addmm_(s.t(), doblk);
+          dkacc.narrow(0, 0, kend).addmm_(dp.t(), qblk, 1.0, scale);
+          dqb.copy_(at::mm(dp, kb).mul_(scale));
+        }
+      }
+      dk.select(0, b).select(0, hk).copy_(dkacc);
+      dv.select(0, b).select(0, hk).copy_(dvacc);
+    }
+  });
+  return {dq, dk, dv};
+}
+
 }  // namespace fastft
 
 TORCH_LIBRARY_IMPL(fastft, CPU, m) {
@@ -769,6 +1053,8 @@ TORCH_LIBRARY_IMPL(fastft, CPU, m) {
   m.impl("int4_matmul", &fastft::int4_matmul);
   m.impl("int4_matmul_grad_x", &fastft::int4_matmul_grad_x);
   m.impl("ce_loss_grad_", &fastft::ce_loss_grad_);
+  m.impl("attn_fwd", &fastft::attn_fwd);
+  m.impl("attn_bwd", &fastft::attn_bwd);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -789,6 +1075,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     fastft::g_tile_elems.store(e);
   }, "Weight elements per dequantized quant-matmul tile.");
   m.def("tile_elems", []() { return fastft::g_tile_elems.load(); });
+  m.def("set_attn_bf16", [](bool on) { fastft::g_attn_bf16.store(on ? 1 : 0); },
+        "Use the AVX512-BF16 GEMMs for bf16 attention when the CPU has them (default on); off: the fp32-GEMM path.");
+  m.def("attn_bf16", []() { return fastft::bf16_attn_kernels() != nullptr; },
+        "Whether bf16 attention runs on the AVX512-BF16 GEMMs on this machine now.");
   m.def("set_stream_bytes", [](int64_t b) { fastft::g_stream_bytes.store(b); },
         "Dequantized outputs of at least this many bytes use streaming (non-temporal) stores.");
   m.def("stream_bytes", []() { return fastft::g_stream_bytes.load(); });

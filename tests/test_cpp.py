@@ -512,6 +512,10 @@ def test_opcheck_every_op():
         (o.int4_matmul.default, (xb, None, *cpp.int4_args(qs), 24, 40)),
         (o.int4_matmul_grad_x.default, (torch.randn(3, 24), *cpp.int4_args(qi), 24, 40)),
         (o.ce_loss_grad_.default, (torch.randn(4, 37), torch.tensor([3, -100, 0, 36]), -100)),
+        (o.attn_fwd.default, (torch.randn(2, 4, 5, 8, requires_grad=True), torch.randn(2, 2, 7, 8, requires_grad=True),
+                              torch.randn(2, 2, 7, 8, requires_grad=True), 0.3, True)),
+        (o.attn_fwd.default, (torch.randn(1, 2, 70, 16).bfloat16(), torch.randn(1, 1, 70, 16).bfloat16(),
+                              torch.randn(1, 1, 70, 16).bfloat16(), 0.25, False)),
         (o.ce_loss_grad_.default, (torch.randn(2, 50, dtype=torch.bfloat16), torch.tensor([1, 2]), -100)),
     ]
     for op, args in cases:

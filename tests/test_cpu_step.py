@@ -1,7 +1,8 @@
 """The lean CPU training step (issue 6, item 4).
 
-* The ``cpp`` backend's ``attention`` / ``attention_varlen`` (torch's fused CPU SDPA, GQA without
-  repeating K/V) and ``lora_linear`` (rank-side autograd Function saving x and u only) against the
+* The ``cpp`` backend's ``attention`` / ``attention_varlen`` (fastft's CPU kernel -- fp32, and bf16
+  on both its AVX512-BF16 and fp32 GEMM paths -- or torch's fused CPU SDPA for padded batches; GQA
+  without repeating K/V) and ``lora_linear`` (rank-side autograd Function saving x and u only) against the
   float64 reference: forward and gradients within 2x PyTorch's own fp32 error (tests/utils.py).
 * The chunked cross-entropy of the native Llama loss equals the unchunked loss and its gradients.
 * A 20-step QLoRA run on a tiny Llama with the cpp path tracks the reference path
@@ -69,6 +70,61 @@ def test_cpp_attention_vs_float64(B, Hq, Hkv, T, S, D, causal, padding):
     if padding:  # the fully padded sequence: 0 output, 0 grads
         assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.equal(dq[0], torch.zeros_like(dq[0]))
         assert torch.equal(dk[0], torch.zeros_like(dk[0])) and torch.equal(dv[0], torch.zeros_like(dv[0]))
+
+
+BF16_ATT_CASES = [  # B, Hq, Hkv, T, S, D
+    (2, 4, 4, 1, 1, 40),
+    (2, 6, 2, 97, 97, 64),    # two query blocks of the kernel, odd T
+    (1, 3, 1, 130, 130, 80),  # three blocks, GQA 3
+    (2, 4, 2, 5, 33, 40),     # T < S (against a cache)
+    (2, 4, 1, 33, 5, 40),     # T > S: the first rows see no key -> 0
+    (1, 2, 2, 17, 17, 33),    # odd head dim: the fp32-GEMM path
+]
+
+
+@pytest.fixture(params=[True, False], ids=["bf16-gemms", "fp32-gemms"])
+def attn_bf16(request):
+    """Both bf16 paths of the kernel: AVX512-BF16 GEMMs (where the CPU has them) and fp32 GEMMs."""
+    from fastft import _C
+
+    _C.set_attn_bf16(request.param)
+    yield request.param
+    _C.set_attn_bf16(True)
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,T,S,D", BF16_ATT_CASES)
+def test_cpp_attention_bf16_vs_float64(attn_bf16, B, Hq, Hkv, T, S, D):
+    from fastft import _C
+
+    if not attn_bf16:
+        assert not _C.attn_bf16()
+    gen = torch.Generator().manual_seed(T * 31 + D)
+    q, k, v = (torch.randn(*s, generator=gen).bfloat16() for s in ((B, Hq, T, D), (B, Hkv, S, D), (B, Hkv, S, D)))
+    ref, ours = dispatch.impl("attention", "reference"), dispatch.impl("attention", "cpp")
+    fc = lambda q, k, v: ours(q, k, v, causal=True)  # noqa: E731
+    fr = lambda q, k, v: ref(q, k, v, causal=True)  # noqa: E731
+    _check_vs_gold(fc, fr, [q, k, v], ["dq", "dk", "dv"])
+    out, dq, dk, dv = _run(fc, [q, k, v])
+    again = _run(fc, [q, k, v])  # deterministic: no atomics, fixed reduction order
+    for a, b in zip((out, dq, dk, dv), again):
+        assert torch.equal(a, b)
+    if T > S:  # rows that see no key: 0 output and 0 query gradient
+        blind = T - S
+        assert torch.equal(out[:, :, :blind], torch.zeros_like(out[:, :, :blind]))
+        assert torch.equal(dq[:, :, :blind], torch.zeros_like(dq[:, :, :blind]))
+
+
+def test_cpp_attention_kernel_rejects_bad_inputs():
+    o = torch.ops.fastft
+    q = torch.randn(1, 4, 8, 16)
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        o.attn_fwd(q, torch.randn(1, 2, 8, 16).bfloat16(), torch.randn(1, 2, 8, 16), 0.25, True)
+    with pytest.raises(RuntimeError, match="multiple of the key/value heads"):
+        o.attn_fwd(q, torch.randn(1, 3, 8, 16), torch.randn(1, 3, 8, 16), 0.25, True)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        o.attn_fwd(q.half(), torch.randn(1, 2, 8, 16).half(), torch.randn(1, 2, 8, 16).half(), 0.25, True)
+    with pytest.raises(RuntimeError, match="same shape"):
+        o.attn_fwd(q, torch.randn(1, 2, 8, 16), torch.randn(1, 2, 9, 16), 0.25, True)
 
 
 def test_cpp_attention_varlen_vs_float64():

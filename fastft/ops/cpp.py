@@ -23,9 +23,12 @@ Raw-tensor ops (arguments are the fields of ``NF4Weight`` / ``Int4Weight``; see 
   three passes over each (cache-resident) row instead of the ~8 full passes of the torch
   composition (``.float()``, logsumexp, sub, exp, scatter, mask, cast back).
 
-Also registered for CPU tensors (pure torch, no C++ needed beyond the ops above):
-``attention`` / ``attention_varlen`` on torch's fused CPU SDPA kernel (causal; GQA without
-repeating K/V; fully masked rows fixed up to 0), and ``lora_linear`` through the rank side
+* ``attn_fwd(q, k, v, scale, causal) -> (out, lse)`` / ``attn_bwd``: CPU attention, fp32 / bf16,
+  GQA by index, bottom-right causal; ``attention`` uses it (autograd registered below).
+
+Also registered for CPU tensors: ``attention`` / ``attention_varlen`` (the kernel above, or torch's
+fused CPU SDPA with padding masks and fp16; GQA without repeating K/V; fully masked rows fixed up
+to 0), and ``lora_linear`` through the rank side
 (``LoraDeltaFunction``: saves x and u = drop(x)Aᵀ, regenerates the dropout mask in backward).
 
 Dtypes: activations fp32 / bf16 / fp16 (the compute dtype is x's, or autocast's, as in the
@@ -79,6 +82,9 @@ SCHEMAS = {
     "int4_matmul": f"int4_matmul(Tensor x, Tensor? bias, {_INT4_Q}, int out_features, int in_features) -> Tensor",
     "int4_matmul_grad_x": f"int4_matmul_grad_x(Tensor grad, {_INT4_Q}, int out_features, int in_features) -> Tensor",
     "ce_loss_grad_": "ce_loss_grad_(Tensor(a!) logits, Tensor targets, int ignore_index) -> Tensor",
+    "attn_fwd": "attn_fwd(Tensor q, Tensor k, Tensor v, float scale, bool causal) -> (Tensor, Tensor)",
+    "attn_bwd": ("attn_bwd(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, "
+                 "bool causal) -> (Tensor, Tensor, Tensor)"),
 }
 
 
@@ -156,6 +162,28 @@ if AVAILABLE:
     @torch.library.register_fake("fastft::ce_loss_grad_")
     def _(logits, targets, ignore_index):
         return logits.new_empty((logits.shape[0],), dtype=torch.float32)
+
+    @torch.library.register_fake("fastft::attn_fwd")
+    def _(q, k, v, scale, causal):
+        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+    @torch.library.register_fake("fastft::attn_bwd")
+    def _(grad, q, k, v, out, lse, scale, causal):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    def _attn_setup_context(ctx, inputs, output):
+        q, k, v, scale, causal = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.causal = scale, causal
+        ctx.set_materialize_grads(True)
+
+    def _attn_backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ops.attn_bwd(grad_out.contiguous(), q, k, v, out, lse, ctx.scale, ctx.causal)
+        return dq, dk, dv, None, None
+
+    torch.library.register_autograd("fastft::attn_fwd", _attn_backward, setup_context=_attn_setup_context)
 
     # -- autograd: dX = dY · W through the transposed kernel; db = Σ dY; W frozen ---------------
     # Only the packed weight tensors (inputs that exist anyway) are saved; never x, never W_deq.
@@ -257,10 +285,14 @@ if AVAILABLE:
             return ops.nf4_matmul(xc, b, *nf4_args(qweight), *qweight.shape)
         return ops.int4_matmul(xc, b, *int4_args(qweight), *qweight.shape)
 
-    # -- attention on CPU: torch's fused (flash) CPU SDPA kernel, GQA without repeating K/V ---------
+    # -- attention on CPU: fastft's kernel, or torch's fused (flash) CPU SDPA with a mask ---------
     @register("attention", "cpp")
     def attention(q, k, v, *, causal, scale=None, key_padding_mask=None, dropout_p=0.0, generator=None):
-        """The reference's contract on torch's fused CPU SDPA (online softmax, nothing (T, S) saved).
+        """The reference's contract on CPU: causal fp32 / bf16 attention without a padding mask
+        runs fastft's kernel (``fastft::attn_fwd`` / ``attn_bwd``, csrc/ops.cpp: fp32 GEMMs on
+        64-row query blocks against the keys they can see, softmax rows in L2, log-sum-exp saved,
+        P recomputed in backward, one task per K/V head so dK/dV need no atomics); fp16 and padded
+        batches go to torch's fused CPU SDPA (online softmax, nothing (T, S) saved).
 
         ``enable_gqa`` maps query-head groups onto K/V heads inside the kernel (no repeat). Masks
         are boolean: ``is_causal`` when T == S and there is no padding (SDPA's causal is aligned
@@ -279,6 +311,10 @@ if AVAILABLE:
             return _reference("attention")(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
                                            dropout_p=dropout_p, generator=generator)
         T, S = q.shape[2], k.shape[2]
+        if key_padding_mask is None and q.dtype in (torch.float32, torch.bfloat16):
+            # fastft's kernel (fastft::attn_fwd / attn_bwd): causal, any T / S, GQA by index.
+            sc = q.shape[-1] ** -0.5 if scale is None else float(scale)
+            return ops.attn_fwd(q, k, v, sc, causal)[0]
         gqa = q.shape[1] != k.shape[1]
         if key_padding_mask is None and (not causal or T == S):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
