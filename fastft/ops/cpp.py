@@ -285,34 +285,41 @@ if AVAILABLE:
             return ops.nf4_matmul(xc, b, *nf4_args(qweight), *qweight.shape)
         return ops.int4_matmul(xc, b, *int4_args(qweight), *qweight.shape)
 
+    @register("quant_matmul_grad_x", "cpp")
+    def quant_matmul_grad_x(grad, qweight):
+        """dX = dY · W_deq by the transposed C++ kernel (the fused LoRA node's backward)."""
+        if grad.device.type != "cpu" or grad.dtype not in KERNEL_DTYPES:
+            return _reference("quant_matmul_grad_x")(grad, qweight)
+        if isinstance(qweight, NF4Weight):
+            return ops.nf4_matmul_grad_x(grad, *nf4_args(qweight), *qweight.shape)
+        return ops.int4_matmul_grad_x(grad, *int4_args(qweight), *qweight.shape)
+
     # -- attention on CPU: fastft's kernel, or torch's fused (flash) CPU SDPA with a mask ---------
     @register("attention", "cpp")
     def attention(q, k, v, *, causal, scale=None, key_padding_mask=None, dropout_p=0.0, generator=None):
-        """The reference's contract on CPU: causal fp32 / bf16 attention without a padding mask
-        runs fastft's kernel (``fastft::attn_fwd`` / ``attn_bwd``, csrc/ops.cpp: fp32 GEMMs on
-        64-row query blocks against the keys they can see, softmax rows in L2, log-sum-exp saved,
-        P recomputed in backward, one task per K/V head so dK/dV need no atomics); fp16 and padded
-        batches go to torch's fused CPU SDPA (online softmax, nothing (T, S) saved).
+        """The reference's contract on CPU. fp32 / bf16 attention without a padding mask, causal
+        or bidirectional, runs fastft's kernel (``fastft::attn_fwd`` / ``attn_bwd``, csrc/ops.cpp:
+        GEMMs on 64-row query blocks against the keys they can see -- AVX512-BF16 pair-packed ones
+        for bf16 where the CPU has them, fp32 BLAS otherwise -- softmax rows in L2, log-sum-exp
+        saved, P recomputed in backward, one task per K/V head so dK/dV need no atomics).
 
-        ``enable_gqa`` maps query-head groups onto K/V heads inside the kernel (no repeat). Masks
-        are boolean: ``is_causal`` when T == S and there is no padding (SDPA's causal is aligned
+        fp16 and padded batches go to torch's fused CPU SDPA (online softmax, nothing (T, S)
+        saved), ``enable_gqa`` mapping query-head groups onto K/V heads (no repeat). Masks are
+        boolean: ``is_causal`` when T == S and there is no padding (SDPA's causal is aligned
         top-left, which equals bottom-right only then), else an explicit bottom-right mask. Rows
         with no visible key are unmasked for the kernel and their output set to 0, so they get 0
         output and contribute 0 to every gradient. float64 (gold), dropout and non-CPU tensors go
-        to the reference, and so does bidirectional (non-causal, BERT-style) attention for now:
-        the BERT parity tests (tests/test_patch.py, tests/test_lora.py) compare the key-bias
-        gradient, which is analytically 0, by relative error against transformers' eager
-        attention, which only an identically rounded computation (the reference's) passes.
+        to the reference.
         """
         from .reference import _check_attention_inputs, attention_mask_bias
 
         _check_attention_inputs(q, k, v, key_padding_mask)
-        if q.device.type != "cpu" or q.dtype not in KERNEL_DTYPES or dropout_p > 0.0 or not causal:
+        if q.device.type != "cpu" or q.dtype not in KERNEL_DTYPES or dropout_p > 0.0:
             return _reference("attention")(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
                                            dropout_p=dropout_p, generator=generator)
         T, S = q.shape[2], k.shape[2]
         if key_padding_mask is None and q.dtype in (torch.float32, torch.bfloat16):
-            # fastft's kernel (fastft::attn_fwd / attn_bwd): causal, any T / S, GQA by index.
+            # fastft's kernel (fastft::attn_fwd / attn_bwd): causal or not, any T / S, GQA by index.
             sc = q.shape[-1] ** -0.5 if scale is None else float(scale)
             return ops.attn_fwd(q, k, v, sc, causal)[0]
         gqa = q.shape[1] != k.shape[1]

@@ -2,10 +2,13 @@
 
 What it owns, and why it is the default for some ops on CUDA (``fastft.ops.dispatch``):
 
-* ``lora_linear`` -- the base matmul through F.linear (or the quant-matmul op), the LoRA branch
-  through the rank side in ``LoraDeltaFunction``: it saves x and u = drop(x) Aᵀ only (no dropout
-  copy of x, no mask: the mask is regenerated from the generator state in backward), like Unsloth's
-  bookkeeping, with dropout and bias on the same path.
+* ``lora_linear`` -- with a frozen base (LoRA, QLoRA) one autograd node, ``LoraLinearFunction``:
+  base matmul (F.linear or the quant-matmul op) with the rank-side term added into its output by
+  one addmm, and a backward that adds du·A into the base's dX in place. It saves x and u =
+  drop(x) Aᵀ only (no dropout copy of x, no mask: the mask is regenerated from the generator state
+  in backward), like Unsloth's bookkeeping, with dropout and bias on the same path. With a
+  trainable base (full fine-tuning) the base keeps its own node and the branch goes through
+  ``LoraDeltaFunction``.
 * ``quant_matmul`` -- dequantize the 4-bit weight with the fastest dequantize op of the device (the
   Triton kernel on CUDA), multiply with the vendor BLAS, drop the dense copy; backward dequantizes
   again. Nothing dense is saved for backward.
@@ -86,6 +89,68 @@ class LoraDeltaFunction(torch.autograd.Function):
         return dx, dA, dB, None, None, None, None
 
 
+class LoraLinearFunction(torch.autograd.Function):
+    """The whole LoRA layer with a frozen base in one node: y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ.
+
+    Forward: the base matmul (dense F.linear, or the device's quant-matmul), then the rank side
+    added into its output by one ``addmm_`` (alpha = s): no separate (N, out) low-rank tensor, no
+    scaling pass, no add pass. Backward (g = dY): du = s · g B and dB = s · (uᵀ g)ᵀ take the
+    scaling on the (N, r) / (r, out) side, dA = duᵀ drop(x), and dX = g W (or the quant kernel's
+    dX) with du A added in place: no s·g copy and no autograd accumulation of two (N, in) terms.
+    Saved: x, u, the adapters; the mask is regenerated as in ``LoraDeltaFunction``. Rounding: the
+    low-rank term enters the base output inside the GEMM's fp32 accumulator (one rounding where the
+    reference's composition rounds three times).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, gen_state, keep=None):
+        from fastft import ops
+
+        x2 = x.reshape(-1, x.shape[-1])
+        dense = isinstance(weight, torch.Tensor)
+        y = F.linear(x2, weight, bias) if dense else ops.quant_matmul(x2, weight, bias)
+        xd = x2 if dropout_p <= 0.0 else _apply_keep(x2, keep.reshape(x2.shape), dropout_p)
+        u = F.linear(xd, lora_A)  # (N, r)
+        del xd
+        y.addmm_(u, lora_B.t(), alpha=scaling)
+        ctx.save_for_backward(x, u, lora_A, lora_B, weight if dense else None)
+        ctx.qweight = None if dense else weight
+        ctx.scaling, ctx.dropout_p, ctx.gen_state = scaling, dropout_p, gen_state
+        ctx.has_bias = bias is not None
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, u, A, B, W = ctx.saved_tensors
+        p, s = ctx.dropout_p, ctx.scaling
+        g = grad.reshape(-1, grad.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
+        dx = db = dA = dB = None
+        if need_b:
+            dB = torch.mm(u.t(), g).t().mul_(s)
+        if need_bias and ctx.has_bias:
+            db = g.sum(0)
+        if need_x or need_a:
+            du = torch.mm(g, B).mul_(s)  # (N, r)
+            keep = _keep_mask(x2, p, ctx.gen_state) if p > 0.0 else None
+            if need_a:
+                xd = x2 if keep is None else _apply_keep(x2, keep, p)
+                dA = torch.mm(du.t(), xd)
+                del xd
+            if need_x:
+                if W is not None:
+                    dx = torch.mm(g, W)
+                else:
+                    dx = dispatch.get_impl("quant_matmul_grad_x", g.device)(g, ctx.qweight)
+                if keep is None:
+                    dx.addmm_(du, A)
+                else:  # backward of (x * keep) / (1 - p)
+                    dx.add_(torch.mm(du, A).div_(1.0 - p).mul_(keep))
+                dx = dx.view(x.shape)
+        return dx, None, db, dA, dB, None, None, None, None
+
+
 def _keep_mask(x2, p, gen_state):
     gen = torch.Generator(device=x2.device)
     gen.set_state(gen_state)
@@ -136,8 +201,11 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, ge
     # Adapters kept in fp32 under bf16 / fp16 activations (PEFT's default): computed in the
     # activations' dtype, as the reference does, the casts' autograd returning fp32 gradients.
     lora_A, lora_B = lora_A.to(dt), lora_B.to(dt)
-    # The base through its own autograd node (F.linear / the dispatched quant-matmul save no
-    # activation for a frozen W), so gradients accumulate into x in the reference's order.
+    if not (dense and weight.requires_grad):  # frozen base (LoRA / QLoRA): one fused node
+        return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), gen_state,
+                                        keep)
+    # Full fine-tuning (W trains): the base through its own autograd node (F.linear saves x, which
+    # the LoRA branch shares), the rank side through LoraDeltaFunction.
     base = F.linear(x, weight, bias) if dense else ops.quant_matmul(x, weight, bias)
     return base + LoraDeltaFunction.apply(x, lora_A, lora_B, float(scaling), float(dropout_p), gen_state, keep)
 
@@ -153,6 +221,12 @@ def _device_dequantize(qweight, dtype):
     return qweight.dequantize(dtype)
 
 
+@register("quant_matmul_grad_x", "torch")
+def quant_matmul_grad_x(grad, qweight):
+    """dX = dY · dequant(W) through the device's dequantize op (the fused LoRA node's backward)."""
+    return torch.mm(grad, _device_dequantize(qweight, grad.dtype))
+
+
 @register("quant_matmul", "torch")
 def quant_matmul(x, qweight, bias=None):
     """``x @ dequant(W)ᵀ (+ b)``: dequantize (device op) + BLAS, nothing dense saved for backward."""
@@ -162,4 +236,5 @@ def quant_matmul(x, qweight, bias=None):
     return QuantMatmulFunction.apply(x, qweight, bias, _device_dequantize)
 
 
-__all__ = ["LoraDeltaFunction", "lora_dropout_state", "lora_linear", "quant_matmul"]
+__all__ = ["LoraDeltaFunction", "LoraLinearFunction", "lora_dropout_state", "lora_linear", "quant_matmul",
+           "quant_matmul_grad_x"]

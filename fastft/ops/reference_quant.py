@@ -266,6 +266,12 @@ class QuantMatmulFunction(torch.autograd.Function):
         return dx, None, db, None
 
 
+@register("quant_matmul_grad_x", "reference")
+def quant_matmul_grad_x(grad, qweight):
+    """dX = dY · dequant(W) (2-D dY in the compute dtype), the backward of ``quant_matmul``'s x."""
+    return torch.mm(grad, _reference_dequantize(qweight, grad.dtype))
+
+
 @register("quant_matmul", "reference")
 def quant_matmul(x, qweight, bias=None):
     """y = x @ dequant(qweight)ᵀ (+ bias); x (..., in) -> (..., out) in the compute dtype."""
