@@ -69,6 +69,15 @@ struct KernelTable {
   // Backward: s becomes P = exp(scale·s - lse) and dp (dO·vᵀ) becomes dS = P·(dp - di).
   float (*attn_softmax_row)(float* s, int64_t len, int64_t width, float scale);
   void (*attn_grad_row)(float* s, float* dp, int64_t len, int64_t width, float scale, float lse, float di);
+
+  // Fused rows of the transformer block (fp32 or bf16, t F32 / BF16; x, w, y of one type).
+  // RMSNorm with HF's rounding (normalise in fp32, round, multiply by w): returns 1/rms.
+  float (*rmsnorm_row)(const void* x, const void* w, void* y, int64_t H, float eps, OutType t);
+  // Its input gradient for a frozen w: dx = r·dn - (r³/H)·x·Σ dn·x with dn = dy·w.
+  void (*rmsnorm_bwd_row)(const void* dy, const void* x, const void* w, float r, void* dx, int64_t H, OutType t);
+  // SwiGLU's y = silu(g)·u (silu rounded first, as torch does) and its gradients dg, du.
+  void (*silu_mul_row)(const void* g, const void* u, void* y, int64_t n, OutType t);
+  void (*silu_mul_bwd_row)(const void* dy, const void* g, const void* u, void* dg, void* du, int64_t n, OutType t);
 };
 
 // bf16 GEMM pieces of the CPU attention (attn_bf16.cpp, AVX512-BF16 vdpbf16ps). "Pair-packed" B:

@@ -1038,6 +1038,117 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(const at::Tensor& dout, 
   return {dq, dk, dv};
 }
 
+// --------------------------------------------------------------------------------------------
+// Fused rows of the transformer block: RMSNorm (forward, input gradient) and SwiGLU's silu(g)·u.
+// fp32 or bf16 tensors, all of one dtype; one pass per row (two for the norm's reductions).
+// --------------------------------------------------------------------------------------------
+static OutType row_type(const at::Tensor& t, const char* op, const char* name) {
+  check_cpu(t, op, name);
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, op, ": ", name,
+              " must be float32 or bfloat16, got ", t.scalar_type());
+  return t.scalar_type() == at::kFloat ? OutType::F32 : OutType::BF16;
+}
+
+static void same_type(const char* op, const at::Tensor& a, const at::Tensor& b, const char* an, const char* bn) {
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": ", an, " and ", bn, " must share one dtype, got ", a.scalar_type(), " and ",
+              b.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> rmsnorm_fwd(const at::Tensor& x_, const at::Tensor& w_, double eps) {
+  const char* op = "fastft::rmsnorm_fwd";
+  const OutType t = row_type(x_, op, "x");
+  row_type(w_, op, "weight");
+  same_type(op, x_, w_, "x", "weight");
+  TORCH_CHECK(x_.dim() >= 1 && w_.dim() == 1 && w_.size(0) == x_.size(-1), op, ": weight must be (", x_.size(-1),
+              ",) for x of shape ", x_.sizes(), ", got ", w_.sizes());
+  const at::Tensor x = x_.detach().contiguous(), w = w_.detach().contiguous();
+  const int64_t H = x.size(-1), rows = H ? x.numel() / H : 0, es = x.element_size();
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  at::Tensor rstd = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
+  const char* xp = static_cast<const char*>(x.const_data_ptr());
+  const void* wp = w.const_data_ptr();
+  char* yp = static_cast<char*>(y.data_ptr());
+  float* rp = rstd.data_ptr<float>();
+  const KernelTable& Kt = kernels();
+  if (H == 0) return {y, rstd.fill_(1.0f / std::sqrt(static_cast<float>(eps)))};
+  at::parallel_for(0, rows, grain_for(H * 4), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) rp[r] = Kt.rmsnorm_row(xp + r * H * es, wp, yp + r * H * es, H, static_cast<float>(eps), t);
+  });
+  return {y, rstd};
+}
+
+at::Tensor rmsnorm_bwd(const at::Tensor& dy_, const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& rstd_) {
+  const char* op = "fastft::rmsnorm_bwd";
+  const OutType t = row_type(x_, op, "x");
+  same_type(op, x_, w_, "x", "weight");
+  same_type(op, x_, dy_, "x", "grad");
+  TORCH_CHECK(dy_.sizes() == x_.sizes() && w_.dim() == 1 && w_.size(0) == x_.size(-1) && rstd_.scalar_type() == at::kFloat &&
+                  rstd_.numel() * std::max<int64_t>(1, x_.size(-1)) == std::max<int64_t>(x_.numel(), rstd_.numel()),
+              op, ": shapes do not match x ", x_.sizes(), " (grad ", dy_.sizes(), ", weight ", w_.sizes(), ", rstd ", rstd_.sizes(), ")");
+  const at::Tensor dy = dy_.detach().contiguous(), x = x_.detach().contiguous(), w = w_.detach().contiguous(),
+                   rstd = rstd_.detach().contiguous();
+  const int64_t H = x.size(-1), rows = H ? x.numel() / H : 0, es = x.element_size();
+  at::Tensor dx = at::empty(x.sizes(), x.options());
+  const char* dyp = static_cast<const char*>(dy.const_data_ptr());
+  const char* xp = static_cast<const char*>(x.const_data_ptr());
+  const void* wp = w.const_data_ptr();
+  char* dxp = static_cast<char*>(dx.data_ptr());
+  const float* rp = rstd.const_data_ptr<float>();
+  const KernelTable& Kt = kernels();
+  at::parallel_for(0, rows, grain_for(H * 6), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) Kt.rmsnorm_bwd_row(dyp + r * H * es, xp + r * H * es, wp, rp[r], dxp + r * H * es, H, t);
+  });
+  return dx;
+}
+
+static constexpr int64_t kEltChunk = 4096;
+
+at::Tensor silu_mul(const at::Tensor& g_, const at::Tensor& u_) {
+  const char* op = "fastft::silu_mul";
+  const OutType t = row_type(g_, op, "g");
+  same_type(op, g_, u_, "g", "u");
+  TORCH_CHECK(g_.sizes() == u_.sizes(), op, ": g and u must have the same shape, got ", g_.sizes(), " and ", u_.sizes());
+  const at::Tensor g = g_.detach().contiguous(), u = u_.detach().contiguous();
+  at::Tensor y = at::empty(g.sizes(), g.options());
+  const int64_t n = g.numel(), es = g.element_size();
+  const char* gp = static_cast<const char*>(g.const_data_ptr());
+  const char* up = static_cast<const char*>(u.const_data_ptr());
+  char* yp = static_cast<char*>(y.data_ptr());
+  const KernelTable& Kt = kernels();
+  at::parallel_for(0, ceil_div(n, kEltChunk), grain_for(kEltChunk * 8), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t a = c * kEltChunk, len = std::min(kEltChunk, n - a);
+      Kt.silu_mul_row(gp + a * es, up + a * es, yp + a * es, len, t);
+    }
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> silu_mul_bwd(const at::Tensor& dy_, const at::Tensor& g_, const at::Tensor& u_) {
+  const char* op = "fastft::silu_mul_bwd";
+  const OutType t = row_type(g_, op, "g");
+  same_type(op, g_, u_, "g", "u");
+  same_type(op, g_, dy_, "g", "grad");
+  TORCH_CHECK(g_.sizes() == u_.sizes() && dy_.sizes() == g_.sizes(), op, ": grad, g and u must have one shape, got ", dy_.sizes(),
+              ", ", g_.sizes(), ", ", u_.sizes());
+  const at::Tensor dy = dy_.detach().contiguous(), g = g_.detach().contiguous(), u = u_.detach().contiguous();
+  at::Tensor dg = at::empty(g.sizes(), g.options()), du = at::empty(g.sizes(), g.options());
+  const int64_t n = g.numel(), es = g.element_size();
+  const char* dyp = static_cast<const char*>(dy.const_data_ptr());
+  const char* gp = static_cast<const char*>(g.const_data_ptr());
+  const char* up = static_cast<const char*>(u.const_data_ptr());
+  char* dgp = static_cast<char*>(dg.data_ptr());
+  char* dup = static_cast<char*>(du.data_ptr());
+  const KernelTable& Kt = kernels();
+  at::parallel_for(0, ceil_div(n, kEltChunk), grain_for(kEltChunk * 10), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t a = c * kEltChunk, len = std::min(kEltChunk, n - a);
+      Kt.silu_mul_bwd_row(dyp + a * es, gp + a * es, up + a * es, dgp + a * es, dup + a * es, len, t);
+    }
+  });
+  return {dg, du};
+}
+
 }  // namespace fastft
 
 TORCH_LIBRARY_IMPL(fastft, CPU, m) {
@@ -1055,6 +1166,10 @@ TORCH_LIBRARY_IMPL(fastft, CPU, m) {
   m.impl("ce_loss_grad_", &fastft::ce_loss_grad_);
   m.impl("attn_fwd", &fastft::attn_fwd);
   m.impl("attn_bwd", &fastft::attn_bwd);
+  m.impl("rmsnorm_fwd", &fastft::rmsnorm_fwd);
+  m.impl("rmsnorm_bwd", &fastft::rmsnorm_bwd);
+  m.impl("silu_mul", &fastft::silu_mul);
+  m.impl("silu_mul_bwd", &fastft::silu_mul_bwd);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -480,6 +480,66 @@ def test_cross_entropy_grad_dispatch(monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------
+# fused transformer-block rows: RMSNorm and SwiGLU's silu(g)·u
+# --------------------------------------------------------------------------------------------
+def _grads(fn, inputs, gseed=0):
+    ts = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*ts)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(gseed), dtype=torch.float64)
+    out.backward(g.to(out.dtype))
+    return [out] + [t.grad for t in ts]
+
+
+@needs_ext
+@pytest.mark.parametrize("H", [1, 16, 37, 576])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_vs_gold(isa, H, dtype):
+    gen = torch.Generator().manual_seed(H)
+    x = (torch.randn(3, 7, H, generator=gen) * 3).to(dtype)
+    x[0, 0] = 0.0  # an all-zero row: rms = sqrt(eps)
+    w = (1 + 0.1 * torch.randn(H, generator=gen)).to(dtype)
+    ours, ref = dispatch.impl("rms_norm", "cpp"), dispatch.impl("rms_norm", "reference")
+    eps = 1e-5
+    got = _grads(lambda x, w: ours(x, w, eps), [x, w])
+    gold = _grads(lambda x, w: ref(x, w, eps), [x.double(), w.double()])
+    lowp = _grads(lambda x, w: ref(x, w, eps), [x, w])
+    for name, a, b, c in zip(["y", "dx", "dw"], got, gold, lowp):
+        assert a.dtype == c.dtype
+        assert_close_to_gold(a, b, c, name=name)
+
+
+@needs_ext
+@pytest.mark.parametrize("n", [1, 15, 16, 4097 * 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_mul_vs_gold(isa, n, dtype):
+    gen = torch.Generator().manual_seed(n)
+    g = (torch.randn(n, generator=gen) * 4).to(dtype)
+    g[0] = -100.0  # sigmoid underflow side
+    if n > 1:
+        g[1] = 100.0
+    u = torch.randn(n, generator=gen).to(dtype)
+    ours, ref = dispatch.impl("silu_mul", "cpp"), dispatch.impl("silu_mul", "reference")
+    got = _grads(ours, [g, u])
+    gold = _grads(ref, [g.double(), u.double()])
+    lowp = _grads(ref, [g, u])
+    for name, a, b, c in zip(["y", "dg", "du"], got, gold, lowp):
+        assert_close_to_gold(a, b, c, name=name)
+
+
+@needs_ext
+def test_fused_rows_fall_back_and_reject():
+    ours = dispatch.impl("rms_norm", "cpp")
+    x, w = torch.randn(2, 8, dtype=torch.float16), torch.ones(8, dtype=torch.float16)
+    torch.testing.assert_close(ours(x, w, 1e-6), dispatch.impl("rms_norm", "reference")(x, w, 1e-6), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=r"weight must be \(8,\)"):
+        torch.ops.fastft.rmsnorm_fwd(torch.randn(2, 8), torch.ones(7), 1e-6)
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        torch.ops.fastft.rmsnorm_fwd(torch.randn(2, 8), torch.ones(8).bfloat16(), 1e-6)
+    with pytest.raises(RuntimeError, match="same shape"):
+        torch.ops.fastft.silu_mul(torch.randn(4), torch.randn(5))
+
+
+# --------------------------------------------------------------------------------------------
 # torch.library.opcheck: schema, fake kernel, autograd registration, AOT dispatch
 # --------------------------------------------------------------------------------------------
 @needs_ext
@@ -512,6 +572,10 @@ def test_opcheck_every_op():
         (o.int4_matmul.default, (xb, None, *cpp.int4_args(qs), 24, 40)),
         (o.int4_matmul_grad_x.default, (torch.randn(3, 24), *cpp.int4_args(qi), 24, 40)),
         (o.ce_loss_grad_.default, (torch.randn(4, 37), torch.tensor([3, -100, 0, 36]), -100)),
+        (o.rmsnorm_fwd.default, (torch.randn(3, 5, 24, requires_grad=True), torch.rand(24) + 0.5, 1e-6)),
+        (o.rmsnorm_fwd.default, (torch.randn(4, 40).bfloat16(), torch.rand(40).bfloat16(), 1e-5)),
+        (o.silu_mul.default, (torch.randn(3, 33, requires_grad=True), torch.randn(3, 33, requires_grad=True))),
+        (o.silu_mul.default, (torch.randn(70).bfloat16(), torch.randn(70).bfloat16())),
         (o.attn_fwd.default, (torch.randn(2, 4, 5, 8, requires_grad=True), torch.randn(2, 2, 7, 8, requires_grad=True),
                               torch.randn(2, 2, 7, 8, requires_grad=True), 0.3, True)),
         (o.attn_fwd.default, (torch.randn(1, 2, 70, 16).bfloat16(), torch.randn(1, 1, 70, 16).bfloat16(),

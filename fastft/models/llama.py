@@ -216,10 +216,7 @@ class RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x):
-        dt = x.dtype
-        xf = x.to(torch.float32)
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * xf.to(dt)
+        return ops.rms_norm(x, self.weight, self.variance_epsilon)
 
 
 class LlamaAttention(nn.Module):
@@ -276,30 +273,8 @@ class LlamaMLP(nn.Module):
         return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
-class SiluMul(torch.autograd.Function):
-    """silu(g) · u saving only g and u (autograd on the plain expression also keeps silu(g)).
-
-    Backward: du = dy · silu(g), dg = silu'(g) · (dy · u), through the same aten ops autograd uses
-    (``silu_backward``), so the gradients round identically.
-    """
-
-    @staticmethod
-    def forward(ctx, g, u):
-        ctx.save_for_backward(g, u)
-        return F.silu(g) * u
-
-    @staticmethod
-    def backward(ctx, dy):
-        g, u = ctx.saved_tensors
-        dg = torch.ops.aten.silu_backward(dy * u, g) if ctx.needs_input_grad[0] else None
-        du = dy * F.silu(g) if ctx.needs_input_grad[1] else None
-        return dg, du
-
-
 def silu_mul(g, u):
-    if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad) and g.dtype == u.dtype:
-        return SiluMul.apply(g, u)
-    return F.silu(g) * u
+    return ops.silu_mul(g, u)
 
 
 class LlamaDecoderLayer(nn.Module):

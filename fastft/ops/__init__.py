@@ -63,6 +63,17 @@ def int4_dequantize(qweight, dtype=torch.float32):
     return dispatch.get_impl("int4_dequantize", _device(qweight))(qweight, dtype)
 
 
+def rms_norm(x, weight, eps):
+    """RMSNorm as in HF Llama: w · (x / sqrt(mean(x²) + eps)), normalised in fp32, cast to x's dtype
+    before the weight."""
+    return dispatch.get_impl("rms_norm", x.device)(x, weight, eps)
+
+
+def silu_mul(g, u):
+    """SwiGLU's silu(g) · u (saves only g and u for backward)."""
+    return dispatch.get_impl("silu_mul", g.device)(g, u)
+
+
 def cross_entropy_grad_(logits, targets, ignore_index=-100):
     """Per-row cross-entropy losses of ``logits`` (n, V); ``logits`` becomes softmax − onehot in place.
 
@@ -73,6 +84,6 @@ def cross_entropy_grad_(logits, targets, ignore_index=-100):
 
 
 __all__ = [
-    "attention", "cross_entropy_grad_", "attention_varlen", "lora_linear", "quant_matmul", "nf4_quantize", "nf4_dequantize",
+    "attention", "cross_entropy_grad_", "rms_norm", "silu_mul", "attention_varlen", "lora_linear", "quant_matmul", "nf4_quantize", "nf4_dequantize",
     "int4_quantize", "int4_dequantize", "backend_for", "impl", "register", "dispatch",
 ]

@@ -23,6 +23,8 @@ Raw-tensor ops (arguments are the fields of ``NF4Weight`` / ``Int4Weight``; see 
   three passes over each (cache-resident) row instead of the ~8 full passes of the torch
   composition (``.float()``, logsumexp, sub, exp, scatter, mask, cast back).
 
+* ``rmsnorm_fwd(x, w, eps) -> (y, rstd)`` / ``rmsnorm_bwd``, ``silu_mul(g, u)`` / ``silu_mul_bwd``:
+  the transformer block's elementwise steps fused per row (fp32 / bf16), autograd registered.
 * ``attn_fwd(q, k, v, scale, causal) -> (out, lse)`` / ``attn_bwd``: CPU attention, fp32 / bf16,
   GQA by index, bottom-right causal; ``attention`` uses it (autograd registered below).
 
@@ -82,6 +84,10 @@ SCHEMAS = {
     "int4_matmul": f"int4_matmul(Tensor x, Tensor? bias, {_INT4_Q}, int out_features, int in_features) -> Tensor",
     "int4_matmul_grad_x": f"int4_matmul_grad_x(Tensor grad, {_INT4_Q}, int out_features, int in_features) -> Tensor",
     "ce_loss_grad_": "ce_loss_grad_(Tensor(a!) logits, Tensor targets, int ignore_index) -> Tensor",
+    "rmsnorm_fwd": "rmsnorm_fwd(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)",
+    "rmsnorm_bwd": "rmsnorm_bwd(Tensor grad, Tensor x, Tensor weight, Tensor rstd) -> Tensor",
+    "silu_mul": "silu_mul(Tensor g, Tensor u) -> Tensor",
+    "silu_mul_bwd": "silu_mul_bwd(Tensor grad, Tensor g, Tensor u) -> (Tensor, Tensor)",
     "attn_fwd": "attn_fwd(Tensor q, Tensor k, Tensor v, float scale, bool causal) -> (Tensor, Tensor)",
     "attn_bwd": ("attn_bwd(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, "
                  "bool causal) -> (Tensor, Tensor, Tensor)"),
@@ -185,6 +191,47 @@ if AVAILABLE:
 
     torch.library.register_autograd("fastft::attn_fwd", _attn_backward, setup_context=_attn_setup_context)
 
+    @torch.library.register_fake("fastft::rmsnorm_fwd")
+    def _(x, weight, eps):
+        return x.new_empty(x.shape), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+    @torch.library.register_fake("fastft::rmsnorm_bwd")
+    def _(grad, x, weight, rstd):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake("fastft::silu_mul")
+    def _(g, u):
+        return g.new_empty(g.shape)
+
+    @torch.library.register_fake("fastft::silu_mul_bwd")
+    def _(grad, g, u):
+        return g.new_empty(g.shape), u.new_empty(u.shape)
+
+    def _rms_setup_context(ctx, inputs, output):
+        x, weight, eps = inputs
+        ctx.save_for_backward(x, weight, output[1])
+
+    def _rms_backward(ctx, grad_y, grad_rstd):
+        x, weight, rstd = ctx.saved_tensors
+        dx = ops.rmsnorm_bwd(grad_y.contiguous(), x, weight, rstd) if ctx.needs_input_grad[0] else None
+        dw = None
+        if ctx.needs_input_grad[1]:  # y = w · t with t the rounded normalised x
+            t = (x.float() * rstd[..., None]).to(x.dtype)
+            dw = (grad_y * t).reshape(-1, x.shape[-1]).sum(0)
+        return dx, dw, None
+
+    torch.library.register_autograd("fastft::rmsnorm_fwd", _rms_backward, setup_context=_rms_setup_context)
+
+    def _silu_setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _silu_backward(ctx, grad):
+        g, u = ctx.saved_tensors
+        dg, du = ops.silu_mul_bwd(grad.contiguous(), g, u)
+        return dg, du
+
+    torch.library.register_autograd("fastft::silu_mul", _silu_backward, setup_context=_silu_setup_context)
+
     # -- autograd: dX = dY · W through the transposed kernel; db = Σ dY; W frozen ---------------
     # Only the packed weight tensors (inputs that exist anyway) are saved; never x, never W_deq.
     def _qmm_setup_context(ctx, inputs, output):
@@ -284,6 +331,24 @@ if AVAILABLE:
         if isinstance(qweight, NF4Weight):
             return ops.nf4_matmul(xc, b, *nf4_args(qweight), *qweight.shape)
         return ops.int4_matmul(xc, b, *int4_args(qweight), *qweight.shape)
+
+    _ROW_DTYPES = (torch.float32, torch.bfloat16)
+
+    @register("rms_norm", "cpp")
+    def rms_norm(x, weight, eps):
+        """One fused pass per row (two reductions' worth), saving x and 1/rms; dx likewise."""
+        if (x.device.type != "cpu" or x.dtype not in _ROW_DTYPES or weight.dtype != x.dtype or weight.dim() != 1
+                or torch.is_autocast_enabled("cpu")):
+            return _reference("rms_norm")(x, weight, eps)
+        return ops.rmsnorm_fwd(x, weight, float(eps))[0]
+
+    @register("silu_mul", "cpp")
+    def silu_mul(g, u):
+        """silu(g) · u in one pass, dg / du in one pass, saving g and u."""
+        if (g.device.type != "cpu" or g.dtype not in _ROW_DTYPES or u.dtype != g.dtype or g.shape != u.shape
+                or torch.is_autocast_enabled("cpu")):
+            return _reference("silu_mul")(g, u)
+        return ops.silu_mul(g, u)
 
     @register("quant_matmul_grad_x", "cpp")
     def quant_matmul_grad_x(grad, qweight):

@@ -140,6 +140,43 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, ge
     return base + low * scaling
 
 
+@register("rms_norm", "reference")
+def rms_norm(x, weight, eps):
+    """y = w · x / sqrt(mean(x²) + eps), normalised in fp32 and cast back before the weight (as HF)."""
+    dt = x.dtype
+    xf = x.to(torch.float32)
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(dt)
+
+
+class SiluMul(torch.autograd.Function):
+    """silu(g) · u saving only g and u (autograd on the plain expression also keeps silu(g)).
+
+    Backward: du = dy · silu(g), dg = silu'(g) · (dy · u), through the same aten ops autograd uses
+    (``silu_backward``), so the gradients round identically.
+    """
+
+    @staticmethod
+    def forward(ctx, g, u):
+        ctx.save_for_backward(g, u)
+        return F.silu(g) * u
+
+    @staticmethod
+    def backward(ctx, dy):
+        g, u = ctx.saved_tensors
+        dg = torch.ops.aten.silu_backward(dy * u, g) if ctx.needs_input_grad[0] else None
+        du = dy * F.silu(g) if ctx.needs_input_grad[1] else None
+        return dg, du
+
+
+@register("silu_mul", "reference")
+def silu_mul(g, u):
+    """SwiGLU's silu(g) · u; under autograd saves only g and u (``SiluMul``)."""
+    if torch.is_grad_enabled() and (g.requires_grad or u.requires_grad) and g.dtype == u.dtype:
+        return SiluMul.apply(g, u)
+    return F.silu(g) * u
+
+
 @register("cross_entropy_grad_", "reference")
 def cross_entropy_grad_(logits, targets, ignore_index=-100):
     """Per-row cross-entropy of ``logits`` (n, V) against ``targets`` (n,), gradient in place.
