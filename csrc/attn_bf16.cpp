@@ -146,7 +146,44 @@ void transpose16(const uint16_t* X, int64_t ldx, int64_t rows, int64_t cols, uin
     for (int64_t r = rows; r < rows_pad; ++r) dst[c * ldd + r] = 0;
 }
 
-const AttnBf16Kernels kBf16 = {gemm, pack_rows, pack_cols, to_bf16, transpose16};
+// Exact round-to-nearest-even fp32 -> bf16 of 16 lanes (torch's conversion: subnormals kept,
+// NaN -> quiet NaN), unlike vcvtneps2bf16 which flushes subnormal inputs.
+inline __m256i rne16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+// dst[r][c] = bf16(scale · src[r][c]) for an output block (the final rounding of O / dQ).
+void store_rows(const float* src, int64_t lds, int64_t rows, int64_t cols, float scale, uint16_t* dst, int64_t ldd) {
+  const __m512 vs = _mm512_set1_ps(scale);
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t c = 0;
+    for (; c + 16 <= cols; c += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + r * ldd + c), rne16(_mm512_mul_ps(_mm512_loadu_ps(src + r * lds + c), vs)));
+    if (c < cols) {
+      const __mmask16 m = static_cast<__mmask16>((1u << (cols - c)) - 1u);
+      _mm256_mask_storeu_epi16(dst + r * ldd + c, m, rne16(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, src + r * lds + c), vs)));
+    }
+  }
+}
+
+// dst[r][c] = bf16(scale · src[c][r]): the fp32 Kᵀ / Vᵀ gradient accumulators (cols x rows) to
+// dK / dV rows, 16 x 16 tiles through a small buffer.
+void store_t(const float* src, int64_t lds, int64_t rows, int64_t cols, float scale, uint16_t* dst, int64_t ldd) {
+  alignas(64) float tile[16 * 16];
+  for (int64_t r0 = 0; r0 < rows; r0 += 16)
+    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+      const int64_t nr = std::min<int64_t>(16, rows - r0), nc = std::min<int64_t>(16, cols - c0);
+      for (int64_t c = 0; c < nc; ++c)
+        for (int64_t r = 0; r < nr; ++r) tile[r * 16 + c] = src[(c0 + c) * lds + r0 + r];
+      store_rows(tile, 16, nr, nc, scale, dst + r0 * ldd + c0, ldd);
+    }
+}
+
+const AttnBf16Kernels kBf16 = {gemm, pack_rows, pack_cols, to_bf16, transpose16, store_rows, store_t};
 
 }  // namespace
 

@@ -78,6 +78,10 @@ struct KernelTable {
   // SwiGLU's y = silu(g)·u (silu rounded first, as torch does) and its gradients dg, du.
   void (*silu_mul_row)(const void* g, const void* u, void* y, int64_t n, OutType t);
   void (*silu_mul_bwd_row)(const void* dy, const void* g, const void* u, void* dg, void* du, int64_t n, OutType t);
+  // Rotary embedding of one position (nheads x D values; cos / sin of length d <= D, d even,
+  // the tail past d copied): forward, or its transpose for the backward (bwd).
+  void (*rope_row)(const void* x, const void* cs, const void* sn, void* y, int64_t nheads, int64_t D, int64_t d, bool bwd,
+                   OutType t);
 };
 
 // bf16 GEMM pieces of the CPU attention (attn_bf16.cpp, AVX512-BF16 vdpbf16ps). "Pair-packed" B:
@@ -95,6 +99,10 @@ struct AttnBf16Kernels {
   // bf16 X (rows x cols) -> Xᵀ (cols x rows_pad), zero-filled from rows to rows_pad.
   void (*transpose16)(const uint16_t* X, int64_t ldx, int64_t rows, int64_t cols, uint16_t* dst, int64_t ldd,
                       int64_t rows_pad);
+  // dst[r][c] = bf16(scale · src[r][c]), torch's exact rounding (subnormals kept).
+  void (*store_rows)(const float* src, int64_t lds, int64_t rows, int64_t cols, float scale, uint16_t* dst, int64_t ldd);
+  // dst[r][c] = bf16(scale · src[c][r]) (src holds the transpose, cols x rows, ld lds).
+  void (*store_t)(const float* src, int64_t lds, int64_t rows, int64_t cols, float scale, uint16_t* dst, int64_t ldd);
 };
 // The compiled table (nullptr on non-x86 builds); callers also check the CPU (avx512bf16).
 const AttnBf16Kernels* attn_bf16_kernels_compiled();

@@ -803,6 +803,7 @@ static void attn_fwd_bf16(const AttnBf16Kernels& K2, const at::Tensor& q, const 
   at::Tensor vp = at::empty({B * Hkv, Sh * D}, q.options().dtype(at::kInt));
   uint32_t* kptp = reinterpret_cast<uint32_t*>(kpt.data_ptr());
   uint32_t* vpp = reinterpret_cast<uint32_t*>(vp.data_ptr());
+  uint16_t* outp = static_cast<uint16_t*>(out.data_ptr());
   at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       K2.pack_cols(u16(k) + t * S * D, D, S, D, kptp + t * (D / 2) * S);
@@ -817,10 +818,10 @@ static void attn_fwd_bf16(const AttnBf16Kernels& K2, const at::Tensor& q, const 
       const int64_t b = t / (Hq * nqb), h = (t / nqb) % Hq, i0 = (t % nqb) * kAttnBlockQ, hk = h / G, bk = b * Hkv + hk;
       const int64_t n = std::min(kAttnBlockQ, T - i0);
       const int64_t kend = visible_keys(i0 + n - 1, T, S, causal);
-      at::Tensor ob = out.select(0, b).select(0, h).narrow(0, i0, n);
+      uint16_t* ob = outp + ((b * Hq + h) * T + i0) * D;
       float* lrow = lp + (b * Hq + h) * T + i0;
       if (kend == 0) {
-        ob.zero_();
+        std::fill(ob, ob + n * D, static_cast<uint16_t>(0));
         std::fill(lrow, lrow + n, -INFINITY);
         continue;
       }
@@ -830,7 +831,7 @@ static void attn_fwd_bf16(const AttnBf16Kernels& K2, const at::Tensor& q, const 
         lrow[r] = Kt.attn_softmax_row(sbuf.data() + r * kend, visible_keys(i0 + r, T, S, causal), kend, scale);
       K2.to_bf16(sbuf.data(), kend, n, kend, pb.data(), ke, ke);
       K2.gemm(pb.data(), ke, vpp + bk * Sh * D, D, obuf.data(), D, n, D, ke, false);
-      ob.copy_(at::from_blob(obuf.data(), {n, D}, at::TensorOptions().dtype(at::kFloat)));
+      K2.store_rows(obuf.data(), D, n, D, 1.0f, ob, D);
     }
   });
 }
@@ -846,6 +847,9 @@ static void attn_bwd_bf16(const AttnBf16Kernels& K2, const at::Tensor& dout, con
   const int64_t G = Hq / Hkv, Sh = (S + 1) / 2, Tp = T + (T & 1);
   const KernelTable& Kt = kernels();
   const int64_t nqb = ceil_div(T, kAttnBlockQ);
+  uint16_t* dqp = static_cast<uint16_t*>(dq.data_ptr());
+  uint16_t* dkp = static_cast<uint16_t*>(dk.data_ptr());
+  uint16_t* dvp = static_cast<uint16_t*>(dv.data_ptr());
   at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
     std::vector<uint32_t> kpt(D / 2 * S), kp(Sh * D), vpt(D / 2 * S);
     std::vector<float> dkT(D * S), dvT(D * S), sbuf(kAttnBlockQ * S), dpbuf(kAttnBlockQ * S), dqbuf(kAttnBlockQ * D);
@@ -876,9 +880,9 @@ static void attn_bwd_bf16(const AttnBf16Kernels& K2, const at::Tensor& dout, con
         for (int64_t qb = 0; qb < nqb; ++qb) {
           const int64_t i0 = qb * kAttnBlockQ, n = std::min(kAttnBlockQ, T - i0);
           const int64_t kend = visible_keys(i0 + n - 1, T, S, causal);
-          at::Tensor dqb = dq.select(0, b).select(0, h).narrow(0, i0, n);
+          uint16_t* dqb = dqp + (bh * T + i0) * D;
           if (kend == 0) {
-            dqb.zero_();
+            std::fill(dqb, dqb + n * D, static_cast<uint16_t>(0));
             continue;
           }
           const int64_t ke = kend + (kend & 1), ne = n + (n & 1);
@@ -894,12 +898,11 @@ static void attn_bwd_bf16(const AttnBf16Kernels& K2, const at::Tensor& dout, con
           K2.gemm(doT.data() + i0, Tp, pP.data(), ke, dvT.data(), S, D, kend, ne, true);
           K2.gemm(qT.data() + i0, Tp, pdS.data(), ke, dkT.data(), S, D, kend, ne, true);
           K2.gemm(dsb.data(), ke, kp.data(), D, dqbuf.data(), D, n, D, ke, false);
-          dqb.copy_(at::from_blob(dqbuf.data(), {n, D}, at::TensorOptions().dtype(at::kFloat)).mul_(scale));
+          K2.store_rows(dqbuf.data(), D, n, D, scale, dqb, D);
         }
       }
-      const auto f32 = at::TensorOptions().dtype(at::kFloat);
-      dk.select(0, b).select(0, hk).copy_(at::from_blob(dkT.data(), {D, S}, f32).t().mul(scale));
-      dv.select(0, b).select(0, hk).copy_(at::from_blob(dvT.data(), {D, S}, f32).t());
+      K2.store_t(dkT.data(), S, S, D, scale, dkp + t * S * D, D);
+      K2.store_t(dvT.data(), S, S, D, 1.0f, dvp + t * S * D, D);
     }
   });
 }
@@ -1149,6 +1152,32 @@ std::tuple<at::Tensor, at::Tensor> silu_mul_bwd(const at::Tensor& dy_, const at:
   return {dg, du};
 }
 
+// Rotary embedding: x (B, T, H, D) contiguous, cos / sin (B, T, d), d even <= D; `backward`
+// applies the transpose (the input gradient of the forward for the same cos / sin).
+at::Tensor rope(const at::Tensor& x_, const at::Tensor& cos_, const at::Tensor& sin_, bool backward) {
+  const char* op = "fastft::rope";
+  const OutType t = row_type(x_, op, "x");
+  same_type(op, x_, cos_, "x", "cos");
+  same_type(op, x_, sin_, "x", "sin");
+  TORCH_CHECK(x_.dim() == 4 && cos_.dim() == 3 && cos_.sizes() == sin_.sizes() && cos_.size(0) == x_.size(0) &&
+                  cos_.size(1) == x_.size(1) && cos_.size(2) % 2 == 0 && cos_.size(2) <= x_.size(3),
+              op, ": x must be (B, T, H, D) and cos / sin (B, T, d) with d even <= D, got ", x_.sizes(), ", ", cos_.sizes(), ", ",
+              sin_.sizes());
+  const at::Tensor x = x_.detach().contiguous(), c = cos_.detach().contiguous(), sn = sin_.detach().contiguous();
+  const int64_t P = x.size(0) * x.size(1), H = x.size(2), D = x.size(3), d = c.size(2), es = x.element_size();
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  const char* xp = static_cast<const char*>(x.const_data_ptr());
+  const char* cp = static_cast<const char*>(c.const_data_ptr());
+  const char* sp = static_cast<const char*>(sn.const_data_ptr());
+  char* yp = static_cast<char*>(y.data_ptr());
+  const KernelTable& Kt = kernels();
+  at::parallel_for(0, P, grain_for(H * D * 4), [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      Kt.rope_row(xp + p * H * D * es, cp + p * d * es, sp + p * d * es, yp + p * H * D * es, H, D, d, backward, t);
+  });
+  return y;
+}
+
 }  // namespace fastft
 
 TORCH_LIBRARY_IMPL(fastft, CPU, m) {
@@ -1170,6 +1199,7 @@ TORCH_LIBRARY_IMPL(fastft, CPU, m) {
   m.impl("rmsnorm_bwd", &fastft::rmsnorm_bwd);
   m.impl("silu_mul", &fastft::silu_mul);
   m.impl("silu_mul_bwd", &fastft::silu_mul_bwd);
+  m.impl("rope", &fastft::rope);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -527,6 +527,24 @@ def test_silu_mul_vs_gold(isa, n, dtype):
 
 
 @needs_ext
+@pytest.mark.parametrize("D,d", [(64, 64), (40, 40), (128, 128), (64, 32), (80, 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_vs_gold(isa, D, d, dtype):
+    gen = torch.Generator().manual_seed(D + d)
+    B, T, H = 2, 5, 3
+    x = torch.randn(B, T, H, D, generator=gen).to(dtype)
+    ang = torch.randn(B, T, d // 2, generator=gen) * 3
+    emb = torch.cat((ang, ang), -1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    ours, ref = dispatch.impl("rope", "cpp"), dispatch.impl("rope", "reference")
+    got = _grads(lambda x: ours(x, cos, sin), [x])
+    gold = _grads(lambda x: ref(x, cos.double(), sin.double()), [x.double()])
+    lowp = _grads(lambda x: ref(x, cos, sin), [x])
+    for name, a, b, c in zip(["y", "dx"], got, gold, lowp):
+        assert_close_to_gold(a, b, c, name=name)
+
+
+@needs_ext
 def test_fused_rows_fall_back_and_reject():
     ours = dispatch.impl("rms_norm", "cpp")
     x, w = torch.randn(2, 8, dtype=torch.float16), torch.ones(8, dtype=torch.float16)
@@ -576,6 +594,7 @@ def test_opcheck_every_op():
         (o.rmsnorm_fwd.default, (torch.randn(4, 40).bfloat16(), torch.rand(40).bfloat16(), 1e-5)),
         (o.silu_mul.default, (torch.randn(3, 33, requires_grad=True), torch.randn(3, 33, requires_grad=True))),
         (o.silu_mul.default, (torch.randn(70).bfloat16(), torch.randn(70).bfloat16())),
+        (o.rope.default, (torch.randn(2, 3, 4, 32, requires_grad=True), torch.randn(2, 3, 32), torch.randn(2, 3, 32), False)),
         (o.attn_fwd.default, (torch.randn(2, 4, 5, 8, requires_grad=True), torch.randn(2, 2, 7, 8, requires_grad=True),
                               torch.randn(2, 2, 7, 8, requires_grad=True), 0.3, True)),
         (o.attn_fwd.default, (torch.randn(1, 2, 70, 16).bfloat16(), torch.randn(1, 1, 70, 16).bfloat16(),

@@ -164,19 +164,9 @@ class RotaryEmbedding(nn.Module):
         return cos.to(dtype), sin.to(dtype)
 
 
-def _rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rope(x, cos, sin):
     """x (B, T, H, D); cos/sin (B, T, d) with d <= D (partial rotary leaves the tail unrotated)."""
-    cos, sin = cos[:, :, None], sin[:, :, None]
-    d = cos.shape[-1]
-    if d == x.shape[-1]:
-        return x * cos + _rotate_half(x) * sin
-    xr, xp = x[..., :d], x[..., d:]
-    return torch.cat((xr * cos + _rotate_half(xr) * sin, xp), dim=-1)
+    return ops.rope(x, cos, sin)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -533,8 +523,9 @@ def causal_lm_loss(logits, labels, num_items_in_batch=None, cu_seqlens=None):
     return _normalise(total, targets, num_items_in_batch)
 
 
-# Rows of logits per chunk: about 2^23 fp32 logits (32 MiB) at a time.
-CE_CHUNK_ELEMS = 1 << 23
+# Rows of logits per chunk: about 32 MiB of logits in h's dtype at a time (2^23 fp32, 2^24 bf16
+# logits; the larger bf16 chunk also runs the lm_head GEMMs nearer the CPU's peak).
+CE_CHUNK_BYTES = 1 << 25
 
 
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -592,7 +583,7 @@ def chunked_causal_lm_loss(h, weight, labels, num_items_in_batch=None, cu_seqlen
     """
     targets = _shifted_targets(labels, h.shape[:2], cu_seqlens)
     if chunk_rows is None:
-        chunk_rows = max(1, CE_CHUNK_ELEMS // weight.shape[0])
+        chunk_rows = max(1, CE_CHUNK_BYTES // (weight.shape[0] * h.element_size()))
     total = ChunkedLinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1).to(h.device),
                                             int(chunk_rows))
     return _normalise(total, targets, num_items_in_batch)

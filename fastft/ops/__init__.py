@@ -69,6 +69,11 @@ def rms_norm(x, weight, eps):
     return dispatch.get_impl("rms_norm", x.device)(x, weight, eps)
 
 
+def rope(x, cos, sin):
+    """Rotary position embedding: x (B, T, H, D), cos / sin (B, T, d), d <= D (tail unrotated)."""
+    return dispatch.get_impl("rope", x.device)(x, cos, sin)
+
+
 def silu_mul(g, u):
     """SwiGLU's silu(g) · u (saves only g and u for backward)."""
     return dispatch.get_impl("silu_mul", g.device)(g, u)
@@ -84,6 +89,6 @@ def cross_entropy_grad_(logits, targets, ignore_index=-100):
 
 
 __all__ = [
-    "attention", "cross_entropy_grad_", "rms_norm", "silu_mul", "attention_varlen", "lora_linear", "quant_matmul", "nf4_quantize", "nf4_dequantize",
+    "attention", "cross_entropy_grad_", "rms_norm", "rope", "silu_mul", "attention_varlen", "lora_linear", "quant_matmul", "nf4_quantize", "nf4_dequantize",
     "int4_quantize", "int4_dequantize", "backend_for", "impl", "register", "dispatch",
 ]

@@ -23,7 +23,8 @@ Raw-tensor ops (arguments are the fields of ``NF4Weight`` / ``Int4Weight``; see 
   three passes over each (cache-resident) row instead of the ~8 full passes of the torch
   composition (``.float()``, logsumexp, sub, exp, scatter, mask, cast back).
 
-* ``rmsnorm_fwd(x, w, eps) -> (y, rstd)`` / ``rmsnorm_bwd``, ``silu_mul(g, u)`` / ``silu_mul_bwd``:
+* ``rmsnorm_fwd(x, w, eps) -> (y, rstd)`` / ``rmsnorm_bwd``, ``silu_mul(g, u)`` / ``silu_mul_bwd``,
+  ``rope(x, cos, sin, backward)``:
   the transformer block's elementwise steps fused per row (fp32 / bf16), autograd registered.
 * ``attn_fwd(q, k, v, scale, causal) -> (out, lse)`` / ``attn_bwd``: CPU attention, fp32 / bf16,
   GQA by index, bottom-right causal; ``attention`` uses it (autograd registered below).
@@ -88,6 +89,7 @@ SCHEMAS = {
     "rmsnorm_bwd": "rmsnorm_bwd(Tensor grad, Tensor x, Tensor weight, Tensor rstd) -> Tensor",
     "silu_mul": "silu_mul(Tensor g, Tensor u) -> Tensor",
     "silu_mul_bwd": "silu_mul_bwd(Tensor grad, Tensor g, Tensor u) -> (Tensor, Tensor)",
+    "rope": "rope(Tensor x, Tensor cos, Tensor sin, bool backward) -> Tensor",
     "attn_fwd": "attn_fwd(Tensor q, Tensor k, Tensor v, float scale, bool causal) -> (Tensor, Tensor)",
     "attn_bwd": ("attn_bwd(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, "
                  "bool causal) -> (Tensor, Tensor, Tensor)"),
@@ -232,6 +234,21 @@ if AVAILABLE:
 
     torch.library.register_autograd("fastft::silu_mul", _silu_backward, setup_context=_silu_setup_context)
 
+    @torch.library.register_fake("fastft::rope")
+    def _(x, cos, sin, backward):
+        return x.new_empty(x.shape)
+
+    def _rope_setup_context(ctx, inputs, output):
+        x, cos, sin, backward = inputs
+        ctx.save_for_backward(cos, sin)
+        ctx.backward = backward
+
+    def _rope_backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return ops.rope(grad.contiguous(), cos, sin, not ctx.backward), None, None, None
+
+    torch.library.register_autograd("fastft::rope", _rope_backward, setup_context=_rope_setup_context)
+
     # -- autograd: dX = dY · W through the transposed kernel; db = Σ dY; W frozen ---------------
     # Only the packed weight tensors (inputs that exist anyway) are saved; never x, never W_deq.
     def _qmm_setup_context(ctx, inputs, output):
@@ -349,6 +366,15 @@ if AVAILABLE:
                 or torch.is_autocast_enabled("cpu")):
             return _reference("silu_mul")(g, u)
         return ops.silu_mul(g, u)
+
+    @register("rope", "cpp")
+    def rope(x, cos, sin):
+        """Rotary embedding in one pass (and its transpose in backward); cos / sin get no gradient."""
+        if (x.device.type != "cpu" or x.dtype not in _ROW_DTYPES or cos.dtype != x.dtype or sin.dtype != x.dtype
+                or x.dim() != 4 or cos.dim() != 3 or cos.shape[-1] % 2 or cos.requires_grad or sin.requires_grad
+                or torch.is_autocast_enabled("cpu")):
+            return _reference("rope")(x, cos, sin)
+        return ops.rope(x, cos, sin, False)
 
     @register("quant_matmul_grad_x", "cpp")
     def quant_matmul_grad_x(grad, qweight):

@@ -140,6 +140,23 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, ge
     return base + low * scaling
 
 
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+@register("rope", "reference")
+def rope(x, cos, sin):
+    """Rotary embedding (HF's rotate_half form): x (B, T, H, D); cos / sin (B, T, d) with d <= D
+    (partial rotary leaves the tail unrotated)."""
+    cos, sin = cos[:, :, None], sin[:, :, None]
+    d = cos.shape[-1]
+    if d == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    xr, xp = x[..., :d], x[..., d:]
+    return torch.cat((xr * cos + _rotate_half(xr) * sin, xp), dim=-1)
+
+
 @register("rms_norm", "reference")
 def rms_norm(x, weight, eps):
     """y = w · x / sqrt(mean(x²) + eps), normalised in fp32 and cast back before the weight (as HF)."""
