@@ -210,7 +210,7 @@ def _train_step(variant: str, steps: int, dtype: str, autocast: bool) -> dict:
     return json.loads(lines[-1])
 
 
-def train_rows(steps: int = 3) -> list[dict]:
+def train_rows(steps: int = 5) -> list[dict]:
     """fp32 pairs, then bf16: fastft with bf16 weights against the baseline both with bf16 weights
     and with fp32 weights under bf16 autocast; fastft's speedup is taken against the faster one."""
     mode = os.environ.get("FASTFT_BENCH_TRAIN", "1")
