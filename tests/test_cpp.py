@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from fastft.ops import dispatch
 from fastft.quant import Int4Weight, NF4Weight
-from utils import assert_close_to_gold
+from utils import assert_close_to_gold, output_and_grads
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -482,14 +482,6 @@ def test_cross_entropy_grad_dispatch(monkeypatch):
 # --------------------------------------------------------------------------------------------
 # fused transformer-block rows: RMSNorm and SwiGLU's silu(g)·u
 # --------------------------------------------------------------------------------------------
-def _grads(fn, inputs, gseed=0):
-    ts = [t.detach().clone().requires_grad_(True) for t in inputs]
-    out = fn(*ts)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(gseed), dtype=torch.float64)
-    out.backward(g.to(out.dtype))
-    return [out] + [t.grad for t in ts]
-
-
 @needs_ext
 @pytest.mark.parametrize("H", [1, 16, 37, 576])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -500,9 +492,9 @@ def test_rms_norm_vs_gold(isa, H, dtype):
     w = (1 + 0.1 * torch.randn(H, generator=gen)).to(dtype)
     ours, ref = dispatch.impl("rms_norm", "cpp"), dispatch.impl("rms_norm", "reference")
     eps = 1e-5
-    got = _grads(lambda x, w: ours(x, w, eps), [x, w])
-    gold = _grads(lambda x, w: ref(x, w, eps), [x.double(), w.double()])
-    lowp = _grads(lambda x, w: ref(x, w, eps), [x, w])
+    got = output_and_grads(lambda x, w: ours(x, w, eps), [x, w])
+    gold = output_and_grads(lambda x, w: ref(x, w, eps), [x.double(), w.double()])
+    lowp = output_and_grads(lambda x, w: ref(x, w, eps), [x, w])
     for name, a, b, c in zip(["y", "dx", "dw"], got, gold, lowp):
         assert a.dtype == c.dtype
         assert_close_to_gold(a, b, c, name=name)
@@ -519,9 +511,9 @@ def test_silu_mul_vs_gold(isa, n, dtype):
         g[1] = 100.0
     u = torch.randn(n, generator=gen).to(dtype)
     ours, ref = dispatch.impl("silu_mul", "cpp"), dispatch.impl("silu_mul", "reference")
-    got = _grads(ours, [g, u])
-    gold = _grads(ref, [g.double(), u.double()])
-    lowp = _grads(ref, [g, u])
+    got = output_and_grads(ours, [g, u])
+    gold = output_and_grads(ref, [g.double(), u.double()])
+    lowp = output_and_grads(ref, [g, u])
     for name, a, b, c in zip(["y", "dg", "du"], got, gold, lowp):
         assert_close_to_gold(a, b, c, name=name)
 
@@ -537,9 +529,9 @@ def test_rope_vs_gold(isa, D, d, dtype):
     emb = torch.cat((ang, ang), -1)
     cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
     ours, ref = dispatch.impl("rope", "cpp"), dispatch.impl("rope", "reference")
-    got = _grads(lambda x: ours(x, cos, sin), [x])
-    gold = _grads(lambda x: ref(x, cos.double(), sin.double()), [x.double()])
-    lowp = _grads(lambda x: ref(x, cos, sin), [x])
+    got = output_and_grads(lambda x: ours(x, cos, sin), [x])
+    gold = output_and_grads(lambda x: ref(x, cos.double(), sin.double()), [x.double()])
+    lowp = output_and_grads(lambda x: ref(x, cos, sin), [x])
     for name, a, b, c in zip(["y", "dx"], got, gold, lowp):
         assert_close_to_gold(a, b, c, name=name)
 

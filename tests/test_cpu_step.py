@@ -16,18 +16,12 @@ import fastft
 from fastft.ops import cpp, dispatch
 from fastft.quant import Int4Weight, NF4Weight
 from models_util import one_thread, save_tiny_checkpoint  # noqa: F401  (one_thread: autouse fixture)
-from utils import assert_close_to_gold
+from utils import assert_close_to_gold, output_and_grads
 
 pytestmark = pytest.mark.skipif(not cpp.AVAILABLE, reason="fastft._C (the cpp backend) is not built")
 
 
-def _run(fn, inputs, grad_seed=1):
-    """Output and input grads of fn(*inputs) for a fixed random output gradient."""
-    ts = [t.detach().clone().requires_grad_(True) for t in inputs]
-    out = fn(*ts)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
-    out.backward(g.to(out.dtype))
-    return [out] + [t.grad for t in ts]
+_run = output_and_grads
 
 
 def _check_vs_gold(fn_cpp, fn_ref, inputs, names):

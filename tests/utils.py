@@ -43,3 +43,13 @@ def is_noise(grad, scale, rel=1e-6):
     """True when ``grad`` is at rounding-noise level against the largest gradient ``scale``."""
     return float(grad.abs().max()) <= rel * scale
 
+
+def output_and_grads(fn, inputs, grad_seed=1):
+    """fn(*inputs) and the inputs' gradients for a fixed random float64 output gradient (cast to the
+    output's dtype), so runs in different dtypes see the same upstream gradient."""
+    ts = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*ts)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=torch.float64)
+    out.backward(g.to(out.dtype))
+    return [out] + [t.grad for t in ts]
+
