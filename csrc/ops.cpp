@@ -768,6 +768,34 @@ static constexpr int64_t kAttnBlockQ = 64;
 static inline int64_t visible_keys(int64_t i, int64_t T, int64_t S, bool causal) {
   return causal ? std::min<int64_t>(S, std::max<int64_t>(0, i + S - T + 1)) : S;
 }
+// Key padding: per batch row the sorted indices of masked keys. `visible` hides them in one row of
+// scores (-inf, so they get probability 0) and returns how many leading keys the row keeps: 0
+// when every key it could see is masked (the row then outputs 0, as the reference does).
+struct KeyMask {
+  std::vector<std::vector<int64_t>> masked;  // empty: no mask
+  explicit KeyMask(const std::optional<at::Tensor>& m, int64_t B, int64_t S, const char* op) {
+    if (!m.has_value()) return;
+    TORCH_CHECK(m->scalar_type() == at::kBool && m->dim() == 2 && m->size(0) == B && m->size(1) == S, op,
+                ": key_padding_mask must be bool (B, S) = (", B, ", ", S, "), got ", m->scalar_type(), " ", m->sizes());
+    const at::Tensor mc = m->detach().contiguous();
+    const bool* mp = mc.const_data_ptr<bool>();
+    masked.resize(B);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t j = 0; j < S; ++j)
+        if (!mp[b * S + j]) masked[b].push_back(j);
+  }
+  int64_t visible(float* row, int64_t b, int64_t len) const {
+    if (masked.empty()) return len;
+    int64_t n = 0;
+    for (int64_t j : masked[b]) {
+      if (j >= len) break;
+      row[j] = -INFINITY;
+      ++n;
+    }
+    return n == len ? 0 : len;
+  }
+};
+
 static std::atomic<int> g_attn_bf16{1};  // use the AVX512-BF16 GEMMs for bf16 inputs when the CPU has them
 
 static const AttnBf16Kernels* bf16_attn_kernels() {
@@ -795,7 +823,7 @@ static inline float bf16_to_f32(uint16_t h) {
 // V as is (for O = P V); per 64-row query block S (fp32) -> softmax rows -> P rounded to bf16 ->
 // O (fp32) -> one rounding to bf16.
 static void attn_fwd_bf16(const AttnBf16Kernels& K2, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, float scale,
-                          bool causal, at::Tensor& out, float* lp) {
+                          bool causal, const KeyMask& km, at::Tensor& out, float* lp) {
   const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1), S = k.size(2);
   const int64_t G = Hq / Hkv, Sh = (S + 1) / 2;
   const KernelTable& Kt = kernels();
@@ -828,7 +856,8 @@ static void attn_fwd_bf16(const AttnBf16Kernels& K2, const at::Tensor& q, const 
       const int64_t ke = kend + (kend & 1);
       K2.gemm(u16(q) + ((b * Hq + h) * T + i0) * D, D, kptp + bk * (D / 2) * S, S, sbuf.data(), kend, n, kend, D, false);
       for (int64_t r = 0; r < n; ++r)
-        lrow[r] = Kt.attn_softmax_row(sbuf.data() + r * kend, visible_keys(i0 + r, T, S, causal), kend, scale);
+        lrow[r] = Kt.attn_softmax_row(sbuf.data() + r * kend, km.visible(sbuf.data() + r * kend, b, visible_keys(i0 + r, T, S, causal)),
+                                      kend, scale);
       K2.to_bf16(sbuf.data(), kend, n, kend, pb.data(), ke, ke);
       K2.gemm(pb.data(), ke, vpp + bk * Sh * D, D, obuf.data(), D, n, D, ke, false);
       K2.store_rows(obuf.data(), D, n, D, 1.0f, ob, D);
@@ -842,7 +871,7 @@ static void attn_fwd_bf16(const AttnBf16Kernels& K2, const at::Tensor& q, const 
 // their GEMMs, as FlashAttention-2 does on tensor cores; S, dP and every accumulation are fp32.
 static void attn_bwd_bf16(const AttnBf16Kernels& K2, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                           const at::Tensor& v, const at::Tensor& out, const float* lp, float scale, bool causal,
-                          at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+                          const KeyMask& km, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   const int64_t B = q.size(0), Hq = q.size(1), T = q.size(2), D = q.size(3), Hkv = k.size(1), S = k.size(2);
   const int64_t G = Hq / Hkv, Sh = (S + 1) / 2, Tp = T + (T & 1);
   const KernelTable& Kt = kernels();
@@ -888,9 +917,11 @@ static void attn_bwd_bf16(const AttnBf16Kernels& K2, const at::Tensor& dout, con
           const int64_t ke = kend + (kend & 1), ne = n + (n & 1);
           K2.gemm(qh + i0 * D, D, kpt.data(), S, sbuf.data(), kend, n, kend, D, false);
           K2.gemm(doh + i0 * D, D, vpt.data(), S, dpbuf.data(), kend, n, kend, D, false);
-          for (int64_t r = 0; r < n; ++r)
-            Kt.attn_grad_row(sbuf.data() + r * kend, dpbuf.data() + r * kend, visible_keys(i0 + r, T, S, causal), kend, scale,
-                             lp[bh * T + i0 + r], di[i0 + r]);
+          for (int64_t r = 0; r < n; ++r) {
+            const float l = lp[bh * T + i0 + r];
+            const int64_t len = km.visible(sbuf.data() + r * kend, b, visible_keys(i0 + r, T, S, causal));
+            Kt.attn_grad_row(sbuf.data() + r * kend, dpbuf.data() + r * kend, l == -INFINITY ? 0 : len, kend, scale, l, di[i0 + r]);
+          }
           K2.to_bf16(sbuf.data(), kend, n, kend, pb.data(), ke, ke);
           K2.to_bf16(dpbuf.data(), kend, n, kend, dsb.data(), ke, ke);
           K2.pack_rows(pb.data(), ke, n, ke, pP.data());
@@ -926,7 +957,7 @@ static void check_attn(const char* op, const at::Tensor& q, const at::Tensor& k,
 }
 
 std::tuple<at::Tensor, at::Tensor> attn_fwd(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, double scale_,
-                                            bool causal) {
+                                            bool causal, const std::optional<at::Tensor>& key_padding_mask) {
   const char* op = "fastft::attn_fwd";
   check_attn(op, q_, k_, v_);
   at::NoGradGuard no_grad;  // the ATen calls below are the kernel's insides, not graph nodes
@@ -935,10 +966,11 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd(const at::Tensor& q_, const at::Tens
   const float scale = static_cast<float>(scale_);
   at::Tensor out = at::empty({B, Hq, T, D}, q_.options());
   at::Tensor lse = at::empty({B, Hq, T}, q_.options().dtype(at::kFloat));
+  const KeyMask km(key_padding_mask, B, S, op);
   if (out.numel() == 0) return {out, lse.fill_(-INFINITY)};
   const AttnBf16Kernels* K2 = bf16_attn_kernels();
   if (K2 && q_.scalar_type() == at::kBFloat16 && D % 2 == 0) {
-    attn_fwd_bf16(*K2, q_.detach().contiguous(), k_.detach().contiguous(), v_.detach().contiguous(), scale, causal, out,
+    attn_fwd_bf16(*K2, q_.detach().contiguous(), k_.detach().contiguous(), v_.detach().contiguous(), scale, causal, km, out,
                   lse.data_ptr<float>());
     return {out, lse};
   }
@@ -964,7 +996,7 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd(const at::Tensor& q_, const at::Tens
       at::Tensor s = at::mm(qf.select(0, b).select(0, h).narrow(0, i0, n), kf.select(0, b).select(0, hk).narrow(0, 0, kend).t());
       float* sp = s.data_ptr<float>();
       for (int64_t r = 0; r < n; ++r)
-        lrow[r] = Kt.attn_softmax_row(sp + r * kend, visible_keys(i0 + r, T, S, causal), kend, scale);
+        lrow[r] = Kt.attn_softmax_row(sp + r * kend, km.visible(sp + r * kend, b, visible_keys(i0 + r, T, S, causal)), kend, scale);
       const at::Tensor vb = vf.select(0, b).select(0, hk).narrow(0, 0, kend);
       if (f32) at::mm_out(ob, s, vb);
       else ob.copy_(at::mm(s, vb));  // one rounding of the fp32 result to bf16
@@ -975,7 +1007,8 @@ std::tuple<at::Tensor, at::Tensor> attn_fwd(const at::Tensor& q_, const at::Tens
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(const at::Tensor& dout, const at::Tensor& q_, const at::Tensor& k_,
                                                         const at::Tensor& v_, const at::Tensor& out, const at::Tensor& lse,
-                                                        double scale_, bool causal) {
+                                                        double scale_, bool causal,
+                                                        const std::optional<at::Tensor>& key_padding_mask) {
   const char* op = "fastft::attn_bwd";
   check_attn(op, q_, k_, v_);
   at::NoGradGuard no_grad;
@@ -992,10 +1025,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(const at::Tensor& dout, 
   if (dq.numel() == 0 && dk.numel() == 0) return {dq, dk, dv};
   const at::Tensor ls = lse.contiguous();
   const float* lp = ls.const_data_ptr<float>();
+  const KeyMask km(key_padding_mask, B, S, op);
   const AttnBf16Kernels* K2 = bf16_attn_kernels();
   if (K2 && q_.scalar_type() == at::kBFloat16 && D % 2 == 0) {
     attn_bwd_bf16(*K2, dout.detach().to(at::kBFloat16).contiguous(), q_.detach().contiguous(), k_.detach().contiguous(),
-                  v_.detach().contiguous(), out.detach().to(at::kBFloat16).contiguous(), lp, scale, causal, dq, dk, dv);
+                  v_.detach().contiguous(), out.detach().to(at::kBFloat16).contiguous(), lp, scale, causal, km, dq, dk, dv);
     return {dq, dk, dv};
   }
   const at::Tensor qf = q_.detach().to(at::kFloat).contiguous(), kf = k_.detach().to(at::kFloat).contiguous(),
@@ -1027,7 +1061,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(const at::Tensor& dout, 
           float* dpp = dp.data_ptr<float>();
           const int64_t row0 = (b * Hq + h) * T + i0;
           for (int64_t r = 0; r < n; ++r)
-            Kt.attn_grad_row(sp + r * kend, dpp + r * kend, visible_keys(i0 + r, T, S, causal), kend, scale, lp[row0 + r],
+            Kt.attn_grad_row(sp + r * kend, dpp + r * kend,
+                             lp[row0 + r] == -INFINITY ? 0 : km.visible(sp + r * kend, b, visible_keys(i0 + r, T, S, causal)), kend,
+                             scale, lp[row0 + r],
                              dip[row0 + r]);
           dvacc.narrow(0, 0, kend).addmm_(s.t(), doblk);
           dkacc.narrow(0, 0, kend).addmm_(dp.t(), qblk, 1.0, scale);

@@ -591,6 +591,9 @@ def test_opcheck_every_op():
                               torch.randn(2, 2, 7, 8, requires_grad=True), 0.3, True)),
         (o.attn_fwd.default, (torch.randn(1, 2, 70, 16).bfloat16(), torch.randn(1, 1, 70, 16).bfloat16(),
                               torch.randn(1, 1, 70, 16).bfloat16(), 0.25, False)),
+        (o.attn_fwd.default, (torch.randn(2, 2, 9, 16, requires_grad=True), torch.randn(2, 1, 9, 16, requires_grad=True),
+                              torch.randn(2, 1, 9, 16, requires_grad=True), 0.25, True,
+                              torch.tensor([[True] * 9, [False] * 3 + [True] * 6]))),
         (o.ce_loss_grad_.default, (torch.randn(2, 50, dtype=torch.bfloat16), torch.tensor([1, 2]), -100)),
     ]
     for op, args in cases:

@@ -66,13 +66,15 @@ def test_cpp_attention_vs_float64(B, Hq, Hkv, T, S, D, causal, padding):
         assert torch.equal(dk[0], torch.zeros_like(dk[0])) and torch.equal(dv[0], torch.zeros_like(dv[0]))
 
 
-BF16_ATT_CASES = [  # B, Hq, Hkv, T, S, D
-    (2, 4, 4, 1, 1, 40),
-    (2, 6, 2, 97, 97, 64),    # two query blocks of the kernel, odd T
-    (1, 3, 1, 130, 130, 80),  # three blocks, GQA 3
-    (2, 4, 2, 5, 33, 40),     # T < S (against a cache)
-    (2, 4, 1, 33, 5, 40),     # T > S: the first rows see no key -> 0
-    (1, 2, 2, 17, 17, 33),    # odd head dim: the fp32-GEMM path
+BF16_ATT_CASES = [  # B, Hq, Hkv, T, S, D, causal, padding
+    (2, 4, 4, 1, 1, 40, True, False),
+    (2, 6, 2, 97, 97, 64, True, False),    # two query blocks of the kernel, odd T
+    (1, 3, 1, 130, 130, 80, True, False),  # three blocks, GQA 3
+    (2, 4, 2, 5, 33, 40, True, False),     # T < S (against a cache)
+    (2, 4, 1, 33, 5, 40, True, False),     # T > S: the first rows see no key -> 0
+    (1, 2, 2, 17, 17, 33, True, False),    # odd head dim: the fp32-GEMM path
+    (3, 4, 2, 70, 70, 64, True, True),     # padding both sides, one sequence fully padded
+    (3, 6, 3, 33, 33, 64, False, True),    # bidirectional (BERT) with padding
 ]
 
 
@@ -86,23 +88,32 @@ def attn_bf16(request):
     _C.set_attn_bf16(True)
 
 
-@pytest.mark.parametrize("B,Hq,Hkv,T,S,D", BF16_ATT_CASES)
-def test_cpp_attention_bf16_vs_float64(attn_bf16, B, Hq, Hkv, T, S, D):
+@pytest.mark.parametrize("B,Hq,Hkv,T,S,D,causal,padding", BF16_ATT_CASES)
+def test_cpp_attention_bf16_vs_float64(attn_bf16, B, Hq, Hkv, T, S, D, causal, padding):
     from fastft import _C
 
     if not attn_bf16:
         assert not _C.attn_bf16()
     gen = torch.Generator().manual_seed(T * 31 + D)
     q, k, v = (torch.randn(*s, generator=gen).bfloat16() for s in ((B, Hq, T, D), (B, Hkv, S, D), (B, Hkv, S, D)))
+    kpm = None
+    if padding:
+        kpm = torch.ones(B, S, dtype=torch.bool)
+        kpm[0] = False       # no key at all: 0 output, 0 gradients
+        kpm[1, :5] = False   # left padding
+        kpm[2, -9:] = False  # right padding
     ref, ours = dispatch.impl("attention", "reference"), dispatch.impl("attention", "cpp")
-    fc = lambda q, k, v: ours(q, k, v, causal=True)  # noqa: E731
-    fr = lambda q, k, v: ref(q, k, v, causal=True)  # noqa: E731
+    fc = lambda q, k, v: ours(q, k, v, causal=causal, key_padding_mask=kpm)  # noqa: E731
+    fr = lambda q, k, v: ref(q, k, v, causal=causal, key_padding_mask=kpm)  # noqa: E731
     _check_vs_gold(fc, fr, [q, k, v], ["dq", "dk", "dv"])
     out, dq, dk, dv = _run(fc, [q, k, v])
     again = _run(fc, [q, k, v])  # deterministic: no atomics, fixed reduction order
     for a, b in zip((out, dq, dk, dv), again):
         assert torch.equal(a, b)
-    if T > S:  # rows that see no key: 0 output and 0 query gradient
+    if padding:
+        for t in (out, dq, dk, dv):
+            assert torch.equal(t[0], torch.zeros_like(t[0]))
+    if causal and T > S:  # rows that see no key: 0 output and 0 query gradient
         blind = T - S
         assert torch.equal(out[:, :, :blind], torch.zeros_like(out[:, :, :blind]))
         assert torch.equal(dq[:, :, :blind], torch.zeros_like(dq[:, :, :blind]))

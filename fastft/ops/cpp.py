@@ -90,9 +90,10 @@ SCHEMAS = {
     "silu_mul": "silu_mul(Tensor g, Tensor u) -> Tensor",
     "silu_mul_bwd": "silu_mul_bwd(Tensor grad, Tensor g, Tensor u) -> (Tensor, Tensor)",
     "rope": "rope(Tensor x, Tensor cos, Tensor sin, bool backward) -> Tensor",
-    "attn_fwd": "attn_fwd(Tensor q, Tensor k, Tensor v, float scale, bool causal) -> (Tensor, Tensor)",
+    "attn_fwd": ("attn_fwd(Tensor q, Tensor k, Tensor v, float scale, bool causal, Tensor? key_padding_mask=None) "
+                 "-> (Tensor, Tensor)"),
     "attn_bwd": ("attn_bwd(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, "
-                 "bool causal) -> (Tensor, Tensor, Tensor)"),
+                 "bool causal, Tensor? key_padding_mask=None) -> (Tensor, Tensor, Tensor)"),
 }
 
 
@@ -172,24 +173,25 @@ if AVAILABLE:
         return logits.new_empty((logits.shape[0],), dtype=torch.float32)
 
     @torch.library.register_fake("fastft::attn_fwd")
-    def _(q, k, v, scale, causal):
+    def _(q, k, v, scale, causal, key_padding_mask=None):
         return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
     @torch.library.register_fake("fastft::attn_bwd")
-    def _(grad, q, k, v, out, lse, scale, causal):
+    def _(grad, q, k, v, out, lse, scale, causal, key_padding_mask=None):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     def _attn_setup_context(ctx, inputs, output):
-        q, k, v, scale, causal = inputs
+        q, k, v, scale, causal, *mask = inputs
         out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, mask[0] if mask else None)
         ctx.scale, ctx.causal = scale, causal
         ctx.set_materialize_grads(True)
 
     def _attn_backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ops.attn_bwd(grad_out.contiguous(), q, k, v, out, lse, ctx.scale, ctx.causal)
-        return dq, dk, dv, None, None
+        # lse is an auxiliary output for the backward; nothing differentiates through it.
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        dq, dk, dv = ops.attn_bwd(grad_out.contiguous(), q, k, v, out, lse, ctx.scale, ctx.causal, mask)
+        return dq, dk, dv, None, None, None
 
     torch.library.register_autograd("fastft::attn_fwd", _attn_backward, setup_context=_attn_setup_context)
 
@@ -388,13 +390,13 @@ if AVAILABLE:
     # -- attention on CPU: fastft's kernel, or torch's fused (flash) CPU SDPA with a mask ---------
     @register("attention", "cpp")
     def attention(q, k, v, *, causal, scale=None, key_padding_mask=None, dropout_p=0.0, generator=None):
-        """The reference's contract on CPU. fp32 / bf16 attention without a padding mask, causal
-        or bidirectional, runs fastft's kernel (``fastft::attn_fwd`` / ``attn_bwd``, csrc/ops.cpp:
+        """The reference's contract on CPU. fp32 / bf16 attention, causal or bidirectional, with
+        or without a key padding mask, runs fastft's kernel (``fastft::attn_fwd`` / ``attn_bwd``, csrc/ops.cpp:
         GEMMs on 64-row query blocks against the keys they can see -- AVX512-BF16 pair-packed ones
         for bf16 where the CPU has them, fp32 BLAS otherwise -- softmax rows in L2, log-sum-exp
         saved, P recomputed in backward, one task per K/V head so dK/dV need no atomics).
 
-        fp16 and padded batches go to torch's fused CPU SDPA (online softmax, nothing (T, S)
+        fp16 goes to torch's fused CPU SDPA (online softmax, nothing (T, S)
         saved), ``enable_gqa`` mapping query-head groups onto K/V heads (no repeat). Masks are
         boolean: ``is_causal`` when T == S and there is no padding (SDPA's causal is aligned
         top-left, which equals bottom-right only then), else an explicit bottom-right mask. Rows
@@ -409,10 +411,12 @@ if AVAILABLE:
             return _reference("attention")(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
                                            dropout_p=dropout_p, generator=generator)
         T, S = q.shape[2], k.shape[2]
-        if key_padding_mask is None and q.dtype in (torch.float32, torch.bfloat16):
-            # fastft's kernel (fastft::attn_fwd / attn_bwd): causal or not, any T / S, GQA by index.
+        if q.dtype in (torch.float32, torch.bfloat16):
+            # fastft's kernel (fastft::attn_fwd / attn_bwd): causal or not, any T / S, GQA by index,
+            # padding on either side.
             sc = q.shape[-1] ** -0.5 if scale is None else float(scale)
-            return ops.attn_fwd(q, k, v, sc, causal)[0]
+            kpm = None if key_padding_mask is None else key_padding_mask.to(torch.bool)
+            return ops.attn_fwd(q, k, v, sc, causal, kpm)[0]
         gqa = q.shape[1] != k.shape[1]
         if key_padding_mask is None and (not causal or T == S):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
