@@ -587,6 +587,10 @@ def test_opcheck_every_op():
         (o.silu_mul.default, (torch.randn(3, 33, requires_grad=True), torch.randn(3, 33, requires_grad=True))),
         (o.silu_mul.default, (torch.randn(70).bfloat16(), torch.randn(70).bfloat16())),
         (o.rope.default, (torch.randn(2, 3, 4, 32, requires_grad=True), torch.randn(2, 3, 32), torch.randn(2, 3, 32), False)),
+        (o.rope.default, (torch.randn(1, 2, 3, 40).bfloat16(), torch.randn(1, 2, 20).bfloat16(), torch.randn(1, 2, 20).bfloat16(),
+                          True)),
+        (o.rmsnorm_bwd.default, (torch.randn(3, 24), torch.randn(3, 24), torch.rand(24), torch.rand(3) + 0.5)),
+        (o.silu_mul_bwd.default, (torch.randn(50).bfloat16(), torch.randn(50).bfloat16(), torch.randn(50).bfloat16())),
         (o.attn_fwd.default, (torch.randn(2, 4, 5, 8, requires_grad=True), torch.randn(2, 2, 7, 8, requires_grad=True),
                               torch.randn(2, 2, 7, 8, requires_grad=True), 0.3, True)),
         (o.attn_fwd.default, (torch.randn(1, 2, 70, 16).bfloat16(), torch.randn(1, 1, 70, 16).bfloat16(),
@@ -596,6 +600,9 @@ def test_opcheck_every_op():
                               torch.tensor([[True] * 9, [False] * 3 + [True] * 6]))),
         (o.ce_loss_grad_.default, (torch.randn(2, 50, dtype=torch.bfloat16), torch.tensor([1, 2]), -100)),
     ]
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
+    out, lse = o.attn_fwd(q, k, v, 0.3, True)
+    cases.append((o.attn_bwd.default, (torch.randn(2, 4, 5, 8), q, k, v, out, lse, 0.3, True)))
     for op, args in cases:
         torch.library.opcheck(op, args)
 
