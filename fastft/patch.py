@@ -18,6 +18,9 @@
   do adapter weights (PEFT's ``lora_A`` / ``lora_B``, ``modules_to_save``). Other leaf modules with
   2-D weights are left alone; one log line names their types. With ``quantization=None`` dense
   linears stay ``nn.Linear`` (a dense GEMM is already what fastft would run).
+* **block ops** -- the RMSNorm and SiLU-gated MLP modules of the Llama / Mistral / Qwen2 / Qwen3
+  classes (``RMSNORM_CLASSES``, ``SWIGLU_MLP_CLASSES``, whose forwards are exactly these ops) run
+  through ``fastft.ops.rms_norm`` / ``fastft.ops.silu_mul``: the fused C++ rows on CPU.
 * **PEFT LoRA layers** already in the model (a ``peft.PeftModel``) keep their parameters and
   state_dict keys; only their forward is rerouted through ``fastft.ops.lora_linear`` (single active
   adapter, no DoRA, no ``fan_in_fan_out``; anything else keeps PEFT's forward).
@@ -285,6 +288,44 @@ def _load_backends(model) -> None:
                 pass
 
 
+# transformers classes whose forward is exactly fastft.ops.rms_norm / down(silu(gate(x)) * up(x)) (checked
+# against transformers 5.x sources); their forward is rerouted so CPU runs use the fused row kernels.
+RMSNORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+SWIGLU_MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+
+
+def _rmsnorm_forward(self, hidden_states):
+    return ops.rms_norm(hidden_states, self.weight, self.variance_epsilon)
+
+
+def _swiglu_forward(self, x):
+    return self.down_proj(ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
+
+
+def _is_silu(act) -> bool:
+    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"  # transformers' ACT2FN["silu"]
+
+
+def _patch_block_ops(model) -> int:
+    """Reroute the known RMSNorm and SiLU-gated MLP modules' forward through fastft ops."""
+    n = 0
+    for mod in model.modules():
+        cls = type(mod).__name__
+        if hasattr(mod, "_fastft_orig_forward"):
+            continue
+        if cls in RMSNORM_CLASSES and hasattr(mod, "variance_epsilon") and getattr(mod, "weight", None) is not None:
+            fwd = _rmsnorm_forward
+        elif (cls in SWIGLU_MLP_CLASSES and _is_silu(getattr(mod, "act_fn", None))
+              and all(hasattr(mod, a) for a in ("gate_proj", "up_proj", "down_proj"))):
+            fwd = _swiglu_forward
+        else:
+            continue
+        mod._fastft_orig_forward = mod.forward
+        mod.forward = types.MethodType(fwd, mod)
+        n += 1
+    return n
+
+
 def patch(model, *, quantization=None, attention=True, lora=None, blocksize=64, double_quant=True, group_size=128):
     """Patch a transformers (or peft) model in place to run on fastft ops; returns the model
     (or the PEFT-wrapped model when ``lora`` is given)."""
@@ -294,6 +335,9 @@ def patch(model, *, quantization=None, attention=True, lora=None, blocksize=64, 
         register_attention()
         _set_attn_implementation(model)
     _load_backends(model)
+    n_block = _patch_block_ops(model)
+    if n_block:
+        logger.info("fastft.patch: %d RMSNorm / SwiGLU modules now run through fastft.ops", n_block)
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     peft_lora = 0
     for name, mod in list(model.named_modules()):

@@ -72,6 +72,11 @@ def test_patched_logits_and_grads_match_unpatched(arch, attention_calls):
 
     assert patch(model) is model
     assert model.config._attn_implementation == "fastft"
+    from fastft.patch import RMSNORM_CLASSES, SWIGLU_MLP_CLASSES
+
+    block = [m for m in model.modules() if type(m).__name__ in RMSNORM_CLASSES + SWIGLU_MLP_CLASSES]
+    assert all(hasattr(m, "_fastft_orig_forward") for m in block)  # rerouted through fastft.ops
+    assert block or arch not in ("llama", "mistral", "qwen2")
     out_left = model(input_ids=ids_l, attention_mask=am_l).logits.detach()
     assert len(attention_calls) == model.config.num_hidden_layers
     logits, loss, grads = _loss_and_grads(model, ids, am, labels)
