@@ -239,6 +239,34 @@ def test_chunked_loss_equals_unchunked(packed, dtype):
     _check_vs_gold(chunked, full, [h, W], ["dh", "dW"])
 
 
+def test_chunked_loss_under_autocast():
+    """bf16 autocast over fp32 h / W (the Trainer's bf16=True): the chunked loss runs the logits in
+    bf16 like lm_head under autocast and stays within 2x the full-logits path's error."""
+    from fastft.models.llama import causal_lm_loss, chunked_causal_lm_loss
+
+    torch.manual_seed(0)
+    B, T, H, V = 3, 17, 24, 50
+    h, W = torch.randn(B, T, H), torch.randn(V, H) * 0.3
+    labels = torch.randint(0, V, (B, T))
+    labels[0, :4] = -100
+
+    def autocast(fn):
+        def run(h, W):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn(h, W)
+        return run
+
+    def full(h, W):
+        if h.dtype == torch.float64:  # the gold: plain float64, no autocast
+            return causal_lm_loss(F.linear(h, W), labels)
+        return autocast(lambda h, W: causal_lm_loss(F.linear(h, W), labels))(h, W)
+
+    chunked = autocast(lambda h, W: chunked_causal_lm_loss(h, W, labels, chunk_rows=7))
+    got = _run(chunked, [h, W])
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.float32 and got[2].dtype == torch.float32
+    _check_vs_gold(chunked, full, [h, W], ["dh", "dW"])
+
+
 def _lora_model(path, quantization, dtype=torch.float32):
     m = fastft.from_pretrained(path, quantization=quantization, dtype=dtype)
     return fastft.get_peft_model(m, fastft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",

@@ -17,7 +17,8 @@ Supported:
   ``position_ids`` restart at 0 per document); a KV cache for ``generate``.
 - Loss: labels shifted inside (HF convention), sum over targets / (num_items_in_batch or count).
   In packed batches the target that would cross a document boundary is ignored. In training mode
-  with labels (grad enabled, no autocast, no logits_to_keep) the loss is a chunked cross-entropy
+  with labels (grad enabled, no logits_to_keep; under autocast the logits' matmul runs in its dtype) the
+  loss is a chunked cross-entropy
   (``ChunkedLinearCrossEntropy``: about 32 MiB of logits at a time, gradient formed in the
   forward) and the output's ``.logits`` is None -- the full (B, T, V) logits are never built.
   Eval mode, ``labels=None`` or ``torch.no_grad()`` return the logits as before.
@@ -472,7 +473,7 @@ class LlamaForCausalLM(NativeModel):
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         if (labels is not None and self.training and torch.is_grad_enabled() and not logits_to_keep
-                and not torch.is_autocast_enabled(dev.type) and self.lm_head.bias is None):
+                and self.lm_head.bias is None):
             # Training with labels: the loss is computed chunk by chunk from h and the lm_head weight;
             # the full (B, T, V) logits are never formed, and `.logits` is None.
             loss = chunked_causal_lm_loss(h, self.lm_head.weight, labels, num_items_in_batch, cu_seqlens)
@@ -539,16 +540,25 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_rows):
+        dev = h.device.type
+        # The logits' matmul dtype: autocast's when it is on (as lm_head under autocast), else h's.
+        mdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        with torch.autocast(dev, enabled=False):
+            return ChunkedLinearCrossEntropy._forward(ctx, h, weight, targets, chunk_rows, mdt)
+
+    @staticmethod
+    def _forward(ctx, h, weight, targets, chunk_rows, mdt):
         N = h.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dh = torch.empty_like(h) if need_h else None
         cdt = torch.promote_types(h.dtype, torch.float32)  # fp32 logits for half / fp32, float64 stays
         dw = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=cdt, device=h.device)
+        wm = weight.to(mdt)
         for a in range(0, N, chunk_rows):
             b = min(a + chunk_rows, N)
             hc, tc = h[a:b], targets[a:b]
-            z = F.linear(hc, weight)  # (n, V) in h's dtype
+            z = F.linear(hc.to(mdt), wm)  # (n, V) in the matmul dtype
             if not (need_h or need_w):
                 z = z.to(cdt)
                 valid = tc != -100
@@ -558,9 +568,12 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 continue
             # Loss rows and dz = softmax - onehot in one fused step (the C++ kernel on CPU).
             total += ops.cross_entropy_grad_(z, tc, -100).to(cdt).sum()
-            dz = z.to(h.dtype)
+            dz = z
             if need_h:
-                torch.mm(dz, weight.to(h.dtype), out=dh[a:b])
+                if mdt == h.dtype:
+                    torch.mm(dz, wm, out=dh[a:b])
+                else:
+                    dh[a:b] = torch.mm(dz, wm)
             if need_w:
                 dw.addmm_(dz.t().to(cdt), hc.to(cdt))
         ctx.save_for_backward(dh, dw)
@@ -583,7 +596,9 @@ def chunked_causal_lm_loss(h, weight, labels, num_items_in_batch=None, cu_seqlen
     """
     targets = _shifted_targets(labels, h.shape[:2], cu_seqlens)
     if chunk_rows is None:
-        chunk_rows = max(1, CE_CHUNK_BYTES // (weight.shape[0] * h.element_size()))
+        dev = h.device.type
+        mdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        chunk_rows = max(1, CE_CHUNK_BYTES // (weight.shape[0] * torch.empty((), dtype=mdt).element_size()))
     total = ChunkedLinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1).to(h.device),
                                             int(chunk_rows))
     return _normalise(total, targets, num_items_in_batch)

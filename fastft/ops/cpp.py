@@ -351,30 +351,31 @@ if AVAILABLE:
             return ops.nf4_matmul(xc, b, *nf4_args(qweight), *qweight.shape)
         return ops.int4_matmul(xc, b, *int4_args(qweight), *qweight.shape)
 
+    # Pointwise rows: autocast leaves these ops in their inputs' dtype, so the fused kernels apply
+    # under autocast too (same dtypes in, same dtype out as the reference).
     _ROW_DTYPES = (torch.float32, torch.bfloat16)
 
     @register("rms_norm", "cpp")
     def rms_norm(x, weight, eps):
         """One fused pass per row (two reductions' worth), saving x and 1/rms; dx likewise."""
-        if (x.device.type != "cpu" or x.dtype not in _ROW_DTYPES or weight.dtype != x.dtype or weight.dim() != 1
-                or torch.is_autocast_enabled("cpu")):
+        if (x.device.type != "cpu" or x.dtype not in _ROW_DTYPES or weight.dtype != x.dtype or weight.dim() != 1):
             return _reference("rms_norm")(x, weight, eps)
         return ops.rmsnorm_fwd(x, weight, float(eps))[0]
 
     @register("silu_mul", "cpp")
     def silu_mul(g, u):
         """silu(g) · u in one pass, dg / du in one pass, saving g and u."""
-        if (g.device.type != "cpu" or g.dtype not in _ROW_DTYPES or u.dtype != g.dtype or g.shape != u.shape
-                or torch.is_autocast_enabled("cpu")):
+        if (g.device.type != "cpu" or g.dtype not in _ROW_DTYPES or u.dtype != g.dtype or g.shape != u.shape):
             return _reference("silu_mul")(g, u)
         return ops.silu_mul(g, u)
 
     @register("rope", "cpp")
     def rope(x, cos, sin):
         """Rotary embedding in one pass (and its transpose in backward); cos / sin get no gradient."""
+        if x.dtype != cos.dtype and cos.dtype == sin.dtype and torch.promote_types(x.dtype, cos.dtype) == cos.dtype:
+            x = x.to(cos.dtype)  # bf16 q against fp32 cos/sin (autocast): torch's promotion, exactly
         if (x.device.type != "cpu" or x.dtype not in _ROW_DTYPES or cos.dtype != x.dtype or sin.dtype != x.dtype
-                or x.dim() != 4 or cos.dim() != 3 or cos.shape[-1] % 2 or cos.requires_grad or sin.requires_grad
-                or torch.is_autocast_enabled("cpu")):
+                or x.dim() != 4 or cos.dim() != 3 or cos.shape[-1] % 2 or cos.requires_grad or sin.requires_grad):
             return _reference("rope")(x, cos, sin)
         return ops.rope(x, cos, sin, False)
 

@@ -24,7 +24,8 @@ with four full-size draws per step (since cut to two): 0.62-0.91x PEFT's speed, 
 its mask.
 
 Fallback to the reference: float64 (gold computations), a bias or weight in another dtype than x,
-and autocast for ``lora_linear`` (the reference's plain composition lets autocast choose each matmul's dtype).
+and autocast over a trainable base for ``lora_linear``. Under autocast with a frozen base the inputs
+are cast to the autocast dtype (as autocast would for F.linear) and the lean path runs.
 """
 from __future__ import annotations
 
@@ -187,7 +188,19 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, ge
     """``fastft.ops.lora_linear`` through ``LoraDeltaFunction``; see the module docstring."""
     dt = x.dtype
     dense = isinstance(weight, torch.Tensor)
-    ok = (dt in LEAN_DTYPES and not torch.is_autocast_enabled(x.device.type)
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        # Autocast (e.g. the Trainer's bf16=True over an fp32 model): F.linear would run in the
+        # autocast dtype, so cast x, a frozen base weight and the bias to it -- the casts autocast
+        # makes itself -- and take the lean path with autocast off. A trainable base keeps
+        # autocast's own handling (the reference composition).
+        adt = torch.get_autocast_dtype(dev)
+        if (adt in LEAN_DTYPES and dt in LEAN_DTYPES and not (dense and weight.requires_grad)
+                and (dense or isinstance(weight, (NF4Weight, Int4Weight)))):
+            with torch.autocast(dev, enabled=False):
+                return lora_linear(x.to(adt), weight.to(adt) if dense else weight, lora_A, lora_B, scaling,
+                                   None if bias is None else bias.to(adt), dropout_p, generator)
+    ok = (dt in LEAN_DTYPES and not torch.is_autocast_enabled(dev)
           and lora_A.dtype in LEAN_DTYPES and lora_B.dtype in LEAN_DTYPES and (bias is None or bias.dtype == dt)
           and lora_A.device == x.device and lora_B.device == x.device
           and (dense and weight.dtype == dt and weight.device == x.device
