@@ -598,7 +598,9 @@ def chunked_causal_lm_loss(h, weight, labels, num_items_in_batch=None, cu_seqlen
     if chunk_rows is None:
         dev = h.device.type
         mdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
-        chunk_rows = max(1, CE_CHUNK_BYTES // (weight.shape[0] * torch.empty((), dtype=mdt).element_size()))
+        cap = max(1, CE_CHUNK_BYTES // (weight.shape[0] * torch.empty((), dtype=mdt).element_size()))
+        n = h.shape[0] * h.shape[1]
+        chunk_rows = -(-n // -(-n // cap)) if n else cap  # equal chunks under the cap, no 1-row tail
     total = ChunkedLinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1).to(h.device),
                                             int(chunk_rows))
     return _normalise(total, targets, num_items_in_batch)
