@@ -165,11 +165,6 @@ class RotaryEmbedding(nn.Module):
         return cos.to(dtype), sin.to(dtype)
 
 
-def apply_rope(x, cos, sin):
-    """x (B, T, H, D); cos/sin (B, T, d) with d <= D (partial rotary leaves the tail unrotated)."""
-    return ops.rope(x, cos, sin)
-
-
 # ----------------------------------------------------------------------------------------------
 # KV cache
 # ----------------------------------------------------------------------------------------------
@@ -233,8 +228,8 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x, cos, sin, key_padding_mask=None, cache=None, cu_seqlens=None, max_seqlen=None):
         B, T, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(B, T, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim), cos, sin)
+        q = ops.rope(self.q_proj(x).view(B, T, self.num_heads, self.head_dim), cos, sin)
+        k = ops.rope(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         p = self.attention_dropout if self.training else 0.0
         q, k, v = attention_inputs(q, k, v)
@@ -261,11 +256,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
 
     def forward(self, x):
-        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
-
-
-def silu_mul(g, u):
-    return ops.silu_mul(g, u)
+        return self.down_proj(ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):

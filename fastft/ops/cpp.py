@@ -31,8 +31,8 @@ Raw-tensor ops (arguments are the fields of ``NF4Weight`` / ``Int4Weight``; see 
 
 Also registered for CPU tensors: ``attention`` / ``attention_varlen`` (the kernel above, or torch's
 fused CPU SDPA with padding masks and fp16; GQA without repeating K/V; fully masked rows fixed up
-to 0), and ``lora_linear`` through the rank side
-(``LoraDeltaFunction``: saves x and u = drop(x)Aᵀ, regenerates the dropout mask in backward).
+to 0), and ``lora_linear`` through the rank side (``fastft/ops/lean.py``: one autograd node per
+LoRA layer with a frozen base, saving x and u = drop(x)Aᵀ, the dropout mask regenerated in backward).
 
 Dtypes: activations fp32 / bf16 / fp16 (the compute dtype is x's, or autocast's, as in the
 reference); other dtypes (float64 for gold computations) and non-CPU tensors go to the reference.

@@ -185,7 +185,8 @@ def _reference(op: str):
 
 @register("lora_linear", "torch")
 def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, generator=None):
-    """``fastft.ops.lora_linear`` through ``LoraDeltaFunction``; see the module docstring."""
+    """``fastft.ops.lora_linear`` through ``LoraLinearFunction`` (frozen base) or the base's own node
+    plus ``LoraDeltaFunction`` (trainable base); see the module docstring."""
     dt = x.dtype
     dense = isinstance(weight, torch.Tensor)
     dev = x.device.type
