@@ -75,6 +75,8 @@ BF16_ATT_CASES = [  # B, Hq, Hkv, T, S, D, causal, padding
     (1, 2, 2, 17, 17, 33, True, False),    # odd head dim: the fp32-GEMM path
     (3, 4, 2, 70, 70, 64, True, True),     # padding both sides, one sequence fully padded
     (3, 6, 3, 33, 33, 64, False, True),    # bidirectional (BERT) with padding
+    (3, 4, 2, 5, 33, 40, False, True),     # bidirectional, T < S, padding
+    (3, 4, 1, 40, 12, 40, True, True),     # T > S with padding: blind rows and masked keys together
 ]
 
 
