@@ -23,6 +23,7 @@ def test_cuda_auto_choice(monkeypatch):
     cuda = torch.device("cuda")
     assert dispatch.backend_for("lora_linear", cuda) == "torch"
     assert dispatch.backend_for("quant_matmul", cuda) == "torch"
+    assert dispatch.backend_for("quant_matmul_grad_x", cuda) == "torch"  # device dequantize, not the reference's
     for op in ("attention", "attention_varlen", "nf4_dequantize", "nf4_quantize"):
         assert dispatch.backend_for(op, cuda) == "triton", op
     monkeypatch.setenv("FASTFT_BACKEND", "triton")  # the fused kernels stay one switch away

@@ -42,7 +42,9 @@ _PROVIDERS: dict[str, list[str]] = {
 }
 # On CUDA, ops whose first choice is not triton, from measurements (benchmarks/results/gpu.md,
 # benchmarks/NOTES.md): on an H200 the lean cuBLAS compositions beat the fused Triton GEMMs.
-CUDA_PREFER: dict[str, str] = {"lora_linear": "torch", "quant_matmul": "torch"}
+CUDA_PREFER: dict[str, str] = {"lora_linear": "torch", "quant_matmul": "torch",
+                               # the fused LoRA node's quantized dX: the Triton dequantize + cuBLAS
+                               "quant_matmul_grad_x": "torch"}
 _loaded: set[str] = set()
 _warned: set[tuple[str, str]] = set()
 
