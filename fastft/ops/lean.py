@@ -109,7 +109,9 @@ class LoraLinearFunction(torch.autograd.Function):
 
         x2 = x.reshape(-1, x.shape[-1])
         dense = isinstance(weight, torch.Tensor)
-        y = F.linear(x2, weight, bias) if dense else ops.quant_matmul(x2, weight, bias)
+        # A frozen dense weight in another dtype (fp32 under autocast) is cast here and again in
+        # backward: the cast is transient, only the weight itself (a parameter) is referenced.
+        y = F.linear(x2, weight.to(x.dtype), bias) if dense else ops.quant_matmul(x2, weight, bias)
         xd = x2 if dropout_p <= 0.0 else _apply_keep(x2, keep.reshape(x2.shape), dropout_p)
         u = F.linear(xd, lora_A)  # (N, r)
         del xd
@@ -141,7 +143,7 @@ class LoraLinearFunction(torch.autograd.Function):
                 del xd
             if need_x:
                 if W is not None:
-                    dx = torch.mm(g, W)
+                    dx = torch.mm(g, W.to(g.dtype))
                 else:
                     dx = dispatch.get_impl("quant_matmul_grad_x", g.device)(g, ctx.qweight)
                 if keep is None:
@@ -197,10 +199,15 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, ge
         # autocast's own handling (the reference composition).
         adt = torch.get_autocast_dtype(dev)
         if (adt in LEAN_DTYPES and dt in LEAN_DTYPES and not (dense and weight.requires_grad)
-                and (dense or isinstance(weight, (NF4Weight, Int4Weight)))):
+                and (dense or isinstance(weight, (NF4Weight, Int4Weight)))
+                and lora_A.device == x.device and lora_B.device == x.device and weight.device == x.device):
             with torch.autocast(dev, enabled=False):
-                return lora_linear(x.to(adt), weight.to(adt) if dense else weight, lora_A, lora_B, scaling,
-                                   None if bias is None else bias.to(adt), dropout_p, generator)
+                xc = x.to(adt)
+                gen_state, keep = lora_dropout_state(xc, dropout_p, generator)
+                # The fp32 base goes in as is: the node casts it transiently (autocast would save
+                # the cast copy of every weight for backward).
+                return LoraLinearFunction.apply(xc, weight, None if bias is None else bias.to(adt), lora_A.to(adt),
+                                                lora_B.to(adt), float(scaling), float(dropout_p), gen_state, keep)
     ok = (dt in LEAN_DTYPES and not torch.is_autocast_enabled(dev)
           and lora_A.dtype in LEAN_DTYPES and lora_B.dtype in LEAN_DTYPES and (bias is None or bias.dtype == dt)
           and lora_A.device == x.device and lora_B.device == x.device
