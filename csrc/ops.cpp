@@ -812,6 +812,18 @@ static const AttnBf16Kernels* bf16_attn_kernels() {
 }
 
 static inline const uint16_t* u16(const at::Tensor& t) { return static_cast<const uint16_t*>(t.const_data_ptr()); }
+
+// Causal blocks skip the hidden triangle at 16-row granularity: `each_sub(n, i0, ...)` calls
+// f(r0, rows, cols) for 16-row pieces of a query block, cols = the keys the piece's last row sees.
+static constexpr int64_t kAttnSub = 16;
+template <class F>
+static inline void each_sub(int64_t n, int64_t i0, int64_t T, int64_t S, bool causal, int64_t kend, const F& f) {
+  for (int64_t r0 = 0; r0 < n; r0 += kAttnSub) {
+    const int64_t rows = std::min(kAttnSub, n - r0);
+    f(r0, rows, std::min(kend, visible_keys(i0 + r0 + rows - 1, T, S, causal)));
+  }
+}
+static inline int64_t even_up(int64_t v) { return v + (v & 1); }
 static inline float bf16_to_f32(uint16_t h) {
   const uint32_t u = static_cast<uint32_t>(h) << 16;
   float f;
@@ -854,12 +866,18 @@ static void attn_fwd_bf16(const AttnBf16Kernels& K2, const at::Tensor& q, const 
         continue;
       }
       const int64_t ke = kend + (kend & 1);
-      K2.gemm(u16(q) + ((b * Hq + h) * T + i0) * D, D, kptp + bk * (D / 2) * S, S, sbuf.data(), kend, n, kend, D, false);
+      const uint16_t* qrows = u16(q) + ((b * Hq + h) * T + i0) * D;
+      each_sub(n, i0, T, S, causal, kend, [&](int64_t r0, int64_t rows, int64_t cols) {
+        if (cols > 0) K2.gemm(qrows + r0 * D, D, kptp + bk * (D / 2) * S, S, sbuf.data() + r0 * kend, kend, rows, cols, D, false);
+      });
       for (int64_t r = 0; r < n; ++r)
         lrow[r] = Kt.attn_softmax_row(sbuf.data() + r * kend, km.visible(sbuf.data() + r * kend, b, visible_keys(i0 + r, T, S, causal)),
                                       kend, scale);
       K2.to_bf16(sbuf.data(), kend, n, kend, pb.data(), ke, ke);
-      K2.gemm(pb.data(), ke, vpp + bk * Sh * D, D, obuf.data(), D, n, D, ke, false);
+      each_sub(n, i0, T, S, causal, kend, [&](int64_t r0, int64_t rows, int64_t cols) {
+        if (cols > 0) K2.gemm(pb.data() + r0 * ke, ke, vpp + bk * Sh * D, D, obuf.data() + r0 * D, D, rows, D, even_up(cols), false);
+        else std::fill(obuf.data() + r0 * D, obuf.data() + (r0 + rows) * D, 0.0f);
+      });
       K2.store_rows(obuf.data(), D, n, D, 1.0f, ob, D);
     }
   });
@@ -915,8 +933,11 @@ static void attn_bwd_bf16(const AttnBf16Kernels& K2, const at::Tensor& dout, con
             continue;
           }
           const int64_t ke = kend + (kend & 1), ne = n + (n & 1);
-          K2.gemm(qh + i0 * D, D, kpt.data(), S, sbuf.data(), kend, n, kend, D, false);
-          K2.gemm(doh + i0 * D, D, vpt.data(), S, dpbuf.data(), kend, n, kend, D, false);
+          each_sub(n, i0, T, S, causal, kend, [&](int64_t r0, int64_t rows, int64_t cols) {
+            if (cols == 0) return;
+            K2.gemm(qh + (i0 + r0) * D, D, kpt.data(), S, sbuf.data() + r0 * kend, kend, rows, cols, D, false);
+            K2.gemm(doh + (i0 + r0) * D, D, vpt.data(), S, dpbuf.data() + r0 * kend, kend, rows, cols, D, false);
+          });
           for (int64_t r = 0; r < n; ++r) {
             const float l = lp[bh * T + i0 + r];
             const int64_t len = km.visible(sbuf.data() + r * kend, b, visible_keys(i0 + r, T, S, causal));
@@ -926,9 +947,19 @@ static void attn_bwd_bf16(const AttnBf16Kernels& K2, const at::Tensor& dout, con
           K2.to_bf16(dpbuf.data(), kend, n, kend, dsb.data(), ke, ke);
           K2.pack_rows(pb.data(), ke, n, ke, pP.data());
           K2.pack_rows(dsb.data(), ke, n, ke, pdS.data());
-          K2.gemm(doT.data() + i0, Tp, pP.data(), ke, dvT.data(), S, D, kend, ne, true);
-          K2.gemm(qT.data() + i0, Tp, pdS.data(), ke, dkT.data(), S, D, kend, ne, true);
-          K2.gemm(dsb.data(), ke, kp.data(), D, dqbuf.data(), D, n, D, ke, false);
+          // dVᵀ / dKᵀ by 64-key column tiles: query rows below the first that sees the tile add 0.
+          for (int64_t c0 = 0; c0 < kend; c0 += 64) {
+            const int64_t w = std::min<int64_t>(64, kend - c0);
+            int64_t r0 = causal ? std::max<int64_t>(0, c0 - (S - T) - i0) : 0;
+            r0 -= r0 & 1;  // pairs of query rows stay aligned with the packing
+            if (r0 >= n) continue;
+            K2.gemm(doT.data() + i0 + r0, Tp, pP.data() + (r0 / 2) * ke + c0, ke, dvT.data() + c0, S, D, w, ne - r0, true);
+            K2.gemm(qT.data() + i0 + r0, Tp, pdS.data() + (r0 / 2) * ke + c0, ke, dkT.data() + c0, S, D, w, ne - r0, true);
+          }
+          each_sub(n, i0, T, S, causal, kend, [&](int64_t r0, int64_t rows, int64_t cols) {
+            if (cols > 0) K2.gemm(dsb.data() + r0 * ke, ke, kp.data(), D, dqbuf.data() + r0 * D, D, rows, D, even_up(cols), false);
+            else std::fill(dqbuf.data() + r0 * D, dqbuf.data() + (r0 + rows) * D, 0.0f);
+          });
           K2.store_rows(dqbuf.data(), D, n, D, scale, dqb, D);
         }
       }
