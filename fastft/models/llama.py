@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastft import ops
+from fastft.ops import cpu_gemm
 
 from .base import NativeModel, attention_inputs
 
@@ -549,7 +550,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         for a in range(0, N, chunk_rows):
             b = min(a + chunk_rows, N)
             hc, tc = h[a:b], targets[a:b]
-            z = F.linear(hc.to(mdt), wm)  # (n, V) in the matmul dtype
+            z = cpu_gemm.linear(hc.to(mdt), wm)  # (n, V) in the matmul dtype
             if not (need_h or need_w):
                 z = z.to(cdt)
                 valid = tc != -100
@@ -561,7 +562,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             total += ops.cross_entropy_grad_(z, tc, -100).to(cdt).sum()
             dz = z
             if need_h:
-                if mdt == h.dtype:
+                if cpu_gemm.uses_onednn() and dz.device.type == "cpu" and dz.dtype == torch.float32:
+                    dh[a:b] = cpu_gemm.mm(dz, wm)
+                elif mdt == h.dtype:
                     torch.mm(dz, wm, out=dh[a:b])
                 else:
                     dh[a:b] = torch.mm(dz, wm)

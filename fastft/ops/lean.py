@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from fastft.quant.int4 import Int4Weight
 from fastft.quant.nf4 import NF4Weight
 
-from . import dispatch
+from . import cpu_gemm, dispatch
 from .dispatch import register
 from .reference_quant import QuantMatmulFunction, check_quant_matmul_args
 
@@ -111,7 +111,7 @@ class LoraLinearFunction(torch.autograd.Function):
         dense = isinstance(weight, torch.Tensor)
         # A frozen dense weight in another dtype (fp32 under autocast) is cast here and again in
         # backward: the cast is transient, only the weight itself (a parameter) is referenced.
-        y = F.linear(x2, weight.to(x.dtype), bias) if dense else ops.quant_matmul(x2, weight, bias)
+        y = cpu_gemm.linear(x2, weight.to(x.dtype), bias) if dense else ops.quant_matmul(x2, weight, bias)
         xd = x2 if dropout_p <= 0.0 else _apply_keep(x2, keep.reshape(x2.shape), dropout_p)
         u = F.linear(xd, lora_A)  # (N, r)
         del xd
@@ -143,7 +143,7 @@ class LoraLinearFunction(torch.autograd.Function):
                 del xd
             if need_x:
                 if W is not None:
-                    dx = torch.mm(g, W.to(g.dtype))
+                    dx = cpu_gemm.mm(g, W.to(g.dtype))
                 else:
                     dx = dispatch.get_impl("quant_matmul_grad_x", g.device)(g, ctx.qweight)
                 if keep is None:
@@ -245,7 +245,7 @@ def _device_dequantize(qweight, dtype):
 @register("quant_matmul_grad_x", "torch")
 def quant_matmul_grad_x(grad, qweight):
     """dX = dY · dequant(W) through the device's dequantize op (the fused LoRA node's backward)."""
-    return torch.mm(grad, _device_dequantize(qweight, grad.dtype))
+    return cpu_gemm.mm(grad, _device_dequantize(qweight, grad.dtype))
 
 
 @register("quant_matmul", "torch")
@@ -254,7 +254,7 @@ def quant_matmul(x, qweight, bias=None):
     check_quant_matmul_args(x, qweight, bias)
     if x.dtype == torch.float64:
         return _reference("quant_matmul")(x, qweight, bias)
-    return QuantMatmulFunction.apply(x, qweight, bias, _device_dequantize)
+    return QuantMatmulFunction.apply(x, qweight, bias, _device_dequantize, cpu_gemm.linear)
 
 
 __all__ = ["LoraDeltaFunction", "LoraLinearFunction", "lora_dropout_state", "lora_linear", "quant_matmul",

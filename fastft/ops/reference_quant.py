@@ -235,15 +235,18 @@ class QuantMatmulFunction(torch.autograd.Function):
     """y = x W_deqᵀ + b;  dX = dY W_deq;  db = Σ dY;  W gets no gradient and nothing is saved.
 
     ``dequantize(qweight, dtype)`` makes the transient dense weight (the reference's by default; the
-    ``torch`` backend passes the device's fastest dequantize op)."""
+    ``torch`` backend passes the device's fastest dequantize op); ``linear(a, w, bias)`` the 2-D
+    matmul (F.linear by default; the fast backends pass ``cpu_gemm.linear``)."""
 
     @staticmethod
-    def forward(ctx, x, qweight, bias, dequantize=None):
+    def forward(ctx, x, qweight, bias, dequantize=None, linear=None):
         dt = _compute_dtype(x)
         ctx.dequantize = dequantize = dequantize or _reference_dequantize
+        ctx.linear = linear = linear or F.linear
         with torch.autocast(x.device.type, enabled=False):
             w = dequantize(qweight, dt)  # (out, in), dropped on return
-            y = F.linear(x.to(dt), w, None if bias is None else bias.to(dt))
+            x2 = x.to(dt).reshape(-1, x.shape[-1])
+            y = linear(x2, w, None if bias is None else bias.to(dt)).view(*x.shape[:-1], w.shape[0])
         del w
         # The quantized weight is referenced (it exists anyway), never a dense copy.
         ctx.qweight = qweight
@@ -259,11 +262,12 @@ class QuantMatmulFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             with torch.autocast(dy.device.type, enabled=False):
                 w = ctx.dequantize(ctx.qweight, dt)
-                dx = torch.matmul(dy.to(dt), w).to(ctx.x_dtype)
+                g2 = dy.to(dt).reshape(-1, dy.shape[-1])
+                dx = ctx.linear(g2, w.t()).view(*dy.shape[:-1], w.shape[1]).to(ctx.x_dtype)
             del w
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             db = dy.reshape(-1, dy.shape[-1]).sum(dim=0).to(ctx.bias_dtype)
-        return dx, None, db, None
+        return dx, None, db, None, None
 
 
 @register("quant_matmul_grad_x", "reference")
