@@ -95,6 +95,7 @@ def matmul_rows(dev: str) -> list[dict]:
     w = torch.randn(N, K) * 0.02
     q = dispatch.impl("nf4_quantize", "cpp")(w, 64, True)
     bnb, bnbf = _bnb()
+    qmm, qgx = dispatch.impl("quant_matmul", "cpp"), dispatch.impl("quant_matmul_grad_x", "cpp")
     rows = []
     for dt, ceil in ((torch.float32, "matmul"), (torch.bfloat16, "matmul_bf16")):
         name = str(dt).replace("torch.", "")
@@ -115,6 +116,10 @@ def matmul_rows(dev: str) -> list[dict]:
                 rows.append(common.row(case, f"fastft {strat}", t, flops=flops, ceiling=ceil,
                                        baseline="torch dense", baseline_s=t_dense))
             _C.set_matmul_strategy("tiled")
+            if dt == torch.float32 and M > _C.fused_max_m():  # what training calls: dequantize + oneDNN
+                t = common.bench(lambda: qmm(x, q), min_run_time=mrt)
+                rows.append(common.row(case, "fastft (dispatched op)", t, flops=flops, ceiling=ceil,
+                                       baseline="torch dense", baseline_s=t_dense))
             if bnb is not None:
                 t_b = common.bench(lambda: bnb.matmul_4bit(x, packed.t(), quant_state=state), min_run_time=mrt)
                 rows.append(common.row(case, "bitsandbytes matmul_4bit", t_b, flops=flops, ceiling=ceil))
@@ -130,6 +135,10 @@ def matmul_rows(dev: str) -> list[dict]:
             rows.append(common.row(case, f"fastft {strat}", t, flops=2 * M * N * K, ceiling=ceil,
                                    baseline="torch dense", baseline_s=t_dense))
         _C.set_matmul_strategy("tiled")
+        if dt == torch.float32:
+            t = common.bench(lambda: qgx(dy, q))
+            rows.append(common.row(case, "fastft (dispatched op)", t, flops=2 * M * N * K, ceiling=ceil,
+                                   baseline="torch dense", baseline_s=t_dense))
     return rows
 
 

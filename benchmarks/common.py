@@ -98,14 +98,23 @@ def copy_bandwidth(device: str = "cpu", nbytes: int = 256 << 20) -> float:
 
 
 @functools.lru_cache(maxsize=None)
-def matmul_rate(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int | None = None) -> float:
-    """FLOP/s of a square dense matmul (2n³ FLOPs) in ``dtype`` into a preallocated output."""
+def matmul_rate(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int | None = None,
+                torch_mm_only: bool = False) -> float:
+    """FLOP/s of a square dense matmul (2n³ FLOPs) in ``dtype`` (torch.mm into a preallocated
+    output; for fp32 on CPU the faster of that and oneDNN's GEMM unless ``torch_mm_only``)."""
     dev = torch.device(device)
     n = n or (2048 if dev.type == "cpu" else 8192)
     a = torch.randn(n, n, device=dev).to(dtype)
     b = torch.randn(n, n, device=dev).to(dtype)
     c = torch.empty(n, n, device=dev, dtype=dtype)
     t = bench(lambda: torch.mm(a, b, out=c), device=dev)
+    if dev.type == "cpu" and dtype == torch.float32 and torch_mm_only is False:
+        # torch's fp32 CPU mm is MKL's sgemm, which on non-Intel CPUs runs AVX2 code: the machine's
+        # fp32 rate is the faster of it and oneDNN's AVX-512 GEMM (what fastft's CPU path calls).
+        from fastft.ops import cpu_gemm
+
+        if cpu_gemm.uses_onednn():
+            t = min(t, bench(lambda: cpu_gemm.mm(a, b), device=dev))
     return 2 * n ** 3 / t
 
 
@@ -127,7 +136,12 @@ def ceilings(device: str) -> list[dict]:
     for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         n = 2048 if torch.device(device).type == "cpu" else 8192
         rate = matmul_rate(device, dt)
-        rows.append(row(f"ceiling: matmul {n}^3 {name}", "torch", 2 * n ** 3 / rate, flops=2 * n ** 3))
+        rows.append(row(f"ceiling: matmul {n}^3 {name}", "torch" if name == "bf16" or device != "cpu" else
+                        "fastest of torch.mm / oneDNN", 2 * n ** 3 / rate, flops=2 * n ** 3))
+        if name == "fp32" and torch.device(device).type == "cpu":
+            t = 2 * n ** 3 / matmul_rate(device, dt, torch_mm_only=True)
+            rows.append(row(f"matmul {n}^3 fp32 through torch.mm (MKL sgemm)", "torch", t, flops=2 * n ** 3,
+                            ceiling="matmul"))
     return rows
 
 
