@@ -125,3 +125,32 @@ def test_chunked_lm_loss_fp32_matches_gold():
     ref, lowp = run(torch.float64, plain), run(torch.float32, plain)
     for name, o, gd, lp in zip(["loss", "dh"], ours, ref, lowp):
         assert_close_to_gold(o, gd, lp, name=name)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_frozen_linear_matches_gold_and_falls_back(with_bias):
+    from fastft.ops.lean import FrozenLinearFunction, frozen_linear
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 13, 37, generator=g)
+    w = torch.randn(29, 37, generator=g)
+    b = torch.randn(29, generator=g).requires_grad_(True) if with_bias else None
+    gy = torch.randn(2, 13, 29, generator=g)
+
+    def run(fn, dt):
+        xs = x.to(dt).clone().requires_grad_(True)
+        bs = None if b is None else b.detach().to(dt).clone().requires_grad_(True)
+        y = fn(xs, w.to(dt), bs)
+        y.backward(gy.to(dt))
+        return [y, xs.grad] + ([bs.grad] if bs is not None else [])
+
+    ours, gold, lowp = run(frozen_linear, torch.float32), run(F.linear, torch.float64), run(F.linear, torch.float32)
+    for name, o, gd, lp in zip(["y", "dx", "db"], ours, gold, lowp):
+        assert_close_to_gold(o, gd, lp, name=name)
+    # The node is the fastft one for a frozen fp32 weight; a trainable weight or autocast: F.linear.
+    assert type(frozen_linear(x.requires_grad_(True), w).grad_fn).__name__ == FrozenLinearFunction.__name__ + "Backward"
+    wt = w.clone().requires_grad_(True)
+    frozen_linear(x, wt).sum().backward()
+    torch.testing.assert_close(wt.grad, x.detach().reshape(-1, 37).sum(0).expand(29, 37))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert frozen_linear(x, w).dtype == torch.bfloat16

@@ -265,3 +265,70 @@ def test_masks_beyond_causal_and_padding_stay_exact(case, caplog, monkeypatch):
         assert not varlen_calls and sdpa_logs == 1
     # Within the window / a single document, the same models run fastft's kernel with no full mask.
     assert rel_err(model(input_ids=kw["input_ids"][:, :4]).logits, ref[:, :4]) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["mean", "num_items", "shift_labels"])
+def test_causal_lm_loss_matches_transformers(dtype, mode):
+    """fastft.patch.causal_lm_loss against float64 gold, within 2x the error of transformers' own
+    ForCausalLMLoss in the same dtype (loss and logits gradient); odd vocab, ignored targets."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    from fastft.patch import causal_lm_loss
+    from utils import assert_close_to_gold
+
+    g = torch.Generator().manual_seed(7)
+    B, T, V = 3, 11, 203
+    logits = (torch.randn(B, T, V, generator=g, dtype=torch.float64) * 3)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :4] = -100
+    kw = {}
+    if mode == "num_items":
+        kw["num_items_in_batch"] = torch.tensor(17)
+    if mode == "shift_labels":
+        kw["shift_labels"] = torch.roll(labels, -1, 1)
+
+    def run(fn, dt):
+        z = logits.detach().to(dt).clone().requires_grad_(True)
+        loss = fn(z, labels, V, **kw)
+        loss.backward()
+        return loss.detach(), z.grad
+
+    gold = run(ForCausalLMLoss, torch.float64)
+    hf = run(ForCausalLMLoss, dtype)
+    ours = run(causal_lm_loss, dtype)
+    assert ours[1].dtype == dtype
+    for name, o, gd, h in zip(["loss", "dlogits"], ours, gold, hf):
+        assert_close_to_gold(o.float(), gd, h.float(), name=name)
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_patch_installs_the_loss_on_causal_lms_only(arch):
+    from fastft.patch import causal_lm_loss
+
+    model = tiny_model(arch)
+    patch(model)
+    if arch in CAUSAL:
+        assert model.loss_function is causal_lm_loss
+    else:
+        assert model.loss_function is not causal_lm_loss
+    model2 = tiny_model(arch)
+    patch(model2, loss=False)
+    assert model2.loss_function is not causal_lm_loss
+
+
+def test_patch_reroutes_plain_linears_through_frozen_linear():
+    """The LM head (a plain nn.Linear) takes fastft's frozen-linear node while its weight is frozen,
+    and autograd's own F.linear (weight gradient included) once it trains -- decided per call."""
+    model = tiny_model("llama")
+    patch(model)
+    head = model.get_output_embeddings()
+    assert hasattr(head, "_fastft_orig_forward")
+    h = torch.randn(2, 3, head.in_features, requires_grad=True)
+    head.weight.requires_grad_(False)
+    out = head(h)
+    assert type(out.grad_fn).__name__ == "FrozenLinearFunctionBackward"
+    torch.testing.assert_close(out, torch.nn.functional.linear(h, head.weight, head.bias), rtol=1e-5, atol=1e-5)
+    head.weight.requires_grad_(True)
+    head(h).sum().backward()
+    assert head.weight.grad is not None
