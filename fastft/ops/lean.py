@@ -109,6 +109,10 @@ class LoraLinearFunction(torch.autograd.Function):
 
         x2 = x.reshape(-1, x.shape[-1])
         dense = isinstance(weight, torch.Tensor)
+        # Adapters in another dtype (fp32 under bf16 activations, PEFT's default) are cast here, not
+        # by two autograd ToCopy nodes per layer; backward returns their gradients in their dtype.
+        ctx.adapter_dtypes = (lora_A.dtype, lora_B.dtype)
+        lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
         # A frozen dense weight in another dtype (fp32 under autocast) is cast here and again in
         # backward: the cast is transient, only the weight itself (a parameter) is referenced.
         y = cpu_gemm.linear(x2, weight.to(x.dtype), bias) if dense else ops.quant_matmul(x2, weight, bias)
@@ -151,6 +155,9 @@ class LoraLinearFunction(torch.autograd.Function):
                 else:  # backward of (x * keep) / (1 - p)
                     dx.add_(torch.mm(du, A).div_(1.0 - p).mul_(keep))
                 dx = dx.view(x.shape)
+        adt, bdt = ctx.adapter_dtypes
+        dA = dA if dA is None else dA.to(adt)
+        dB = dB if dB is None else dB.to(bdt)
         return dx, None, db, dA, dB, None, None, None, None
 
 
@@ -238,8 +245,8 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, ge
                 gen_state, keep = lora_dropout_state(xc, dropout_p, generator)
                 # The fp32 base goes in as is: the node casts it transiently (autocast would save
                 # the cast copy of every weight for backward).
-                return LoraLinearFunction.apply(xc, weight, None if bias is None else bias.to(adt), lora_A.to(adt),
-                                                lora_B.to(adt), float(scaling), float(dropout_p), gen_state, keep)
+                return LoraLinearFunction.apply(xc, weight, None if bias is None else bias.to(adt), lora_A,
+                                                lora_B, float(scaling), float(dropout_p), gen_state, keep)
     ok = (dt in LEAN_DTYPES and not torch.is_autocast_enabled(dev)
           and lora_A.dtype in LEAN_DTYPES and lora_B.dtype in LEAN_DTYPES and (bias is None or bias.dtype == dt)
           and lora_A.device == x.device and lora_B.device == x.device
@@ -252,11 +259,12 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, ge
 
     gen_state, keep = lora_dropout_state(x, dropout_p, generator)
     # Adapters kept in fp32 under bf16 / fp16 activations (PEFT's default): computed in the
-    # activations' dtype, as the reference does, the casts' autograd returning fp32 gradients.
-    lora_A, lora_B = lora_A.to(dt), lora_B.to(dt)
+    # activations' dtype, as the reference does, their gradients returned in fp32 (the fused node
+    # casts inside; the trainable-base path through the casts' autograd).
     if not (dense and weight.requires_grad):  # frozen base (LoRA / QLoRA): one fused node
         return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), gen_state,
                                         keep)
+    lora_A, lora_B = lora_A.to(dt), lora_B.to(dt)
     # Full fine-tuning (W trains): the base through its own autograd node (F.linear saves x, which
     # the LoRA branch shares), the rank side through LoraDeltaFunction.
     base = F.linear(x, weight, bias) if dense else ops.quant_matmul(x, weight, bias)
