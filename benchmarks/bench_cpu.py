@@ -54,6 +54,7 @@ def _nf4_bytes(q, out_elem_size: int) -> int:
 
 
 def dequant_rows(dev: str) -> list[dict]:
+    from fastft import _C
     from fastft.ops import cpp, dispatch
 
     torch.manual_seed(0)
@@ -75,6 +76,16 @@ def dequant_rows(dev: str) -> list[dict]:
         t = common.bench(lambda: cpp.ops.nf4_dequantize(*cpp.nf4_args(q), [N, K], dt))
         rows.append(common.row(case, "fastft", t, bytes=nbytes, ceiling="copy", baseline="bitsandbytes" if t_bnb else None,
                                baseline_s=t_bnb))
+        # The same with fastft's reuse of freed large outputs switched off: every call gets fresh
+        # (huge-page) memory, as a first call or a one-off dequantize does.
+        cap = _C.reuse_cap()
+        _C.set_reuse_cap(0)
+        try:
+            t = common.bench(lambda: cpp.ops.nf4_dequantize(*cpp.nf4_args(q), [N, K], dt))
+        finally:
+            _C.set_reuse_cap(cap)
+        rows.append(common.row(case, "fastft (fresh memory, reuse cache off)", t, bytes=nbytes, ceiling="copy",
+                               baseline="bitsandbytes" if t_bnb else None, baseline_s=t_bnb))
         if dt == torch.float32:
             t_ref = common.bench(lambda: dispatch.impl("nf4_dequantize", "reference")(q, dt), min_run_time=0.5)
             rows.append(common.row(case, "fastft reference (torch)", t_ref, bytes=nbytes, ceiling="copy"))

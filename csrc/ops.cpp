@@ -29,6 +29,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <mutex>
 #include <cstdlib>
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -232,20 +233,70 @@ static NF4View nf4_view(const char* op, const at::Tensor& data, const at::Tensor
   return v;
 }
 
-// A new output tensor; large ones are backed by transparent huge pages where the kernel offers them
-// (madvise mode). A fresh 64 MiB buffer otherwise takes 16384 page faults on first touch, which
-// costs several times the dequantization itself; with 2 MiB pages it takes 32. The storage is an
-// ordinary CPU tensor that frees itself (only resizing it in place is not supported).
+// Freed large outputs kept for reuse, keyed by their exact (2 MiB-rounded) size. Training calls
+// the same ops on the same layer shapes every step (dequantize a layer's weight, quant-matmul
+// outputs of a big model), so a reused buffer skips both the first-touch page faults of fresh
+// memory and the kernel's huge-page compaction, which can stall a fresh madvised buffer for tens of
+// milliseconds on a fragmented machine. Bounded (g_reuse_cap bytes held while free); a buffer that
+// would exceed it is returned to the system. Leaked on purpose: tensors may die after static
+// destructors at interpreter exit.
+struct ReuseCache {
+  std::mutex m;
+  std::vector<std::pair<size_t, void*>> held;
+  size_t bytes = 0;
+};
+static std::atomic<int64_t> g_reuse_cap{256 << 20};
+static ReuseCache& reuse_cache() {
+  static ReuseCache* c = new ReuseCache();
+  return *c;
+}
+static void* reuse_take(size_t sz) {
+  ReuseCache& c = reuse_cache();
+  std::lock_guard<std::mutex> g(c.m);
+  for (size_t i = 0; i < c.held.size(); ++i)
+    if (c.held[i].first == sz) {
+      void* p = c.held[i].second;
+      c.held.erase(c.held.begin() + static_cast<std::ptrdiff_t>(i));
+      c.bytes -= sz;
+      return p;
+    }
+  return nullptr;
+}
+static void reuse_give(void* p, size_t sz) {
+  {
+    ReuseCache& c = reuse_cache();
+    std::lock_guard<std::mutex> g(c.m);
+    if (c.bytes + sz <= static_cast<size_t>(std::max<int64_t>(0, g_reuse_cap.load()))) {
+      c.held.emplace_back(sz, p);
+      c.bytes += sz;
+      return;
+    }
+  }
+  std::free(p);
+}
+static void reuse_clear() {
+  ReuseCache& c = reuse_cache();
+  std::lock_guard<std::mutex> g(c.m);
+  for (auto& e : c.held) std::free(e.second);
+  c.held.clear();
+  c.bytes = 0;
+}
+
+// A new output tensor; large ones come from the reuse cache above or are backed by transparent
+// huge pages where the kernel offers them (madvise mode). A fresh 64 MiB buffer otherwise takes
+// 16384 page faults on first touch, which costs several times the dequantization itself; with
+// 2 MiB pages it takes 32. The storage is an ordinary CPU tensor whose deleter hands the buffer
+// back to the cache (only resizing it in place is not supported).
 static at::Tensor empty_output(at::IntArrayRef shape, const at::TensorOptions& opts) {
   const int64_t nbytes = c10::multiply_integers(shape) * static_cast<int64_t>(c10::elementSize(opts.dtype().toScalarType()));
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr int64_t kHuge = 2 << 20;
   if (nbytes >= 4 * kHuge) {
     const size_t sz = static_cast<size_t>((nbytes + kHuge - 1) / kHuge * kHuge);
-    if (void* p = std::aligned_alloc(kHuge, sz)) {
+    void* p = reuse_take(sz);
+    if (p == nullptr && (p = std::aligned_alloc(kHuge, sz)) != nullptr)
       (void)madvise(p, sz, MADV_HUGEPAGE);  // best effort: without THP these are ordinary pages
-      return at::from_blob(p, shape, [](void* q) { std::free(q); }, opts);
-    }
+    if (p != nullptr) return at::from_blob(p, shape, [sz](void* q) { reuse_give(q, sz); }, opts);
   }
 #endif
   return at::empty(shape, opts);
@@ -1291,6 +1342,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Use the AVX512-BF16 GEMMs for bf16 attention when the CPU has them (default on); off: the fp32-GEMM path.");
   m.def("attn_bf16", []() { return fastft::bf16_attn_kernels() != nullptr; },
         "Whether bf16 attention runs on the AVX512-BF16 GEMMs on this machine now.");
+  m.def("set_reuse_cap", [](int64_t b) {
+    TORCH_CHECK(b >= 0, "the reuse cap must be >= 0 bytes");
+    fastft::g_reuse_cap.store(b);
+    if (b == 0) fastft::reuse_clear();
+  }, "Bytes of freed large outputs (>= 8 MiB each) kept for reuse by the next output of the same size (0: none).");
+  m.def("reuse_cap", []() { return fastft::g_reuse_cap.load(); });
+  m.def("reuse_cached_bytes", []() {
+    auto& c = fastft::reuse_cache();
+    std::lock_guard<std::mutex> g(c.m);
+    return static_cast<int64_t>(c.bytes);
+  }, "Bytes of freed output buffers currently held for reuse.");
+  m.def("clear_reuse_cache", []() { fastft::reuse_clear(); }, "Return the cached output buffers to the system.");
   m.def("set_stream_bytes", [](int64_t b) { fastft::g_stream_bytes.store(b); },
         "Dequantized outputs of at least this many bytes use streaming (non-temporal) stores.");
   m.def("stream_bytes", []() { return fastft::g_stream_bytes.load(); });

@@ -239,6 +239,40 @@ def test_nf4_dequantize_large_output():
 
 
 @needs_ext
+def test_large_outputs_reuse_freed_buffers():
+    """Freed outputs of >= 8 MiB are handed to the next output of the same size (no fresh pages),
+    bounded by the cap; cap 0 holds nothing. Contents are rewritten in full every time."""
+    from fastft import _C
+
+    q = ref("nf4_quantize", "reference")(torch.randn(1024, 2304), 64, True)  # 9 MiB fp32 out
+    expect = ref("nf4_dequantize", "reference")(q, torch.float32)
+    old = _C.reuse_cap()
+    try:
+        _C.set_reuse_cap(64 << 20)
+        _C.clear_reuse_cache()
+        a = ref("nf4_dequantize", "cpp")(q, torch.float32)
+        ptr = a.data_ptr()
+        a.fill_(float("nan"))
+        del a
+        assert _C.reuse_cached_bytes() == 10 << 20  # rounded up to whole 2 MiB pages
+        b = ref("nf4_dequantize", "cpp")(q, torch.float32)
+        assert b.data_ptr() == ptr and _C.reuse_cached_bytes() == 0
+        assert torch.equal(bits(b), bits(expect))
+        c = ref("nf4_dequantize", "cpp")(q, torch.float32)  # b still alive: fresh memory
+        assert c.data_ptr() != ptr and torch.equal(bits(c), bits(expect))
+        _C.set_reuse_cap(12 << 20)
+        del b, c  # only one 10 MiB buffer fits under a 12 MiB cap
+        assert _C.reuse_cached_bytes() == 10 << 20
+        _C.set_reuse_cap(0)
+        assert _C.reuse_cached_bytes() == 0
+        d = ref("nf4_dequantize", "cpp")(q, torch.float32)
+        del d
+        assert _C.reuse_cached_bytes() == 0
+    finally:
+        _C.set_reuse_cap(old)
+
+
+@needs_ext
 def test_nf4_dequantize_rounding_corners(isa):
     """Output casts round to nearest even like torch, incl. subnormal and overflowing products."""
     n = 64 * 8
