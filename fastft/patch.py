@@ -431,7 +431,9 @@ def patch(model, *, quantization=None, attention=True, lora=None, blocksize=64, 
     n_block = _patch_block_ops(model)
     if n_block:
         logger.info("fastft.patch: %d RMSNorm / SwiGLU modules now run through fastft.ops", n_block)
-    _patch_frozen_linears(model)
+    n_lin = _patch_frozen_linears(model)
+    if n_lin:
+        logger.info("fastft.patch: %d nn.Linear modules now use fastft's frozen-linear path while frozen", n_lin)
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     peft_lora = 0
     for name, mod in list(model.named_modules()):

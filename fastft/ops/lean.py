@@ -297,5 +297,5 @@ def quant_matmul(x, qweight, bias=None):
     return QuantMatmulFunction.apply(x, qweight, bias, _device_dequantize, cpu_gemm.linear)
 
 
-__all__ = ["FrozenLinearFunction", "LoraDeltaFunction", "LoraLinearFunction", "frozen_linear", "lora_dropout_state", "lora_linear", "quant_matmul",
-           "quant_matmul_grad_x"]
+__all__ = ["FrozenLinearFunction", "LoraDeltaFunction", "LoraLinearFunction", "frozen_linear", "lora_dropout_state",
+           "lora_linear", "quant_matmul", "quant_matmul_grad_x"]
