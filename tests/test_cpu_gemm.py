@@ -65,7 +65,7 @@ def test_env_turns_it_off(monkeypatch):
     assert cpu_gemm.uses_onednn()
 
 
-@pytest.mark.parametrize("kind", ["dense", "nf4"])
+@pytest.mark.parametrize("kind", ["dense", "nf4", "int4"])
 def test_lora_fp32_paths_use_it_and_match_gold(kind, monkeypatch):
     """The fused LoRA node (forward base GEMM, backward dX) and the cpp quant-matmul at training
     sizes go through cpu_gemm in fp32; results match the float64 gold of the same composition."""
@@ -76,11 +76,12 @@ def test_lora_fp32_paths_use_it_and_match_gold(kind, monkeypatch):
     real = cpu_gemm.linear
     monkeypatch.setattr(cpu_gemm, "linear", lambda *a, **k: calls.append(1) or real(*a, **k))
     g = torch.Generator().manual_seed(3)
-    M, K, N, r = 40, 70, 90, 4
+    M, K, N, r = 40, 96, 90, 4  # K: a multiple of the int4 group (32), not of the NF4 block (64)
     x = torch.randn(M, K, generator=g)
     W = torch.randn(N, K, generator=g) * 0.1
     A, B = torch.randn(r, K, generator=g) * 0.1, torch.randn(N, r, generator=g) * 0.1
-    weight = W if kind == "dense" else ops.nf4_quantize(W, 64, True)
+    weight = {"dense": lambda: W, "nf4": lambda: ops.nf4_quantize(W, 64, True),
+              "int4": lambda: ops.int4_quantize(W, 32, False)}[kind]()
     Wd = W if kind == "dense" else weight.dequantize(torch.float32)
     gy = torch.randn(M, N, generator=g)
 
