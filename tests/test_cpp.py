@@ -135,7 +135,8 @@ def test_fallback_when_extension_missing():
     assert r.returncode == 0, r.stderr[-3000:]
     out = dict(line.split(" ", 1) for line in r.stdout.splitlines() if line.split(" ", 1)[0] in
                ("BACKENDS", "DEFINED", "LOGS"))
-    assert eval(out["BACKENDS"]) == {"quant_matmul": "reference", "nf4_quantize": "reference",
+    # Without the extension the lean torch compositions take the ops they have, pure torch the rest.
+    assert eval(out["BACKENDS"]) == {"quant_matmul": "torch", "nf4_quantize": "reference",
                                      "nf4_dequantize": "reference"}
     assert out["DEFINED"] == "False"
     assert out["LOGS"] == "1", "the fallback must be announced exactly once"

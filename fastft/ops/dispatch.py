@@ -10,7 +10,9 @@ Every op has up to three implementations with one signature:
 * ``reference`` -- pure PyTorch (``fastft.ops.reference``): any device, float64-capable, autograd.
 
 ``FASTFT_BACKEND=auto|triton|cpp|torch|reference`` overrides the automatic choice, which is per op
-and device: CPU -> cpp if built, else reference; CUDA -> triton, except the ops in ``CUDA_PREFER``,
+and device: CPU -> cpp if built, else torch (the lean LoRA / quant-matmul compositions, which need
+no compiler: 1.29x the reference's fp32 LoRA step on SmolLM2 here, 0.80x its RSS), else reference;
+CUDA -> triton, except the ops in ``CUDA_PREFER``,
 which go to the backend measured faster on a GPU (``torch`` for lora_linear and quant_matmul, see
 the H200 numbers in fastft/ops/lean.py). An op that has no implementation on the chosen
 backend falls back to ``reference`` (an explicit ``FASTFT_BACKEND`` that names a backend with no
@@ -100,7 +102,7 @@ def backend_for(op: str, device: torch.device) -> str:
         if device.type == "cuda":
             order = [CUDA_PREFER[op], "triton", "reference"] if op in CUDA_PREFER else ["triton", "reference"]
         elif device.type == "cpu":
-            order = ["cpp", "reference"]
+            order = ["cpp", "torch", "reference"]
         else:
             order = ["reference"]
     else:
