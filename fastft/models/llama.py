@@ -561,13 +561,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             # Loss rows and dz = softmax - onehot in one fused step (the C++ kernel on CPU).
             total += ops.cross_entropy_grad_(z, tc, -100).to(cdt).sum()
             dz = z
-            if need_h:
-                if cpu_gemm.uses_onednn() and dz.device.type == "cpu" and dz.dtype == torch.float32:
-                    dh[a:b] = cpu_gemm.mm(dz, wm)
-                elif mdt == h.dtype:
-                    torch.mm(dz, wm, out=dh[a:b])
-                else:
-                    dh[a:b] = torch.mm(dz, wm)
+            if need_h:  # cpu_gemm decides the GEMM (oneDNN for fp32 on CPU, torch.mm otherwise)
+                dh[a:b] = cpu_gemm.mm(dz, wm)
             if need_w:
                 dw.addmm_(dz.t().to(cdt), hc.to(cdt))
         ctx.save_for_backward(dh, dw)
