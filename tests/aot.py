@@ -42,7 +42,7 @@ import tempfile
 
 import triton
 
-__all__ = ["compile_kernel", "cuobjdump_path", "unwrap_jit"]
+__all__ = ["compile_kernel", "cuobjdump_path", "nvdisasm_path", "sass_ops", "unwrap_jit"]
 
 
 # --------------------------------------------------------------------------------------- unwrapping
@@ -232,6 +232,35 @@ def cuobjdump_path() -> str | None:
     if os.path.isfile(here) and os.access(here, os.X_OK):
         return here
     return shutil.which("cuobjdump")
+
+
+@functools.lru_cache(maxsize=1)
+def nvdisasm_path() -> str | None:
+    """nvdisasm shipped with Triton (backends/nvidia/bin), else on $PATH, else None."""
+    here = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    if os.path.isfile(here) and os.access(here, os.X_OK):
+        return here
+    return shutil.which("nvdisasm")
+
+
+def sass_ops(result: dict) -> list[str]:
+    """The SASS instructions (opcode with modifiers, e.g. ``STG.E.128``; predicates dropped) of a
+    ``compile_kernel`` result's cubin, in program order. Raises when nvdisasm is unavailable."""
+    exe = nvdisasm_path()
+    if exe is None or not result.get("cubin"):
+        raise RuntimeError("sass_ops: nvdisasm (triton backends/nvidia/bin or PATH) or the cubin is missing")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(result["cubin"])
+        text = subprocess.run([exe, "-c", path], capture_output=True, text=True, timeout=120).stdout
+    ops = []
+    for line in text.splitlines():
+        m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line)
+        if m:
+            toks = m.group(1).split()
+            ops.append(toks[1] if toks[0].startswith("@") and len(toks) > 1 else toks[0])
+    return ops
 
 
 _RES_RE = re.compile(r"Function\s+(\S+)\s*:(.*)")

@@ -12,7 +12,7 @@ import sys
 import pytest
 import triton.language as tl
 
-from tests.aot import compile_kernel
+from tests.aot import compile_kernel, sass_ops
 
 Q = importlib.import_module("fastft.kernels.quant")
 ARCHS = [80, 90]
@@ -151,14 +151,26 @@ def test_nf4_row_kernels_compile(arch):
         _report(f"nf4_quantize bs={bs} rows={rows}", r)
         _no_spills(r, f"nf4_quantize bs={bs}")
         for dq in ((True, False) if bs == 64 else (True,)):  # dq=False only removes loads: one bs
-            r = compile_kernel(
-                Q._nf4_dequantize_kernel,
-                {"data_ptr": "*u8", "scale_ptr": "*u8" if dq else "*fp32", "aux_ptr": "*fp32", "auxmap_ptr": "*fp32",
-                 "qmap_ptr": "*fp32", "out_ptr": "*bf16", "n": "i64", "nblocks": "i32", "offset": "fp32"},
-                {"BS": bs, "NBS": 256, "DOUBLE_QUANT": dq, "ROWS": rows, "INTERPRET": False}, arch,
-                num_warps=Q.DEQUANT_WARPS)
-            _report(f"nf4_dequantize bs={bs} dq={dq}", r)
-            _no_spills(r, f"nf4_dequantize bs={bs} dq={dq}")
+            for out, word in ((2, "*i32:16"), (0, "*i64:16"), (3, "*fp64:16")):  # bf16, fp32, fp64
+                for masked in ((False, True) if out == 2 else (False,)):
+                    # ":16": aligned pointers and sizes, as Triton's launcher specializes them
+                    r = compile_kernel(
+                        Q._nf4_dequantize_kernel,
+                        {"data_ptr": "*u8:16", "scale_ptr": "*u8:16" if dq else "*fp32:16", "aux_ptr": "*fp32:16",
+                         "auxmap_ptr": "*fp32:16", "qmap_ptr": "*fp32:16", "out_ptr": word, "n": "i64:16",
+                         "nblocks": "i32:16", "offset": "fp32", "first_blk": "i32:16"},
+                        {"BS": bs, "NBS": 256, "DOUBLE_QUANT": dq, "ROWS": rows, "MASKED": masked, "OUT": out,
+                         "INTERPRET": False}, arch, num_warps=Q.DEQUANT_WARPS)
+                    what = f"nf4_dequantize bs={bs} dq={dq} out={out} masked={masked}"
+                    _report(what, r)
+                    _no_spills(r, what)
+                    if out == 2 and not masked and bs == 64:
+                        # The codes are one vector load and the outputs vector stores per thread
+                        # (the first H200 run's version stored 2-byte values one at a time).
+                        ops = sass_ops(r)
+                        stores = [o for o in ops if o.startswith("STG")]
+                        assert stores and all(o == "STG.E.128" for o in stores), f"{what}: stores {stores}"
+                        assert "LDG.E.64" in ops, f"{what}: the 8 code bytes of a thread are not one load"
     r = compile_kernel(Q._dq8_quantize_kernel, {"absmax_ptr": "*fp32", "code_ptr": "*u8", "nested_ptr": "*fp32",
                                                 "mids_ptr": "*fp64", "nblocks": "i32", "offset": "fp32"},
                        {"NBS": 256}, arch)
