@@ -10,6 +10,10 @@ GPU suite, bf16 activations, NF4 with double quantization (blocksize 64), the QL
   run: dense bf16 ``F.linear`` on the unquantized weight (cuBLAS), bitsandbytes dequantize + matmul
   (the path PEFT / Unsloth take), bitsandbytes ``matmul_4bit``. Targets: M >= 4096 within 1.10x of
   dense and >= 1.3x faster than dequantize + matmul; M <= 16 >= 3x faster than dense.
+* decode (M <= 16) also from CUDA graphs (``common.bench_graph``, L2 flushed before each call):
+  the kernel time without the host path, for fastft's CUDA default (the decode kernel), dense bf16
+  and bitsandbytes ``matmul_4bit``. The first H200 run's decode rows (do_bench) timed ~0.3 ms of
+  Python around a 46 us kernel.
 * backward dX = dY @ W for M >= 512: fastft's fused transposed kernel vs dense bf16 and
   bitsandbytes dequantize + matmul.
 
@@ -117,6 +121,30 @@ def run(suite: str) -> list[dict]:
             if t_b4:
                 rows.append(common.row(case, "bnb_matmul_4bit", t_b4, flops=flops, ceiling="matmul_bf16",
                                        device="cuda"))
+
+            if M <= 16:  # decode: kernel time from CUDA graphs (common.bench_graph), as engines run it
+                case_g = f"quant_matmul fwd M={M} {shape} (cuda graph)"
+                graph_rows = [("dense_bf16", lambda: torch.nn.functional.linear(x, w_deq)),
+                              ("fastft", lambda: lean_qmm(x, qw))]  # the CUDA default: the decode kernel
+                if bnb_q:
+                    graph_rows.append(("bnb_matmul_4bit", lambda: bnb.matmul_4bit(x, bnb_q[0].t(),
+                                                                                 quant_state=bnb_q[1])))
+                times = {}
+                for name, fn in graph_rows:
+                    try:
+                        times[name] = common.bench_graph(fn)
+                    except Exception as e:  # a baseline that cannot be captured: no row, one line
+                        print(f"[bench_quant] {name} {case_g}: not capturable ({type(e).__name__}: {e})")
+                for name, tg in times.items():
+                    extra = {}
+                    if name == "fastft" and "dense_bf16" in times:
+                        extra = dict(baseline="dense_bf16", baseline_s=times["dense_bf16"])
+                        if "bnb_matmul_4bit" in times:
+                            extra["vs_bnb_matmul_4bit"] = round(times["bnb_matmul_4bit"] / tg, 3)
+                    wb = _nf4_bytes(N, K) if name != "dense_bf16" else 2 * N * K
+                    # GB/s of weight bytes read, against the copy bandwidth: decode is a weight stream
+                    rows.append(common.row(case_g, name, tg, bytes=wb, ceiling="copy", device="cuda",
+                                           weight_bytes=wb, **extra))
 
             if M >= 512:  # training shapes: the backward dX
                 dy = torch.randn(M, N, device=dev, dtype=torch.bfloat16)

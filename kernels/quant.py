@@ -32,8 +32,12 @@ Kernels
   (BLOCK_M, BLOCK_N) output tile; inside the K-loop a (BLOCK_N, BLOCK_K) tile of W is decoded from
   the packed bytes into registers (``_dequant_tile``), cast to x's dtype and fed to ``tl.dot``
   with an fp32 accumulator; the full-precision weight never exists in memory. ``SPLIT_K > 1`` is
-  the decode path (M <= 16): the K range is split across programs that write fp32 partial sums
-  to a (SPLIT_K, M, N) workspace, which the launcher reduces (deterministic; no atomics).
+  its decode path (M <= 16, fp32 activations or the general layout): the K range is split across
+  programs that write fp32 partial sums to a (SPLIT_K, M, N) workspace, which the launcher reduces.
+* ``_quant_decode_kernel``  the decode path of the aligned layout with fp16 / bf16 activations
+  (M <= 16, e.g. generation): bytes prefetched a step ahead, two dots per K-step on the unscaled
+  nibble values (NF4 through a 256-entry packed-pair table), the block scale applied to the fp32
+  partial, split-K reduced in-kernel by the last program of each output tile (deterministic).
 * ``_quant_matmul_bwd_kernel``  dX = dY @ dequant(W): the same tile decoder on the transposed access
   pattern (program tiles (M, K), reduction over N). W gets no gradient; nothing is saved for
   backward but the packed weight tensors (which the weight object holds anyway).
@@ -54,8 +58,9 @@ in fp32 and cast once to the activation dtype, so the kernel multiplies exactly 
 as torch would). Offsets that can pass 2^31 (row * stride, flat weight index) are int64.
 
 Tuning: ``matmul_configs(kind)`` lists (pruned per problem by ``_prune_configs``; autotune key
-buckets M to a power of two) for "fwd" (M > 16), "decode" (M <= 16, split-K), "bwd", each also for
-the general path and for fp32 activations. Every config compiles for sm_80 and sm_90 without
+buckets M to a power of two) for "fwd" (M > 16), "bwd", and "decode" (M <= 16, split-K) for the
+general path and for fp32 activations; ``decode_plan`` fixes the tile and split of
+``_quant_decode_kernel``. Every config compiles for sm_80 and sm_90 without
 spills (fp32: a few bytes) and the M >= 64 tiles use wgmma on sm_90 (tests/test_aot_quant.py). Row
 kernels use a fixed heuristic (``_rows_per_program``). Under TRITON_INTERPRET=1 each kernel runs
 one config (``INTERPRET_CONFIGS``).
@@ -65,14 +70,16 @@ other int4 group sizes quantize / dequantize through the reference, and quant_ma
 in % group_size == 0 for int4, nested_blocksize 256. Interpreter quirks handled here (Triton 3.9):
 ``tl.dot`` on bf16 operands computes garbage, and fp32 -> bf16 casts truncate, so when
 interpreting bf16 dots are upcast to fp32 and bf16 casts round to nearest-even by bit arithmetic
-(``_cast``). Performance: designed for, not yet measured on, a GPU (benchmarks/bench_quant.py);
-for large M the in-register decode costs ~20 integer/select ops per weight element per M-tile,
-which is what the BLOCK_M = 128 training tiles amortize.
+(``_cast``). Performance (benchmarks/bench_quant.py, benchmarks/NOTES.md): for large M the
+in-register decode costs ~20 integer/select ops per weight element per M-tile, which the BLOCK_M =
+128 training tiles amortize only partly (~115 TFLOP/s on an H200), so CUDA training runs through
+the ``torch`` backend (this dequantize + cuBLAS).
 """
 from __future__ import annotations
 
 import functools
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -473,6 +480,157 @@ def _quant_matmul_bwd_kernel(
     tl.store(dx_ptr + offs_m[:, None] * K + offs_k[None, :], _cast(acc, dx_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
+@triton.jit
+def _decode_pair(byte, tab_ptr, QTYPE: tl.constexpr, SYMMETRIC: tl.constexpr, DT: tl.constexpr,
+                 INTERPRET: tl.constexpr):
+    """A (BLOCK_N, BLOCK_K / 2) byte tile -> its two nibbles' unscaled values in DT (fp16 / bf16).
+
+    NF4: one gather per byte from a 256-entry table of packed pairs (the two table entries, each
+    rounded once to DT; 1 KB, L1-resident): no nibble arithmetic and no conversion per element.
+    int4: q - 8 (symmetric, exact) or q (asymmetric, exact; the zero point is applied per element
+    by the caller).
+    """
+    if QTYPE == 0:
+        pair = tl.load(tab_ptr + byte.to(tl.int32)).to(tl.uint32, bitcast=True)
+        hi = (pair & 0xFFFF).to(tl.uint16).to(DT, bitcast=True)
+        lo = (pair >> 16).to(tl.uint16).to(DT, bitcast=True)
+    else:
+        code = byte.to(tl.int32)
+        if SYMMETRIC:
+            hi = (code >> 4) - 8
+            lo = (code & 0xF) - 8
+        else:
+            hi = code >> 4
+            lo = code & 0xF
+        # small integers: exact in fp16 / bf16 (via fp32 in the interpreter, whose direct int ->
+        # bf16 conversion is wrong in Triton 3.9)
+        if INTERPRET:
+            hi = hi.to(tl.float32)
+            lo = lo.to(tl.float32)
+        hi = hi.to(DT)
+        lo = lo.to(DT)
+    return hi, lo
+
+
+@triton.jit
+def _scale_loads(scale_ptr, aux_ptr, g, mask_n, QTYPE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                 SYMMETRIC: tl.constexpr, NBS: tl.constexpr):
+    """The per-row global loads behind the scales of quant blocks / groups ``g`` (what the decode
+    kernel prefetches a step ahead): NF4 + double quant (8-bit code, nested absmax), NF4 (absmax,
+    unused), int4 (scale, zero point or unused)."""
+    if QTYPE == 0:
+        if DOUBLE_QUANT:
+            a = tl.load(scale_ptr + g, mask=mask_n, other=0).to(tl.int32)
+            b = tl.load(aux_ptr + g // NBS, mask=mask_n, other=0.0)
+        else:
+            a = tl.load(scale_ptr + g, mask=mask_n, other=0.0)
+            b = a
+    else:
+        a = tl.load(scale_ptr + g, mask=mask_n, other=0.0)
+        if SYMMETRIC:
+            b = a
+        else:
+            b = tl.load(aux_ptr + g, mask=mask_n, other=0.0)
+    return a, b
+
+
+@triton.jit
+def _scale_value(a, b, auxmap_ptr, offset, QTYPE: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """The fp32 scale from ``_scale_loads``' values (double quant: the 256-entry map, L1-resident)."""
+    if QTYPE == 0 and DOUBLE_QUANT:
+        s = tl.load(auxmap_ptr + a) * b + offset
+    else:
+        s = a
+    return s
+
+
+@triton.jit
+def _quant_decode_kernel(
+    x_ptr, data_ptr, scale_ptr, aux_ptr, auxmap_ptr, qmap_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+    M, N, K, stride_xm, offset, K_SPLIT,
+    QTYPE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, SYMMETRIC: tl.constexpr, QBLOCK: tl.constexpr,
+    NBS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Decode-shaped y = x @ dequant(W)ᵀ (+ bias): M <= BLOCK_M = 16 rows of fp16 / bf16 x, the
+    aligned layout (K % QBLOCK == 0, BLOCK_K | QBLOCK), program (N tile, K split).
+
+    At M <= 16 the weight's bytes are the whole cost, and the first H200 run's decode (the training
+    kernel with a 16-row tile) took 46 us at 4096² where its bytes need ~3: 24 instructions per
+    weight element (the select-tree lookup and the nibble interleave), 233 registers, one warp per
+    scheduler. Here:
+    * the nibbles are never interleaved: byte j holds columns 2j and 2j + 1, so x is read as its
+      even and odd columns and the K-step is two dots, one per nibble (sum order is free);
+    * a K-step stays inside one quant block, so its dots run on unscaled values (NF4: the table
+      entry rounded once to x's dtype, gathered two per byte from a packed-pair table passed as
+      ``qmap_ptr``; int4: q - 8 or q - z) and the block's scale multiplies the fp32 partial,
+      once per output instead of once per weight;
+    * the next K-step's bytes and scale inputs are loaded before this one is decoded (a register
+      double buffer);
+    * K splits (SPLIT_K > 1) write fp32 partials to ``ws_ptr`` (SPLIT_K, M, N); the last program
+      of an N tile to finish (an acq_rel counter in ``cnt_ptr``, reset to 0 by that program) adds
+      them in split order, adds the bias and stores: deterministic, and no second launch.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    jj = tl.arange(0, BLOCK_K // 2)
+    k_start = pid_k * K_SPLIT
+    k_end = tl.minimum(K, k_start + K_SPLIT)
+    w_rows = data_ptr + offs_n.to(tl.int64)[:, None] * (K // 2)  # (BLOCK_N, 1) row starts
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    g_rows = offs_n.to(tl.int64) * (K // QBLOCK)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    byte = tl.load(w_rows + (k_start // 2 + jj)[None, :], mask=mask_n[:, None], other=0)
+    sa, sb = _scale_loads(scale_ptr, aux_ptr, g_rows + k_start // QBLOCK, mask_n, QTYPE, DOUBLE_QUANT, SYMMETRIC,
+                          NBS)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        # Prefetch the next step's bytes and scale inputs before decoding this one; the last step
+        # re-reads its own (an address clamp, not a mask: the loads stay whole vectors).
+        k1 = tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K)
+        nxt = tl.load(w_rows + (k1 // 2 + jj)[None, :], mask=mask_n[:, None], other=0)
+        na, nb = _scale_loads(scale_ptr, aux_ptr, g_rows + k1 // QBLOCK, mask_n, QTYPE, DOUBLE_QUANT, SYMMETRIC,
+                              NBS)
+        s = _scale_value(sa, sb, auxmap_ptr, offset, QTYPE, DOUBLE_QUANT)
+        z = sb  # int4's zero point (unused otherwise)
+        xx = tl.load(x_rows + (k0 + tl.arange(0, BLOCK_K))[None, :], mask=mask_m[:, None], other=0.0)
+        xe, xo = tl.split(tl.reshape(xx, (BLOCK_M, BLOCK_K // 2, 2)))  # even / odd columns
+        w_hi, w_lo = _decode_pair(byte, qmap_ptr, QTYPE, SYMMETRIC, xe.dtype, INTERPRET)
+        if QTYPE == 1:
+            if not SYMMETRIC:  # q - z, in fp32, rounded once (as the reference's weight is)
+                w_hi = _cast(w_hi.to(tl.float32) - z[:, None], xe.dtype, INTERPRET)
+                w_lo = _cast(w_lo.to(tl.float32) - z[:, None], xe.dtype, INTERPRET)
+        part = _mma(xe, tl.trans(w_hi), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), INTERPRET, "ieee")
+        part = _mma(xo, tl.trans(w_lo), part, INTERPRET, "ieee")
+        acc += part * s[None, :]  # the block's scale, once per output instead of once per weight
+        byte = nxt
+        sa = na
+        sb = nb
+
+    mask = mask_m[:, None] & mask_n[None, :]
+    tile = offs_m[:, None] * N + offs_n[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + tile, _cast(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    else:
+        MN = M * N
+        tl.store(ws_ptr + pid_k * MN + tile, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the counter moves
+        done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if done == SPLIT_K - 1:  # the last split of this N tile: reduce in split order
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for i in range(SPLIT_K):
+                total += tl.load(ws_ptr + i * MN + tile, mask=mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + tile, _cast(total, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+
+
 # ================================================================================ configurations
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). Every entry compiles for sm_80 and
 # sm_90 without register spills (tests/test_aot_quant.py); BLOCK_M >= 64 entries use wgmma on sm_90.
@@ -482,7 +640,6 @@ def _quant_matmul_bwd_kernel(
 # "*_general": the per-element NF4 path (in % blocksize != 0), which needs more registers per element.
 _CONFIGS = {
     "fwd": [(128, 128, 32, 8, 8, 4), (128, 64, 32, 8, 8, 4), (64, 64, 32, 8, 4, 4), (32, 64, 32, 8, 4, 4)],
-    "decode": [(16, 128, 64, 1, 4, 3), (16, 32, 128, 1, 4, 4), (16, 64, 32, 1, 2, 4)],
     "bwd": [(128, 32, 128, 8, 8, 3), (128, 32, 64, 8, 8, 4), (64, 64, 64, 8, 8, 4), (64, 32, 32, 8, 4, 4)],
     "fwd_general": [(128, 64, 32, 8, 8, 3), (64, 32, 32, 8, 4, 3)],
     "decode_general": [(16, 64, 32, 1, 4, 3)],
@@ -497,8 +654,10 @@ _CONFIGS = {
 
 
 def matmul_configs(kind: str) -> list:
-    """Autotune candidates for the quant-matmul kernels: ``kind`` in "fwd", "decode", "bwd", each
-    optionally with "_general" (the NF4 path for in % blocksize != 0) or "fp32_" (fp32 activations).
+    """Autotune candidates for the quant-matmul kernels: ``kind`` in "fwd", "bwd", "decode_general",
+    "fwd_general", "bwd_general" (the NF4 path for in % blocksize != 0) and "fp32_fwd" /
+    "fp32_decode" / "fp32_bwd" (fp32 activations). The aligned fp16 / bf16 decode path
+    (``_quant_decode_kernel``) has a fixed tile (``decode_plan``), no list.
 
     Pruned per call by ``_prune_configs`` (BLOCK_K must divide the quant block on the aligned path;
     tiles no larger than the problem).
@@ -656,6 +815,22 @@ def decode_split_k(M: int, N: int, K: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(2 * _num_sms(device), tiles_n), K // 128))
 
 
+def decode_eligible(x: torch.Tensor, qweight) -> bool:
+    """Whether ``quant_matmul(x, qweight)`` runs ``_quant_decode_kernel``: at most DECODE_MAX_M
+    rows, fp16 / bf16 compute (x's dtype or the autocast dtype), the aligned layout."""
+    rows = x.numel() // max(1, x.shape[-1]) if x.dim() else 0
+    if not 0 < rows <= DECODE_MAX_M:
+        return False
+    dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    if dt not in (torch.float16, torch.bfloat16):
+        return False
+    try:
+        meta, _ = _unpack(qweight)
+    except (TypeError, ValueError):
+        return False
+    return meta.aligned
+
+
 def _matmul_fwd(x2, meta: QuantMeta, t, bias, split_k=None, out=None):
     """x2 (M, K) contiguous -> ``out`` (M, N) in x2's dtype (allocated when None)."""
     data, scale, aux, auxmap, qmap = t
@@ -671,6 +846,8 @@ def _matmul_fwd(x2, meta: QuantMeta, t, bias, split_k=None, out=None):
     d = _dummy(dev)
     interp = _interpreting()
     decode = M <= DECODE_MAX_M
+    if decode and meta.aligned and x2.dtype in (torch.float16, torch.bfloat16):
+        return _decode_launch(x2, meta, t, bias, out, split_k)
     if split_k is None:
         split_k = decode_split_k(M, N, K, dev)
     common = dict(M=M, N=N, K=K, stride_xm=x2.stride(0), offset=meta.offset,
@@ -695,6 +872,86 @@ def _matmul_fwd(x2, meta: QuantMeta, t, bias, split_k=None, out=None):
         if bias is not None:
             acc += bias.float()
         out.copy_(acc)
+    return out
+
+
+# The decode kernel's tile: BLOCK_N rows of W by BLOCK_K columns (one quant block or less) per step;
+# 16 bytes of codes per thread per step with 4 warps.
+DECODE_BLOCK_N = 64
+DECODE_BLOCK_K = 64
+DECODE_WARPS = 4
+DECODE_PROGRAMS_PER_SM = 4  # K is split to about this many programs per SM: one wave (~96 registers)
+_counters: dict = {}
+
+
+def _split_counters(device, n: int) -> torch.Tensor:
+    """Zeroed int32 split-K counters (the kernel leaves them at 0), per device and stream."""
+    key = (str(device), torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    c = _counters.get(key)
+    if c is None or c.numel() < n:
+        c = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _counters[key] = c
+    return c
+
+
+def decode_plan(M: int, N: int, K: int, qblock: int, device, split_k: int | None = None):
+    """(BLOCK_N, BLOCK_K, split_k, K_SPLIT) of ``_quant_decode_kernel`` for this problem."""
+    if _interpreting():
+        bn, bk = 32, 32
+    else:
+        bn, bk = DECODE_BLOCK_N, min(DECODE_BLOCK_K, qblock)
+    k_blocks = K // bk
+    tiles_n = triton.cdiv(N, bn)
+    if split_k is None:
+        split_k = triton.cdiv(DECODE_PROGRAMS_PER_SM * _num_sms(device), tiles_n)
+    split_k = max(1, min(int(split_k), k_blocks))
+    k_split = triton.cdiv(k_blocks, split_k) * bk
+    return bn, bk, triton.cdiv(K, k_split), k_split
+
+
+_pair_tables: dict = {}  # id(quant_map) -> (weakref to it, {dtype: (version, table)})
+
+
+def nf4_pair_table(qmap: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int32 (256,): entry b packs qmap[b >> 4] (low half) and qmap[b & 15] (high half), each as
+    the bits of its ``dtype`` (fp16 / bf16) rounding -- the decode kernel's lookup, two outputs
+    per byte. Cached per quant_map tensor (by identity, dropped with it) and dtype; rebuilt if the
+    tensor was changed in place."""
+    key = id(qmap)
+    entry = _pair_tables.get(key)
+    if entry is None or entry[0]() is not qmap:
+        entry = (weakref.ref(qmap, lambda _, k=key: _pair_tables.pop(k, None)), {})
+        _pair_tables[key] = entry
+    hit = entry[1].get(dtype)
+    if hit is not None and hit[0] == qmap._version:
+        return hit[1]
+    bits = qmap.detach().to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
+    b = torch.arange(256, device=qmap.device)
+    table = bits[b >> 4] | (bits[b & 15] << 16)
+    entry[1][dtype] = (qmap._version, table)
+    return table
+
+
+def _decode_launch(x2, meta: QuantMeta, t, bias, out, split_k=None):
+    data, scale, aux, auxmap, qmap = t
+    if meta.qtype == 0:
+        qmap = nf4_pair_table(qmap, x2.dtype)
+    M, K = x2.shape
+    N = meta.N
+    dev = x2.device
+    d = _dummy(dev)
+    bn, bk, split_k, k_split = decode_plan(M, N, K, meta.qblock, dev, split_k)
+    tiles_n = triton.cdiv(N, bn)
+    ws = torch.empty((split_k, M, N), dtype=torch.float32, device=dev) if split_k > 1 else d
+    cnt = _split_counters(dev, tiles_n) if split_k > 1 else d
+    launch = {} if _interpreting() else {"num_warps": DECODE_WARPS, "num_stages": 2}
+    _quant_decode_kernel[(tiles_n, split_k)](
+        x2, data, scale, aux if aux is not None else d, auxmap if auxmap is not None else d,
+        qmap if qmap is not None else d, bias if bias is not None else d, out, ws, cnt,
+        M, N, K, x2.stride(0), meta.offset, k_split,
+        QTYPE=meta.qtype, DOUBLE_QUANT=meta.double_quant, SYMMETRIC=meta.symmetric, QBLOCK=meta.qblock,
+        NBS=_NESTED_BLOCK, HAS_BIAS=bias is not None, SPLIT_K=split_k, INTERPRET=_interpreting(),
+        BLOCK_M=DECODE_MAX_M, BLOCK_N=bn, BLOCK_K=bk, **launch)
     return out
 
 

@@ -42,7 +42,7 @@ import tempfile
 
 import triton
 
-__all__ = ["compile_kernel", "cuobjdump_path", "nvdisasm_path", "sass_ops", "unwrap_jit"]
+__all__ = ["compile_kernel", "cuobjdump_path", "nvdisasm_path", "sass_loop", "sass_ops", "unwrap_jit"]
 
 
 # --------------------------------------------------------------------------------------- unwrapping
@@ -243,24 +243,47 @@ def nvdisasm_path() -> str | None:
     return shutil.which("nvdisasm")
 
 
-def sass_ops(result: dict) -> list[str]:
-    """The SASS instructions (opcode with modifiers, e.g. ``STG.E.128``; predicates dropped) of a
-    ``compile_kernel`` result's cubin, in program order. Raises when nvdisasm is unavailable."""
+def _sass_text(result: dict) -> str:
     exe = nvdisasm_path()
     if exe is None or not result.get("cubin"):
-        raise RuntimeError("sass_ops: nvdisasm (triton backends/nvidia/bin or PATH) or the cubin is missing")
+        raise RuntimeError("SASS: nvdisasm (triton backends/nvidia/bin or PATH) or the cubin is missing")
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(result["cubin"])
-        text = subprocess.run([exe, "-c", path], capture_output=True, text=True, timeout=120).stdout
-    ops = []
-    for line in text.splitlines():
-        m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;", line)
+        return subprocess.run([exe, "-c", path], capture_output=True, text=True, timeout=120).stdout
+
+
+_INSTR_RE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;")
+
+
+def _opcode(instr: str) -> str:
+    toks = instr.split()
+    return toks[1] if toks[0].startswith("@") and len(toks) > 1 else toks[0]
+
+
+def sass_ops(result: dict) -> list[str]:
+    """The SASS opcodes (with modifiers, e.g. ``STG.E.128``; predicates dropped) of a
+    ``compile_kernel`` result's cubin, in program order. Raises when nvdisasm is unavailable."""
+    return [_opcode(m.group(1)) for m in map(_INSTR_RE.search, _sass_text(result).splitlines()) if m]
+
+
+def sass_loop(result: dict) -> list[str]:
+    """The opcodes of the largest loop body (a label up to a branch back to it) of the kernel."""
+    lines = _sass_text(result).splitlines()
+    labels = {}
+    for i, line in enumerate(lines):
+        m = re.match(r"^\s*(\.L_x_\d+):", line)
         if m:
-            toks = m.group(1).split()
-            ops.append(toks[1] if toks[0].startswith("@") and len(toks) > 1 else toks[0])
-    return ops
+            labels[m.group(1)] = i
+    best: list[str] = []
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA\s+`\((\.L_x_\d+)\)", line)
+        if m and labels.get(m.group(1), i) < i:
+            body = [_opcode(x.group(1)) for x in map(_INSTR_RE.search, lines[labels[m.group(1)]:i + 1]) if x]
+            if len(body) > len(best):
+                best = body
+    return best
 
 
 _RES_RE = re.compile(r"Function\s+(\S+)\s*:(.*)")

@@ -304,7 +304,8 @@ def test_decode_split_k(M, split_k, device):
     y = Q.quant_matmul_triton(x, qw, bias, split_k=split_k)
     w = R.nf4_dequantize(qw, torch.float32)
     assert_close_to_gold(y, x.double() @ w.double().T + bias.double(), x @ w.half().T + bias)
-    # Deterministic: the partial sums are reduced in a fixed order (no atomics).
+    # Deterministic: the partial sums are reduced in split order (the counter only elects which
+    # program reduces).
     assert torch.equal(y, Q.quant_matmul_triton(x, qw, bias, split_k=split_k))
 
 
@@ -312,6 +313,84 @@ def test_decode_path_splits_automatically(device):
     assert Q.decode_split_k(1, 40, 384, torch.device(device)) > 1
     assert Q.decode_split_k(64, 40, 384, torch.device(device)) == 1
     assert Q.decode_split_k(1, 40, 64, torch.device(device)) == 1
+
+
+def test_decode_plan_covers_k(device):
+    dev = torch.device(device)
+    for N, K, qblock in [(40, 384, 64), (4096, 4096, 64), (40, 64, 64), (14336, 4096, 32), (8, 14336, 128)]:
+        bn, bk, split, k_split = Q.decode_plan(1, N, K, qblock, dev)
+        assert qblock % bk == 0 and k_split % bk == 0
+        assert (split - 1) * k_split < K <= split * k_split  # every split has work, together all of K
+    assert Q.decode_plan(1, 40, 384, 64, dev)[2] > 1  # few N tiles: K is split
+    assert Q.decode_plan(1, 40, 64, 64, dev, split_k=8)[2] == 64 // Q.decode_plan(1, 40, 64, 64, dev)[1]
+
+
+def test_decode_kernel_serves_aligned_half_precision(monkeypatch, device):
+    """M <= 16 with fp16 / bf16 activations on the aligned layout runs ``_quant_decode_kernel``;
+    fp32 activations, the general layout and M > 16 run the tiled kernel."""
+    calls = []
+    launch = Q._decode_launch
+    monkeypatch.setattr(Q, "_decode_launch", lambda *a, **k: calls.append(a[0].shape) or launch(*a, **k))
+    aligned = R.nf4_quantize(torch.randn(40, 128, device=device), 64, True)
+    general = R.nf4_quantize(torch.randn(40, 200, device=device), 64, True)
+    Q.quant_matmul(torch.randn(3, 128, device=device, dtype=torch.bfloat16), aligned)
+    Q.quant_matmul(torch.randn(16, 128, device=device, dtype=torch.float16), aligned)
+    assert calls == [(3, 128), (16, 128)]
+    Q.quant_matmul(torch.randn(3, 128, device=device), aligned)
+    Q.quant_matmul(torch.randn(3, 200, device=device, dtype=torch.float16), general)
+    Q.quant_matmul(torch.randn(17, 128, device=device, dtype=torch.float16), aligned)
+    assert len(calls) == 2
+
+
+def test_decode_eligible_and_cuda_default_routes_decode(monkeypatch, device):
+    aligned = R.nf4_quantize(torch.randn(40, 128, device=device), 64, True)
+    general = R.nf4_quantize(torch.randn(40, 200, device=device), 64, True)
+    h = torch.randn(2, 3, 128, device=device, dtype=torch.bfloat16)
+    assert Q.decode_eligible(h, aligned)
+    assert not Q.decode_eligible(h.float(), aligned)
+    assert not Q.decode_eligible(torch.randn(17, 128, device=device, dtype=torch.half), aligned)
+    assert not Q.decode_eligible(torch.randn(2, 200, device=device, dtype=torch.half), general)
+    assert not Q.decode_eligible(torch.randn(0, 128, device=device, dtype=torch.half), aligned)
+    # The torch backend (the CUDA default of quant_matmul) hands CUDA decode shapes to the kernel.
+    calls = []
+    launch = Q._decode_launch
+    monkeypatch.setattr(Q, "_decode_launch", lambda *a, **k: calls.append(1) or launch(*a, **k))
+    y = dispatch.impl("quant_matmul", "torch")(h, aligned)
+    assert len(calls) == (1 if device == "cuda" else 0)
+    w = R.nf4_dequantize(aligned, torch.float32)
+    h2 = h.reshape(-1, 128)
+    assert_close_to_gold(y.reshape(6, 40), h2.double() @ w.double().T, h2 @ w.to(torch.bfloat16).T)
+
+
+def test_decode_split_counters_return_to_zero(device):
+    """The in-kernel split-K reduction leaves its counters at 0, so the next launch starts clean."""
+    qw = R.int4_quantize(torch.randn(200, 256, device=device), 32, False)
+    x = torch.randn(2, 256, device=device, dtype=torch.float16)
+    y = Q.quant_matmul_triton(x, qw, split_k=4)
+    assert Q.decode_plan(2, 200, 256, 32, torch.device(device), 4)[2] == 4
+    cnt = Q._split_counters(torch.device(device), 1)
+    assert int(cnt.abs().sum()) == 0
+    assert torch.equal(y, Q.quant_matmul_triton(x, qw, split_k=4))
+    w = R.int4_dequantize(qw, torch.float32)
+    assert_close_to_gold(y, x.double() @ w.double().T, x @ w.half().T)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_nf4_pair_table(dtype, device):
+    """Entry b packs the codebook values of b's two nibbles (high nibble in the low half), each as
+    the bits of its rounding to ``dtype``; cached per quant_map tensor, rebuilt after an in-place
+    change."""
+    qmap = R.nf4_quantize(torch.randn(8, 64, device=device), 64, False).quant_map.clone()
+    t = Q.nf4_pair_table(qmap, dtype)
+    assert t.dtype == torch.int32 and t.numel() == 256
+    bits = qmap.to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
+    for b in (0, 7, 0x7F, 0x80, 0xA5, 0xFF):
+        assert int(t[b]) & 0xFFFF == int(bits[b >> 4])
+        assert (int(t[b]) >> 16) & 0xFFFF == int(bits[b & 15])
+    assert Q.nf4_pair_table(qmap, dtype) is t  # cached
+    qmap[3] = 0.5
+    t2 = Q.nf4_pair_table(qmap, dtype)
+    assert t2 is not t and (int(t2[0x30]) & 0xFFFF) == int(torch.tensor(0.5, dtype=dtype).view(torch.int16)) & 0xFFFF
 
 
 def test_quant_matmul_empty_and_fp64(device):

@@ -294,6 +294,13 @@ def quant_matmul(x, qweight, bias=None):
     check_quant_matmul_args(x, qweight, bias)
     if x.dtype == torch.float64:
         return _reference("quant_matmul")(x, qweight, bias)
+    if x.is_cuda:
+        # Decode-shaped calls (<= 16 rows, generation) go to the fused Triton decode kernel, which
+        # reads the 4-bit bytes once; dequantize + cuBLAS would write and re-read a dense weight.
+        from fastft.kernels import quant as triton_quant
+
+        if triton_quant.decode_eligible(x, qweight):
+            return triton_quant.quant_matmul_triton(x, qweight, bias)
     return QuantMatmulFunction.apply(x, qweight, bias, _device_dequantize, cpu_gemm.linear)
 
 
