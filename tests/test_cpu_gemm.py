@@ -16,7 +16,10 @@ SHAPES = [(1, 1, 1), (1, 7, 3), (5, 576, 16), (17, 16, 577), (33, 65, 129), (256
 @pytest.mark.parametrize("M,K,N", SHAPES)
 @pytest.mark.parametrize("layout", ["contiguous", "a transposed view", "w transposed view"])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_linear_matches_gold(M, K, N, layout, with_bias):
+@pytest.mark.parametrize("route", ["default", "onednn always"])
+def test_linear_matches_gold(M, K, N, layout, with_bias, route, monkeypatch):
+    if route == "onednn always":  # the small shapes too, which by default go to BLAS
+        monkeypatch.setattr(cpu_gemm, "MIN_MACS", 0)
     g = torch.Generator().manual_seed(M * 1000 + K * 10 + N)
     a = torch.randn(M, K, generator=g)
     w = torch.randn(N, K, generator=g)
@@ -37,6 +40,17 @@ def test_onednn_is_used_here():
     # This machine's torch has oneDNN: the reroute must be live, not silently off.
     assert torch.backends.mkldnn.is_available()
     assert cpu_gemm.uses_onednn()
+
+
+def test_small_problems_go_to_blas(monkeypatch):
+    assert cpu_gemm.uses_onednn()
+    calls = []
+    real = cpu_gemm._LP
+    monkeypatch.setattr(cpu_gemm, "_LP", lambda *a: calls.append(a[0].shape) or real(*a))
+    cpu_gemm.linear(torch.randn(8, 64), torch.randn(64, 64))  # 32K multiply-adds: oneDNN's set-up dominates
+    assert calls == []
+    cpu_gemm.linear(torch.randn(16, 576), torch.randn(576, 576))
+    assert calls == [(16, 576)]
 
 
 def test_fallbacks(monkeypatch):
