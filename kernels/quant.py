@@ -987,6 +987,9 @@ def _matmul_bwd(dy2, meta: QuantMeta, t):
 
 
 DEQUANT_WARPS = 8  # warps per program of the NF4 dequantize row kernel on a GPU
+# int4 quantize: 4096 elements per program; with 4 warps (32 per thread) Triton 3.6 spilled 8 bytes
+# on sm_90 (g = 64, symmetric)
+QUANTIZE_WARPS = 8
 
 
 def _rows_per_program(bs: int) -> int:
@@ -1102,9 +1105,10 @@ def int4_quantize_raw(w: torch.Tensor, group_size: int = 128, symmetric: bool = 
     zeros = None if symmetric else torch.empty_like(scales)
     if N and K:
         rows = _rows_per_program(group_size)
+        launch = {} if _interpreting() else {"num_warps": QUANTIZE_WARPS}
         _int4_quantize_kernel[(triton.cdiv(N, rows), K // group_size)](
             w, data, scales, zeros if zeros is not None else scales, N, K,
-            G=group_size, SYMMETRIC=symmetric, ROWS=rows)
+            G=group_size, SYMMETRIC=symmetric, ROWS=rows, **launch)
     return dict(data=data, scales=scales, zeros=zeros)
 
 

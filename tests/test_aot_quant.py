@@ -234,7 +234,7 @@ def test_int4_row_kernels_compile(arch):
         for sym in (False, True):
             r = compile_kernel(Q._int4_quantize_kernel, {"w_ptr": "*bf16", "data_ptr": "*u8", "scale_ptr": "*fp32",
                                                          "zero_ptr": "*fp32", "N": "i32", "K": "i32"},
-                               {"G": g, "SYMMETRIC": sym, "ROWS": rows}, arch)
+                               {"G": g, "SYMMETRIC": sym, "ROWS": rows}, arch, num_warps=Q.QUANTIZE_WARPS)
             _report(f"int4_quantize g={g} sym={sym}", r)
             _no_spills(r, f"int4_quantize g={g} sym={sym}")
             if sym and g != 128:
