@@ -32,8 +32,9 @@ Over a quantized base (``fastft.quant.NF4Weight`` / ``Int4Weight``) the base par
 ``fastft.ops.quant_matmul`` (dequantization inside its K-loop; its own autograd gives the base dX
 with its fused transposed kernel) and the rank-r part stays fused: ``_lora_fwd_kernel`` with BASE_IN
 adds s·u Bᵀ onto the base output in place (a copy only when quant_matmul returns a view), and the
-dX kernel runs without its base loop (HAS_W = False); autograd sums the two dX parts. That is two
-kernels where one would do: the quant kernel exposes no epilogue hook yet.
+dX kernel runs without its base loop (HAS_W = False); autograd sums the two dX parts. At decode
+shapes (<= 16 rows: ``LoraQuantDecodeFunction``) the base and the low-rank term are one kernel, the
+quant decode kernel with its LoRA epilogue (``quant_matmul_lora``).
 
 Launches: forward 2 (down projection, fused GEMM); backward 4 (du, dB, dA, fused dX), +1 for dW
 and a torch reduction for db. The GEMM-shaped kernels autotune over ``gemm_configs()`` (pruned per
@@ -841,6 +842,45 @@ class LoraLinearFunction(torch.autograd.Function):
         return dx, dWs[0], dAs[0], dBs[0], db, None, None, None, dbase
 
 
+class LoraQuantDecodeFunction(torch.autograd.Function):
+    """A LoRA layer over a 4-bit base at decode shapes (<= 16 rows): u = drop(x) Aᵀ, then
+    y = x Wᵀ + b + s·u Bᵀ in one quant kernel (``quant_matmul_lora``). Backward: the rank side as
+    in ``LoraLinearFunction`` (dX's low-rank part, dA, dB) plus the base's dX through the device's
+    quantized dX op. Saves x, u and the adapters, as ``LoraLinearFunction``."""
+
+    @staticmethod
+    def forward(ctx, x, qweight, lora_A, lora_B, bias, scaling, dropout_p, seed):
+        from fastft.kernels import quant as triton_quant
+
+        K = x.shape[-1]
+        x2 = x.reshape(-1, K)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        u = _down(x2, [lora_A], [seed], dropout_p)[0]
+        y = triton_quant.quant_matmul_lora(x2, qweight, bias, u, lora_B, scaling)
+        ctx.save_for_backward(x2, lora_A, lora_B, u)
+        ctx.qweight = qweight
+        ctx.scaling, ctx.p, ctx.seed, ctx.x_shape = scaling, dropout_p, seed, x.shape
+        ctx.has_bias = bias is not None
+        return y.view(*x.shape[:-1], lora_B.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        from fastft.ops import dispatch
+
+        x2, A, B, u = ctx.saved_tensors
+        N = B.shape[0]
+        dy2 = dy.reshape(-1, N).contiguous()
+        nig = ctx.needs_input_grad
+        dx, _, dAs, dBs = _backward([dy2], x2, None, [A], [B], [u], [ctx.scaling], ctx.p, [ctx.seed],
+                                    nig[0], False, nig[2], nig[3])
+        if dx is not None:
+            dx = dx + dispatch.get_impl("quant_matmul_grad_x", dy2.device)(dy2, ctx.qweight).to(dx.dtype)
+            dx = dx.view(ctx.x_shape)
+        db = dy2.sum(0, dtype=torch.float32).to(dy2.dtype) if ctx.has_bias and nig[4] else None
+        return dx, None, dAs[0], dBs[0], db, None, None, None
+
+
 class LoraMultiFunction(torch.autograd.Function):
     """1-3 LoRA linears of one x (q/k/v): y_i = x W_iᵀ + b_i + s_i (drop_i(x) A_iᵀ) B_iᵀ.
 
@@ -944,6 +984,12 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, ge
     with torch.autocast(x.device.type, enabled=False):
         if isinstance(weight, torch.Tensor):
             return LoraLinearFunction.apply(x, weight, A, B, bias, float(scaling), dropout_p, seed, None)
+        from fastft.kernels import quant as triton_quant
+
+        if triton_quant.decode_eligible(x, weight):
+            # Decode-shaped rows (generation): base and low-rank term in one quant kernel (its
+            # LoRA epilogue); the training-sized base stays on the faster dequantize + GEMM below.
+            return LoraQuantDecodeFunction.apply(x, weight, A, B, bias, float(scaling), dropout_p, seed)
         from fastft import ops
         base = ops.quant_matmul(x, weight, bias)  # its own autograd: dX of the base, no dW
         return LoraLinearFunction.apply(x, None, A, B, None, float(scaling), dropout_p, seed, base)

@@ -385,19 +385,40 @@ def _mma(a, b, acc, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _lora_epilogue(acc, u_ptr, lb_ptr, offs_m, offs_n, mask_m, mask_n, R, scaling,
+                   INTERPRET: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
+    """acc + scaling · u[offs_m] B[offs_n]ᵀ: a LoRA adapter's low-rank term (u = drop(x) Aᵀ, (M, R)
+    contiguous; B (N, R) contiguous, both in x's dtype) added in the output tile's epilogue, so a
+    LoRA layer over a 4-bit base is one kernel. r runs in chunks of BLOCK_R straight into the fp32
+    accumulator (a second accumulator tile spilled the 128 x 128 tile on sm_80); the scaling goes
+    onto the u tile (fp32, then rounded once to x's dtype)."""
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mr = offs_r < R
+        ut = tl.load(u_ptr + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :], mask=mask_m[:, None] & mr[None, :],
+                     other=0.0)
+        bt = tl.load(lb_ptr + offs_n.to(tl.int64)[:, None] * R + offs_r[None, :], mask=mask_n[:, None] & mr[None, :],
+                     other=0.0)
+        us = _cast(ut.to(tl.float32) * scaling, ut.dtype, INTERPRET)
+        acc = _mma(us, tl.trans(bt), acc, INTERPRET, PRECISION)
+    return acc
+
+
+@triton.jit
 def _quant_matmul_fwd_kernel(
-    x_ptr, data_ptr, scale_ptr, aux_ptr, auxmap_ptr, qmap_ptr, bias_ptr, out_ptr,
-    M, N, K, stride_xm, offset, M_BUCKET,
+    x_ptr, data_ptr, scale_ptr, aux_ptr, auxmap_ptr, qmap_ptr, bias_ptr, out_ptr, u_ptr, lb_ptr,
+    M, N, K, stride_xm, offset, M_BUCKET, R, scaling,
     QTYPE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, SYMMETRIC: tl.constexpr, ALIGNED: tl.constexpr,
     QBLOCK: tl.constexpr, NBS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-    INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]); W decoded tile by tile in registers.
 
     x (M, K) row stride stride_xm; out (M, N) contiguous in x's dtype, or with SPLIT_K > 1 an fp32
-    (SPLIT_K, M, N) workspace of partial sums over the split's K range (bias then added by the
-    launcher). Backward of this is ``_quant_matmul_bwd_kernel``.
+    (SPLIT_K, M, N) workspace of partial sums over the split's K range (bias and a LoRA term then
+    added by the launcher). HAS_LORA: + scaling · u Bᵀ in the epilogue (``_lora_epilogue``).
+    Backward of this is ``_quant_matmul_bwd_kernel``.
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -434,6 +455,9 @@ def _quant_matmul_fwd_kernel(
     if SPLIT_K == 1:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        if HAS_LORA:
+            acc = _lora_epilogue(acc, u_ptr, lb_ptr, offs_m, offs_n, mask_m, offs_n < N, R, scaling, INTERPRET,
+                                 PRECISION, BLOCK_R)
         tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], _cast(acc, out_ptr.dtype.element_ty, INTERPRET),
                  mask=mask)
     else:
@@ -547,9 +571,10 @@ def _scale_value(a, b, auxmap_ptr, offset, QTYPE: tl.constexpr, DOUBLE_QUANT: tl
 @triton.jit
 def _quant_decode_kernel(
     x_ptr, data_ptr, scale_ptr, aux_ptr, auxmap_ptr, qmap_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
-    M, N, K, stride_xm, offset, K_SPLIT,
+    u_ptr, lb_ptr, M, N, K, stride_xm, offset, K_SPLIT, R, scaling,
     QTYPE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, SYMMETRIC: tl.constexpr, QBLOCK: tl.constexpr,
-    NBS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, INTERPRET: tl.constexpr,
+    NBS: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, HAS_LORA: tl.constexpr,
+    BLOCK_R: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Decode-shaped y = x @ dequant(W)ᵀ (+ bias): M <= BLOCK_M = 16 rows of fp16 / bf16 x, the
@@ -569,7 +594,8 @@ def _quant_decode_kernel(
       double buffer);
     * K splits (SPLIT_K > 1) write fp32 partials to ``ws_ptr`` (SPLIT_K, M, N); the last program
       of an N tile to finish (an acq_rel counter in ``cnt_ptr``, reset to 0 by that program) adds
-      them in split order, adds the bias and stores: deterministic, and no second launch.
+      them in split order, adds the bias and stores: deterministic, and no second launch;
+    * HAS_LORA adds a LoRA adapter's scaling · u Bᵀ before the store (``_lora_epilogue``).
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -615,6 +641,9 @@ def _quant_decode_kernel(
     if SPLIT_K == 1:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if HAS_LORA:
+            acc = _lora_epilogue(acc, u_ptr, lb_ptr, offs_m, offs_n, mask_m, mask_n, R, scaling, INTERPRET, "ieee",
+                                 BLOCK_R)
         tl.store(out_ptr + tile, _cast(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
     else:
         MN = M * N
@@ -627,6 +656,9 @@ def _quant_decode_kernel(
                 total += tl.load(ws_ptr + i * MN + tile, mask=mask, other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
                 total += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            if HAS_LORA:
+                total = _lora_epilogue(total, u_ptr, lb_ptr, offs_m, offs_n, mask_m, mask_n, R, scaling, INTERPRET,
+                                       "ieee", BLOCK_R)
             tl.store(out_ptr + tile, _cast(total, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
             tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")  # ready for the next launch
 
@@ -677,11 +709,19 @@ INTERPRET_CONFIGS = {
 }
 
 
-def config_fits(cfg: dict, *, M: int, N: int, K: int, aligned: bool, qblock: int, bwd: bool = False) -> bool:
+# The LoRA epilogue's u / B tiles on top of a 128 x 128 fp32 accumulator and the decoded W tile
+# spill (16 bytes on sm_90, 80 on sm_80): with HAS_LORA the tiles stay below this many outputs.
+LORA_MAX_TILE = 128 * 64
+
+
+def config_fits(cfg: dict, *, M: int, N: int, K: int, aligned: bool, qblock: int, bwd: bool = False,
+                lora: bool = False) -> bool:
     """Whether a config may run on this problem (also used by the AOT test to list pickable ones)."""
     bk = cfg["BLOCK_K"]
     if aligned and qblock % bk:
         return False  # a K tile must not straddle two quant blocks on the aligned path
+    if lora and cfg["BLOCK_M"] * cfg["BLOCK_N"] > LORA_MAX_TILE:
+        return False
     # Tiles much larger than the problem only waste work (but the smallest always stays).
     if bk > max(32, triton.next_power_of_2(K)):
         return False
@@ -696,7 +736,7 @@ def _prune_configs(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     kept = [c for c in configs if config_fits(c.kwargs, M=args["M_BUCKET"], N=args["N"], K=args["K"],
                                              aligned=bool(args["ALIGNED"]), qblock=args["QBLOCK"],
-                                             bwd="dx_ptr" in args)]
+                                             bwd="dx_ptr" in args, lora=bool(args.get("HAS_LORA", False)))]
     if kept:
         return _tuning.cap(kept)
     # Always keep one: the config with the smallest tiles that respects the quant block.
@@ -717,7 +757,7 @@ def tuning_kind(kind: str, aligned: bool, dtype: torch.dtype) -> str:
 @functools.lru_cache(maxsize=None)
 def _tuned(tkind: str):
     kernel = _quant_matmul_bwd_kernel if tkind.endswith("bwd") or "bwd_" in tkind else _quant_matmul_fwd_kernel
-    key = _TUNE_KEY + ([] if kernel is _quant_matmul_bwd_kernel else ["HAS_BIAS", "SPLIT_K"])
+    key = _TUNE_KEY + ([] if kernel is _quant_matmul_bwd_kernel else ["HAS_BIAS", "SPLIT_K", "HAS_LORA"])
     return triton.autotune(configs=matmul_configs(tkind), key=key,
                            prune_configs_by={"early_config_prune": _prune_configs})(kernel)
 
@@ -831,8 +871,20 @@ def decode_eligible(x: torch.Tensor, qweight) -> bool:
     return meta.aligned
 
 
-def _matmul_fwd(x2, meta: QuantMeta, t, bias, split_k=None, out=None):
-    """x2 (M, K) contiguous -> ``out`` (M, N) in x2's dtype (allocated when None)."""
+def _lora_args(lora, dtype, device):
+    """(u, B, R, scaling, HAS_LORA, BLOCK_R) kernel arguments for an optional (u, B, scaling)."""
+    if lora is None:
+        d = _dummy(device)
+        return d, d, 0, 0.0, False, 16
+    u, B, scaling = lora
+    R = B.shape[1]
+    return (u.to(dtype).contiguous(), B.to(dtype).contiguous(), R, float(scaling), True,
+            16 if R <= 16 else 32)
+
+
+def _matmul_fwd(x2, meta: QuantMeta, t, bias, split_k=None, out=None, lora=None):
+    """x2 (M, K) contiguous -> ``out`` (M, N) in x2's dtype (allocated when None); ``lora`` =
+    (u (M, r), B (N, r), scaling) adds scaling · u Bᵀ in the kernel's epilogue."""
     data, scale, aux, auxmap, qmap = t
     M, K = x2.shape
     N = meta.N
@@ -842,12 +894,15 @@ def _matmul_fwd(x2, meta: QuantMeta, t, bias, split_k=None, out=None):
     if M == 0 or N == 0:
         return out
     if K == 0:
-        return out.zero_() if bias is None else out.copy_(bias.to(out.dtype).expand(M, N))
+        out.zero_() if bias is None else out.copy_(bias.to(out.dtype).expand(M, N))
+        if lora is not None:
+            out.addmm_(lora[0].to(out.dtype), lora[1].to(out.dtype).t(), alpha=float(lora[2]))
+        return out
     d = _dummy(dev)
     interp = _interpreting()
     decode = M <= DECODE_MAX_M
     if decode and meta.aligned and x2.dtype in (torch.float16, torch.bfloat16):
-        return _decode_launch(x2, meta, t, bias, out, split_k)
+        return _decode_launch(x2, meta, t, bias, out, split_k, lora)
     if split_k is None:
         split_k = decode_split_k(M, N, K, dev)
     common = dict(M=M, N=N, K=K, stride_xm=x2.stride(0), offset=meta.offset,
@@ -856,9 +911,11 @@ def _matmul_fwd(x2, meta: QuantMeta, t, bias, split_k=None, out=None):
                   ALIGNED=meta.aligned, QBLOCK=meta.qblock, NBS=_NESTED_BLOCK,
                   HAS_BIAS=bias is not None and split_k == 1, SPLIT_K=split_k,
                   INTERPRET=interp, PRECISION=_precision(x2.dtype))
+    lu, lb, R, scaling, has_lora, block_r = _lora_args(lora if split_k == 1 else None, x2.dtype, dev)
+    common.update(R=R, scaling=scaling, HAS_LORA=has_lora, BLOCK_R=block_r)
     target = out if split_k == 1 else torch.empty((split_k, M, N), dtype=torch.float32, device=dev)
     args = (x2, data, scale, aux if aux is not None else d, auxmap if auxmap is not None else d,
-            qmap if qmap is not None else d, bias if bias is not None else d, target)
+            qmap if qmap is not None else d, bias if bias is not None else d, target, lu, lb)
     if interp:
         cfg = INTERPRET_CONFIGS["decode" if decode else "fwd"]
         grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split_k)
@@ -871,6 +928,8 @@ def _matmul_fwd(x2, meta: QuantMeta, t, bias, split_k=None, out=None):
         acc = target.sum(0)
         if bias is not None:
             acc += bias.float()
+        if lora is not None:
+            acc.addmm_(lora[0].float(), lora[1].float().t(), alpha=float(lora[2]))
         out.copy_(acc)
     return out
 
@@ -932,7 +991,7 @@ def nf4_pair_table(qmap: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return table
 
 
-def _decode_launch(x2, meta: QuantMeta, t, bias, out, split_k=None):
+def _decode_launch(x2, meta: QuantMeta, t, bias, out, split_k=None, lora=None):
     data, scale, aux, auxmap, qmap = t
     if meta.qtype == 0:
         qmap = nf4_pair_table(qmap, x2.dtype)
@@ -944,14 +1003,15 @@ def _decode_launch(x2, meta: QuantMeta, t, bias, out, split_k=None):
     tiles_n = triton.cdiv(N, bn)
     ws = torch.empty((split_k, M, N), dtype=torch.float32, device=dev) if split_k > 1 else d
     cnt = _split_counters(dev, tiles_n) if split_k > 1 else d
+    lu, lb, R, scaling, has_lora, block_r = _lora_args(lora, x2.dtype, dev)
     launch = {} if _interpreting() else {"num_warps": DECODE_WARPS, "num_stages": 2}
     _quant_decode_kernel[(tiles_n, split_k)](
         x2, data, scale, aux if aux is not None else d, auxmap if auxmap is not None else d,
-        qmap if qmap is not None else d, bias if bias is not None else d, out, ws, cnt,
-        M, N, K, x2.stride(0), meta.offset, k_split,
+        qmap if qmap is not None else d, bias if bias is not None else d, out, ws, cnt, lu, lb,
+        M, N, K, x2.stride(0), meta.offset, k_split, R, scaling,
         QTYPE=meta.qtype, DOUBLE_QUANT=meta.double_quant, SYMMETRIC=meta.symmetric, QBLOCK=meta.qblock,
-        NBS=_NESTED_BLOCK, HAS_BIAS=bias is not None, SPLIT_K=split_k, INTERPRET=_interpreting(),
-        BLOCK_M=DECODE_MAX_M, BLOCK_N=bn, BLOCK_K=bk, **launch)
+        NBS=_NESTED_BLOCK, HAS_BIAS=bias is not None, SPLIT_K=split_k, HAS_LORA=has_lora, BLOCK_R=block_r,
+        INTERPRET=_interpreting(), BLOCK_M=DECODE_MAX_M, BLOCK_N=bn, BLOCK_K=bk, **launch)
     return out
 
 
@@ -1189,6 +1249,27 @@ def quant_matmul_triton(x, qweight, bias=None, *, split_k=None):
     if torch.is_autocast_enabled(x.device.type):
         dt = torch.get_autocast_dtype(x.device.type)
     return QuantMatmulFunction.apply(x, *t, bias, meta, dt, split_k)
+
+
+def quant_matmul_lora(x, qweight, bias, u, lora_B, scaling):
+    """Forward only (no autograd; for use inside an autograd Function's forward): y = x @
+    dequant(W)ᵀ (+ bias) + scaling · u B ᵀ in one kernel, the low-rank term added in the quant
+    kernel's epilogue. x (..., in) fp32 / fp16 / bf16, u (rows, r) = drop(x) Aᵀ, B (out, r); y in
+    x's dtype."""
+    meta, t = _unpack(qweight)
+    if x.dtype not in _ACT_DTYPES:
+        raise TypeError(f"quant_matmul_lora: activations must be fp32/fp16/bf16, got {x.dtype}")
+    if x.shape[-1] != meta.K:
+        raise ValueError(f"quant_matmul_lora: x's last dim ({x.shape[-1]}) must equal in_features ({meta.K})")
+    x2 = x.reshape(-1, meta.K)
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != meta.K):
+        x2 = x2.contiguous()
+    if tuple(lora_B.shape[:1]) != (meta.N,) or lora_B.dim() != 2 or tuple(u.shape) != (x2.shape[0], lora_B.shape[1]):
+        raise ValueError(f"quant_matmul_lora: u {tuple(u.shape)} / B {tuple(lora_B.shape)} do not fit x "
+                         f"{tuple(x.shape)} and out_features {meta.N}")
+    _check_device(x, t + (bias, u, lora_B))
+    y = _matmul_fwd(x2, meta, t, bias, lora=(u, lora_B, scaling))
+    return y.view(*x.shape[:-1], meta.N)
 
 
 # ============================================================================ registered ops

@@ -62,7 +62,8 @@ def _no_spills(r, what):
     assert r["spills"] == 0, f"{what}: {r['spills']} bytes spilled, {r['registers']} registers (sm_{r['arch']})"
 
 
-def _mm_spec(kind, *, act=None, qtype=0, double_quant=True, symmetric=False, has_bias=True, split_k=None):
+def _mm_spec(kind, *, act=None, qtype=0, double_quant=True, symmetric=False, has_bias=True, split_k=None,
+             has_lora=False):
     bwd = "bwd" in kind
     aligned = not kind.endswith("_general")
     act = act or ("*fp32" if kind.startswith("fp32_") else "*bf16")
@@ -72,13 +73,18 @@ def _mm_spec(kind, *, act=None, qtype=0, double_quant=True, symmetric=False, has
     if not bwd:
         sig["bias_ptr"] = act
     sig[("dx_ptr" if bwd else "out_ptr")] = act if (bwd or split_k in (None, 1)) else "*fp32"
+    if not bwd:
+        sig.update({"u_ptr": act, "lb_ptr": act})
     sig.update({"M": "i32", "N": "i32", "K": "i32", ("stride_dym" if bwd else "stride_xm"): "i32",
                 "offset": "fp32", "M_BUCKET": "i32"})
+    if not bwd:
+        sig.update({"R": "i32", "scaling": "fp32"})
     ce = dict(QTYPE=qtype, DOUBLE_QUANT=double_quant, SYMMETRIC=symmetric, ALIGNED=aligned, QBLOCK=128, NBS=256,
               INTERPRET=False, PRECISION="ieee" if act == "*fp32" else "tf32")
     if not bwd:
         ce.update(HAS_BIAS=has_bias and split_k in (None, 1),
-                  SPLIT_K=split_k or (4 if "decode" in kind else 1))
+                  SPLIT_K=split_k or (4 if "decode" in kind else 1),
+                  HAS_LORA=has_lora and split_k in (None, 1), BLOCK_R=32)
     return (Q._quant_matmul_bwd_kernel if bwd else Q._quant_matmul_fwd_kernel), sig, ce
 
 
@@ -118,6 +124,7 @@ VARIANTS = {
     "int4-sym-bf16": ("bwd", dict(qtype=1, double_quant=False, symmetric=True)),
     "int4-sym-bf16-nobias": ("fwd", dict(qtype=1, double_quant=False, symmetric=True, has_bias=False)),
     "nf4-fp16": ("bwd", dict(act="*fp16", double_quant=False)),
+    "nf4dq-bf16-lora": ("fwd", dict(has_lora=True)),  # the LoRA epilogue
 }
 
 
@@ -125,7 +132,9 @@ VARIANTS = {
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_matmul_variants_compile(variant, arch):
     kind, kw = VARIANTS[variant]
-    cfg = Q.matmul_configs(kind)[0]
+    # the hottest tile the variant may pick (the LoRA epilogue caps the tile: quant.LORA_MAX_TILE)
+    cfg = next(c for c in Q.matmul_configs(kind)
+               if not kw.get("has_lora") or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= Q.LORA_MAX_TILE)
     kernel, sig, ce = _mm_spec(kind, **kw)
     r = compile_kernel(kernel, sig, {**ce, **cfg.kwargs}, arch, cfg.num_warps, cfg.num_stages)
     what = f"quant_matmul {kind} {variant} {cfg.kwargs}"
@@ -143,18 +152,22 @@ DECODE_VARIANTS = {
     "nf4-fp16-split": dict(act="*fp16", qtype=0, double_quant=False, symmetric=False, split=8),
     "int4-bf16-split": dict(act="*bf16", qtype=1, double_quant=False, symmetric=False, split=8),
     "int4sym-fp16-split": dict(act="*fp16", qtype=1, double_quant=False, symmetric=True, split=8),
+    "nf4dq-bf16-split-lora": dict(act="*bf16", qtype=0, double_quant=True, symmetric=False, split=8, has_lora=True),
+    "nf4dq-bf16-nosplit-lora": dict(act="*bf16", qtype=0, double_quant=True, symmetric=False, split=1, has_lora=True),
 }
 
 
-def _decode_compile(arch, act, qtype, double_quant, symmetric, split, qblock=64):
+def _decode_compile(arch, act, qtype, double_quant, symmetric, split, qblock=64, has_lora=False):
     sig = {"x_ptr": act + ":16", "data_ptr": "*u8:16",
            "scale_ptr": "*u8:16" if (qtype == 0 and double_quant) else "*fp32:16",
            "aux_ptr": "*fp32:16", "auxmap_ptr": "*fp32:16", "qmap_ptr": "*i32:16" if qtype == 0 else "*fp32:16",
            "bias_ptr": act + ":16", "out_ptr": act + ":16", "ws_ptr": "*fp32:16", "cnt_ptr": "*i32:16",
-           "M": "i32", "N": "i32:16", "K": "i32:16", "stride_xm": "i32:16", "offset": "fp32", "K_SPLIT": "i32:16"}
+           "u_ptr": act + ":16", "lb_ptr": act + ":16",
+           "M": "i32", "N": "i32:16", "K": "i32:16", "stride_xm": "i32:16", "offset": "fp32", "K_SPLIT": "i32:16",
+           "R": "i32", "scaling": "fp32"}
     ce = dict(QTYPE=qtype, DOUBLE_QUANT=double_quant, SYMMETRIC=symmetric, QBLOCK=qblock, NBS=256, HAS_BIAS=True,
-              SPLIT_K=split, INTERPRET=False, BLOCK_M=Q.DECODE_MAX_M, BLOCK_N=Q.DECODE_BLOCK_N,
-              BLOCK_K=min(Q.DECODE_BLOCK_K, qblock))
+              SPLIT_K=split, HAS_LORA=has_lora, BLOCK_R=32, INTERPRET=False, BLOCK_M=Q.DECODE_MAX_M,
+              BLOCK_N=Q.DECODE_BLOCK_N, BLOCK_K=min(Q.DECODE_BLOCK_K, qblock))
     return compile_kernel(Q._quant_decode_kernel, sig, ce, arch, Q.DECODE_WARPS, 2)
 
 

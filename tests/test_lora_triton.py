@@ -311,11 +311,17 @@ def test_lora_gate_up_swiglu(device, dtype, p, bias, full_ft):
 
 
 # --------------------------------------------------------------------------------- quantized base
+@pytest.mark.parametrize("M,dtype", [(37, torch.float32), (3, torch.float16)], ids=["M37-fp32", "M3-fp16-decode"])
 @pytest.mark.parametrize("qtype", ["nf4", "int4"])
-def test_lora_linear_quantized_base(device, qtype):
-    """Base from ops.quant_matmul, rank-r part fused onto it; gold uses the dequantized weight."""
+def test_lora_linear_quantized_base(device, qtype, M, dtype, monkeypatch):
+    """Base from ops.quant_matmul, rank-r part fused onto it (M = 3, fp16: base and rank-r part in
+    one quant decode kernel, LoraQuantDecodeFunction); gold uses the dequantized weight."""
     quant = importlib.import_module("fastft.quant")
-    x, W, A, B, b = _make(37, 128, 64, 8, bias=True, seed=8)
+    Q = importlib.import_module("fastft.kernels.quant")
+    x, W, A, B, b = _make(M, 128, 64, 8, bias=True, seed=8)
+    fused = []
+    real = Q.quant_matmul_lora
+    monkeypatch.setattr(Q, "quant_matmul_lora", lambda *a, **k: fused.append(1) or real(*a, **k))
     if qtype == "nf4":
         qW = quant.NF4Weight.from_float(W.float().to(device), blocksize=64)
     else:
@@ -329,8 +335,9 @@ def test_lora_linear_quantized_base(device, qtype):
             return L.lora_linear(x, qW, A, B, 0.5, bias=b, dropout_p=p, generator=torch.Generator().manual_seed(seed))
         return _lora_given_mask(x, Wd.to(x.dtype).to(x.device), A, B, 0.5, b, keep.to(x.device), p)
 
-    _check_all(_run_three(fn, [x, A, B, b], [True, True, True, True], torch.float32, device),
+    _check_all(_run_three(fn, [x, A, B, b], [True, True, True, True], dtype, device),
                ["dX", "dA", "dB", "db"])
+    assert bool(fused) == (M <= 16), "decode shapes take the one-kernel path, training shapes do not"
 
 
 # --------------------------------------------------------------------------------- bad input

@@ -259,6 +259,68 @@ def test_quant_matmul_fwd_bwd_vs_float64(wname, M, dtype, device):
                 None if bias is None else bias.grad, dy)
 
 
+LORA_CASES = [("nf4dq-40x128", 1, torch.float16, 16), ("nf4dq-40x128", 3, torch.bfloat16, 40),
+              ("int4sym-200x128-g64", 16, torch.float16, 1), ("int4-40x96-g32", 2, torch.float32, 8),
+              ("nf4dq-40x200", 3, torch.float16, 16), ("nf4-96x96-bs32", 118, torch.float16, 40),
+              ("int4-40x96-g32", 17, torch.bfloat16, 16)]
+
+
+@pytest.mark.parametrize("wname,M,dtype,r", LORA_CASES)
+def test_quant_matmul_lora_epilogue_vs_float64(wname, M, dtype, r, device):
+    """y = x W_deqᵀ + b + s·u Bᵀ in one kernel (decode and tiled kernels, split or not, r over
+    several BLOCK_R chunks) against float64, within 2x torch's error for the same composition."""
+    (N, K), make = WEIGHTS[wname]
+    qw = make(torch.randn(N, K, device=device) * 0.05)
+    x = torch.randn(M, K, device=device, dtype=dtype)
+    u = torch.randn(M, r, device=device, dtype=dtype)
+    B = (torch.randn(N, r, device=device) * 0.1).to(dtype)
+    bias = (torch.randn(N, device=device) * 0.1).to(dtype)
+    s = 0.75
+    y = Q.quant_matmul_lora(x, qw, bias, u, B, s)
+    w = R.nf4_dequantize(qw, torch.float32) if isinstance(qw, NF4Weight) else R.int4_dequantize(qw, torch.float32)
+    gold = x.double() @ w.double().T + bias.double() + s * (u.double() @ B.double().T)
+    lowp = x @ w.to(dtype).T + bias + s * (u @ B.T)
+    assert y.dtype == dtype
+    assert_close_to_gold(y, gold, lowp, name="y")
+
+
+@pytest.mark.parametrize("wname", ["nf4dq-40x128", "int4sym-200x128-g64"])
+def test_torch_backend_lora_decode_is_one_kernel_on_cuda(wname, monkeypatch, device):
+    """The CUDA default LoRA node (torch backend) over a 4-bit base at decode shapes adds the
+    low-rank term in the quant kernel's epilogue (on CUDA; elsewhere it keeps its GEMM + addmm);
+    forward and all gradients against float64 either way."""
+    (N, K), make = WEIGHTS[wname]
+    qw = make(torch.randn(N, K, device=device) * 0.05)
+    fused = []
+    real = Q.quant_matmul_lora
+    monkeypatch.setattr(Q, "quant_matmul_lora", lambda *a, **k: fused.append(1) or real(*a, **k))
+    x = torch.randn(2, K, device=device, dtype=torch.float16, requires_grad=True)
+    A = (torch.randn(8, K, device=device) * 0.1).requires_grad_()  # fp32 adapters, PEFT's default
+    B = (torch.randn(N, 8, device=device) * 0.1).requires_grad_()
+    y = dispatch.impl("lora_linear", "torch")(x, qw, A, B, 0.5)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert bool(fused) == (device == "cuda")
+    w = R.nf4_dequantize(qw, torch.float32) if isinstance(qw, NF4Weight) else R.int4_dequantize(qw, torch.float32)
+    xd, Ad, Bd, dyd = x.detach().double(), A.detach().double(), B.detach().double(), dy.double()
+    gold = xd @ w.double().T + 0.5 * (xd @ Ad.T) @ Bd.T
+    xh, Ah, Bh = x.detach(), A.detach().half(), B.detach().half()
+    assert_close_to_gold(y, gold, xh @ w.half().T + 0.5 * (xh @ Ah.T) @ Bh.T, name="y")
+    gold_dx = dyd @ w.double() + 0.5 * (dyd @ Bd) @ Ad
+    assert_close_to_gold(x.grad, gold_dx, dy @ w.half() + 0.5 * (dy @ Bh) @ Ah, name="dX")
+    gold_dA = 0.5 * (dyd @ Bd).T @ xd
+    assert_close_to_gold(A.grad, gold_dA, (0.5 * (dy @ Bh).T @ xh).float(), name="dA")
+
+
+def test_quant_matmul_lora_rejects_mismatched_adapters(device):
+    qw = R.nf4_quantize(torch.randn(40, 128, device=device), 64, True)
+    x = torch.randn(3, 128, device=device, dtype=torch.float16)
+    with pytest.raises(ValueError, match="do not fit"):
+        Q.quant_matmul_lora(x, qw, None, torch.randn(2, 8, device=device).half(), torch.randn(40, 8, device=device).half(), 1.0)
+    with pytest.raises(ValueError, match="do not fit"):
+        Q.quant_matmul_lora(x, qw, None, torch.randn(3, 8, device=device).half(), torch.randn(41, 8, device=device).half(), 1.0)
+
+
 def test_quant_matmul_saves_only_the_packed_weight(device):
     qw = R.nf4_quantize(torch.randn(96, 128, device=device), 64, True)
     x = torch.randn(40, 128, device=device, requires_grad=True)

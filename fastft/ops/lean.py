@@ -95,7 +95,8 @@ class LoraLinearFunction(torch.autograd.Function):
 
     Forward: the base matmul (dense F.linear, or the device's quant-matmul), then the rank side
     added into its output by one ``addmm_`` (alpha = s): no separate (N, out) low-rank tensor, no
-    scaling pass, no add pass. Backward (g = dY): du = s · g B and dB = s · (uᵀ g)ᵀ take the
+    scaling pass, no add pass. (On CUDA, decode-shaped rows over a 4-bit base run as one Triton
+    kernel instead, the rank side in the quant decode kernel's epilogue.) Backward (g = dY): du = s · g B and dB = s · (uᵀ g)ᵀ take the
     scaling on the (N, r) / (r, out) side, dA = duᵀ drop(x), and dX = g W (or the quant kernel's
     dX) with du A added in place: no s·g copy and no autograd accumulation of two (N, in) terms.
     Saved: x, u, the adapters; the mask is regenerated as in ``LoraDeltaFunction``. Rounding: the
@@ -115,11 +116,18 @@ class LoraLinearFunction(torch.autograd.Function):
         lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
         # A frozen dense weight in another dtype (fp32 under autocast) is cast here and again in
         # backward: the cast is transient, only the weight itself (a parameter) is referenced.
-        y = cpu_gemm.linear(x2, weight.to(x.dtype), bias) if dense else ops.quant_matmul(x2, weight, bias)
         xd = x2 if dropout_p <= 0.0 else _apply_keep(x2, keep.reshape(x2.shape), dropout_p)
         u = F.linear(xd, lora_A)  # (N, r)
         del xd
-        y.addmm_(u, lora_B.t(), alpha=scaling)
+        if not dense and _fused_decode(x2, weight):
+            # Decode-shaped rows over a 4-bit base on CUDA (generation): the low-rank term is added
+            # in the quant decode kernel's epilogue -- one kernel for the layer.
+            from fastft.kernels import quant as triton_quant
+
+            y = triton_quant.quant_matmul_lora(x2, weight, bias, u, lora_B, scaling)
+        else:
+            y = cpu_gemm.linear(x2, weight.to(x.dtype), bias) if dense else ops.quant_matmul(x2, weight, bias)
+            y.addmm_(u, lora_B.t(), alpha=scaling)
         ctx.save_for_backward(x, u, lora_A, lora_B, weight if dense else None)
         ctx.qweight = None if dense else weight
         ctx.scaling, ctx.dropout_p, ctx.gen_state = scaling, dropout_p, gen_state
@@ -269,6 +277,15 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, ge
     # the LoRA branch shares), the rank side through LoraDeltaFunction.
     base = F.linear(x, weight, bias) if dense else ops.quant_matmul(x, weight, bias)
     return base + LoraDeltaFunction.apply(x, lora_A, lora_B, float(scaling), float(dropout_p), gen_state, keep)
+
+
+def _fused_decode(x2, qweight) -> bool:
+    """CUDA, <= 16 rows of fp16 / bf16, the aligned 4-bit layout: the Triton decode kernel's case."""
+    if not x2.is_cuda:
+        return False
+    from fastft.kernels import quant as triton_quant
+
+    return triton_quant.decode_eligible(x2, qweight)
 
 
 def _device_dequantize(qweight, dtype):
