@@ -101,8 +101,9 @@ def _fwd_block(acc, l_i, m_i, q, K_base, V_base, KPM_base, start_n, rows, offs_n
                stride_kn, stride_vn, S_b, causal_off, qk_scale, seed, dropout_p, rng_base, DROP_COLS,
                k_start, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr,
                MASK_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
-               MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """One key block of the online softmax (base 2): returns updated (acc, l_i, m_i)."""
+               MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SCALE_POS: tl.constexpr = False):
+    """One key block of the online softmax (base 2): returns updated (acc, l_i, m_i).
+    SCALE_POS (qk_scale > 0): the scale is folded into the exponent's FFMA."""
     cols = start_n + offs_n  # (BLOCK_N,)
     kv_mask = None
     if MASK_N:
@@ -121,7 +122,8 @@ def _fwd_block(acc, l_i, m_i, q, K_base, V_base, KPM_base, start_n, rows, offs_n
         v = tl.load(v_ptrs)
     zero = tl.zeros((q.shape[0], cols.shape[0]), dtype=tl.float32)
     s = tl.dot(q.to(MM_DTYPE), tl.trans(k).to(MM_DTYPE), zero, input_precision=PRECISION)
-    s = s * qk_scale  # scores in log2 units
+    if not SCALE_POS:
+        s = s * qk_scale  # scores in log2 units
     if MASK_N or MASK_CAUSAL or HAS_KPM:
         valid = tl.full(s.shape, 1, tl.int1)
         if MASK_N:
@@ -132,10 +134,19 @@ def _fwd_block(acc, l_i, m_i, q, K_base, V_base, KPM_base, start_n, rows, offs_n
             kp = tl.load(KPM_base + cols, mask=cols < S_b, other=0)
             valid = valid & (kp != 0)[None, :]
         s = tl.where(valid, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if SCALE_POS:
+        # Raw scores: scaling by a positive number commutes with max (rounding is monotonic), so the
+        # row max is scaled once per row and the exponent is one FFMA per score (s·c - m), not a
+        # multiply and a subtract.
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row that has seen only masked keys keeps m = -inf; shift by 0 there so exp2 gives 0, not NaN.
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_shift[:, None])
+    if SCALE_POS:
+        p = tl.math.exp2(s * qk_scale - m_shift[:, None])
+    else:
+        p = tl.math.exp2(s - m_shift[:, None])
     alpha = tl.math.exp2(m_i - m_shift)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
@@ -155,7 +166,7 @@ def _attn_fwd_kernel(
     T_BUCKET, S_BUCKET,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, VARLEN: tl.constexpr,
-    DROPOUT: tl.constexpr, MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SCALE_POS: tl.constexpr,
 ):
     """O = softmax(scale * Q Kᵀ + mask) V for one (BLOCK_M rows, batch/document, query head).
 
@@ -212,12 +223,12 @@ def _attn_fwd_kernel(
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K_base, V_base, KPM_base, start_n, rows, offs_n, offs_d,
                                    stride_kn, stride_vn, S_b, causal_off, qk_scale, seed, dropout_p,
                                    rng_base, DROP_COLS, k_start, HEAD_DIM, BLOCK_D, False, False, HAS_KPM,
-                                   DROPOUT, MM_DTYPE, PRECISION)
+                                   DROPOUT, MM_DTYPE, PRECISION, SCALE_POS)
     for start_n in range(full_end, hi, BLOCK_N):
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K_base, V_base, KPM_base, start_n, rows, offs_n, offs_d,
                                    stride_kn, stride_vn, S_b, causal_off, qk_scale, seed, dropout_p,
                                    rng_base, DROP_COLS, k_start, HEAD_DIM, BLOCK_D, True, IS_CAUSAL, HAS_KPM,
-                                   DROPOUT, MM_DTYPE, PRECISION)
+                                   DROPOUT, MM_DTYPE, PRECISION, SCALE_POS)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
@@ -884,7 +895,7 @@ def _forward(p: _Problem):
         *p.strides4(q4), *p.strides4(k4), *p.strides4(v4), *p.strides4(o4), *p.lse_strides(lse), s_kpm,
         p.H, p.T, p.S, p.sm_scale * LOG2E, p.seed, p.dropout_p, p.drop_rows, p.drop_cols,
         _bucket(p.T), _bucket(p.S),
-        **p.common_constexprs(),
+        SCALE_POS=p.sm_scale > 0, **p.common_constexprs(),
     )
     return o4, lse
 

@@ -97,6 +97,8 @@ def test_autotune_pruning():
 def _compile(kind, config, head_dim, arch, dtype="bf16", **flags):
     kernel = KERNELS[kind][0]
     cx = constexprs(config, head_dim, dtype=dtype, **flags)
+    if kind == "fwd":
+        cx["SCALE_POS"] = True  # the launcher's value for every positive softmax scale
     r = compile_kernel(kernel, signature(kernel, dtype, cx, head_dim), cx, arch, num_warps=config.num_warps,
                        num_stages=config.num_stages)
     print(f"{kind:5s} D={head_dim:3d} {dtype} sm_{arch} {config.kwargs} w{config.num_warps} s{config.num_stages} "

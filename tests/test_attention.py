@@ -162,9 +162,11 @@ def test_attention_long_sequence(device):
     )
 
 
-def test_attention_scale_and_strided_layout(dtype, device):
-    """Inputs as transposed views of (B, T, H, D) memory (what HF models hand over), custom scale:
-    no copies needed, output keeps q's layout."""
+@pytest.mark.parametrize("scale", [0.3, -0.2], ids=["scale0.3", "negative"])
+def test_attention_scale_and_strided_layout(dtype, device, scale):
+    """Inputs as transposed views of (B, T, H, D) memory (what HF models hand over), custom scale
+    (a negative one takes the forward's unfolded-scale branch): no copies needed, output keeps q's
+    layout."""
     B, T, S, Hq, Hkv, D = 2, 33, 40, 4, 2, 64
     qm = torch.randn(B, T, Hq, D, device=device).to(dtype)
     km = torch.randn(B, S, Hkv, D, device=device).to(dtype)
@@ -172,14 +174,14 @@ def test_attention_scale_and_strided_layout(dtype, device):
     dout = torch.randn(B, Hq, T, D, device=device).to(dtype)
 
     def run(qm, km, vm):
-        o = A.attention(qm.transpose(1, 2), km.transpose(1, 2), vm.transpose(1, 2), causal=True, scale=0.3)
+        o = A.attention(qm.transpose(1, 2), km.transpose(1, 2), vm.transpose(1, 2), causal=True, scale=scale)
         assert o.transpose(1, 2).is_contiguous()
         return o
 
     check_against_gold(
         run,
         lambda qm, km, vm: attn_math(qm.transpose(1, 2), km.transpose(1, 2), vm.transpose(1, 2), causal=True,
-                                     scale=0.3),
+                                     scale=scale),
         [qm, km, vm], dout,
     )
 
