@@ -101,25 +101,32 @@ def _fwd_block(acc, l_i, m_i, q, K_base, V_base, KPM_base, start_n, rows, offs_n
                stride_kn, stride_vn, S_b, causal_off, qk_scale, seed, dropout_p, rng_base, DROP_COLS,
                k_start, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr,
                MASK_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
-               MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SCALE_POS: tl.constexpr = False):
+               MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SCALE_POS: tl.constexpr = False,
+               USE_TMA: tl.constexpr = False):
     """One key block of the online softmax (base 2): returns updated (acc, l_i, m_i).
-    SCALE_POS (qk_scale > 0): the scale is folded into the exponent's FFMA."""
+    SCALE_POS (qk_scale > 0): the scale is folded into the exponent's FFMA. USE_TMA: K_base /
+    V_base are tensor descriptors of the sequence's (S_b, HEAD_DIM) keys / values (rows and
+    columns out of range read as 0), loaded by the tensor memory accelerator on Hopper."""
     cols = start_n + offs_n  # (BLOCK_N,)
-    kv_mask = None
-    if MASK_N:
-        kv_mask = cols[:, None] < S_b
-        if HEAD_DIM != BLOCK_D:
-            kv_mask = kv_mask & (offs_d[None, :] < HEAD_DIM)
-    elif HEAD_DIM != BLOCK_D:
-        kv_mask = offs_d[None, :] < HEAD_DIM
-    k_ptrs = K_base + cols[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
-    v_ptrs = V_base + cols[:, None].to(tl.int64) * stride_vn + offs_d[None, :]
-    if MASK_N or HEAD_DIM != BLOCK_D:
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-    else:  # interior block at a power-of-two head dim: no predication at all
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
+    if USE_TMA:
+        k = K_base.load([start_n, 0])
+        v = V_base.load([start_n, 0])
+    else:
+        kv_mask = None
+        if MASK_N:
+            kv_mask = cols[:, None] < S_b
+            if HEAD_DIM != BLOCK_D:
+                kv_mask = kv_mask & (offs_d[None, :] < HEAD_DIM)
+        elif HEAD_DIM != BLOCK_D:
+            kv_mask = offs_d[None, :] < HEAD_DIM
+        k_ptrs = K_base + cols[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
+        v_ptrs = V_base + cols[:, None].to(tl.int64) * stride_vn + offs_d[None, :]
+        if MASK_N or HEAD_DIM != BLOCK_D:
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        else:  # interior block at a power-of-two head dim: no predication at all
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
     zero = tl.zeros((q.shape[0], cols.shape[0]), dtype=tl.float32)
     s = tl.dot(q.to(MM_DTYPE), tl.trans(k).to(MM_DTYPE), zero, input_precision=PRECISION)
     if not SCALE_POS:
@@ -167,6 +174,7 @@ def _attn_fwd_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, VARLEN: tl.constexpr,
     DROPOUT: tl.constexpr, MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SCALE_POS: tl.constexpr,
+    TMA_OK: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     """O = softmax(scale * Q Kᵀ + mask) V for one (BLOCK_M rows, batch/document, query head).
 
@@ -208,6 +216,17 @@ def _attn_fwd_kernel(
     if HEAD_DIM != BLOCK_D:
         q_mask = q_mask & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(Q_base + rows[:, None].to(tl.int64) * stride_qm + offs_d[None, :], mask=q_mask, other=0.0)
+    TMA: tl.constexpr = USE_TMA and TMA_OK  # a TMA config runs its pointer-load twin where TMA can't
+    if TMA:
+        # The K / V loads of the loops become TMA copies: no per-thread address arithmetic (on
+        # sm_90 ~100 integer instructions of a 128 x 128 step's ~600) and no load predicates.
+        K_src = tl.make_tensor_descriptor(K_base, shape=[S_b, HEAD_DIM], strides=[stride_kn, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])
+        V_src = tl.make_tensor_descriptor(V_base, shape=[S_b, HEAD_DIM], strides=[stride_vn, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])
+    else:
+        K_src = K_base
+        V_src = V_base
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -220,15 +239,15 @@ def _attn_fwd_kernel(
         full_end = tl.minimum(full_end, tl.maximum(start_m + causal_off + 1, 0) // BLOCK_N * BLOCK_N)
         hi = tl.minimum(S_b, tl.maximum(tl.minimum(start_m + BLOCK_M, T_b) + causal_off, 0))
     for start_n in range(0, full_end, BLOCK_N):
-        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K_base, V_base, KPM_base, start_n, rows, offs_n, offs_d,
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K_src, V_src, KPM_base, start_n, rows, offs_n, offs_d,
                                    stride_kn, stride_vn, S_b, causal_off, qk_scale, seed, dropout_p,
                                    rng_base, DROP_COLS, k_start, HEAD_DIM, BLOCK_D, False, False, HAS_KPM,
-                                   DROPOUT, MM_DTYPE, PRECISION, SCALE_POS)
+                                   DROPOUT, MM_DTYPE, PRECISION, SCALE_POS, TMA)
     for start_n in range(full_end, hi, BLOCK_N):
-        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K_base, V_base, KPM_base, start_n, rows, offs_n, offs_d,
+        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K_src, V_src, KPM_base, start_n, rows, offs_n, offs_d,
                                    stride_kn, stride_vn, S_b, causal_off, qk_scale, seed, dropout_p,
                                    rng_base, DROP_COLS, k_start, HEAD_DIM, BLOCK_D, True, IS_CAUSAL, HAS_KPM,
-                                   DROPOUT, MM_DTYPE, PRECISION, SCALE_POS)
+                                   DROPOUT, MM_DTYPE, PRECISION, SCALE_POS, TMA)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
@@ -615,19 +634,25 @@ def _dropout_mask_kernel(OUT, seed, dropout_p, ROWS, COLS, BLOCK_R: tl.constexpr
 
 
 # -------------------------------------------------------------------------------- configs, autotune
-def _cfg(bm, bn, w, s):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+def _cfg(bm, bn, w, s, **extra):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **extra}, num_warps=w, num_stages=s)
 
 
 def fwd_configs(interpret: bool | None = None) -> list:
-    """Forward autotune space (pruned per call by ``prune_configs``). Under the interpreter one
-    config: its cost is per block step, so large blocks keep tests fast, and BLOCK_M != BLOCK_N keeps
-    the tile-skipping arithmetic honest."""
+    """Forward autotune space (pruned per call by ``prune_configs``; TMA variants only where
+    ``tma_eligible``). Under the interpreter one config: its cost is per block step, so large
+    blocks keep tests fast, and BLOCK_M != BLOCK_N keeps the tile-skipping arithmetic honest."""
     if _interpreting() if interpret is None else interpret:
-        return [_cfg(64, 32, 4, 1)]
-    return [_cfg(bm, bn, w, s) for bm, bn, w, s in [
-        (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 32, 4, 3),
-        (64, 64, 8, 2), (64, 32, 8, 3), (16, 64, 4, 3),
+        return [_cfg(64, 32, 4, 1, USE_TMA=False)]
+    # TMA variants (sm_90+, see tma_eligible): with FASTFT_AUTOTUNE_MAX = 3 the autotuner times the
+    # 128 x 128 TMA tile beside the two pointer-load tiles. Compiled for sm_90 (D = 128, bf16), a
+    # 128 x 128 step is 504 / 638 instructions (interior / masked) with Triton 3.9 against 624 / 785
+    # with pointer loads, 196 registers against 240; Triton 3.6's TMA code is larger (its loops
+    # came out at ~900 / 1171), so there the autotuner's timing decides.
+    return [_cfg(bm, bn, w, s, USE_TMA=tma) for bm, bn, w, s, tma in [
+        (128, 128, 8, 3, False), (128, 64, 8, 3, False), (128, 128, 8, 3, True), (128, 64, 8, 3, True),
+        (64, 64, 4, 3, False), (128, 128, 8, 2, False), (128, 64, 4, 3, False), (64, 32, 4, 3, False),
+        (64, 64, 8, 2, False), (64, 32, 8, 3, False), (16, 64, 4, 3, False),
     ]]
 
 
@@ -716,9 +741,46 @@ def prune_configs(configs, block_d: int, t_bucket: int = 1 << 20, s_bucket: int 
     return keep
 
 
+def tma_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the forward's TMA variant may run: a Hopper (sm_90+) GPU, or the interpreter, and
+    K / V (4-D views) whose base addresses and strides are 16-byte multiples (TMA's rule; every
+    head dim fastft supports gives that for contiguous and (B, S, H, D)-view layouts)."""
+    if q.device.type != "cuda" and not _interpreting():
+        return False
+    if q.device.type == "cuda" and (_arch(q.device) or 0) < 90:
+        return False
+    es = k.element_size()
+    if k.shape[-1] * es < 16 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        return False
+    return all(t.data_ptr() % 16 == 0 and all(st * es % 16 == 0 for st in t.stride()[:-1]) for t in (k, v))
+
+
+def _tma_alloc(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_tma_allocator() -> None:
+    """Device-side tensor descriptors need Triton's scratch allocator: set one (a torch buffer)
+    where none is set in this context (Triton keeps it in a ContextVar, so per thread)."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_tma_alloc)
+
+
 def _pruner(kind):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
+        if kind == "fwd" and not args.get("TMA_OK", False):
+            # every TMA config becomes its pointer-load twin (kept once, in order)
+            seen, plain = set(), []
+            for c in configs:
+                c = _cfg(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, USE_TMA=False)
+                key = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                if key not in seen:
+                    seen.add(key)
+                    plain.append(c)
+            configs = plain
         return _tuning.cap(prune_configs(configs, int(args["BLOCK_D"]), int(args["T_BUCKET"]), int(args["S_BUCKET"]),
                                          kind=kind, elem_bytes=args["Q"].element_size(),
                                          dropout=bool(args["DROPOUT"]), arch=_arch(args["Q"].device)))
@@ -739,7 +801,10 @@ def _capability(index: int) -> int:
 
 
 _TUNE_KEY = ["T_BUCKET", "S_BUCKET", "GROUP", "HEAD_DIM", "IS_CAUSAL", "HAS_KPM", "VARLEN", "DROPOUT"]
-_attn_fwd = triton.autotune(fwd_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("fwd")})(
+# TMA_OK (a constexpr: where it is False the TMA code is compiled out of every config) is in the
+# forward's key, so that tensors the TMA cannot address are tuned among the pointer-load configs.
+_attn_fwd = triton.autotune(fwd_configs(), key=_TUNE_KEY + ["TMA_OK"],
+                            prune_configs_by={"early_config_prune": _pruner("fwd")})(
     _attn_fwd_kernel)
 _attn_bwd_dq = triton.autotune(dq_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("dq")})(
     _attn_bwd_dq_kernel)
@@ -748,15 +813,17 @@ _attn_bwd_dkdv = triton.autotune(dkdv_configs(), key=_TUNE_KEY,
 
 
 @contextlib.contextmanager
-def use_configs(fwd=None, dq=None, dkdv=None):
+def use_configs(fwd=None, dq=None, dkdv=None, fwd_tma=False):
     """Run the kernels with the given ``(BLOCK_M, BLOCK_N)`` instead of autotuning (tests exercise
-    tile shapes other than the interpreter's default; benchmarks pin a config). Not thread-safe."""
+    tile shapes other than the interpreter's default, and the forward's TMA variant with
+    ``fwd_tma``; benchmarks pin a config). Not thread-safe."""
     saved = []
     try:
         for tuner, shape in ((_attn_fwd, fwd), (_attn_bwd_dq, dq), (_attn_bwd_dkdv, dkdv)):
             if shape is not None:
                 saved.append((tuner, tuner.configs))
-                tuner.configs = [_cfg(shape[0], shape[1], 4, 1 if _interpreting() else 3)]
+                extra = {"USE_TMA": fwd_tma} if tuner is _attn_fwd else {}
+                tuner.configs = [_cfg(shape[0], shape[1], 4, 1 if _interpreting() else 3, **extra)]
         yield
     finally:
         for tuner, configs in saved:
@@ -889,13 +956,16 @@ def _forward(p: _Problem):
     lse = p.lse_like()
     kpm, s_kpm = p.kpm_args()
     cu = p.cu if p.cu is not None else p._dummy
+    tma_ok = tma_eligible(q4, k4, v4)
+    if tma_ok and q4.is_cuda:
+        _ensure_tma_allocator()
     grid = lambda meta: (triton.cdiv(p.T, meta["BLOCK_M"]), p.nb * p.H)  # noqa: E731
     _attn_fwd[grid](
         q4, k4, v4, o4, lse, kpm, cu,
         *p.strides4(q4), *p.strides4(k4), *p.strides4(v4), *p.strides4(o4), *p.lse_strides(lse), s_kpm,
         p.H, p.T, p.S, p.sm_scale * LOG2E, p.seed, p.dropout_p, p.drop_rows, p.drop_cols,
         _bucket(p.T), _bucket(p.S),
-        SCALE_POS=p.sm_scale > 0, **p.common_constexprs(),
+        SCALE_POS=p.sm_scale > 0, TMA_OK=tma_ok, **p.common_constexprs(),
     )
     return o4, lse
 

@@ -86,6 +86,9 @@ def test_autotune_pruning():
                         <= A._REG_LIMIT["fwd"] for c in long)
     assert len(prune(A.fwd_configs(False), {**args, "Q": q32}, BLOCK_D=128, DROPOUT=False)) < len(long)
     assert len(prune(A.fwd_configs(False), args, BLOCK_D=128, DROPOUT=True)) < len(long)
+    assert not any(c.kwargs["USE_TMA"] for c in long)  # TMA_OK not given: pointer loads only
+    with_tma = prune(A.fwd_configs(False), args, BLOCK_D=128, DROPOUT=False, TMA_OK=True)
+    assert any(c.kwargs["USE_TMA"] for c in with_tma)
     short = prune(A.fwd_configs(False), {**args, "T_BUCKET": 16}, BLOCK_D=128, DROPOUT=False)
     assert short and all(c.kwargs["BLOCK_M"] == 16 for c in short)
     for kind in KERNELS:  # something survives at every head dim
@@ -99,6 +102,7 @@ def _compile(kind, config, head_dim, arch, dtype="bf16", **flags):
     cx = constexprs(config, head_dim, dtype=dtype, **flags)
     if kind == "fwd":
         cx["SCALE_POS"] = True  # the launcher's value for every positive softmax scale
+        cx["TMA_OK"] = arch >= 90  # what tma_eligible says for aligned tensors on that arch
     r = compile_kernel(kernel, signature(kernel, dtype, cx, head_dim), cx, arch, num_warps=config.num_warps,
                        num_stages=config.num_stages)
     print(f"{kind:5s} D={head_dim:3d} {dtype} sm_{arch} {config.kwargs} w{config.num_warps} s{config.num_stages} "

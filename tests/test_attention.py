@@ -162,6 +162,50 @@ def test_attention_long_sequence(device):
     )
 
 
+TMA_CASES = [CASES[2], CASES[4], CASES[5], CASES[9]]  # head dims 80 / 40 / 64 / 256, padding, T != S
+
+
+@pytest.mark.parametrize("T,S,D,Hq,Hkv,causal,pad", TMA_CASES, ids=lambda x: str(x))
+def test_attention_tma_variant_matches_gold(T, S, D, Hq, Hkv, causal, pad, device):
+    """The forward's TMA variant (tensor-descriptor K / V loads, zero-filled past the sequence and
+    the head dim): same results as the pointer loads; where the TMA cannot run (before sm_90) the
+    autotuner's list falls back to the pointer loads."""
+    B = 2
+    q, k, v = _qkv(B, Hq, Hkv, T, S, D, torch.float16, device)
+    kpm = _kpm(B, S, pad, device)
+    dout = torch.randn_like(q)
+    with A.use_configs(fwd=(64, 32), fwd_tma=True):
+        check_against_gold(lambda q, k, v: A.attention(q, k, v, causal=causal, key_padding_mask=kpm),
+                           lambda q, k, v: attn_math(q, k, v, causal=causal, kpm=kpm), [q, k, v], dout)
+    assert A.tma_eligible(q, k, v) or (device == "cuda" and torch.cuda.get_device_capability()[0] < 9)
+
+
+def test_attention_tma_variant_varlen_and_unaligned_fallback(device):
+    """Packed documents through the TMA variant (a descriptor per document), and a K / V layout
+    whose row stride is not a 16-byte multiple, which must take the pointer loads."""
+    lens = [5, 0, 37, 20]
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=device)
+    tot, H, D = sum(lens), 2, 64
+    q, k, v = (torch.randn(tot, H, D, device=device).half() for _ in range(3))
+    with A.use_configs(fwd=(64, 32), fwd_tma=True):
+        out = A.attention_varlen(q, k, v, cu, max(lens), causal=True)
+    for b in range(len(lens)):
+        s, e = int(cu[b]), int(cu[b + 1])
+        if e == s:
+            continue
+        qb, kb, vb = (t[s:e].transpose(0, 1)[None] for t in (q, k, v))
+        gold = attn_math(qb.double(), kb.double(), vb.double(), causal=True)[0].transpose(0, 1)
+        lowp = attn_math(qb, kb, vb, causal=True)[0].transpose(0, 1)
+        assert_close_to_gold(out[s:e], gold, lowp, name=f"doc {b}")
+    # D = 36 fp16: 72-byte rows, not a 16-byte multiple
+    q, k, v = _qkv(1, 2, 2, 17, 33, 36, torch.float16, device)
+    assert not A.tma_eligible(q, k, v)
+    with A.use_configs(fwd=(64, 32), fwd_tma=True):  # the TMA code is compiled out (TMA_OK False)
+        out = A.attention(q, k, v, causal=False)
+    assert_close_to_gold(out, attn_math(q.double(), k.double(), v.double(), causal=False),
+                         attn_math(q, k, v, causal=False))
+
+
 @pytest.mark.parametrize("scale", [0.3, -0.2], ids=["scale0.3", "negative"])
 def test_attention_scale_and_strided_layout(dtype, device, scale):
     """Inputs as transposed views of (B, T, H, D) memory (what HF models hand over), custom scale
