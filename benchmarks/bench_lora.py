@@ -17,8 +17,10 @@ GPU suite, bf16, issue 4's shapes: M in {512, 4096, 8192} x (in, out) in {(4096,
 Targets (issue 4): at r = 16, fastft ≤ 1.10x the base time and ≥ 1.3x faster than PEFT; NF4 ≤ 1.15x the
 dense base; activation memory saved for backward ≤ 0.5x PEFT's (``saved_mb`` / ``saved_vs_peft``, counted
 with ``torch.autograd.graph.saved_tensors_hooks``, parameters excluded). Each fastft row carries
-``vs_base`` (time / base time) and ``speedup`` over PEFT. The CPU suite returns no rows: the kernels
-are CUDA-only (the interpreter checks semantics; it is not something to time).
+``vs_base`` (time / base time) and ``speedup`` over PEFT. The CPU suite times nothing (the kernels
+are CUDA-only; the interpreter checks semantics); it records ``saved_activation_rows``, the bytes a
+Llama-shaped block's seven LoRA projections save for backward, fastft vs PEFT, which are the same
+on every device.
 """
 from __future__ import annotations
 
@@ -76,8 +78,62 @@ def _peft_layer(W, r, alpha, dropout):
     return layer
 
 
+# A Llama-shaped block's seven LoRA projections (d, kv, ffn: Llama-3-8B's widths) and which input each
+# reads: q / k / v share the normed hidden state, gate / up share the second one.
+BLOCK_PROJ = (("q", "x", 4096, 4096), ("k", "x", 4096, 1024), ("v", "x", 4096, 1024), ("o", "attn", 4096, 4096),
+              ("gate", "h", 4096, 14336), ("up", "h", 4096, 14336), ("down", "act", 14336, 4096))
+
+
+def saved_activation_rows(device, M: int = 256, r: int = 16) -> list[dict]:
+    """Activation bytes saved for backward by a Llama-shaped block's LoRA projections: fastft's
+    dispatched ``lora_linear`` vs PEFT's ``lora.Linear``, lora_dropout 0 and 0.1, bf16. A count, not
+    a timing, and the same on every device (both keep the same tensors on CPU and CUDA), so the CPU
+    suite records it. Shared inputs count once (storage identity): fastft saves x and u = x Aᵀ per
+    projection and regenerates dropout masks; PEFT saves x (no dropout) or its dropout output and
+    mask per projection. The ratio does not depend on M."""
+    from fastft import ops
+
+    dt = torch.bfloat16
+    g = torch.Generator().manual_seed(0)
+    widths = {"x": 4096, "attn": 4096, "h": 4096, "act": 14336}
+    inputs = {k: torch.randn(M, w, generator=g).to(device=device, dtype=dt).requires_grad_() for k, w in widths.items()}
+    weights = {name: (torch.randn(n, k, generator=g) / k**0.5).to(device=device, dtype=dt)
+               for name, _, k, n in BLOCK_PROJ}
+    rows = []
+    for p in (0.0, 0.1):
+        adapters = {name: ((torch.randn(r, k, generator=g) / k**0.5).to(device=device, dtype=dt).requires_grad_(),
+                           (torch.randn(n, r, generator=g) * 0.02).to(device=device, dtype=dt).requires_grad_())
+                    for name, _, k, n in BLOCK_PROJ}
+        peft = {name: _peft_layer(weights[name], r, 2 * r, p) for name, *_ in BLOCK_PROJ}
+
+        def fastft_block():
+            return sum(ops.lora_linear(inputs[src], weights[name], *adapters[name], 2.0, dropout_p=p).float().sum()
+                       for name, src, _, _ in BLOCK_PROJ)
+
+        def peft_block():
+            return sum(peft[name](inputs[src]).float().sum() for name, src, _, _ in BLOCK_PROJ)
+
+        params = list(weights.values()) + [t for ab in adapters.values() for t in ab]
+        params += [q for layer in peft.values() if layer is not None for q in layer.parameters()]
+        # A block input a projection saves counts (once): in a LoRA model with frozen norms no other
+        # node keeps the normed hidden states alive for backward.
+        fast = _saved_bytes(fastft_block, params)
+        case = f"saved activations llama block d=4096 ffn=14336 M={M} r={r} dropout={p}"
+        extra = {}
+        if peft["q"] is not None:
+            theirs = _saved_bytes(peft_block, params)
+            rows.append(common.row(case, "peft", None, saved_mb=round(theirs / 2**20, 2)))
+            extra["saved_vs_peft"] = round(fast / max(theirs, 1), 3)
+        rows.append(common.row(case, "fastft", None, saved_mb=round(fast / 2**20, 2), **extra))
+    return rows
+
+
 def run(suite: str) -> list[dict]:
-    if suite == "cpu" or common is None or not torch.cuda.is_available():
+    if common is None:
+        return []
+    if suite == "cpu":  # the kernels are CUDA-only; the saved-activation count is device-independent
+        return saved_activation_rows(torch.device("cpu"))
+    if not torch.cuda.is_available():
         return []
     from fastft.kernels import lora as L
     from fastft.ops import dispatch
@@ -147,4 +203,4 @@ def run(suite: str) -> list[dict]:
                     rows.append(common.row(case, name, t, flops=flops, ceiling="matmul_bf16", device="cuda",
                                            baseline=baseline, baseline_s=times.get(peer), **extra))
                 x.grad = A.grad = B.grad = None
-    return rows
+    return rows + saved_activation_rows(dev)

@@ -195,7 +195,12 @@ def row(case: str, impl: str, median_s: float, *, bytes: float | None = None, fl
         tokens: float | None = None, ceiling: str | None = None, device: str = "cpu", baseline: str | None = None,
         baseline_s: float | None = None, **extra) -> dict:
     """One result: ``case`` (what), ``impl`` (who), median seconds, and the derived metrics."""
-    r = {"case": case, "impl": impl, "median_ms": round(median_s * 1e3, 4)}
+    r = {"case": case, "impl": impl}
+    if median_s is None:  # a count, not a timing (e.g. bytes saved for backward)
+        r.update(extra)
+        stream(r)
+        return r
+    r["median_ms"] = round(median_s * 1e3, 4)
     if bytes is not None:
         r["gbps"] = round(bytes / median_s / 1e9, 3)
     if flops is not None:
@@ -307,7 +312,7 @@ def environment(suite: str) -> dict:
 # Results files
 # --------------------------------------------------------------------------------------------
 _COLUMNS = ["bench", "case", "impl", "median_ms", "gbps", "tflops", "tokens_per_s", "pct_of_ceiling", "baseline",
-            "speedup", "peak_rss_mb", "error"]
+            "speedup", "peak_rss_mb", "saved_mb", "saved_vs_peft", "error"]
 
 
 def _fmt(v) -> str:
@@ -363,7 +368,7 @@ def plot(rows: list[dict], path: str, title: str) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    rows = [r for r in rows if "error" not in r]
+    rows = [r for r in rows if "error" not in r and "median_ms" in r]  # counts have no bar
     if not rows:
         return False
     for key, label in (("gbps", "GB/s"), ("tflops", "TFLOP/s"), ("tokens_per_s", "tokens/s"), ("median_ms", "ms")):
