@@ -78,13 +78,14 @@ def _peft_layer(W, r, alpha, dropout):
     return layer
 
 
-# A Llama-shaped block's seven LoRA projections (d, kv, ffn: Llama-3-8B's widths) and which input each
-# reads: q / k / v share the normed hidden state, gate / up share the second one.
-BLOCK_PROJ = (("q", "x", 4096, 4096), ("k", "x", 4096, 1024), ("v", "x", 4096, 1024), ("o", "attn", 4096, 4096),
-              ("gate", "h", 4096, 14336), ("up", "h", 4096, 14336), ("down", "act", 14336, 4096))
+def block_projections(d: int = 4096, kv: int = 1024, ffn: int = 14336):
+    """A Llama-shaped block's seven LoRA projections (name, input, in, out); defaults are Llama-3-8B's
+    widths. q / k / v read the same normed hidden state, gate / up the second one."""
+    return (("q", "x", d, d), ("k", "x", d, kv), ("v", "x", d, kv), ("o", "attn", d, d),
+            ("gate", "h", d, ffn), ("up", "h", d, ffn), ("down", "act", ffn, d))
 
 
-def saved_activation_rows(device, M: int = 256, r: int = 16) -> list[dict]:
+def saved_activation_rows(device, M: int = 256, r: int = 16, dims=(4096, 1024, 14336)) -> list[dict]:
     """Activation bytes saved for backward by a Llama-shaped block's LoRA projections: fastft's
     dispatched ``lora_linear`` vs PEFT's ``lora.Linear``, lora_dropout 0 and 0.1, bf16. A count, not
     a timing, and the same on every device (both keep the same tensors on CPU and CUDA), so the CPU
@@ -93,9 +94,11 @@ def saved_activation_rows(device, M: int = 256, r: int = 16) -> list[dict]:
     mask per projection. The ratio does not depend on M."""
     from fastft import ops
 
+    BLOCK_PROJ = block_projections(*dims)
     dt = torch.bfloat16
     g = torch.Generator().manual_seed(0)
-    widths = {"x": 4096, "attn": 4096, "h": 4096, "act": 14336}
+    d, _, ffn = dims
+    widths = {"x": d, "attn": d, "h": d, "act": ffn}
     inputs = {k: torch.randn(M, w, generator=g).to(device=device, dtype=dt).requires_grad_() for k, w in widths.items()}
     weights = {name: (torch.randn(n, k, generator=g) / k**0.5).to(device=device, dtype=dt)
                for name, _, k, n in BLOCK_PROJ}
@@ -118,7 +121,7 @@ def saved_activation_rows(device, M: int = 256, r: int = 16) -> list[dict]:
         # A block input a projection saves counts (once): in a LoRA model with frozen norms no other
         # node keeps the normed hidden states alive for backward.
         fast = _saved_bytes(fastft_block, params)
-        case = f"saved activations llama block d=4096 ffn=14336 M={M} r={r} dropout={p}"
+        case = f"saved activations llama block d={d} ffn={ffn} M={M} r={r} dropout={p}"
         extra = {}
         if peft["q"] is not None:
             theirs = _saved_bytes(peft_block, params)

@@ -69,3 +69,17 @@ def test_gpu_scripts_parse_and_profile_needs_cuda(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert profile_gpu.main() == 0
     assert "no CUDA device" in capsys.readouterr().out
+
+
+def test_saved_activation_count_of_a_lora_block():
+    """bench_lora's block-level count on small widths: without dropout both stacks save the same
+    inputs (1.0x); with dropout PEFT keeps a dropout copy and mask per projection, fastft only x."""
+    import torch
+
+    from benchmarks import bench_lora
+
+    rows = bench_lora.saved_activation_rows(torch.device("cpu"), M=8, r=4, dims=(64, 16, 224))
+    ratio = {r["case"].rsplit("dropout=", 1)[1]: r["saved_vs_peft"] for r in rows if r["impl"] == "fastft"}
+    assert ratio["0.0"] == 1.0
+    assert ratio["0.1"] < 0.5
+    assert all("median_ms" not in r for r in rows)  # a count, not a timing
