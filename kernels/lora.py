@@ -122,6 +122,33 @@ def _gemm_loop(acc, P, Q, rows, cols, Kdim, stride_pm, stride_pk, stride_qk, str
 
 
 @triton.jit
+def _gemm_loop_tma(acc, P, Q, Mdim, Ndim, Kdim, stride_pm, stride_qrow, m0, n0,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, Q_KMAJOR: tl.constexpr,
+                   UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """acc += P[m0:, :Kdim] @ Qᵀ-or-Q through TMA tensor descriptors (Hopper's tensor memory
+    accelerator; zero fill replaces every mask). P (Mdim, Kdim) row stride stride_pm; Q is (Ndim,
+    Kdim) with row stride stride_qrow when Q_KMAJOR (used transposed: the forward's W), else
+    (Kdim, Ndim) (used as is: the dX kernel's W). No per-thread address arithmetic in the loop."""
+    pd = tl.make_tensor_descriptor(P, shape=[Mdim, Kdim], strides=[stride_pm, 1], block_shape=[BLOCK_M, BLOCK_K])
+    if Q_KMAJOR:
+        qd = tl.make_tensor_descriptor(Q, shape=[Ndim, Kdim], strides=[stride_qrow, 1],
+                                       block_shape=[BLOCK_N, BLOCK_K])
+    else:
+        qd = tl.make_tensor_descriptor(Q, shape=[Kdim, Ndim], strides=[stride_qrow, 1],
+                                       block_shape=[BLOCK_K, BLOCK_N])
+    mi = m0.to(tl.int32)  # descriptor coordinates are int32 (the tile origins come as int64)
+    ni = n0.to(tl.int32)
+    for k0 in range(0, Kdim, BLOCK_K):
+        a = pd.load([mi, k0])
+        if Q_KMAJOR:
+            b = qd.load([ni, k0]).T
+        else:
+            b = qd.load([k0, ni])
+        acc = _mma(a, b, acc, UPCAST, PREC)
+    return acc
+
+
+@triton.jit
 def _tile_origin(pid_m, pid_n, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  EVEN_M: tl.constexpr, EVEN_N: tl.constexpr):
     """int64 tile origin (m0, n0), in-tile indices for loads, and global indices for stores.
@@ -225,15 +252,16 @@ def _lora_down_kernel(X, A0, A1, A2, U0, U1, U2, M, K, R0, R1, R2, stride_xm,
 @triton.jit
 def _lora_fwd_kernel(X, W, U, B, BIAS, Y, M, N, K, R, stride_xm, scaling, M_KEY,
                      HAS_BIAS: tl.constexpr, BASE_IN: tl.constexpr, EVEN_K: tl.constexpr, EVEN_R: tl.constexpr,
-                     UPCAST: tl.constexpr, PREC: tl.constexpr,
+                     UPCAST: tl.constexpr, PREC: tl.constexpr, TMA_OK: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                     GROUP_M: tl.constexpr):
+                     GROUP_M: tl.constexpr, USE_TMA: tl.constexpr = False):
     """y = x Wᵀ + s · u Bᵀ + b, one (BLOCK_M, BLOCK_N) tile per program.
 
     K-loop over x (M × K) and W (N × K), then an r-loop over u (M × r) and B (N × r) into the same
     fp32 accumulator (u scaled by s in registers), then the bias; one rounding to y's dtype.
     BASE_IN: y already holds the base product (quantized weight, from ``quant_matmul``); the K-loop
-    is skipped and the tile is read from Y and updated in place.
+    is skipped and the tile is read from Y and updated in place. USE_TMA (a config; compiled in only
+    where TMA_OK, see ``tma_ok``): the K-loop through TMA tensor descriptors.
     Backward: ``_lora_dx_kernel`` (dX), ``_matmul_kernel`` (du, dB, dW), ``_lora_dA_kernel`` (dA).
     """
     pid_m, pid_n = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -244,9 +272,13 @@ def _lora_fwd_kernel(X, W, U, B, BIAS, Y, M, N, K, R, stride_xm, scaling, M_KEY,
         acc = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        # W is (N, K) row-major: as the (K, N) operand, stride_qk = 1, stride_qn = K.
-        acc = _gemm_loop(acc, X + m0 * stride_xm, W + n0 * K, rows, cols, K, stride_xm, 1, 1, K, 1.0,
-                         BLOCK_K, EVEN_K, False, UPCAST, PREC)
+        if USE_TMA and TMA_OK:
+            acc = _gemm_loop_tma(acc, X, W, M, N, K, stride_xm, K, m0, n0, BLOCK_M, BLOCK_N, BLOCK_K, True,
+                                 UPCAST, PREC)
+        else:
+            # W is (N, K) row-major: as the (K, N) operand, stride_qk = 1, stride_qn = K.
+            acc = _gemm_loop(acc, X + m0 * stride_xm, W + n0 * K, rows, cols, K, stride_xm, 1, 1, K, 1.0,
+                             BLOCK_K, EVEN_K, False, UPCAST, PREC)
     acc = _gemm_loop(acc, U + m0 * R, B + n0 * R, rows, cols, R, R, 1, 1, R, scaling,
                      BLOCK_R, EVEN_R, True, UPCAST, PREC)
     if HAS_BIAS:
@@ -275,9 +307,9 @@ def _dx_lowrank(acc, DU, A, m0, n0, rows, cols, offs_m, offs_n, K, R, seed, p, k
 def _lora_dx_kernel(DY0, DY1, DY2, W0, W1, W2, DU0, DU1, DU2, A0, A1, A2, DX,
                     M, K, N0, N1, N2, R0, R1, R2, seed0, seed1, seed2, p, keep_scale, M_KEY,
                     NUM_SEG: tl.constexpr, HAS_W: tl.constexpr, HAS_DROPOUT: tl.constexpr, EVEN_K: tl.constexpr,
-                    EVEN_OUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                    EVEN_OUT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA_OK: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                    GROUP_M: tl.constexpr):
+                    GROUP_M: tl.constexpr, USE_TMA: tl.constexpr = False):
     """dX = Σ_i dY_i W_i + Σ_i keep_i ⊙ (du_i A_i) / (1 - p), one (BLOCK_M, BLOCK_N) tile of dX (M × K).
 
     dY_i (M × N_i), W_i (N_i × K), du_i = s_i dY_i B_i (M × r_i), A_i (r_i × K); here BLOCK_K tiles the
@@ -287,7 +319,15 @@ def _lora_dx_kernel(DY0, DY1, DY2, W0, W1, W2, DU0, DU1, DU2, A0, A1, A2, DX,
     pid_m, pid_n = _tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_N, GROUP_M)
     m0, n0, rows, cols, offs_m, offs_n = _tile_origin(pid_m, pid_n, M, K, BLOCK_M, BLOCK_N, False, EVEN_OUT)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if HAS_W:
+    if HAS_W and USE_TMA and TMA_OK:  # dY_i (M, N_i) and W_i (N_i, K) through TMA descriptors
+        acc = _gemm_loop_tma(acc, DY0, W0, M, K, N0, N0, K, m0, n0, BLOCK_M, BLOCK_N, BLOCK_K, False, UPCAST, PREC)
+        if NUM_SEG > 1:
+            acc = _gemm_loop_tma(acc, DY1, W1, M, K, N1, N1, K, m0, n0, BLOCK_M, BLOCK_N, BLOCK_K, False, UPCAST,
+                                 PREC)
+        if NUM_SEG > 2:
+            acc = _gemm_loop_tma(acc, DY2, W2, M, K, N2, N2, K, m0, n0, BLOCK_M, BLOCK_N, BLOCK_K, False, UPCAST,
+                                 PREC)
+    elif HAS_W:
         # dY_i (M × N_i) row-major; W_i (N_i × K) row-major is the (N_i, K) operand: strides (K, 1).
         acc = _gemm_loop(acc, DY0 + m0 * N0, W0 + n0, rows, cols, N0, N0, 1, K, 1, 1.0, BLOCK_K, EVEN_K, False,
                          UPCAST, PREC)
@@ -456,19 +496,23 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def gemm_configs(accumulators: int = 1, dropout: bool = False) -> list:
+def gemm_configs(accumulators: int = 1, dropout: bool = False, tma: bool = False) -> list:
     """Tile configs the GEMM-shaped kernels autotune over on a GPU (pruned per shape by ``_prune``).
 
-    128×128×64 with 8 warps is the large-M config (wgmma on Hopper); 128×64 / 64×128 with 4 warps
-    cover narrow outputs, 32- and 16-row tiles short or decode-sized M, and the last three the
-    rank-r outputs of the backward (N = r). 128×256 tiles and 4-warp
-    128×128 tiles spill (tests/test_aot_lora.py), so they are not offered. The SwiGLU kernel holds
+    128×256×64 and 128×128×64 with 8 warps are the large-M configs (wgmma on Hopper; 128×256×64 in
+    3 stages is the tile Triton's own matmul tutorial and cuBLAS favour for large bf16 GEMMs on
+    Hopper; it compiles without spills on sm_80 / sm_90 with Triton 3.6 and 3.9, and was missing
+    when the H200 runs measured these kernels at 1.22-1.25x cuBLAS's time); 128×64 / 64×128 with 4
+    warps cover narrow outputs, 32- and 16-row tiles short or decode-sized M, and the last three the
+    rank-r outputs of the backward (N = r). 4-warp 128×128 tiles spill (tests/test_aot_lora.py), so
+    they are not offered. ``tma=True`` (forward and dX) adds a TMA twin behind every tile of at
+    least 128×128. The SwiGLU kernel holds
     two accumulators (``accumulators=2``) and gets the half-width tiles. The dX kernel with dropout
     holds a second accumulator plus the Philox state of its tile (``dropout=True``): at most 32
     elements per thread, i.e. 8 warps for 64×128 / 128×64 tiles.
     """
     table = [
-        (128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+        (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
         (64, 64, 64, 4, 4), (32, 64, 64, 4, 4), (16, 64, 128, 4, 4),
         # r-wide outputs (du = s dY B, dB = s dYᵀ u: N = r): only these survive the pruning at r <= 16,
         # and their short M tiles give the memory-bound reductions enough programs (H200 profile:
@@ -478,12 +522,18 @@ def gemm_configs(accumulators: int = 1, dropout: bool = False) -> list:
     if dropout:  # the 8-warp 64×64 tile is what several projections (≤ 16 elements per thread) get
         table = [(64, 128, 64, 8, 4), (128, 64, 64, 8, 4), (64, 64, 64, 8, 4), (64, 64, 64, 4, 4),
                  (32, 64, 64, 4, 4), (16, 64, 128, 4, 4)]
-    if accumulators > 1:
-        table = [(bm, bn // accumulators if bm * bn >= 128 * 128 else bn, bk, w, st) for bm, bn, bk, w, st in table]
+    if accumulators > 1:  # (two 128x128 accumulators spill on sm_80: the 128x256 entry is dropped)
+        table = [(bm, bn // accumulators if bm * bn >= 128 * 128 else bn, bk, w, st) for bm, bn, bk, w, st in table
+                 if bm * bn <= 128 * 128]
     out = []
     for bm, bn, bk, warps, stages in dict.fromkeys(table):
         out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                                  num_warps=warps, num_stages=stages))
+        if tma and bm * bn >= 128 * 128:
+            # its TMA twin right behind it (the forward's and dX's K-loops; see ``tma_ok``): with
+            # FASTFT_AUTOTUNE_MAX = 3 the autotuner times TMA against pointer loads on the big tile
+            out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "USE_TMA": True},
+                                     num_warps=warps, num_stages=stages))
     return out
 
 
@@ -503,6 +553,13 @@ def _prune_factory(m_arg: str, n_arg: str, ptr_arg: str, n_operands: int = 2):
         pm, pn = max(16, triton.next_power_of_2(M)), max(16, triton.next_power_of_2(N))
         # dX with dropout over several projections: one Philox state per projection per element.
         per_thread = 16 if args.get("HAS_DROPOUT") and args.get("NUM_SEG", 1) > 1 else None
+        if not args.get("TMA_OK", False):  # TMA configs become their pointer-load twins (kept once)
+            plain = {}
+            for c in configs:
+                kw = {k: v for k, v in c.kwargs.items() if k != "USE_TMA"}
+                plain.setdefault((tuple(sorted(kw.items())), c.num_warps, c.num_stages),
+                                 triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
+            configs = list(plain.values())
         kept = []
         for c in configs:
             kw = c.kwargs
@@ -529,13 +586,13 @@ def _even_k(args):
 def _tuned(name: str):
     """The autotuned wrapper of a kernel (built lazily: nothing happens at import time)."""
     if name == "fwd":
-        return triton.autotune(gemm_configs(), key=["M_KEY", "N", "K", "R", "HAS_BIAS", "BASE_IN"],
+        return triton.autotune(gemm_configs(tma=True), key=["M_KEY", "N", "K", "R", "HAS_BIAS", "BASE_IN", "TMA_OK"],
                                prune_configs_by={"early_config_prune": _prune_factory("M", "N", "X")},
                                restore_value=["Y"])(
             triton.heuristics({"EVEN_K": _even_k})(_lora_fwd_kernel))
     if name in ("dx", "dx_dropout"):
-        return triton.autotune(gemm_configs(dropout=name == "dx_dropout"),
-                               key=["M_KEY", "K", "N0", "N1", "N2", "NUM_SEG", "HAS_W", "HAS_DROPOUT"],
+        return triton.autotune(gemm_configs(dropout=name == "dx_dropout", tma=True),
+                               key=["M_KEY", "K", "N0", "N1", "N2", "NUM_SEG", "HAS_W", "HAS_DROPOUT", "TMA_OK"],
                                prune_configs_by={"early_config_prune": _prune_factory("M", "K", "DX")})(
             triton.heuristics({"EVEN_K": lambda a: all(a[n] % a["BLOCK_K"] == 0 for n in ("N0", "N1", "N2")),
                                "EVEN_OUT": lambda a: a["K"] % a["BLOCK_N"] == 0})(
@@ -564,9 +621,45 @@ def _launch(name: str, raw_kernel, grid_fn, args: dict):
         if "EVEN_M" in raw_kernel.arg_names:
             meta["EVEN_M"] = args["M"] % meta["BLOCK_M"] == 0
             meta["EVEN_N"] = args["N"] % meta["BLOCK_N"] == 0
+        if "USE_TMA" in raw_kernel.arg_names:
+            meta["USE_TMA"] = INTERPRET_TMA
         raw_kernel[grid_fn(meta)](**args, **meta)
     else:
         _tuned(name)[grid_fn](**args)
+
+
+# Under the interpreter: whether the forward / dX kernels take their TMA variant (tests set it).
+INTERPRET_TMA = False
+
+
+def tma_ok(*tensors) -> bool:
+    """Whether TMA descriptors may address these 2-D operands: a Hopper (sm_90+) GPU, or the
+    interpreter, 16-byte aligned bases and row strides, unit column stride (TMA's rules)."""
+    t0 = tensors[0]
+    if t0.device.type == "cuda":
+        if torch.cuda.get_device_capability(t0.device)[0] < 9:
+            return False
+    elif not _interpreting():
+        return False
+    for t in tensors:
+        es = t.element_size()
+        if t.dim() != 2 or t.stride(1) != 1 or t.data_ptr() % 16 or (t.stride(0) * es) % 16 or t.shape[1] * es < 16:
+            return False
+    return True
+
+
+def _tma_alloc(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_tma_allocator(device) -> None:
+    """Device-side tensor descriptors need Triton's scratch allocator (a ContextVar: per thread)."""
+    if device.type != "cuda":
+        return
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_tma_alloc)
 
 
 def _gemm_grid(M, N):
@@ -629,10 +722,13 @@ def _fwd(x2, W, u, B, bias, scaling, y=None):
     base_in = W is None
     if y is None:
         y = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
+    use_tma = not base_in and tma_ok(x2, W)
+    if use_tma:
+        _ensure_tma_allocator(x2.device)
     args = dict(X=x2, W=x2 if base_in else W, U=u, B=B, BIAS=bias if bias is not None else B, Y=y,
                 M=M, N=N, K=K, R=r, stride_xm=x2.stride(0), scaling=float(scaling), M_KEY=_m_key(M),
                 HAS_BIAS=bias is not None, BASE_IN=base_in, EVEN_R=r % _block_r(r) == 0, BLOCK_R=_block_r(r),
-                **_common(x2.dtype))
+                TMA_OK=use_tma, **_common(x2.dtype))
     _launch("fwd", _lora_fwd_kernel, _gemm_grid(M, N), args)
     return y
 
@@ -655,6 +751,9 @@ def _dx(dys, Ws, dus, As, seeds, p, M, K, dtype, device):
     dyp = _pad3(dys, dys[0])
     wp = _pad3(Ws, Ws[0]) if has_w else [dx] * 3
     rmax = max(A.shape[0] for A in As)
+    use_tma = has_w and tma_ok(*dys, *Ws)
+    if use_tma:
+        _ensure_tma_allocator(device)
     args = dict(zip(["DY0", "DY1", "DY2"], dyp), **dict(zip(["W0", "W1", "W2"], wp)),
                 **dict(zip(["DU0", "DU1", "DU2"], _pad3(dus, dus[0]))),
                 **dict(zip(["A0", "A1", "A2"], _pad3(As, As[0]))),
@@ -662,7 +761,7 @@ def _dx(dys, Ws, dus, As, seeds, p, M, K, dtype, device):
                 **dict(zip(["R0", "R1", "R2"], _pad3([A.shape[0] for A in As], 1))),
                 **dict(zip(_SEED_PARAMS, _pad3(seeds, 0))), p=p, keep_scale=1.0 / (1.0 - p) if p > 0 else 1.0,
                 M_KEY=_m_key(M), NUM_SEG=n, HAS_W=has_w, HAS_DROPOUT=p > 0, BLOCK_R=_block_r(rmax),
-                **_common(dtype))
+                TMA_OK=use_tma, **_common(dtype))
     _launch("dx_dropout" if p > 0 else "dx", _lora_dx_kernel, _gemm_grid(M, K), args)
     return dx
 

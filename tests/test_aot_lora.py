@@ -7,7 +7,7 @@ GEMM tiles must use wgmma. Uses tests/aot.py (ptxas + cuobjdump shipped inside T
 import importlib
 import pytest
 
-from tests.aot import compile_kernel, cuobjdump_path
+from tests.aot import compile_kernel, sass_ops, cuobjdump_path
 
 L = importlib.import_module("fastft.kernels.lora")
 ARCHS = [80, 90]
@@ -22,7 +22,7 @@ def _fwd_spec(cfg_kwargs, *, bias=True, base_in=False):
     sig = {**_ptrs(["X", "W", "U", "B", "BIAS", "Y"]), "M": "i32", "N": "i32:16", "K": "i32:16", "R": "i32:16",
            "stride_xm": "i32:16", "scaling": "fp32", "M_KEY": "i32:16"}
     ce = dict(HAS_BIAS=bias, BASE_IN=base_in, EVEN_K=True, EVEN_R=True, UPCAST=False, PREC="ieee", BLOCK_R=16,
-              **cfg_kwargs)
+              TMA_OK=bool(cfg_kwargs.get("USE_TMA")), **{"USE_TMA": False, **cfg_kwargs})
     return L._lora_fwd_kernel, sig, ce
 
 
@@ -32,7 +32,7 @@ def _dx_spec(cfg_kwargs, *, num_seg=1, dropout=False, has_w=True):
            "R0": "i32:16", "R1": "i32:16", "R2": "i32:16", "seed0": "i64", "seed1": "i64", "seed2": "i64", "p": "fp32",
            "keep_scale": "fp32", "M_KEY": "i32:16"}
     ce = dict(NUM_SEG=num_seg, HAS_W=has_w, HAS_DROPOUT=dropout, EVEN_K=True, EVEN_OUT=True, UPCAST=False, PREC="ieee",
-              BLOCK_R=16, **cfg_kwargs)
+              BLOCK_R=16, TMA_OK=bool(cfg_kwargs.get("USE_TMA")), **{"USE_TMA": False, **cfg_kwargs})
     return L._lora_dx_kernel, sig, ce
 
 
@@ -153,6 +153,25 @@ def test_hot_configs_no_spills(arch):
         _no_spills(r, f"{name} {_cfg_id(cfg)} sm_{arch}")
         if arch == 90 and name.startswith(("dx", "mm", "swiglu")):
             assert r["wgmma"], f"{name}: no wgmma on sm_90"
+
+
+def test_tma_variants_compile_sm90():
+    """The TMA twins of the big tiles (forward and dX K-loops through tensor descriptors) compile for
+    sm_90 without spills, with wgmma, and load through the TMA (UTMALDG); their pointer-load twins
+    have cp.async (LDGSTS) copies where these have TMA ones (the rank-r loop keeps pointer loads)."""
+    for cfg in (c for c in L.gemm_configs(tma=True) if c.kwargs.get("USE_TMA")):
+        plain = {k: v for k, v in cfg.kwargs.items() if k != "USE_TMA"}
+        for name, spec, spec_plain in (("fwd", _fwd_spec(cfg.kwargs), _fwd_spec(plain)),
+                                       ("dx", _dx_spec(cfg.kwargs), _dx_spec(plain)),
+                                       ("dx qkv", _dx_spec(cfg.kwargs, num_seg=3), _dx_spec(plain, num_seg=3))):
+            r = _result((name + " tma", _cfg_id(cfg)), spec, 90, cfg)
+            _no_spills(r, f"{name} {_cfg_id(cfg)} TMA sm_90")
+            assert r["wgmma"], f"{name} {_cfg_id(cfg)} TMA: no wgmma"
+            ops = sass_ops(r)
+            ops_plain = sass_ops(_result((name, _cfg_id(cfg)), spec_plain, 90, cfg))
+            assert any(op.startswith("UTMALDG") for op in ops), f"{name}: no TMA load"
+            ldgsts = sum(op.startswith("LDGSTS") for op in ops)
+            assert ldgsts < sum(op.startswith("LDGSTS") for op in ops_plain), f"{name}: as many cp.async as without TMA"
 
 
 @pytest.mark.parametrize("arch", ARCHS)

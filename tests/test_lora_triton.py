@@ -112,6 +112,29 @@ def test_lora_linear_shapes(device, dtype, M, K, N, r):
     _lora_case(device, dtype, x, W, A, B, b, 2.0, 0.1 if r == 8 else 0.0)
 
 
+@pytest.mark.parametrize("M,K,N,r,p", [(118, 200, 40, 64, 0.0), (3, 96, 200, 8, 0.1), (118, 40, 96, 16, 0.3)])
+def test_lora_linear_tma_variant(device, M, K, N, r, p, monkeypatch):
+    """The forward's and dX's K-loops through TMA tensor descriptors (``USE_TMA``; zero fill past
+    every edge instead of masks): same results as the pointer loads, forward and all gradients.
+    K and N are multiples of 8 (16-byte fp16 rows, which TMA needs)."""
+    monkeypatch.setattr(L, "INTERPRET_TMA", True)
+    x, W, A, B, b = _make(M, K, N, r, bias=True, seed=M + K + N + r + 1)
+    assert L.tma_ok(x.to(torch.float16).to(device), W.to(torch.float16).to(device)) == (device == "cpu" or
+                                                                                        torch.cuda.get_device_capability()[0] >= 9)
+    _lora_case(device, torch.float16, x, W, A, B, b, 0.5, p)
+
+
+def test_tma_ok_rules(device):
+    a = torch.zeros(8, 40, dtype=torch.float16, device=device)
+    if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        assert not L.tma_ok(a)
+        return
+    assert L.tma_ok(a)
+    assert not L.tma_ok(torch.zeros(8, 36, dtype=torch.float16, device=device))  # 72-byte rows
+    assert not L.tma_ok(a[:, 1:])  # base not 16-byte aligned
+    assert not L.tma_ok(a.t())  # columns not unit-stride
+
+
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_lora_linear_full_finetune_dW(device, p):
     x, W, A, B, b = _make(118, 40, 96, 8, bias=True, seed=3)
