@@ -97,21 +97,13 @@ def _seq_bounds(CU, pid_b, T, S, VARLEN: tl.constexpr):
 
 # ------------------------------------------------------------------------------------------ forward
 @triton.jit
-def _fwd_block(acc, l_i, m_i, q, K_base, V_base, KPM_base, start_n, rows, offs_n, offs_d,
-               stride_kn, stride_vn, S_b, causal_off, qk_scale, seed, dropout_p, rng_base, DROP_COLS,
-               k_start, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr,
-               MASK_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
-               MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SCALE_POS: tl.constexpr = False,
-               USE_TMA: tl.constexpr = False):
-    """One key block of the online softmax (base 2): returns updated (acc, l_i, m_i).
-    SCALE_POS (qk_scale > 0): the scale is folded into the exponent's FFMA. USE_TMA: K_base /
-    V_base are tensor descriptors of the sequence's (S_b, HEAD_DIM) keys / values (rows and
-    columns out of range read as 0), loaded by the tensor memory accelerator on Hopper."""
-    cols = start_n + offs_n  # (BLOCK_N,)
+def _kv_tile(base, start_n, offs_n, offs_d, stride_n, S_b, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+             MASK_N: tl.constexpr, USE_TMA: tl.constexpr):
+    """The (BLOCK_N, BLOCK_D) K or V tile of keys start_n.. (rows / columns out of range read 0)."""
     if USE_TMA:
-        k = K_base.load([start_n, 0])
-        v = V_base.load([start_n, 0])
+        t = base.load([start_n, 0])
     else:
+        cols = start_n + offs_n
         kv_mask = None
         if MASK_N:
             kv_mask = cols[:, None] < S_b
@@ -119,16 +111,33 @@ def _fwd_block(acc, l_i, m_i, q, K_base, V_base, KPM_base, start_n, rows, offs_n
                 kv_mask = kv_mask & (offs_d[None, :] < HEAD_DIM)
         elif HEAD_DIM != BLOCK_D:
             kv_mask = offs_d[None, :] < HEAD_DIM
-        k_ptrs = K_base + cols[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
-        v_ptrs = V_base + cols[:, None].to(tl.int64) * stride_vn + offs_d[None, :]
+        ptrs = base + cols[:, None].to(tl.int64) * stride_n + offs_d[None, :]
         if MASK_N or HEAD_DIM != BLOCK_D:
-            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+            t = tl.load(ptrs, mask=kv_mask, other=0.0)
         else:  # interior block at a power-of-two head dim: no predication at all
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-    zero = tl.zeros((q.shape[0], cols.shape[0]), dtype=tl.float32)
-    s = tl.dot(q.to(MM_DTYPE), tl.trans(k).to(MM_DTYPE), zero, input_precision=PRECISION)
+            t = tl.load(ptrs)
+    return t
+
+
+@triton.jit
+def _fwd_scores(q, K_base, start_n, offs_n, offs_d, stride_kn, S_b, HEAD_DIM: tl.constexpr,
+                BLOCK_D: tl.constexpr, MASK_N: tl.constexpr, MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                USE_TMA: tl.constexpr):
+    """Raw scores q kᵀ of one key block (fp32, unscaled)."""
+    k = _kv_tile(K_base, start_n, offs_n, offs_d, stride_kn, S_b, HEAD_DIM, BLOCK_D, MASK_N, USE_TMA)
+    zero = tl.zeros((q.shape[0], offs_n.shape[0]), dtype=tl.float32)
+    return tl.dot(q.to(MM_DTYPE), tl.trans(k).to(MM_DTYPE), zero, input_precision=PRECISION)
+
+
+@triton.jit
+def _fwd_update(acc, l_i, m_i, s, V_base, KPM_base, start_n, rows, offs_n, offs_d, stride_vn, S_b, causal_off,
+                qk_scale, seed, dropout_p, rng_base, DROP_COLS, k_start, HEAD_DIM: tl.constexpr,
+                BLOCK_D: tl.constexpr, MASK_N: tl.constexpr, MASK_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                DROPOUT: tl.constexpr, MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SCALE_POS: tl.constexpr,
+                USE_TMA: tl.constexpr):
+    """The online-softmax update (base 2) with one key block's raw scores s: masks, running max and
+    sum, and acc += P V. SCALE_POS (qk_scale > 0): the scale is folded into the exponent's FFMA."""
+    cols = start_n + offs_n  # (BLOCK_N,)
     if not SCALE_POS:
         s = s * qk_scale  # scores in log2 units
     if MASK_N or MASK_CAUSAL or HAS_KPM:
@@ -160,8 +169,26 @@ def _fwd_block(acc, l_i, m_i, q, K_base, V_base, KPM_base, start_n, rows, offs_n
     if DROPOUT:
         keep = _keep(seed, rows[:, None], k_start + cols[None, :], rng_base, DROP_COLS, dropout_p)
         p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
+    v = _kv_tile(V_base, start_n, offs_n, offs_d, stride_vn, S_b, HEAD_DIM, BLOCK_D, MASK_N, USE_TMA)
     acc = tl.dot(p.to(v.dtype).to(MM_DTYPE), v.to(MM_DTYPE), acc, input_precision=PRECISION)
     return acc, l_i, m_new
+
+
+@triton.jit
+def _fwd_block(acc, l_i, m_i, q, K_base, V_base, KPM_base, start_n, rows, offs_n, offs_d,
+               stride_kn, stride_vn, S_b, causal_off, qk_scale, seed, dropout_p, rng_base, DROP_COLS,
+               k_start, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr,
+               MASK_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
+               MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SCALE_POS: tl.constexpr = False,
+               USE_TMA: tl.constexpr = False):
+    """One key block of the online softmax: scores, then the update. USE_TMA: K_base / V_base are
+    tensor descriptors of the sequence's (S_b, HEAD_DIM) keys / values, loaded by the tensor
+    memory accelerator on Hopper."""
+    s = _fwd_scores(q, K_base, start_n, offs_n, offs_d, stride_kn, S_b, HEAD_DIM, BLOCK_D, MASK_N, MM_DTYPE,
+                    PRECISION, USE_TMA)
+    return _fwd_update(acc, l_i, m_i, s, V_base, KPM_base, start_n, rows, offs_n, offs_d, stride_vn, S_b,
+                       causal_off, qk_scale, seed, dropout_p, rng_base, DROP_COLS, k_start, HEAD_DIM, BLOCK_D,
+                       MASK_N, MASK_CAUSAL, HAS_KPM, DROPOUT, MM_DTYPE, PRECISION, SCALE_POS, USE_TMA)
 
 
 @triton.jit
@@ -174,7 +201,7 @@ def _attn_fwd_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, VARLEN: tl.constexpr,
     DROPOUT: tl.constexpr, MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SCALE_POS: tl.constexpr,
-    TMA_OK: tl.constexpr, USE_TMA: tl.constexpr,
+    TMA_OK: tl.constexpr, USE_TMA: tl.constexpr, PIPE: tl.constexpr = False,
 ):
     """O = softmax(scale * Q Kᵀ + mask) V for one (BLOCK_M rows, batch/document, query head).
 
@@ -238,11 +265,31 @@ def _attn_fwd_kernel(
         # every row of this block sees keys <= start_m + causal_off; the last row sees up to ...
         full_end = tl.minimum(full_end, tl.maximum(start_m + causal_off + 1, 0) // BLOCK_N * BLOCK_N)
         hi = tl.minimum(S_b, tl.maximum(tl.minimum(start_m + BLOCK_M, T_b) + causal_off, 0))
-    for start_n in range(0, full_end, BLOCK_N):
-        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K_src, V_src, KPM_base, start_n, rows, offs_n, offs_d,
-                                   stride_kn, stride_vn, S_b, causal_off, qk_scale, seed, dropout_p,
-                                   rng_base, DROP_COLS, k_start, HEAD_DIM, BLOCK_D, False, False, HAS_KPM,
-                                   DROPOUT, MM_DTYPE, PRECISION, SCALE_POS, TMA)
+    if PIPE:
+        # Software-pipelined interior loop: block j+1's scores are issued before block j's softmax
+        # and P V, so on Hopper the asynchronous P V wgmma of block j runs while the exponentials
+        # of block j+1 are computed (FlashAttention-3's intra-warpgroup overlap, by program order).
+        if full_end > 0:
+            s = _fwd_scores(q, K_src, 0, offs_n, offs_d, stride_kn, S_b, HEAD_DIM, BLOCK_D, False, MM_DTYPE,
+                            PRECISION, TMA)
+            for start_n in range(0, full_end - BLOCK_N, BLOCK_N):
+                s_next = _fwd_scores(q, K_src, start_n + BLOCK_N, offs_n, offs_d, stride_kn, S_b, HEAD_DIM, BLOCK_D,
+                                     False, MM_DTYPE, PRECISION, TMA)
+                acc, l_i, m_i = _fwd_update(acc, l_i, m_i, s, V_src, KPM_base, start_n, rows, offs_n, offs_d,
+                                            stride_vn, S_b, causal_off, qk_scale, seed, dropout_p, rng_base,
+                                            DROP_COLS, k_start, HEAD_DIM, BLOCK_D, False, False, HAS_KPM, DROPOUT,
+                                            MM_DTYPE, PRECISION, SCALE_POS, TMA)
+                s = s_next
+            acc, l_i, m_i = _fwd_update(acc, l_i, m_i, s, V_src, KPM_base, full_end - BLOCK_N, rows, offs_n, offs_d,
+                                        stride_vn, S_b, causal_off, qk_scale, seed, dropout_p, rng_base, DROP_COLS,
+                                        k_start, HEAD_DIM, BLOCK_D, False, False, HAS_KPM, DROPOUT, MM_DTYPE,
+                                        PRECISION, SCALE_POS, TMA)
+    else:
+        for start_n in range(0, full_end, BLOCK_N):
+            acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K_src, V_src, KPM_base, start_n, rows, offs_n, offs_d,
+                                       stride_kn, stride_vn, S_b, causal_off, qk_scale, seed, dropout_p,
+                                       rng_base, DROP_COLS, k_start, HEAD_DIM, BLOCK_D, False, False, HAS_KPM,
+                                       DROPOUT, MM_DTYPE, PRECISION, SCALE_POS, TMA)
     for start_n in range(full_end, hi, BLOCK_N):
         acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K_src, V_src, KPM_base, start_n, rows, offs_n, offs_d,
                                    stride_kn, stride_vn, S_b, causal_off, qk_scale, seed, dropout_p,
@@ -640,20 +687,34 @@ def _cfg(bm, bn, w, s, **extra):
 
 def fwd_configs(interpret: bool | None = None) -> list:
     """Forward autotune space (pruned per call by ``prune_configs``; TMA variants only where
-    ``tma_eligible``). Under the interpreter one config: its cost is per block step, so large
-    blocks keep tests fast, and BLOCK_M != BLOCK_N keeps the tile-skipping arithmetic honest."""
+    ``tma_eligible``, software-pipelined ones only where ``PIPE_SM90`` says they compile clean).
+    Under the interpreter one config: its cost is per block step, so large blocks keep tests fast,
+    and BLOCK_M != BLOCK_N keeps the tile-skipping arithmetic honest."""
     if _interpreting() if interpret is None else interpret:
-        return [_cfg(64, 32, 4, 1, USE_TMA=False)]
-    # TMA variants (sm_90+, see tma_eligible): with FASTFT_AUTOTUNE_MAX = 3 the autotuner times the
-    # 128 x 128 TMA tile beside the two pointer-load tiles. Compiled for sm_90 (D = 128, bf16), a
-    # 128 x 128 step is 504 / 638 instructions (interior / masked) with Triton 3.9 against 624 / 785
-    # with pointer loads, 196 registers against 240; Triton 3.6's TMA code is larger (its loops
-    # came out at ~900 / 1171), so there the autotuner's timing decides.
-    return [_cfg(bm, bn, w, s, USE_TMA=tma) for bm, bn, w, s, tma in [
-        (128, 128, 8, 3, False), (128, 64, 8, 3, False), (128, 128, 8, 3, True), (128, 64, 8, 3, True),
-        (64, 64, 4, 3, False), (128, 128, 8, 2, False), (128, 64, 4, 3, False), (64, 32, 4, 3, False),
-        (64, 64, 8, 2, False), (64, 32, 8, 3, False), (16, 64, 4, 3, False),
+        return [_cfg(64, 32, 4, 1, USE_TMA=False, PIPE=False)]
+    # With FASTFT_AUTOTUNE_MAX = 3 the autotuner times the first three that survive pruning: on an
+    # H200 at D <= 128 the 128 x 128 pointer-load tile and the software-pipelined 128 x 64 tile with
+    # pointer loads and with TMA.
+    # TMA (sm_90+, see tma_eligible): compiled for sm_90 (D = 128, bf16), a 128 x 128 step is 504 /
+    # 638 instructions (interior / masked) with Triton 3.9 against 624 / 785 with pointer loads, 196
+    # registers against 240; Triton 3.6's TMA loops are larger, so there the timing decides.
+    # PIPE: the interior loop issues block j+1's Q Kᵀ before block j's softmax, so the P V wgmma
+    # of block j overlaps the next block's exponentials (see _attn_fwd_kernel).
+    return [_cfg(bm, bn, w, s, USE_TMA=tma, PIPE=pipe) for bm, bn, w, s, tma, pipe in [
+        (128, 128, 8, 3, False, False), (128, 64, 8, 3, False, True), (128, 64, 8, 3, True, True),
+        (128, 64, 8, 3, False, False), (128, 128, 8, 3, True, False), (128, 64, 8, 3, True, False),
+        (64, 64, 4, 3, False, False), (128, 128, 8, 2, False, False), (128, 64, 4, 3, False, False),
+        (64, 32, 4, 3, False, False), (64, 64, 8, 2, False, False), (64, 32, 8, 3, False, False),
+        (16, 64, 4, 3, False, False),
     ]]
+
+
+# (BLOCK_M, BLOCK_N, warps, stages, TMA) of the software-pipelined forward that compile on sm_90
+# without spills at head dims <= 128 in bf16 / fp16 with causal masking and key padding (Triton 3.6
+# and 3.9; tests/test_aot_attention.py). Its second score tile costs BLOCK_M x BLOCK_N registers:
+# every 128 x 128 variant spilled with Triton 3.9 (64-496 bytes) or overflowed shared memory (TMA,
+# 3 stages: 262 KB); dropout's Philox state is not offered the extra tile either.
+PIPE_SM90 = {(128, 64, 8, 3, False), (128, 64, 8, 3, True)}
 
 
 def dq_configs(interpret: bool | None = None) -> list:
@@ -730,14 +791,20 @@ def prune_configs(configs, block_d: int, t_bucket: int = 1 << 20, s_bucket: int 
     limit = _reg_limit(kind, block_d, elem_bytes, dropout, arch)
     for c in configs:
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if _reg_estimate(kind, bm, bn, c.num_warps, block_d, elem_bytes, dropout) > limit:
-            continue
         if bm > max(16, t_bucket) or bn > max(16, s_bucket):
+            continue
+        if c.kwargs.get("PIPE"):  # measured compiles, not the estimate (see PIPE_SM90)
+            if ((arch or 0) >= 90 and elem_bytes == 2 and not dropout and block_d <= 128
+                    and (bm, bn, c.num_warps, c.num_stages, bool(c.kwargs.get("USE_TMA"))) in PIPE_SM90):
+                keep.append(c)
+            continue
+        if _reg_estimate(kind, bm, bn, c.num_warps, block_d, elem_bytes, dropout) > limit:
             continue
         keep.append(c)
     if not keep:
-        keep = [min(configs, key=lambda c: _reg_estimate(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
-                                                         c.num_warps, block_d, elem_bytes, dropout))]
+        plain = [c for c in configs if not c.kwargs.get("PIPE")] or configs
+        keep = [min(plain, key=lambda c: _reg_estimate(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
+                                                       c.num_warps, block_d, elem_bytes, dropout))]
     return keep
 
 
@@ -775,8 +842,10 @@ def _pruner(kind):
             # every TMA config becomes its pointer-load twin (kept once, in order)
             seen, plain = set(), []
             for c in configs:
-                c = _cfg(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, USE_TMA=False)
-                key = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                if c.kwargs.get("USE_TMA"):  # (a pipelined TMA tile's pointer twin may spill: plain)
+                    c = _cfg(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, USE_TMA=False,
+                             PIPE=False)
+                key = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.kwargs.get("PIPE"))
                 if key not in seen:
                     seen.add(key)
                     plain.append(c)
@@ -813,16 +882,16 @@ _attn_bwd_dkdv = triton.autotune(dkdv_configs(), key=_TUNE_KEY,
 
 
 @contextlib.contextmanager
-def use_configs(fwd=None, dq=None, dkdv=None, fwd_tma=False):
+def use_configs(fwd=None, dq=None, dkdv=None, fwd_tma=False, fwd_pipe=False):
     """Run the kernels with the given ``(BLOCK_M, BLOCK_N)`` instead of autotuning (tests exercise
-    tile shapes other than the interpreter's default, and the forward's TMA variant with
-    ``fwd_tma``; benchmarks pin a config). Not thread-safe."""
+    tile shapes other than the interpreter's default, and the forward's TMA and software-pipelined
+    variants with ``fwd_tma`` / ``fwd_pipe``; benchmarks pin a config). Not thread-safe."""
     saved = []
     try:
         for tuner, shape in ((_attn_fwd, fwd), (_attn_bwd_dq, dq), (_attn_bwd_dkdv, dkdv)):
             if shape is not None:
                 saved.append((tuner, tuner.configs))
-                extra = {"USE_TMA": fwd_tma} if tuner is _attn_fwd else {}
+                extra = {"USE_TMA": fwd_tma, "PIPE": fwd_pipe} if tuner is _attn_fwd else {}
                 tuner.configs = [_cfg(shape[0], shape[1], 4, 1 if _interpreting() else 3, **extra)]
         yield
     finally:

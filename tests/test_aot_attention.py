@@ -139,6 +139,21 @@ def test_hot_configs_compile_without_spills(kind, head_dim, idx, arch):
     assert r["wgmma"] == (arch == 90), f"{kind} {config}: wgmma={r['wgmma']} on sm_{arch}"
 
 
+@pytest.mark.parametrize("entry", sorted(A.PIPE_SM90), ids=lambda e: "x".join(map(str, e[:2])) +
+                         f"-w{e[2]}s{e[3]}-{'tma' if e[4] else 'ptr'}")
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_pipelined_forward_compiles_without_spills_sm90(entry, head_dim):
+    """Every software-pipelined forward tile the pruner may pick (PIPE_SM90) compiles for sm_90
+    without spills, with causal masking and key padding (the heaviest flags it is offered with;
+    never with dropout), and uses wgmma."""
+    bm, bn, w, st, tma = entry
+    config = A._cfg(bm, bn, w, st, USE_TMA=tma, PIPE=True)
+    assert config.kwargs in [c.kwargs for c in pickable("fwd", head_dim, arch=90)] or head_dim > 128
+    r = _compile("fwd", config, head_dim, 90, causal=True, kpm=True)
+    assert r["spills"] == 0, f"pipelined fwd D={head_dim} {config} spills {r['spills']} B"
+    assert r["wgmma"]
+
+
 def _other_cases():
     # (kernel, head dim, flags, strict): strict cases are hot in real training and must not spill
     # (BERT MLM: D = 64, padding + dropout 0.1; Llama GQA: D = 128, groups of 4 with padding); the

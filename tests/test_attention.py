@@ -165,29 +165,48 @@ def test_attention_long_sequence(device):
 TMA_CASES = [CASES[2], CASES[4], CASES[5], CASES[9]]  # head dims 80 / 40 / 64 / 256, padding, T != S
 
 
-@pytest.mark.parametrize("T,S,D,Hq,Hkv,causal,pad", TMA_CASES, ids=lambda x: str(x))
-def test_attention_tma_variant_matches_gold(T, S, D, Hq, Hkv, causal, pad, device):
+@pytest.mark.parametrize("tma,pipe", [(True, False), (False, True), (True, True)], ids=["tma", "pipe", "tma+pipe"])
+@pytest.mark.parametrize("T,S,D,Hq,Hkv,causal,pad", TMA_CASES + [CASES[3]], ids=lambda x: str(x))
+def test_attention_tma_and_pipelined_variants_match_gold(T, S, D, Hq, Hkv, causal, pad, tma, pipe, device):
     """The forward's TMA variant (tensor-descriptor K / V loads, zero-filled past the sequence and
-    the head dim): same results as the pointer loads; where the TMA cannot run (before sm_90) the
-    autotuner's list falls back to the pointer loads."""
+    the head dim; where the TMA cannot run, before sm_90, the pointer loads) and its software-
+    pipelined interior loop (block j+1's scores issued before block j's softmax; S = 128 gives the
+    loop body several full blocks): the same results as the plain loop."""
     B = 2
     q, k, v = _qkv(B, Hq, Hkv, T, S, D, torch.float16, device)
     kpm = _kpm(B, S, pad, device)
     dout = torch.randn_like(q)
-    with A.use_configs(fwd=(64, 32), fwd_tma=True):
+    with A.use_configs(fwd=(64, 32), fwd_tma=tma, fwd_pipe=pipe):
         check_against_gold(lambda q, k, v: A.attention(q, k, v, causal=causal, key_padding_mask=kpm),
                            lambda q, k, v: attn_math(q, k, v, causal=causal, kpm=kpm), [q, k, v], dout)
     assert A.tma_eligible(q, k, v) or (device == "cuda" and torch.cuda.get_device_capability()[0] < 9)
 
 
-def test_attention_tma_variant_varlen_and_unaligned_fallback(device):
+def test_attention_pipelined_variant_with_dropout_matches_gold(device):
+    """The pipelined interior loop with dropout (the same Philox mask as the plain loop)."""
+    B, Hq, Hkv, T, S, D, p = 2, 2, 1, 70, 128, 64, 0.2
+    q, k, v = _qkv(B, Hq, Hkv, T, S, D, torch.float16, device)
+    seed = 1234
+    with A.use_configs(fwd=(64, 32)):
+        plain = A.attention(q, k, v, causal=False, dropout_p=p, generator=torch.Generator(device).manual_seed(seed))
+    with A.use_configs(fwd=(64, 32), fwd_pipe=True):
+        piped = A.attention(q, k, v, causal=False, dropout_p=p, generator=torch.Generator(device).manual_seed(seed))
+    keep = A.dropout_keep_mask(A._dropout_seed(torch.Generator(device).manual_seed(seed)), B, Hq, T, S, p, device)
+    gold = attn_math(q.double(), k.double(), v.double(), causal=False, keep=keep, dropout_p=p)
+    lowp = attn_math(q, k, v, causal=False, keep=keep, dropout_p=p)
+    assert_close_to_gold(piped, gold, lowp, name="pipelined")
+    assert_close_to_gold(plain, gold, lowp, name="plain")
+
+
+@pytest.mark.parametrize("pipe", [False, True], ids=["plain", "pipe"])
+def test_attention_tma_variant_varlen_and_unaligned_fallback(device, pipe):
     """Packed documents through the TMA variant (a descriptor per document), and a K / V layout
     whose row stride is not a 16-byte multiple, which must take the pointer loads."""
     lens = [5, 0, 37, 20]
     cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=device)
     tot, H, D = sum(lens), 2, 64
     q, k, v = (torch.randn(tot, H, D, device=device).half() for _ in range(3))
-    with A.use_configs(fwd=(64, 32), fwd_tma=True):
+    with A.use_configs(fwd=(64, 32), fwd_tma=True, fwd_pipe=pipe):
         out = A.attention_varlen(q, k, v, cu, max(lens), causal=True)
     for b in range(len(lens)):
         s, e = int(cu[b]), int(cu[b + 1])
@@ -200,7 +219,7 @@ def test_attention_tma_variant_varlen_and_unaligned_fallback(device):
     # D = 36 fp16: 72-byte rows, not a 16-byte multiple
     q, k, v = _qkv(1, 2, 2, 17, 33, 36, torch.float16, device)
     assert not A.tma_eligible(q, k, v)
-    with A.use_configs(fwd=(64, 32), fwd_tma=True):  # the TMA code is compiled out (TMA_OK False)
+    with A.use_configs(fwd=(64, 32), fwd_tma=True, fwd_pipe=pipe):  # TMA compiled out (TMA_OK False)
         out = A.attention(q, k, v, causal=False)
     assert_close_to_gold(out, attn_math(q.double(), k.double(), v.double(), causal=False),
                          attn_math(q, k, v, causal=False))
