@@ -314,21 +314,8 @@ def _bwd_dq_block(dq, q, do, lse, delta, K_base, V_base, KPM_base, start_n, rows
                   MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
     """dQ += dS K_j for one key block, with P = 2^(s - LSE2), dS = P * (dP - Delta), dP = dO Vᵀ."""
     cols = start_n + offs_n
-    kv_mask = None
-    if MASK_N:
-        kv_mask = cols[:, None] < S_b
-        if HEAD_DIM != BLOCK_D:
-            kv_mask = kv_mask & (offs_d[None, :] < HEAD_DIM)
-    elif HEAD_DIM != BLOCK_D:
-        kv_mask = offs_d[None, :] < HEAD_DIM
-    k_ptrs = K_base + cols[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
-    v_ptrs = V_base + cols[:, None].to(tl.int64) * stride_vn + offs_d[None, :]
-    if MASK_N or HEAD_DIM != BLOCK_D:
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-    else:  # interior block at a power-of-two head dim: no predication at all
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
+    k = _kv_tile(K_base, start_n, offs_n, offs_d, stride_kn, S_b, HEAD_DIM, BLOCK_D, MASK_N, False)
+    v = _kv_tile(V_base, start_n, offs_n, offs_d, stride_vn, S_b, HEAD_DIM, BLOCK_D, MASK_N, False)
     zero = tl.zeros((q.shape[0], cols.shape[0]), dtype=tl.float32)
     s = tl.dot(q.to(MM_DTYPE), tl.trans(k).to(MM_DTYPE), zero, input_precision=PRECISION) * qk_scale
     p = tl.math.exp2(s - lse[:, None])  # rows with no visible key have LSE = +inf -> p = 0
