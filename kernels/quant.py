@@ -405,6 +405,18 @@ def _lora_epilogue(acc, u_ptr, lb_ptr, offs_m, offs_n, mask_m, mask_n, R, scalin
 
 
 @triton.jit
+def _epilogue(acc, bias_ptr, u_ptr, lb_ptr, offs_m, offs_n, mask_m, mask_n, R, scaling, HAS_BIAS: tl.constexpr,
+              HAS_LORA: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr, BLOCK_R: tl.constexpr):
+    """acc + bias + scaling · u Bᵀ (each when present), in fp32 before the output's one rounding."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if HAS_LORA:
+        acc = _lora_epilogue(acc, u_ptr, lb_ptr, offs_m, offs_n, mask_m, mask_n, R, scaling, INTERPRET, PRECISION,
+                             BLOCK_R)
+    return acc
+
+
+@triton.jit
 def _quant_matmul_fwd_kernel(
     x_ptr, data_ptr, scale_ptr, aux_ptr, auxmap_ptr, qmap_ptr, bias_ptr, out_ptr, u_ptr, lb_ptr,
     M, N, K, stride_xm, offset, M_BUCKET, R, scaling,
@@ -453,11 +465,8 @@ def _quant_matmul_fwd_kernel(
 
     mask = mask_m[:, None] & (offs_n < N)[None, :]
     if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        if HAS_LORA:
-            acc = _lora_epilogue(acc, u_ptr, lb_ptr, offs_m, offs_n, mask_m, offs_n < N, R, scaling, INTERPRET,
-                                 PRECISION, BLOCK_R)
+        acc = _epilogue(acc, bias_ptr, u_ptr, lb_ptr, offs_m, offs_n, mask_m, offs_n < N, R, scaling, HAS_BIAS,
+                        HAS_LORA, INTERPRET, PRECISION, BLOCK_R)
         tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], _cast(acc, out_ptr.dtype.element_ty, INTERPRET),
                  mask=mask)
     else:
@@ -639,11 +648,8 @@ def _quant_decode_kernel(
     mask = mask_m[:, None] & mask_n[None, :]
     tile = offs_m[:, None] * N + offs_n[None, :]
     if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        if HAS_LORA:
-            acc = _lora_epilogue(acc, u_ptr, lb_ptr, offs_m, offs_n, mask_m, mask_n, R, scaling, INTERPRET, "ieee",
-                                 BLOCK_R)
+        acc = _epilogue(acc, bias_ptr, u_ptr, lb_ptr, offs_m, offs_n, mask_m, mask_n, R, scaling, HAS_BIAS, HAS_LORA,
+                        INTERPRET, "ieee", BLOCK_R)
         tl.store(out_ptr + tile, _cast(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
     else:
         MN = M * N
@@ -654,11 +660,8 @@ def _quant_decode_kernel(
             total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for i in range(SPLIT_K):
                 total += tl.load(ws_ptr + i * MN + tile, mask=mask, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                total += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            if HAS_LORA:
-                total = _lora_epilogue(total, u_ptr, lb_ptr, offs_m, offs_n, mask_m, mask_n, R, scaling, INTERPRET,
-                                       "ieee", BLOCK_R)
+            total = _epilogue(total, bias_ptr, u_ptr, lb_ptr, offs_m, offs_n, mask_m, mask_n, R, scaling, HAS_BIAS,
+                              HAS_LORA, INTERPRET, "ieee", BLOCK_R)
             tl.store(out_ptr + tile, _cast(total, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
             tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")  # ready for the next launch
 
