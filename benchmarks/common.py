@@ -55,6 +55,13 @@ def device_for(suite: str) -> torch.device:
     raise ValueError(f"suite must be 'cpu' or 'gpu', got {suite!r}")
 
 
+def quick() -> bool:
+    """``FASTFT_BENCH_QUICK=1``: the GPU benchmarks run only the shapes the issues' targets name
+    first (attention D = 128 at T 4k / 8k; quant-matmul M 1, 16, 8192 at two weight shapes; LoRA
+    M = 8192, r = 16): a lent GPU's short time box then covers every module."""
+    return os.environ.get("FASTFT_BENCH_QUICK", "0") not in ("", "0")
+
+
 def bench(fn: Callable[[], object], *, device=None, min_run_time: float = 1.0, warmup: int = 2) -> float:
     """Median seconds per call of ``fn``.
 

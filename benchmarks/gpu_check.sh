@@ -9,7 +9,8 @@
 #   python -m benchmarks.run --ingest <fetched rows.jsonl>
 # Logs: $OUT/tests.log, $OUT/profile.log (per-kernel CUDA time of the fused paths,
 # benchmarks/profile_gpu.py), $OUT/bench.log (with the autotuner's picks). Budgets (seconds) can be set:
-# T_TESTS, T_PROFILE, T_CEILINGS, T_QUANT, T_ATTENTION, T_LORA; BENCHES picks and orders the modules; FASTFT_AUTOTUNE_MAX caps autotune lists (3 here).
+# T_TESTS, T_PROFILE, T_CEILINGS, T_QUANT, T_ATTENTION, T_LORA; BENCHES picks and orders the modules; FASTFT_AUTOTUNE_MAX caps autotune lists (3 here);
+# FASTFT_BENCH_QUICK=1 runs only the shapes the targets name first (benchmarks/common.py quick()).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 O=${OUT:-/tmp/fastft_gpu}

@@ -83,3 +83,12 @@ def test_saved_activation_count_of_a_lora_block():
     assert ratio["0.0"] == 1.0
     assert ratio["0.1"] < 0.5
     assert all("median_ms" not in r for r in rows)  # a count, not a timing
+
+
+def test_quick_mode_reads_the_environment(monkeypatch):
+    monkeypatch.delenv("FASTFT_BENCH_QUICK", raising=False)
+    assert not common.quick()
+    monkeypatch.setenv("FASTFT_BENCH_QUICK", "1")
+    assert common.quick()
+    monkeypatch.setenv("FASTFT_BENCH_QUICK", "0")
+    assert not common.quick()
