@@ -154,6 +154,23 @@ def decode_rows(device, timer, row, dtype=torch.bfloat16):
         case = f"decode B{B} Hq{Hq} Hkv{Hkv} S{S} D{D}"
         rows.append(row(case, "fastft", t, bytes=nbytes, baseline="torch_sdpa", baseline_s=tb))
         rows.append(row(case, "torch_sdpa", tb, bytes=nbytes, note="K/V expanded to Hq heads beforehand"))
+        # Kernel time as generation runs it (CUDA graphs, L2 flushed per call, common.bench_graph):
+        # a decode step's few microseconds are otherwise the host's launch overhead. SDPA reads the
+        # cache through enable_gqa (no expanded copy) where torch has it.
+        times = {}
+        with torch.no_grad():
+            times["fastft"] = common.bench_graph(lambda: A.attention(q, k, v, causal=True))
+            try:
+                times["torch_sdpa_gqa"] = common.bench_graph(
+                    lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+            except (TypeError, RuntimeError) as e:  # an older torch, or a backend that refuses the graph
+                print(f"[bench_attention] torch_sdpa_gqa {case}: {type(e).__name__}: {e}")
+        case_g = case + " (cuda graph)"
+        base = times.get("torch_sdpa_gqa")
+        rows.append(row(case_g, "fastft", times["fastft"], bytes=nbytes,
+                        **({"baseline": "torch_sdpa_gqa", "baseline_s": base} if base else {})))
+        if base:
+            rows.append(row(case_g, "torch_sdpa_gqa", base, bytes=nbytes))
     return rows
 
 
@@ -173,7 +190,7 @@ def run(suite: str) -> list[dict]:
 
     rows = []
     if common.quick():
-        return dense_rows(dev, timer, row, seq_lens=(4096, 8192), head_dims=(128,))
+        return dense_rows(dev, timer, row, seq_lens=(4096, 8192), head_dims=(128,)) + decode_rows(dev, timer, row)
     rows += dense_rows(dev, timer, row)
     rows += varlen_rows(dev, timer, row)
     rows += decode_rows(dev, timer, row)
