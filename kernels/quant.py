@@ -860,7 +860,10 @@ def decode_split_k(M: int, N: int, K: int, device: torch.device) -> int:
 
 def decode_eligible(x: torch.Tensor, qweight) -> bool:
     """Whether ``quant_matmul(x, qweight)`` runs ``_quant_decode_kernel``: at most DECODE_MAX_M
-    rows, fp16 / bf16 compute (x's dtype or the autocast dtype), the aligned layout."""
+    rows, fp16 / bf16 compute (x's dtype or the autocast dtype), the aligned layout; never while
+    torch.compile traces (the launcher keeps Python-side caches: the pair tables, the counters)."""
+    if torch.compiler.is_compiling():
+        return False
     rows = x.numel() // max(1, x.shape[-1]) if x.dim() else 0
     if not 0 < rows <= DECODE_MAX_M:
         return False
