@@ -312,6 +312,13 @@ def test_torch_backend_lora_decode_is_one_kernel_on_cuda(wname, monkeypatch, dev
     assert_close_to_gold(A.grad, gold_dA, (0.5 * (dy @ Bh).T @ xh).float(), name="dA")
 
 
+def test_quant_matmul_lora_empty_batch(device):
+    qw = R.nf4_quantize(torch.randn(40, 128, device=device), 64, True)
+    y = Q.quant_matmul_lora(torch.randn(0, 128, device=device).half(), qw, None,
+                            torch.randn(0, 8, device=device).half(), torch.randn(40, 8, device=device).half(), 1.0)
+    assert tuple(y.shape) == (0, 40) and y.dtype == torch.float16
+
+
 def test_quant_matmul_lora_rejects_mismatched_adapters(device):
     qw = R.nf4_quantize(torch.randn(40, 128, device=device), 64, True)
     x = torch.randn(3, 128, device=device, dtype=torch.float16)
