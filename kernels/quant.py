@@ -945,7 +945,7 @@ def _matmul_fwd(x2, meta: QuantMeta, t, bias, split_k=None, out=None, lora=None)
 DECODE_BLOCK_N = 64
 DECODE_BLOCK_K = 64
 DECODE_WARPS = 4
-DECODE_PROGRAMS_PER_SM = 4  # K is split to about this many programs per SM: one wave (~96 registers)
+DECODE_PROGRAMS_PER_SM = 4  # resident programs per SM the split plans for (96-128 registers, 4 warps)
 _counters: dict = {}
 
 
@@ -968,7 +968,19 @@ def decode_plan(M: int, N: int, K: int, qblock: int, device, split_k: int | None
     k_blocks = K // bk
     tiles_n = triton.cdiv(N, bn)
     if split_k is None:
-        split_k = triton.cdiv(DECODE_PROGRAMS_PER_SM * _num_sms(device), tiles_n)
+        # The split whose launch finishes first: waves of resident programs x (K-steps per program
+        # + a program's fixed cost, ~2 steps: prologue, partial store, counter), ties to fewer
+        # programs; a second, mostly empty wave costs as much as a full one. On 132 SMs: 4096²
+        # 8 splits (512 programs, one wave); 4096 x 14336 2 (448, one wave), not 3 (672, two).
+        slots = DECODE_PROGRAMS_PER_SM * _num_sms(device)
+        best = None
+        for s in range(1, min(k_blocks, 64) + 1):
+            steps = triton.cdiv(k_blocks, s)
+            programs = tiles_n * triton.cdiv(k_blocks, steps)
+            key = (triton.cdiv(programs, slots) * (steps + 2), programs)
+            if best is None or key < best[0]:
+                best = (key, s)
+        split_k = best[1]
     split_k = max(1, min(int(split_k), k_blocks))
     k_split = triton.cdiv(k_blocks, split_k) * bk
     return bn, bk, triton.cdiv(K, k_split), k_split

@@ -391,6 +391,13 @@ def test_decode_plan_covers_k(device):
         assert qblock % bk == 0 and k_split % bk == 0
         assert (split - 1) * k_split < K <= split * k_split  # every split has work, together all of K
     assert Q.decode_plan(1, 40, 384, 64, dev)[2] > 1  # few N tiles: K is split
+    # one wave of resident programs where one suffices (a half-empty second wave costs a full one)
+    slots = Q.DECODE_PROGRAMS_PER_SM * Q._num_sms(dev)
+    for N, K in [(40, 384), (200, 1024), (96, 4096)]:
+        bn, bk, split, _ = Q.decode_plan(1, N, K, 64, dev)
+        tiles = -(-N // bn)
+        if tiles <= slots:
+            assert tiles * split <= slots, (N, K, split)
     assert Q.decode_plan(1, 40, 64, 64, dev, split_k=8)[2] == 64 // Q.decode_plan(1, 40, 64, 64, dev)[1]
 
 
