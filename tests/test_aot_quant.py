@@ -154,6 +154,8 @@ DECODE_VARIANTS = {
     "int4sym-fp16-split": dict(act="*fp16", qtype=1, double_quant=False, symmetric=True, split=8),
     "nf4dq-bf16-split-lora": dict(act="*bf16", qtype=0, double_quant=True, symmetric=False, split=8, has_lora=True),
     "nf4dq-bf16-nosplit-lora": dict(act="*bf16", qtype=0, double_quant=True, symmetric=False, split=1, has_lora=True),
+    "nf4-bf16-bs32": dict(act="*bf16", qtype=0, double_quant=False, symmetric=False, split=8, qblock=32),
+    "int4-fp16-g128": dict(act="*fp16", qtype=1, double_quant=False, symmetric=False, split=8, qblock=128),
 }
 
 
