@@ -61,7 +61,7 @@ import triton.language as tl
 
 from fastft.ops.dispatch import register
 
-from . import _tuning
+from . import _tma, _tuning
 
 LOG2E = 1.4426950408889634
 
@@ -796,47 +796,17 @@ def prune_configs(configs, block_d: int, t_bucket: int = 1 << 20, s_bucket: int 
 
 
 def tma_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the forward's TMA variant may run: a Hopper (sm_90+) GPU, or the interpreter, and
-    K / V (4-D views) whose base addresses and strides are 16-byte multiples (TMA's rule; every
-    head dim fastft supports gives that for contiguous and (B, S, H, D)-view layouts)."""
-    if q.device.type != "cuda" and not _interpreting():
-        return False
-    if q.device.type == "cuda" and (_arch(q.device) or 0) < 90:
-        return False
-    es = k.element_size()
-    if k.shape[-1] * es < 16 or k.stride(-1) != 1 or v.stride(-1) != 1:
-        return False
-    return all(t.data_ptr() % 16 == 0 and all(st * es % 16 == 0 for st in t.stride()[:-1]) for t in (k, v))
-
-
-def _tma_alloc(size: int, alignment: int, stream):
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def _ensure_tma_allocator() -> None:
-    """Device-side tensor descriptors need Triton's scratch allocator: set one (a torch buffer)
-    where none is set in this context (Triton keeps it in a ContextVar, so per thread)."""
-    from triton.runtime import _allocation
-
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(_tma_alloc)
+    """Whether the forward's TMA variant may run on these tensors (``_tma.addressable`` K and V:
+    every head dim fastft supports gives that for contiguous and (B, S, H, D)-view layouts)."""
+    return _tma.addressable(k, v)
 
 
 def _pruner(kind):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         if kind == "fwd" and not args.get("TMA_OK", False):
-            # every TMA config becomes its pointer-load twin (kept once, in order)
-            seen, plain = set(), []
-            for c in configs:
-                if c.kwargs.get("USE_TMA"):  # (a pipelined TMA tile's pointer twin may spill: plain)
-                    c = _cfg(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, USE_TMA=False,
-                             PIPE=False)
-                key = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.kwargs.get("PIPE"))
-                if key not in seen:
-                    seen.add(key)
-                    plain.append(c)
-            configs = plain
+            # (a pipelined TMA tile's pointer twin may spill: its twin is plain)
+            configs = _tma.plain_twins(configs, reset=("PIPE",))
         return _tuning.cap(prune_configs(configs, int(args["BLOCK_D"]), int(args["T_BUCKET"]), int(args["S_BUCKET"]),
                                          kind=kind, elem_bytes=args["Q"].element_size(),
                                          dropout=bool(args["DROPOUT"]), arch=_arch(args["Q"].device)))
@@ -1013,8 +983,8 @@ def _forward(p: _Problem):
     kpm, s_kpm = p.kpm_args()
     cu = p.cu if p.cu is not None else p._dummy
     tma_ok = tma_eligible(q4, k4, v4)
-    if tma_ok and q4.is_cuda:
-        _ensure_tma_allocator()
+    if tma_ok:
+        _tma.ensure_allocator(q4.device)
     grid = lambda meta: (triton.cdiv(p.T, meta["BLOCK_M"]), p.nb * p.H)  # noqa: E731
     _attn_fwd[grid](
         q4, k4, v4, o4, lse, kpm, cu,

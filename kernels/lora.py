@@ -68,7 +68,7 @@ import triton.language as tl
 
 from fastft.ops.dispatch import register
 
-from . import _tuning
+from . import _tma, _tuning
 
 __all__ = [
     "lora_linear", "lora_qkv", "lora_gate_up_swiglu", "dropout_mask", "draw_seed", "LoraLinearFunction",
@@ -261,7 +261,7 @@ def _lora_fwd_kernel(X, W, U, B, BIAS, Y, M, N, K, R, stride_xm, scaling, M_KEY,
     fp32 accumulator (u scaled by s in registers), then the bias; one rounding to y's dtype.
     BASE_IN: y already holds the base product (quantized weight, from ``quant_matmul``); the K-loop
     is skipped and the tile is read from Y and updated in place. USE_TMA (a config; compiled in only
-    where TMA_OK, see ``tma_ok``): the K-loop through TMA tensor descriptors.
+    where TMA_OK, see ``_tma.addressable``): the K-loop through TMA tensor descriptors.
     Backward: ``_lora_dx_kernel`` (dX), ``_matmul_kernel`` (du, dB, dW), ``_lora_dA_kernel`` (dA).
     """
     pid_m, pid_n = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -530,7 +530,7 @@ def gemm_configs(accumulators: int = 1, dropout: bool = False, tma: bool = False
         out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                                  num_warps=warps, num_stages=stages))
         if tma and bm * bn >= 128 * 128:
-            # its TMA twin right behind it (the forward's and dX's K-loops; see ``tma_ok``): with
+            # its TMA twin right behind it (the forward's and dX's K-loops; see ``_tma.addressable``): with
             # FASTFT_AUTOTUNE_MAX = 3 the autotuner times TMA against pointer loads on the big tile
             out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "USE_TMA": True},
                                      num_warps=warps, num_stages=stages))
@@ -553,13 +553,8 @@ def _prune_factory(m_arg: str, n_arg: str, ptr_arg: str, n_operands: int = 2):
         pm, pn = max(16, triton.next_power_of_2(M)), max(16, triton.next_power_of_2(N))
         # dX with dropout over several projections: one Philox state per projection per element.
         per_thread = 16 if args.get("HAS_DROPOUT") and args.get("NUM_SEG", 1) > 1 else None
-        if not args.get("TMA_OK", False):  # TMA configs become their pointer-load twins (kept once)
-            plain = {}
-            for c in configs:
-                kw = {k: v for k, v in c.kwargs.items() if k != "USE_TMA"}
-                plain.setdefault((tuple(sorted(kw.items())), c.num_warps, c.num_stages),
-                                 triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
-            configs = list(plain.values())
+        if not args.get("TMA_OK", False):  # TMA configs become their pointer-load twins
+            configs = _tma.plain_twins(configs)
         kept = []
         for c in configs:
             kw = c.kwargs
@@ -632,36 +627,6 @@ def _launch(name: str, raw_kernel, grid_fn, args: dict):
 INTERPRET_TMA = False
 
 
-def tma_ok(*tensors) -> bool:
-    """Whether TMA descriptors may address these 2-D operands: a Hopper (sm_90+) GPU, or the
-    interpreter, 16-byte aligned bases and row strides, unit column stride (TMA's rules)."""
-    t0 = tensors[0]
-    if t0.device.type == "cuda":
-        if torch.cuda.get_device_capability(t0.device)[0] < 9:
-            return False
-    elif not _interpreting():
-        return False
-    for t in tensors:
-        es = t.element_size()
-        if t.dim() != 2 or t.stride(1) != 1 or t.data_ptr() % 16 or (t.stride(0) * es) % 16 or t.shape[1] * es < 16:
-            return False
-    return True
-
-
-def _tma_alloc(size: int, alignment: int, stream):
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def _ensure_tma_allocator(device) -> None:
-    """Device-side tensor descriptors need Triton's scratch allocator (a ContextVar: per thread)."""
-    if device.type != "cuda":
-        return
-    from triton.runtime import _allocation
-
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(_tma_alloc)
-
-
 def _gemm_grid(M, N):
     return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
@@ -722,9 +687,9 @@ def _fwd(x2, W, u, B, bias, scaling, y=None):
     base_in = W is None
     if y is None:
         y = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
-    use_tma = not base_in and tma_ok(x2, W)
+    use_tma = not base_in and _tma.addressable(x2, W)
     if use_tma:
-        _ensure_tma_allocator(x2.device)
+        _tma.ensure_allocator(x2.device)
     args = dict(X=x2, W=x2 if base_in else W, U=u, B=B, BIAS=bias if bias is not None else B, Y=y,
                 M=M, N=N, K=K, R=r, stride_xm=x2.stride(0), scaling=float(scaling), M_KEY=_m_key(M),
                 HAS_BIAS=bias is not None, BASE_IN=base_in, EVEN_R=r % _block_r(r) == 0, BLOCK_R=_block_r(r),
@@ -751,9 +716,9 @@ def _dx(dys, Ws, dus, As, seeds, p, M, K, dtype, device):
     dyp = _pad3(dys, dys[0])
     wp = _pad3(Ws, Ws[0]) if has_w else [dx] * 3
     rmax = max(A.shape[0] for A in As)
-    use_tma = has_w and tma_ok(*dys, *Ws)
+    use_tma = has_w and _tma.addressable(*dys, *Ws)
     if use_tma:
-        _ensure_tma_allocator(device)
+        _tma.ensure_allocator(device)
     args = dict(zip(["DY0", "DY1", "DY2"], dyp), **dict(zip(["W0", "W1", "W2"], wp)),
                 **dict(zip(["DU0", "DU1", "DU2"], _pad3(dus, dus[0]))),
                 **dict(zip(["A0", "A1", "A2"], _pad3(As, As[0]))),

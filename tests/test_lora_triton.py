@@ -18,6 +18,7 @@ from tests.utils import assert_close_to_gold, rel_err
 pytestmark = pytest.mark.interpreter
 
 L = importlib.import_module("fastft.kernels.lora")
+TMA = importlib.import_module("fastft.kernels._tma")
 DTYPES = [torch.float32, torch.float16]
 
 
@@ -119,20 +120,22 @@ def test_lora_linear_tma_variant(device, M, K, N, r, p, monkeypatch):
     K and N are multiples of 8 (16-byte fp16 rows, which TMA needs)."""
     monkeypatch.setattr(L, "INTERPRET_TMA", True)
     x, W, A, B, b = _make(M, K, N, r, bias=True, seed=M + K + N + r + 1)
-    assert L.tma_ok(x.to(torch.float16).to(device), W.to(torch.float16).to(device)) == (device == "cpu" or
+    assert TMA.addressable(x.to(torch.float16).to(device), W.to(torch.float16).to(device)) == (device == "cpu" or
                                                                                         torch.cuda.get_device_capability()[0] >= 9)
     _lora_case(device, torch.float16, x, W, A, B, b, 0.5, p)
 
 
-def test_tma_ok_rules(device):
+def test_tma_addressable_rules(device):
     a = torch.zeros(8, 40, dtype=torch.float16, device=device)
     if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
-        assert not L.tma_ok(a)
+        assert not TMA.addressable(a)
         return
-    assert L.tma_ok(a)
-    assert not L.tma_ok(torch.zeros(8, 36, dtype=torch.float16, device=device))  # 72-byte rows
-    assert not L.tma_ok(a[:, 1:])  # base not 16-byte aligned
-    assert not L.tma_ok(a.t())  # columns not unit-stride
+    assert TMA.addressable(a)
+    assert not TMA.addressable(torch.zeros(8, 36, dtype=torch.float16, device=device))  # 72-byte rows
+    assert not TMA.addressable(a[:, 1:])  # base not 16-byte aligned
+    assert not TMA.addressable(a.t())  # columns not unit-stride
+    assert TMA.addressable(torch.zeros(2, 3, 8, 40, dtype=torch.float16, device=device))  # any rank
+    assert not TMA.addressable(torch.zeros(2, 3, 8, 40, dtype=torch.float16, device=device)[:, 1:2, :, 4:36])
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])

@@ -279,13 +279,13 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, ge
     return base + LoraDeltaFunction.apply(x, lora_A, lora_B, float(scaling), float(dropout_p), gen_state, keep)
 
 
-def _fused_decode(x2, qweight) -> bool:
+def _fused_decode(x, qweight) -> bool:
     """CUDA, <= 16 rows of fp16 / bf16, the aligned 4-bit layout: the Triton decode kernel's case."""
-    if not x2.is_cuda:
+    if not x.is_cuda:
         return False
     from fastft.kernels import quant as triton_quant
 
-    return triton_quant.decode_eligible(x2, qweight)
+    return triton_quant.decode_eligible(x, qweight)
 
 
 def _device_dequantize(qweight, dtype):
@@ -311,13 +311,12 @@ def quant_matmul(x, qweight, bias=None):
     check_quant_matmul_args(x, qweight, bias)
     if x.dtype == torch.float64:
         return _reference("quant_matmul")(x, qweight, bias)
-    if x.is_cuda:
+    if _fused_decode(x, qweight):
         # Decode-shaped calls (<= 16 rows, generation) go to the fused Triton decode kernel, which
         # reads the 4-bit bytes once; dequantize + cuBLAS would write and re-read a dense weight.
         from fastft.kernels import quant as triton_quant
 
-        if triton_quant.decode_eligible(x, qweight):
-            return triton_quant.quant_matmul_triton(x, qweight, bias)
+        return triton_quant.quant_matmul_triton(x, qweight, bias)
     return QuantMatmulFunction.apply(x, qweight, bias, _device_dequantize, cpu_gemm.linear)
 
 
