@@ -1,7 +1,9 @@
 """fastft packaging.
 
 `kernels/` ships as the subpackage `fastft.kernels` (never as a top-level `kernels`: that import name
-belongs to another PyPI package, which bitsandbytes tries to import). The optional C++ CPU extension
+belongs to another PyPI package, which bitsandbytes tries to import) and `benchmarks/` as
+`fastft.benchmarks`, so `fastft bench` works from an installed package (the recorded rows under
+benchmarks/results are not shipped). The optional C++ CPU extension
 `fastft._C` is built from `csrc/` with torch's cpp_extension tooling; see csrc/README.md.
 """
 import os
@@ -9,7 +11,7 @@ import os
 from setuptools import find_packages, setup
 
 packages = [p for p in find_packages(include=["fastft", "fastft.*"])]
-packages.append("fastft.kernels")
+packages += ["fastft.kernels", "fastft.benchmarks"]
 
 ext_modules, cmdclass = [], {}
 if os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "build_ext.py")):
@@ -26,7 +28,7 @@ setup(
     description="Fast, memory-lean LoRA / QLoRA / full fine-tuning with Triton kernels",
     python_requires=">=3.10",
     packages=packages,
-    package_dir={"fastft.kernels": "kernels"},
+    package_dir={"fastft.kernels": "kernels", "fastft.benchmarks": "benchmarks"},
     package_data={"fastft": ["data/*.jsonl", "data/*.txt"]},
     install_requires=[
         "torch>=2.11",

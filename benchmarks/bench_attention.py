@@ -16,10 +16,7 @@ from __future__ import annotations
 
 import torch
 
-try:
-    from benchmarks import common
-except ImportError:  # pragma: no cover - benchmarks/common.py is another module's job
-    common = None
+from . import common
 
 TOKENS = 16 * 1024
 # Ordered so that a run cut by its time box has measured the target's rows (D = 128, T >= 4k) first.
@@ -177,8 +174,6 @@ def decode_rows(device, timer, row, dtype=torch.bfloat16):
 def run(suite: str) -> list[dict]:
     if suite == "cpu" or not torch.cuda.is_available():
         return []
-    if common is None:
-        raise RuntimeError("benchmarks/common.py is missing")
     dev = common.device_for(suite)
 
     def timer(fn):

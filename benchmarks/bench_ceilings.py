@@ -1,13 +1,13 @@
-"""The GPU suite's own ceilings: copy bandwidth and dense fp32 / bf16 matmul rates, measured in the
-same run as the kernels they judge (the CPU suite states its ceilings in bench_cpu)."""
+"""Each suite's ceilings: copy bandwidth and dense fp32 / bf16 matmul rates of its device, measured in
+the same run as the kernels they judge."""
 from __future__ import annotations
 
 import torch
 
-from benchmarks import common
+from . import common
 
 
 def run(suite: str) -> list[dict]:
-    if suite != "gpu" or not torch.cuda.is_available():
+    if suite == "gpu" and not torch.cuda.is_available():
         return []
-    return common.ceilings("cuda")
+    return common.ceilings(common.device_for(suite).type)

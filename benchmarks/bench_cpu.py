@@ -32,7 +32,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from benchmarks import common
+from . import common
 
 N = K = 4096
 
@@ -236,7 +236,7 @@ def _train_step_main(variant: str, steps: int, dtype: str = "float32", autocast:
 
 
 def _train_step(variant: str, steps: int, dtype: str, autocast: bool) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.bench_cpu", "--train-step", variant, "--steps", str(steps), "--dtype", dtype]
+    cmd = [sys.executable, "-m", __name__, "--train-step", variant, "--steps", str(steps), "--dtype", dtype]
     if autocast:
         cmd.append("--autocast")
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=common.REPO, timeout=1800)
@@ -289,7 +289,7 @@ def run(suite: str) -> list[dict]:
     if not cpp.AVAILABLE:
         raise RuntimeError("fastft._C is not built; the cpu kernel benchmarks need it")
     dev = "cpu"
-    rows = common.ceilings(dev) + dequant_rows(dev) + matmul_rows(dev)
+    rows = dequant_rows(dev) + matmul_rows(dev)  # the ceilings' own rows: bench_ceilings
     try:  # the end-to-end step depends on the whole stack; keep the kernel rows if it fails
         rows += train_rows()
     except Exception as e:

@@ -2,7 +2,7 @@
 
 Writing a benchmark (``benchmarks/bench_<name>.py``)::
 
-    from benchmarks import common
+    from . import common
 
     def run(suite):                      # suite: "cpu" or "gpu"
         dev = common.device_for(suite)   # torch.device; raises if the suite's device is absent
@@ -38,8 +38,21 @@ from typing import Callable
 
 import torch
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _results_dir() -> str:
+    """Where rows are recorded: ``$FASTFT_RESULTS_DIR``; else ``benchmarks/results`` in a checkout (the
+    committed rows); else, for an installed copy (``fastft.benchmarks``), ``fastft-bench-results`` in the
+    working directory rather than inside site-packages."""
+    if os.environ.get("FASTFT_RESULTS_DIR"):
+        return os.path.abspath(os.environ["FASTFT_RESULTS_DIR"])
+    if os.path.isfile(os.path.join(REPO, "pyproject.toml")) and os.path.isdir(os.path.join(REPO, "fastft")):
+        return os.path.join(REPO, "benchmarks", "results")
+    return os.path.join(os.getcwd(), "fastft-bench-results")
+
+
+RESULTS_DIR = _results_dir()
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,16 +193,21 @@ def ceiling_value(ceiling: str, device: str) -> tuple[float, str]:
 
 
 def ceilings(device: str) -> list[dict]:
-    """Rows for the ceilings themselves, so every results file states them."""
-    rows = [row("ceiling: copy_ 256 MiB fp32 (read + write)", "torch", 2 * (256 << 20) / copy_bandwidth(device),
-                bytes=2 * (256 << 20))]
+    """Rows for the ceilings themselves, so every results file states them. With
+    ``FASTFT_BENCH_QUICK=1`` on a CPU the shapes are small (a smoke run; bf16 GEMMs without native
+    bf16 instructions take a minute at 2048^3)."""
+    cpu = torch.device(device).type == "cpu"
+    small = cpu and quick()
+    mib = 16 if small else 256
+    rows = [row(f"ceiling: copy_ {mib} MiB fp32 (read + write)", "torch",
+                2 * (mib << 20) / copy_bandwidth(device, mib << 20), bytes=2 * (mib << 20))]
+    n = 256 if small else 2048 if cpu else 8192
     for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        n = 2048 if torch.device(device).type == "cpu" else 8192
-        rate = matmul_rate(device, dt)
-        rows.append(row(f"ceiling: matmul {n}^3 {name}", "torch" if name == "bf16" or device != "cpu" else
+        rate = matmul_rate(device, dt, n)
+        rows.append(row(f"ceiling: matmul {n}^3 {name}", "torch" if name == "bf16" or not cpu else
                         "fastest of torch.mm / oneDNN", 2 * n ** 3 / rate, flops=2 * n ** 3))
-        if name == "fp32" and torch.device(device).type == "cpu":
-            t = 2 * n ** 3 / matmul_rate(device, dt, torch_mm_only=True)
+        if name == "fp32" and cpu:
+            t = 2 * n ** 3 / matmul_rate(device, dt, n, torch_mm_only=True)
             rows.append(row(f"matmul {n}^3 fp32 through torch.mm (MKL sgemm)", "torch", t, flops=2 * n ** 3,
                             ceiling="matmul"))
     return rows

@@ -21,7 +21,7 @@ import sys
 import time
 import traceback
 
-from benchmarks import common
+from . import common
 
 
 def discover() -> list[str]:
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
             f.write(json.dumps({"_env": env}, sort_keys=True) + "\n")
     rows, failed = [], False
     for name in names:
-        mod = importlib.import_module(f"benchmarks.{name}")
+        mod = importlib.import_module(f"{__package__}.{name}")
         if not callable(getattr(mod, "run", None)):
             continue
         short = name[len("bench_"):]

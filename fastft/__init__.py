@@ -11,11 +11,11 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "from_pretrained": "fastft.models",
-    "patch": "fastft.patch",
+    "patch": "fastft.patching",
     "LoraConfig": "fastft.peft",
     "AdapterConfig": "fastft.peft",
     "get_peft_model": "fastft.peft",
-    "load_adapter": "fastft.peft_io",
+    "load_adapter": "fastft.peft",
     "Trainer": "fastft.train",
     "TrainingArguments": "fastft.train",
     "ops": "fastft.ops",

@@ -108,7 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="run the benchmark suite")
     p.add_argument("--suite", choices=["cpu", "gpu"], default="cpu")
-    p.add_argument("--only", help="run only the bench module with this name")
+    p.add_argument("--only", action="append", default=[], metavar="NAME",
+                   help="run only this bench module (e.g. ceilings); repeatable")
+    p.add_argument("--no-record", action="store_true",
+                   help="print the rows only (default: record them under benchmarks/results in a checkout, "
+                        "else ./fastft-bench-results or $FASTFT_RESULTS_DIR)")
     return ap
 
 
@@ -293,9 +297,11 @@ def cmd_demo(args):
 
 
 def cmd_bench(args):
-    from benchmarks.run import main as bench_main
+    # The benchmarks ship inside the package as fastft.benchmarks (setup.py maps benchmarks/ there).
+    from fastft.benchmarks.run import main as bench_main
 
-    bench_main(["--suite", args.suite] + (["--only", args.only] if args.only else []))
+    argv = ["--suite", args.suite] + [a for name in args.only for a in ("--only", name)]
+    return bench_main(argv + (["--no-record"] if args.no_record else []))
 
 
 def main(argv=None):
@@ -303,14 +309,14 @@ def main(argv=None):
     fn = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "merge": cmd_merge, "convert": cmd_convert,
           "quantize": cmd_quantize, "demo": cmd_demo, "bench": cmd_bench}[args.cmd]
     try:
-        fn(args)
+        rc = fn(args)
     except (ValueError, TypeError, FileNotFoundError) as e:
         # One clear line for bad input; tracebacks stay available with FASTFT_DEBUG=1.
         if os.environ.get("FASTFT_DEBUG"):
             raise
         print(f"fastft {args.cmd}: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return rc or 0
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
 wraps the adapter sites in ``LinearWithAdapter``), freezes everything else and returns a
 ``FastPeftModel`` whose layout mirrors PEFT's ``PeftModel`` (``.base_model.model`` is the model), so
 parameter names equal PEFT's with its adapter-name segment (``.default``) removed, and saved files
-are exactly what PEFT writes (see ``fastft.peft_io``).
+are exactly what PEFT writes (see ``fastft.peft_io``). Configs live in ``fastft.peft_config``;
+``load_adapter`` applies a saved adapter, ``merge_and_unload`` folds LoRA into the base weights.
 
 Target matching follows PEFT (peft/tuners/tuners_utils.py ``check_target_module_exists``):
 - a list of names matches a module whose full dotted path equals a name or ends with ``.<name>``;
@@ -25,197 +26,22 @@ each ``modules_to_save`` module is wrapped with a frozen ``original_module`` and
 """
 from __future__ import annotations
 
+import copy
 import math
+import os
 import re
 import warnings
-from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
-from fastft.nn.adapter import ACTIVATIONS, BottleneckAdapter, LinearWithAdapter
+from fastft.nn.adapter import BottleneckAdapter, LinearWithAdapter
 from fastft.nn.lora import LoraLinear, is_linear, is_quant_linear
+from fastft.peft_config import (ADAPTER_SITES, LORA_DEFAULT_TARGETS, AdapterConfig, LoraConfig, model_type,
+                                name_matches)
+from fastft.peft_io import CONFIG_NAME, WEIGHTS_NAME, load_state_dict_into, read_adapter, save_adapter
 
-TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
-BIAS_MODES = ("none", "all", "lora_only")
-
-# PEFT's defaults when target_modules is None (peft/utils/constants.py), for the families fastft supports.
-LORA_DEFAULT_TARGETS = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-}
-
-# Where bottleneck adapters go, per architecture: full-match regexes on module paths for the
-# attention output projection and the MLP's last projection. BERT's MLP output ("layer.N.output.dense")
-# is a suffix of its attention output ("layer.N.attention.output.dense"), hence anchored patterns.
-_LLAMA_SITES = {"attention": r"(.*\.)?layers\.\d+\.self_attn\.o_proj", "mlp": r"(.*\.)?layers\.\d+\.mlp\.down_proj"}
-_BERT_SITES = {"attention": r"(.*\.)?layer\.\d+\.attention\.output\.dense", "mlp": r"(.*\.)?layer\.\d+\.output\.dense"}
-ADAPTER_SITES = {"llama": _LLAMA_SITES, "mistral": _LLAMA_SITES, "qwen2": _LLAMA_SITES,
-                 "bert": _BERT_SITES, "roberta": _BERT_SITES}
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-@dataclass
-class LoraConfig:
-    """LoRA hyperparameters (field names and meaning as in ``peft.LoraConfig``)."""
-
-    r: int = 8
-    lora_alpha: float = 8
-    lora_dropout: float = 0.0
-    target_modules: list[str] | str | None = None
-    bias: str = "none"
-    use_rslora: bool = False
-    modules_to_save: list[str] | None = None
-    task_type: str | None = None
-    init_lora_weights: bool | str = True
-    base_model_name_or_path: str | None = None
-
-    peft_type = "LORA"
-
-    def __post_init__(self):
-        if not _is_int(self.r) or self.r <= 0:
-            raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
-        if not _is_number(self.lora_alpha) or self.lora_alpha <= 0:
-            raise ValueError(f"LoraConfig.lora_alpha must be a positive number, got {self.lora_alpha!r}")
-        if not _is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.bias not in BIAS_MODES:
-            raise ValueError(f"LoraConfig.bias must be one of {BIAS_MODES}, got {self.bias!r}")
-        if not isinstance(self.use_rslora, bool):
-            raise ValueError(f"LoraConfig.use_rslora must be a bool, got {self.use_rslora!r}")
-        if not (self.init_lora_weights is True or self.init_lora_weights is False
-                or self.init_lora_weights == "gaussian"):
-            raise ValueError(f"LoraConfig.init_lora_weights must be True, False or 'gaussian', "
-                             f"got {self.init_lora_weights!r}")
-        tm = self.target_modules
-        if isinstance(tm, (list, tuple, set, frozenset)):
-            if not tm or not all(isinstance(t, str) and t for t in tm):
-                raise ValueError(f"LoraConfig.target_modules must be non-empty names, got {tm!r}")
-            # Sets (PEFT writes "all-linear" expanded as one) are sorted so saved configs are reproducible.
-            self.target_modules = sorted(tm) if isinstance(tm, (set, frozenset)) else list(tm)
-        elif isinstance(tm, str):
-            if tm.lower() != "all-linear":
-                try:
-                    re.compile(tm)
-                except re.error as e:
-                    raise ValueError(f"LoraConfig.target_modules regex {tm!r} does not compile: {e}") from None
-        elif tm is not None:
-            raise ValueError(f"LoraConfig.target_modules must be a list of names, a regex string, 'all-linear' "
-                             f"or None, got {type(tm).__name__}")
-        _check_modules_to_save(self)
-        self.task_type = _check_task_type(self)
-
-    @property
-    def scaling(self) -> float:
-        return self.lora_alpha / math.sqrt(self.r) if self.use_rslora else self.lora_alpha / self.r
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"peft_type": self.peft_type, **asdict(self)}
-
-    @classmethod
-    def from_peft(cls, cfg) -> "LoraConfig":
-        """Convert a ``peft.LoraConfig``; PEFT features fastft does not implement raise."""
-        from fastft.peft_io import lora_config_from_dict
-
-        d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(vars(cfg))
-        for k in ("peft_type", "task_type"):  # PEFT stores enums; the JSON form is their value
-            if d.get(k) is not None:
-                d[k] = str(getattr(d[k], "value", d[k]))
-        return lora_config_from_dict(d, source="peft.LoraConfig")
-
-
-@dataclass
-class AdapterConfig:
-    """Bottleneck adapters h + s·up(act(down(h))) after attention and/or MLP outputs.
-
-    ``placement``: "attention", "mlp" or "both". ``target_modules`` overrides the per-architecture
-    site table (``ADAPTER_SITES``): a dict {"attention": regex, "mlp": regex} of full-match patterns
-    on module paths, for architectures not in the table.
-    """
-
-    bottleneck_size: int = 64
-    placement: str = "both"
-    non_linearity: str = "relu"
-    scaling: float = 1.0
-    dropout: float = 0.0
-    target_modules: dict[str, str] | None = None
-    modules_to_save: list[str] | None = None
-    task_type: str | None = None
-    base_model_name_or_path: str | None = None
-
-    peft_type = "BOTTLENECK"
-
-    def __post_init__(self):
-        if not _is_int(self.bottleneck_size) or self.bottleneck_size <= 0:
-            raise ValueError(f"AdapterConfig.bottleneck_size must be a positive integer, got {self.bottleneck_size!r}")
-        if self.placement not in ("attention", "mlp", "both"):
-            raise ValueError(f"AdapterConfig.placement must be 'attention', 'mlp' or 'both', got {self.placement!r}")
-        if self.non_linearity not in ACTIVATIONS:
-            raise ValueError(f"AdapterConfig.non_linearity must be one of {sorted(ACTIVATIONS)}, "
-                             f"got {self.non_linearity!r}")
-        if not _is_number(self.scaling):
-            raise ValueError(f"AdapterConfig.scaling must be a finite number, got {self.scaling!r}")
-        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"AdapterConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.target_modules is not None:
-            tm = self.target_modules
-            if not isinstance(tm, dict) or not set(tm) <= {"attention", "mlp"} or not tm:
-                raise ValueError("AdapterConfig.target_modules must be a dict with keys 'attention' and/or 'mlp' "
-                                 f"mapping to full-match regexes, got {tm!r}")
-            for k, pat in tm.items():
-                try:
-                    re.compile(pat)
-                except (re.error, TypeError) as e:
-                    raise ValueError(f"AdapterConfig.target_modules[{k!r}] = {pat!r} is not a valid regex: {e}") from None
-        _check_modules_to_save(self)
-        self.task_type = _check_task_type(self)
-
-    @property
-    def sites(self) -> list[str]:
-        return ["attention", "mlp"] if self.placement == "both" else [self.placement]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"peft_type": self.peft_type, **asdict(self)}
-
-
-def _check_task_type(cfg) -> str | None:
-    tt = getattr(cfg.task_type, "value", cfg.task_type)  # peft.TaskType members carry the string as value
-    if tt is not None and tt not in TASK_TYPES:
-        raise ValueError(f"{type(cfg).__name__}.task_type must be None or one of {TASK_TYPES}, got {cfg.task_type!r}")
-    return tt
-
-
-def _check_modules_to_save(cfg) -> None:
-    mts = cfg.modules_to_save
-    if mts is None:
-        return
-    if isinstance(mts, str) or not all(isinstance(m, str) and m for m in mts):
-        raise ValueError(f"{type(cfg).__name__}.modules_to_save must be a list of module names, got {mts!r}")
-    cfg.modules_to_save = list(mts)
-
-
-# ----------------------------------------------------------------------------------------------
 # Module selection
-
-
-def _name_matches(name: str, key: str) -> bool:
-    return key == name or key.endswith("." + name)
-
-
-def _model_type(model: nn.Module) -> str | None:
-    cfg = getattr(model, "config", None)
-    return getattr(cfg, "model_type", None) or getattr(model, "model_type", None)
 
 
 def _output_layer_name(model: nn.Module) -> str | None:
@@ -241,7 +67,7 @@ def resolve_lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Paths of the modules ``config`` targets in ``model``; raises if none or a non-linear matches."""
     tm = config.target_modules
     if tm is None:
-        mt = _model_type(model)
+        mt = model_type(model)
         if mt not in LORA_DEFAULT_TARGETS:
             raise ValueError(f"LoraConfig.target_modules is None and there is no default for model type {mt!r}; "
                              f"pass target_modules ({_describe_linears(model)})")
@@ -257,7 +83,7 @@ def resolve_lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         elif isinstance(tm, str):
             hit = re.fullmatch(tm, key) is not None
         else:
-            hit = any(_name_matches(t, key) for t in tm)
+            hit = any(name_matches(t, key) for t in tm)
         if not hit:
             continue
         if isinstance(module, (LoraLinear, LinearWithAdapter)):
@@ -275,7 +101,7 @@ def resolve_adapter_sites(model: nn.Module, config: AdapterConfig) -> list[tuple
     """(site, path) pairs for the bottleneck adapters, in model order."""
     table = config.target_modules
     if table is None:
-        mt = _model_type(model)
+        mt = model_type(model)
         if mt not in ADAPTER_SITES:
             raise ValueError(f"no bottleneck adapter site table for model type {mt!r} (known: {sorted(ADAPTER_SITES)});"
                              " pass AdapterConfig.target_modules={'attention': regex, 'mlp': regex}")
@@ -311,7 +137,7 @@ def resolve_modules_to_save(model: nn.Module, names) -> list[str]:
     keys = [k for k, _ in model.named_modules() if k]
     found, used = [], set()
     for key in keys:
-        hits = [n for n in names if _name_matches(n, key)]
+        hits = [n for n in names if name_matches(n, key)]
         if not hits or any(key.startswith(f + ".") for f in found):
             continue  # a module inside one already wrapped is saved with it
         found.append(key)
@@ -342,8 +168,6 @@ class ModulesToSaveWrapper(nn.Module):
 
     def __init__(self, module: nn.Module):
         super().__init__()
-        import copy
-
         self.original_module = module
         self.modules_to_save = copy.deepcopy(module)
         self.original_module.requires_grad_(False)
@@ -394,8 +218,6 @@ def get_peft_model(model: nn.Module, config) -> "FastPeftModel":
                         f"got {type(config).__name__}")
     if any(isinstance(m, (LoraLinear, LinearWithAdapter, ModulesToSaveWrapper)) for m in model.modules()):
         raise ValueError("model already contains fastft adapter layers; apply get_peft_model to a clean model")
-    import copy
-
     config = copy.deepcopy(config)
     if config.base_model_name_or_path is None:
         config.base_model_name_or_path = _name_or_path(model)
@@ -574,8 +396,6 @@ class FastPeftModel(nn.Module):
         ``state_dict`` and ``is_main_process``/``selected_adapters`` are accepted for drop-in use
         where PeftModel is expected; only safetensors is written.
         """
-        from fastft.peft_io import save_adapter
-
         unknown = set(kwargs) - {"is_main_process", "selected_adapters", "save_embedding_layers"}
         if unknown:
             raise TypeError(f"save_pretrained got unexpected arguments {sorted(unknown)}")
@@ -594,16 +414,127 @@ class FastPeftModel(nn.Module):
         merged weight is not requantized). ``modules_to_save`` modules are replaced by their trained
         copies. Bottleneck adapters are nonlinear and cannot be merged: this raises for them.
         """
-        from fastft.peft_io import merge_and_unload
-
         return merge_and_unload(self)
 
     def unload(self) -> nn.Module:
         """Remove the adapters without merging; return the plain base model."""
-        from fastft.peft_io import unload
-
         return unload(self)
 
 
-__all__ = ["LoraConfig", "AdapterConfig", "get_peft_model", "FastPeftModel", "ModulesToSaveWrapper",
-           "ADAPTER_SITES", "LORA_DEFAULT_TARGETS"]
+# ----------------------------------------------------------------------------------------------
+# Load / merge / unload
+
+
+def load_adapter(model: nn.Module, adapter_dir, *, is_trainable: bool = False):
+    """Apply the adapter in ``adapter_dir`` (written by fastft or PEFT) to ``model``.
+
+    ``model`` is a plain model (transformers or fastft native; modified in place) and the result a
+    ``FastPeftModel``. As with ``peft.PeftModel.from_pretrained``, the adapter comes back frozen
+    for inference unless ``is_trainable=True``.
+    """
+    if isinstance(model, FastPeftModel):
+        raise ValueError("load_adapter expects a model without adapters; this one is already a FastPeftModel")
+    # Read before touching the model: a corrupt file leaves it unchanged.
+    config, d, sd = read_adapter(adapter_dir)
+    source = os.path.join(os.fspath(adapter_dir), CONFIG_NAME)
+    if config.modules_to_save:
+        # PEFT writes its task defaults (e.g. ["classifier", "score"] for SEQ_CLS) whether or not the
+        # model has them; a name naming nothing has no tensors in the file either. Tensors in the
+        # file that fit no module are still refused below.
+        keys = [k for k, _ in model.named_modules() if k]
+        config.modules_to_save = [n for n in config.modules_to_save if any(name_matches(n, k) for k in keys)] or None
+    grad_flags = {id(p): p.requires_grad for p in model.parameters()}
+    peft_model = get_peft_model(model, config)
+    try:
+        if isinstance(config, AdapterConfig) and d.get("adapter_modules") is not None:
+            got = sorted(peft_model.adapter_layers())
+            if got != sorted(d["adapter_modules"]):
+                raise ValueError(f"{source}: adapter sites {sorted(d['adapter_modules'])} do not match the "
+                                 f"model's {got}")
+        load_state_dict_into(peft_model, sd, os.path.join(os.fspath(adapter_dir), WEIGHTS_NAME))
+    except Exception:
+        # Leave the caller's model as it was: original modules back, requires_grad flags restored.
+        _unload(peft_model, keep_trained_copies=False)
+        for p in model.parameters():
+            p.requires_grad_(grad_flags.get(id(p), p.requires_grad))
+        raise
+    if not is_trainable:
+        for p in peft_model.parameters():
+            p.requires_grad_(False)
+    return peft_model
+
+
+def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, child, new)
+
+
+def _adopt_trained_copy(model: nn.Module, path: str, wrapper) -> None:
+    """Replace a modules_to_save wrapper by its trained copy, keeping parameter sharing meaningful.
+
+    The original module's parameters may be shared with other modules: an output layer tied to the
+    input embedding (Llama with tie_word_embeddings, BERT's decoder), or an alias of the same
+    tensor (BERT's ``cls.predictions.bias`` is its decoder's bias). Training ran with the copy
+    untied from them. A tie to the input embedding (a different computation, which was not trained)
+    is broken and ``tie_word_embeddings`` turned off, so a saved merged model keeps both weights.
+    An alias gets the trained values in a tensor of its own: transformers 5 saves a shared pair under
+    one name only, and with tying off it would then load the other name as missing.
+    """
+    copy_ = wrapper.modules_to_save
+    orig_names = {id(p): n for n, p in wrapper.original_module.named_parameters(remove_duplicate=False)}
+    get_in = getattr(model, "get_input_embeddings", None)
+    in_emb = get_in() if callable(get_in) else None
+    untie = False
+    for mname, m in model.named_modules(remove_duplicate=False):
+        if mname == path or mname.startswith(path + "."):
+            continue
+        for attr, p in list(m._parameters.items()):
+            if p is None or id(p) not in orig_names:
+                continue
+            if m is in_emb:
+                untie = True
+            else:
+                trained = copy_.get_parameter(orig_names[id(p)]).detach().clone()
+                setattr(m, attr, nn.Parameter(trained, requires_grad=p.requires_grad))
+    if untie:
+        for obj in (getattr(model, "config", None), model):
+            if obj is not None and getattr(obj, "tie_word_embeddings", False):
+                obj.tie_word_embeddings = False
+    _replace(model, path, copy_)
+
+
+def merge_and_unload(peft_model) -> nn.Module:
+    """W ← W + s·B·A in fp32 for every LoRA layer; return the plain model (see FastPeftModel.merge_and_unload)."""
+    adapters = peft_model.adapter_layers()
+    if adapters:
+        raise ValueError(f"bottleneck adapters are nonlinear and cannot be merged into weights "
+                         f"({len(adapters)} adapted layers); use unload() or keep the adapters")
+    model = peft_model.base_model.model
+    for path, layer in peft_model.lora_layers().items():
+        _replace(model, path, layer.merged_linear())
+    for path, wrapper in peft_model.modules_to_save_wrappers().items():
+        _adopt_trained_copy(model, path, wrapper)
+    return model
+
+
+def unload(peft_model) -> nn.Module:
+    """Remove adapters without merging (trained modules_to_save copies stay, as in PEFT)."""
+    return _unload(peft_model, keep_trained_copies=True)
+
+
+def _unload(peft_model, keep_trained_copies: bool) -> nn.Module:
+    model = peft_model.base_model.model
+    for path, layer in peft_model.lora_layers().items():
+        _replace(model, path, layer.base_layer)
+    for path, wrapped in peft_model.adapter_layers().items():
+        _replace(model, path, wrapped.base_layer)
+    for path, wrapper in peft_model.modules_to_save_wrappers().items():
+        if keep_trained_copies:
+            _adopt_trained_copy(model, path, wrapper)
+        else:
+            _replace(model, path, wrapper.original_module)
+    return model
+
+
+__all__ = ["LoraConfig", "AdapterConfig", "get_peft_model", "FastPeftModel", "ModulesToSaveWrapper", "load_adapter",
+           "merge_and_unload", "unload", "ADAPTER_SITES", "LORA_DEFAULT_TARGETS"]

@@ -1,4 +1,4 @@
-"""Adapter files: PEFT-format LoRA save/load, fastft's bottleneck-adapter format, merging.
+"""Adapter files: PEFT-format LoRA and fastft's bottleneck-adapter format, read and written.
 
 **LoRA (PEFT's format, read and written).** A directory with
 - ``adapter_config.json``: ``peft_type`` "LORA", ``task_type``, ``r``, ``lora_alpha``,
@@ -15,9 +15,8 @@
 PEFT loads keys without the ``base_model.model.`` prefix into nothing and only warns; fastft
 refuses any key it cannot place and any adapter weight left unloaded.
 
-PEFT configs are accepted when every field fastft does not implement has its default value
-(DoRA, rank/alpha patterns, layer selection, ...): anything else raises, naming the field, rather
-than silently computing something different.
+Configs are parsed by ``fastft.peft_config``; applying an adapter to a model (``load_adapter``)
+and merging live in ``fastft.peft``. This module is pure IO over state dicts and JSON.
 
 **Bottleneck adapters (fastft's format).** The same two file names; ``adapter_config.json`` has
 ``peft_type`` "BOTTLENECK", ``format_version`` 1, the ``AdapterConfig`` fields (``target_modules``
@@ -38,58 +37,15 @@ import tempfile
 from typing import Callable
 
 import torch
-from torch import nn
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."
-
-# adapter_config.json fields that carry no semantics for fastft (bookkeeping written by PEFT).
-_PEFT_METADATA = {"peft_version", "auto_mapping", "revision", "inference_mode", "base_model_name_or_path",
-                  "megatron_core", "qalora_group_size", "fan_in_fan_out"}
-_LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora", "modules_to_save",
-                "task_type", "init_lora_weights")
-
+from fastft.peft_config import (ADAPTER_SITES, CONFIG_NAME, PREFIX, WEIGHTS_NAME, LoraConfig,
+                                adapter_config_from_dict, lora_config_from_dict, model_type)
 
 # ----------------------------------------------------------------------------------------------
 # Configs
 
 
-def lora_config_from_dict(d: dict, source: str = CONFIG_NAME):
-    """A fastft LoraConfig from PEFT's config dict; non-default unsupported features raise."""
-    from fastft.peft import LoraConfig
-
-    if d.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{source}: peft_type {d.get('peft_type')!r} is not LORA")
-    unsupported = {}
-    for k, v in d.items():
-        if k in _LORA_FIELDS or k in _PEFT_METADATA or k == "peft_type":
-            continue
-        if v not in (None, False, {}, [], "", ()):
-            unsupported[k] = v
-    if d.get("fan_in_fan_out"):
-        unsupported["fan_in_fan_out"] = True  # only for GPT-2's Conv1D, which fastft does not wrap
-    if unsupported:
-        raise ValueError(f"{source}: LoRA features not supported by fastft: {unsupported}")
-    kw = {k: d[k] for k in _LORA_FIELDS if k in d and d[k] is not None}
-    if d.get("base_model_name_or_path"):
-        kw["base_model_name_or_path"] = d["base_model_name_or_path"]
-    return LoraConfig(**kw)
-
-
-def adapter_config_from_dict(d: dict, source: str = CONFIG_NAME):
-    from fastft.peft import AdapterConfig
-
-    if d.get("format_version") != 1:
-        raise ValueError(f"{source}: unknown bottleneck adapter format_version {d.get('format_version')!r}")
-    names = {"bottleneck_size", "placement", "non_linearity", "scaling", "dropout", "target_modules",
-             "modules_to_save", "task_type", "base_model_name_or_path"}
-    return AdapterConfig(**{k: v for k, v in d.items() if k in names})
-
-
 def config_to_json(peft_model) -> dict:
-    from fastft.peft import LoraConfig
-
     cfg = peft_model.adapter_config
     if isinstance(cfg, LoraConfig):
         return {
@@ -99,9 +55,7 @@ def config_to_json(peft_model) -> dict:
             "init_lora_weights": cfg.init_lora_weights, "base_model_name_or_path": cfg.base_model_name_or_path,
             "fan_in_fan_out": False, "inference_mode": True,
         }
-    from fastft.peft import ADAPTER_SITES, _model_type
-
-    table = cfg.target_modules or ADAPTER_SITES[_model_type(peft_model.base_model.model)]
+    table = cfg.target_modules or ADAPTER_SITES[model_type(peft_model.base_model.model)]
     return {
         "peft_type": "BOTTLENECK", "format_version": 1, "task_type": cfg.task_type,
         "bottleneck_size": cfg.bottleneck_size, "placement": cfg.placement, "non_linearity": cfg.non_linearity,
@@ -109,7 +63,6 @@ def config_to_json(peft_model) -> dict:
         "modules_to_save": cfg.modules_to_save, "base_model_name_or_path": cfg.base_model_name_or_path,
         "adapter_modules": sorted(peft_model.adapter_layers()),
     }
-
 
 def read_adapter_config(directory) -> dict:
     path = os.path.join(os.fspath(directory), CONFIG_NAME)
@@ -131,8 +84,6 @@ def read_adapter_config(directory) -> dict:
 
 def adapter_state_dict(peft_model) -> dict[str, torch.Tensor]:
     """The tensors PEFT would save for this adapter, keyed as PEFT keys them."""
-    from fastft.peft import LoraConfig
-
     cfg = peft_model.adapter_config
     model = peft_model.base_model.model
     out: dict[str, torch.Tensor] = {}
@@ -170,7 +121,7 @@ def _for_safetensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return res
 
 
-def _load_state_dict_into(peft_model, sd: dict[str, torch.Tensor], source: str) -> None:
+def load_state_dict_into(peft_model, sd: dict[str, torch.Tensor], source: str) -> None:
     """Copy PEFT-keyed tensors into the adapted model, strictly: every key placed, every adapter weight set."""
     model = peft_model.base_model.model
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -271,19 +222,14 @@ def save_adapter(peft_model, save_directory) -> None:
     _atomic_write(save_directory, {WEIGHTS_NAME: write_weights, CONFIG_NAME: write_config})
 
 
-def load_adapter(model: nn.Module, adapter_dir, *, is_trainable: bool = False):
-    """Apply the adapter in ``adapter_dir`` (written by fastft or PEFT) to ``model``.
+def read_adapter(adapter_dir) -> tuple[object, dict, dict[str, torch.Tensor]]:
+    """(config, raw adapter_config.json dict, state dict) of the adapter in ``adapter_dir``.
 
-    ``model`` is a plain model (transformers or fastft native; modified in place) and the result a
-    ``FastPeftModel``. As with ``peft.PeftModel.from_pretrained``, the adapter comes back frozen
-    for inference unless ``is_trainable=True``.
+    Everything is read and checked before the caller touches a model: a missing or corrupt file
+    raises naming its path.
     """
     from safetensors.torch import load_file
 
-    from fastft.peft import FastPeftModel, get_peft_model
-
-    if isinstance(model, FastPeftModel):
-        raise ValueError("load_adapter expects a model without adapters; this one is already a FastPeftModel")
     adapter_dir = os.fspath(adapter_dir)
     d = read_adapter_config(adapter_dir)
     weights = os.path.join(adapter_dir, WEIGHTS_NAME)
@@ -301,111 +247,8 @@ def load_adapter(model: nn.Module, adapter_dir, *, is_trainable: bool = False):
         config = adapter_config_from_dict(d, source)
     else:
         raise ValueError(f"{source}: peft_type {peft_type!r} is not supported (LORA or BOTTLENECK)")
-    if config.modules_to_save:
-        # PEFT writes its task defaults (e.g. ["classifier", "score"] for SEQ_CLS) whether or not the
-        # model has them; a name naming nothing has no tensors in the file either. Tensors in the
-        # file that fit no module are still refused below.
-        from fastft.peft import _name_matches
-
-        keys = [k for k, _ in model.named_modules() if k]
-        config.modules_to_save = [n for n in config.modules_to_save if any(_name_matches(n, k) for k in keys)] or None
-    sd = load_file(weights)  # read before touching the model: a corrupt file leaves it unchanged
-    grad_flags = {id(p): p.requires_grad for p in model.parameters()}
-    peft_model = get_peft_model(model, config)
-    try:
-        if peft_type == "BOTTLENECK" and d.get("adapter_modules") is not None:
-            got = sorted(peft_model.adapter_layers())
-            if got != sorted(d["adapter_modules"]):
-                raise ValueError(f"{source}: adapter sites {sorted(d['adapter_modules'])} do not match the "
-                                 f"model's {got}")
-        _load_state_dict_into(peft_model, sd, weights)
-    except Exception:
-        # Leave the caller's model as it was: original modules back, requires_grad flags restored.
-        _unload(peft_model, keep_trained_copies=False)
-        for p in model.parameters():
-            p.requires_grad_(grad_flags.get(id(p), p.requires_grad))
-        raise
-    if not is_trainable:
-        for p in peft_model.parameters():
-            p.requires_grad_(False)
-    return peft_model
+    return config, d, load_file(weights)
 
 
-# ----------------------------------------------------------------------------------------------
-# Merge / unload
-
-
-def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent_path) if parent_path else model, child, new)
-
-
-def _adopt_trained_copy(model: nn.Module, path: str, wrapper) -> None:
-    """Replace a modules_to_save wrapper by its trained copy, keeping parameter sharing meaningful.
-
-    The original module's parameters may be shared with other modules: an output layer tied to the
-    input embedding (Llama with tie_word_embeddings, BERT's decoder), or an alias of the same
-    tensor (BERT's ``cls.predictions.bias`` is its decoder's bias). Training ran with the copy
-    untied from them. A tie to the input embedding (a different computation, which was not trained)
-    is broken and ``tie_word_embeddings`` turned off, so a saved merged model keeps both weights.
-    An alias gets the trained values in a tensor of its own: transformers 5 saves a shared pair under
-    one name only, and with tying off it would then load the other name as missing.
-    """
-    copy_ = wrapper.modules_to_save
-    orig_names = {id(p): n for n, p in wrapper.original_module.named_parameters(remove_duplicate=False)}
-    get_in = getattr(model, "get_input_embeddings", None)
-    in_emb = get_in() if callable(get_in) else None
-    untie = False
-    for mname, m in model.named_modules(remove_duplicate=False):
-        if mname == path or mname.startswith(path + "."):
-            continue
-        for attr, p in list(m._parameters.items()):
-            if p is None or id(p) not in orig_names:
-                continue
-            if m is in_emb:
-                untie = True
-            else:
-                trained = copy_.get_parameter(orig_names[id(p)]).detach().clone()
-                setattr(m, attr, nn.Parameter(trained, requires_grad=p.requires_grad))
-    if untie:
-        for obj in (getattr(model, "config", None), model):
-            if obj is not None and getattr(obj, "tie_word_embeddings", False):
-                obj.tie_word_embeddings = False
-    _replace(model, path, copy_)
-
-
-def merge_and_unload(peft_model) -> nn.Module:
-    """W ← W + s·B·A in fp32 for every LoRA layer; return the plain model (see FastPeftModel.merge_and_unload)."""
-    adapters = peft_model.adapter_layers()
-    if adapters:
-        raise ValueError(f"bottleneck adapters are nonlinear and cannot be merged into weights "
-                         f"({len(adapters)} adapted layers); use unload() or keep the adapters")
-    model = peft_model.base_model.model
-    for path, layer in peft_model.lora_layers().items():
-        _replace(model, path, layer.merged_linear())
-    for path, wrapper in peft_model.modules_to_save_wrappers().items():
-        _adopt_trained_copy(model, path, wrapper)
-    return model
-
-
-def unload(peft_model) -> nn.Module:
-    """Remove adapters without merging (trained modules_to_save copies stay, as in PEFT)."""
-    return _unload(peft_model, keep_trained_copies=True)
-
-
-def _unload(peft_model, keep_trained_copies: bool) -> nn.Module:
-    model = peft_model.base_model.model
-    for path, layer in peft_model.lora_layers().items():
-        _replace(model, path, layer.base_layer)
-    for path, wrapped in peft_model.adapter_layers().items():
-        _replace(model, path, wrapped.base_layer)
-    for path, wrapper in peft_model.modules_to_save_wrappers().items():
-        if keep_trained_copies:
-            _adopt_trained_copy(model, path, wrapper)
-        else:
-            _replace(model, path, wrapper.original_module)
-    return model
-
-
-__all__ = ["load_adapter", "save_adapter", "adapter_state_dict", "merge_and_unload", "unload",
-           "lora_config_from_dict", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["save_adapter", "read_adapter", "load_state_dict_into", "read_adapter_config", "adapter_state_dict", "config_to_json",
+           "CONFIG_NAME", "WEIGHTS_NAME"]

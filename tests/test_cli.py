@@ -1,7 +1,9 @@
 """The fastft command line: every subcommand answers --help; bad configs fail with one clear line."""
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -154,3 +156,32 @@ def test_train_rejects_full_finetune_of_quantized_base(tiny_llama_dir, pc_data, 
     with pytest.raises(SystemExit, match="quantized"):
         main(["train", "--model", tiny_llama_dir, "--data", pc_data, "--method", "full", "--quantization", "nf4",
               "--output-dir", str(tmp_path / "x")])
+
+
+@pytest.mark.slow
+def test_bench_runs_from_an_installed_package(tmp_path):
+    """`fastft bench` from a regular (non-editable) install, run outside the checkout: the benchmarks
+    ship as fastft.benchmarks and a tiny suite (the CPU ceilings, small shapes) really runs and records
+    its rows under the working directory (not inside the installed package)."""
+    repo = Path(__file__).resolve().parents[1]
+    target = tmp_path / "site"
+    env = {**os.environ, "FASTFT_BUILD_EXT": "0", "PIP_NO_INDEX": "1"}
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                        "--target", str(target), str(repo)], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (target / "fastft" / "benchmarks" / "run.py").is_file()
+    assert not (target / "fastft" / "benchmarks" / "results").exists()  # recorded rows are not shipped
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("FASTFT_RESULTS_DIR",)}
+    env.update(PYTHONPATH=str(target), FASTFT_BENCH_QUICK="1")
+    r = subprocess.run([sys.executable, "-m", "fastft.cli", "bench", "--suite", "cpu", "--only", "ceilings"],
+                       cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    where = subprocess.run([sys.executable, "-c", "import fastft.benchmarks.run as m; print(m.__file__)"],
+                           cwd=work, env=env, capture_output=True, text=True, timeout=120).stdout.strip()
+    assert Path(where).is_relative_to(target)  # the run above used the installed copy, not the checkout
+    rows = [json.loads(line) for line in (work / "fastft-bench-results" / "cpu.jsonl").read_text().splitlines()]
+    cases = {row["case"] for row in rows}
+    assert any(c.startswith("ceiling: copy_") for c in cases) and any(c.startswith("ceiling: matmul") for c in cases)
+    assert all(row["median_ms"] > 0 for row in rows if "median_ms" in row)

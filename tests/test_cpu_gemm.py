@@ -118,7 +118,7 @@ def test_lora_fp32_paths_use_it_and_match_gold(kind, monkeypatch):
 
 
 def test_chunked_lm_loss_fp32_matches_gold():
-    from fastft.models.llama import chunked_causal_lm_loss
+    from fastft.ops.loss import chunked_causal_lm_loss
 
     g = torch.Generator().manual_seed(5)
     B, T, H, V = 2, 9, 24, 37

@@ -215,7 +215,7 @@ def test_cpp_lora_linear_dropout_without_generator():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("packed", [False, True])
 def test_chunked_loss_equals_unchunked(packed, dtype):
-    from fastft.models.llama import causal_lm_loss, chunked_causal_lm_loss
+    from fastft.ops.loss import causal_lm_loss, chunked_causal_lm_loss
 
     torch.manual_seed(0)
     B, T, H, V = (1, 45, 24, 50) if packed else (3, 17, 24, 50)
@@ -231,7 +231,7 @@ def test_chunked_loss_equals_unchunked(packed, dtype):
     def full(h, W):  # the reference loss, computed in h's dtype (float64 for the gold)
         logits = F.linear(h, W)
         if h.dtype == torch.float64:
-            from fastft.models.llama import _normalise, _shifted_targets
+            from fastft.ops.loss import normalise_loss as _normalise, shifted_targets as _shifted_targets
 
             t = _shifted_targets(labels, logits.shape[:2], cu)
             tot = F.cross_entropy(logits.reshape(-1, V), t.reshape(-1), ignore_index=-100, reduction="sum")
@@ -244,7 +244,7 @@ def test_chunked_loss_equals_unchunked(packed, dtype):
 def test_chunked_loss_under_autocast():
     """bf16 autocast over fp32 h / W (the Trainer's bf16=True): the chunked loss runs the logits in
     bf16 like lm_head under autocast and stays within 2x the full-logits path's error."""
-    from fastft.models.llama import causal_lm_loss, chunked_causal_lm_loss
+    from fastft.ops.loss import causal_lm_loss, chunked_causal_lm_loss
 
     torch.manual_seed(0)
     B, T, H, V = 3, 17, 24, 50
@@ -291,7 +291,7 @@ def test_training_forward_uses_chunked_loss(tmp_path):
     out = model(input_ids=ids, labels=labels)
     assert out.logits is None
     g_chunk = torch.autograd.grad(out.loss, params)
-    from fastft.models.llama import causal_lm_loss
+    from fastft.ops.loss import causal_lm_loss
 
     model.eval()  # same computation (no dropout), logits path
     out_eval = model(input_ids=ids, labels=labels)

@@ -8,7 +8,7 @@ import transformers
 
 import fastft.ops
 from fastft.nn import QuantLinear
-from fastft.patch import patch, register_attention
+from fastft.patching import patch, register_attention
 from fastft.quant import Int4Weight, NF4Weight
 from hf_tiny import CAUSAL, TABLE, tiny_batch, tiny_config, tiny_model
 from utils import ANALYTICALLY_ZERO, is_noise, rel_err
@@ -72,7 +72,7 @@ def test_patched_logits_and_grads_match_unpatched(arch, attention_calls):
 
     assert patch(model) is model
     assert model.config._attn_implementation == "fastft"
-    from fastft.patch import RMSNORM_CLASSES, SWIGLU_MLP_CLASSES
+    from fastft.patching import RMSNORM_CLASSES, SWIGLU_MLP_CLASSES
 
     block = [m for m in model.modules() if type(m).__name__ in RMSNORM_CLASSES + SWIGLU_MLP_CLASSES]
     assert all(hasattr(m, "_fastft_orig_forward") for m in block)  # rerouted through fastft.ops
@@ -253,7 +253,7 @@ def test_masks_beyond_causal_and_padding_stay_exact(case, caplog, monkeypatch):
     varlen_calls = []
     orig_varlen = fastft.ops.attention_varlen
     monkeypatch.setattr(fastft.ops, "attention_varlen", lambda *a, **k: varlen_calls.append(1) or orig_varlen(*a, **k))
-    fastft.patch._logged_fallback.clear()
+    fastft.patching._logged_fallback.clear()
     with caplog.at_level(logging.INFO, logger="fastft"):
         patch(model)
         out = model(**kw).logits
@@ -270,11 +270,11 @@ def test_masks_beyond_causal_and_padding_stay_exact(case, caplog, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["mean", "num_items", "shift_labels"])
 def test_causal_lm_loss_matches_transformers(dtype, mode):
-    """fastft.patch.causal_lm_loss against float64 gold, within 2x the error of transformers' own
+    """fastft.ops.loss.hf_causal_lm_loss against float64 gold, within 2x the error of transformers' own
     ForCausalLMLoss in the same dtype (loss and logits gradient); odd vocab, ignored targets."""
     from transformers.loss.loss_utils import ForCausalLMLoss
 
-    from fastft.patch import causal_lm_loss
+    from fastft.ops.loss import hf_causal_lm_loss as causal_lm_loss
     from utils import assert_close_to_gold
 
     g = torch.Generator().manual_seed(7)
@@ -304,7 +304,7 @@ def test_causal_lm_loss_matches_transformers(dtype, mode):
 
 @pytest.mark.parametrize("arch", ["llama", "bert"])
 def test_patch_installs_the_loss_on_causal_lms_only(arch):
-    from fastft.patch import causal_lm_loss
+    from fastft.ops.loss import hf_causal_lm_loss as causal_lm_loss
 
     model = tiny_model(arch)
     patch(model)

@@ -1,5 +1,8 @@
 """Make an existing transformers model use fastft: one generic mechanism, no per-architecture copies.
 
+``fastft.patch`` is this module's ``patch`` function (``fastft.patch.register_attention`` and
+``fastft.patch.from_pretrained`` are attributes of it).
+
 ``fastft.patch(model, quantization=None, attention=True, lora=None, loss=True)``:
 
 * **attention** -- registers ``"fastft"`` with transformers' ``AttentionInterface`` (the attention
@@ -22,7 +25,7 @@
   classes (``RMSNORM_CLASSES``, ``SWIGLU_MLP_CLASSES``, whose forwards are exactly these ops) run
   through ``fastft.ops.rms_norm`` / ``fastft.ops.silu_mul``: the fused C++ rows on CPU.
 * **loss** -- a causal LM that would use transformers' ``ForCausalLMLoss`` gets fastft's
-  ``causal_lm_loss`` as its ``loss_function`` (same signature and value; the fused cross-entropy
+  ``fastft.ops.loss.hf_causal_lm_loss`` as its ``loss_function`` (same signature and value; the fused cross-entropy
   rows, one bf16 / fp32 copy of the logits in place of HF's fp32 upcast, log_softmax and onehot).
   The logits themselves are still built and returned, as HF's forward does. ``loss=False`` keeps
   HF's loss.
@@ -49,9 +52,9 @@ import types
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from fastft import ops
+from fastft.ops.loss import hf_causal_lm_loss
 
 logger = logging.getLogger("fastft")
 ATTN_NAME = "fastft"
@@ -354,64 +357,15 @@ def _patch_frozen_linears(model) -> int:
     return n
 
 
-class _LogitsCrossEntropy(torch.autograd.Function):
-    """Σ CE(logits_i, target_i) over rows whose target is not ignore_index; logits (n, V).
-
-    Forward: one copy of the logits, turned in place into softmax − onehot by the fused row op
-    (``fastft.ops.cross_entropy_grad_``: the C++ AVX-512 kernel on CPU, three passes per L2-resident
-    row, fp32 inside), which is saved; backward scales it. transformers' ``ForCausalLMLoss`` instead
-    upcasts the logits to fp32, writes log_softmax, and in backward builds a zero-filled onehot,
-    the log_softmax gradient and the cast back: ~4x the memory traffic and 2x the saved bytes for
-    bf16 logits."""
-
-    @staticmethod
-    def forward(ctx, logits, targets, ignore_index):
-        g = logits.detach().clone(memory_format=torch.contiguous_format)
-        rows = ops.cross_entropy_grad_(g, targets, ignore_index)
-        ctx.save_for_backward(g)
-        return rows.sum()
-
-    @staticmethod
-    def backward(ctx, grad):
-        (g,) = ctx.saved_tensors
-        return g * grad.to(torch.promote_types(g.dtype, torch.float32)), None, None
-
-
-def causal_lm_loss(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
-                   **kwargs):
-    """transformers' ``ForCausalLMLoss`` (same signature, same value: token t predicts labels[t + 1],
-    ``ignore_index`` skipped, sum / num_items_in_batch or the mean), on fastft's fused CE rows.
-    ``fastft.patch`` installs it as a causal LM's ``loss_function``."""
-    # Under torch.compile the traced HF composition stays (the compiler fuses it itself).
-    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16) or torch.compiler.is_compiling():
-        from transformers.loss.loss_utils import ForCausalLMLoss
-
-        return ForCausalLMLoss(logits, labels, vocab_size, num_items_in_batch=num_items_in_batch,
-                               ignore_index=ignore_index, shift_labels=shift_labels, **kwargs)
-    V = logits.shape[-1] if vocab_size is None else vocab_size
-    if shift_labels is None:
-        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    targets = shift_labels.reshape(-1).to(logits.device)
-    z = logits.reshape(-1, V)
-    if z.dtype == torch.float16:  # the fused rows take fp32 / bf16; fp16 goes through fp32 like HF's
-        z = z.float()
-    total = _LogitsCrossEntropy.apply(z, targets, int(ignore_index))
-    if num_items_in_batch is not None:
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(total.device)
-        return total / num_items_in_batch
-    return total / (targets != ignore_index).sum()  # HF's mean (NaN when every target is ignored)
-
-
 def _patch_causal_lm_loss(model) -> bool:
-    """Set fastft's ``causal_lm_loss`` as the loss of a transformers causal LM that would use
+    """Set fastft's ``hf_causal_lm_loss`` as the loss of a transformers causal LM that would use
     ``ForCausalLMLoss`` (and has no loss function set already); True when set."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not type(base).__name__.endswith("ForCausalLM") or "_loss_function" in vars(base):
         return False
     if getattr(base, "loss_type", None) not in (None, "ForCausalLM") or not hasattr(type(base), "loss_function"):
         return False
-    base.loss_function = causal_lm_loss
+    base.loss_function = hf_causal_lm_loss
     return True
 
 
@@ -419,7 +373,7 @@ def patch(model, *, quantization=None, attention=True, lora=None, blocksize=64, 
           loss=True):
     """Patch a transformers (or peft) model in place to run on fastft ops; returns the model
     (or the PEFT-wrapped model when ``lora`` is given). ``loss``: a causal LM's loss runs on fastft's
-    fused cross-entropy rows (``causal_lm_loss``)."""
+    fused cross-entropy rows (``fastft.ops.loss.hf_causal_lm_loss``)."""
     if quantization not in (None, "nf4", "int4"):
         raise ValueError(f"patch: quantization must be None, 'nf4' or 'int4', got {quantization!r}")
     if loss and _patch_causal_lm_loss(model):
@@ -537,15 +491,7 @@ def _as_linear_shape(m):
     return None
 
 
-class _CallableModule(types.ModuleType):
-    """``fastft.patch`` is both this module and the function DESIGN.md names: importing a submodule
-    binds it as an attribute of its package, which would shadow a function of the same name, so the
-    module itself is made callable and forwards to ``patch``."""
-
-    def __call__(self, model, **kwargs):
-        return patch(model, **kwargs)
-
-
-import sys as _sys  # noqa: E402
-
-_sys.modules[__name__].__class__ = _CallableModule
+# ``fastft.patch`` (the public name) is this module's ``patch`` function; the two helpers the README
+# calls through it are attributes of the function.
+patch.register_attention = register_attention
+patch.from_pretrained = from_pretrained
