@@ -24,6 +24,7 @@
 // compile time): ATen, the op registration API and bare pybind11 for the few module functions.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <torch/library.h>
@@ -39,6 +40,12 @@
 #include <vector>
 
 #include "kernels.h"
+
+// The ATen calls inside these ops are their implementation, not the caller's computation: under CPU
+// autocast (whose dispatch keys stay set while a custom op runs, and only on the calling thread of an
+// OpenMP team) at::mm would silently switch some blocks to bf16. Each op entry that calls ATen
+// matmuls holds one of these.
+#define FASTFT_NO_AUTOCAST c10::impl::ExcludeDispatchKeyGuard fastft_no_autocast_(c10::autocast_dispatch_keyset)
 
 namespace fastft {
 
@@ -594,6 +601,7 @@ static int64_t tile_extent(int64_t dim, int64_t max_extent, int64_t align) {
 template <class Deq>
 static at::Tensor qmm_forward(const char* op, const at::Tensor& x_, const std::optional<at::Tensor>& bias, int64_t N, int64_t K,
                               const Deq& deq) {
+  FASTFT_NO_AUTOCAST;
   check_cpu(x_, op, "x");
   out_type(x_.scalar_type(), op);
   TORCH_CHECK(x_.dim() >= 1 && x_.size(-1) == K, op, ": x must have in_features = ", K, " as its last dimension, got ", x_.sizes());
@@ -671,6 +679,7 @@ static at::Tensor qmm_forward(const char* op, const at::Tensor& x_, const std::o
 
 template <class Deq>
 static at::Tensor qmm_grad_x(const char* op, const at::Tensor& g_, int64_t N, int64_t K, int64_t align, const Deq& deq) {
+  FASTFT_NO_AUTOCAST;
   check_cpu(g_, op, "grad");
   out_type(g_.scalar_type(), op);
   TORCH_CHECK(g_.dim() >= 1 && g_.size(-1) == N, op, ": grad must have out_features = ", N, " as its last dimension, got ", g_.sizes());
@@ -1040,6 +1049,7 @@ static void check_attn(const char* op, const at::Tensor& q, const at::Tensor& k,
 
 std::tuple<at::Tensor, at::Tensor> attn_fwd(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_, double scale_,
                                             bool causal, const std::optional<at::Tensor>& key_padding_mask) {
+  FASTFT_NO_AUTOCAST;
   const char* op = "fastft::attn_fwd";
   check_attn(op, q_, k_, v_);
   at::NoGradGuard no_grad;  // the ATen calls below are the kernel's insides, not graph nodes
@@ -1091,6 +1101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attn_bwd(const at::Tensor& dout, 
                                                         const at::Tensor& v_, const at::Tensor& out, const at::Tensor& lse,
                                                         double scale_, bool causal,
                                                         const std::optional<at::Tensor>& key_padding_mask) {
+  FASTFT_NO_AUTOCAST;
   const char* op = "fastft::attn_bwd";
   check_attn(op, q_, k_, v_);
   at::NoGradGuard no_grad;

@@ -121,6 +121,21 @@ def test_cpp_attention_bf16_vs_float64(attn_bf16, B, Hq, Hkv, T, S, D, causal, p
         assert torch.equal(dq[:, :, :blind], torch.zeros_like(dq[:, :, :blind]))
 
 
+def test_cpp_attention_same_under_autocast(attn_bf16):
+    """CPU autocast stays set while the C++ op runs: the kernel's own ATen GEMMs (the fp32-GEMM path
+    for bf16 inputs) must not be autocast to bf16 -- the result equals the call without autocast, bit
+    for bit, forward and backward."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(*s, generator=gen).bfloat16() for s in ((2, 4, 70, 16), (2, 2, 70, 16), (2, 2, 70, 16)))
+    ours = dispatch.impl("attention", "cpp")
+    f = lambda q, k, v: ours(q, k, v, causal=True)  # noqa: E731
+    plain = _run(f, [q, k, v])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = _run(f, [q, k, v])
+    for a, b in zip(plain, auto):
+        assert torch.equal(a, b)
+
+
 def test_cpp_attention_kernel_rejects_bad_inputs():
     o = torch.ops.fastft
     q = torch.randn(1, 4, 8, 16)
