@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "from_pretrained": "fastft.models",
+    "from_config": "fastft.models",
     "patch": "fastft.patching",
     "LoraConfig": "fastft.peft",
     "AdapterConfig": "fastft.peft",
