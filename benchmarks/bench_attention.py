@@ -9,8 +9,11 @@ causal), backward 2.5x forward. Every row carries TFLOP/s and % of the measured 
   padded to the longest (dense kernel with a key padding mask); target >= 1.5x;
 * decode: one query token per sequence against a 4k / 16k KV cache with GQA (GB/s of K/V read).
 
-The CPU suite has nothing to time (the kernels are CUDA-only; the interpreter is a correctness
-tool) and returns no rows; so does the GPU suite when no GPU is present.
+CPU suite: fastft's C++ attention kernel (``fastft.ops`` cpp backend, csrc/) against torch's fused
+CPU SDPA at the SmolLM2-135M training shape (B 4, 9 query / 3 K/V heads, T 256, D 64, causal),
+forward and forward + backward, fp32 and bf16 (the README's "CPU attention" ratio). The Triton
+kernels are CUDA-only (the interpreter is a correctness tool). The GPU suite returns no rows
+when no GPU is present.
 """
 from __future__ import annotations
 
@@ -171,8 +174,48 @@ def decode_rows(device, timer, row, dtype=torch.bfloat16):
     return rows
 
 
+def cpu_rows(B=4, Hq=9, Hkv=3, T=256, D=64) -> list[dict]:
+    """fastft's CPU kernel vs torch SDPA (enable_gqa, is_causal) at the SmolLM2 training shape."""
+    from fastft.ops import cpp, dispatch
+
+    if not cpp.AVAILABLE:
+        return [{"case": "cpu attention", "impl": "-", "skipped": "fastft._C is not built"}]
+    mine = dispatch.impl("attention", "cpp")
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    rows = []
+    for dt in (torch.float32, torch.bfloat16):
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(B, Hq, T, D, generator=g).to(dt).requires_grad_()
+        k = torch.randn(B, Hkv, T, D, generator=g).to(dt).requires_grad_()
+        v = torch.randn(B, Hkv, T, D, generator=g).to(dt).requires_grad_()
+        do = torch.randn(B, Hq, T, D, generator=g).to(dt)
+        name = str(dt).replace("torch.", "")
+        flops = attn_flops(B, Hq, T, T, D, True)
+
+        def fwd(fn):
+            with torch.no_grad():
+                return fn()
+
+        def fwd_bwd(fn):
+            out = fn()
+            torch.autograd.grad(out, (q, k, v), do)
+
+        theirs = lambda: sdpa(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
+        ours = lambda: mine(q, k, v, causal=True)  # noqa: E731
+        for label, wrap, fl in (("fwd", fwd, flops), ("fwd+bwd", fwd_bwd, flops * 3.5)):
+            case = f"attention CPU B{B} H{Hq}/{Hkv} T{T} D{D} causal {name} {label}"
+            tb = common.bench(lambda: wrap(theirs), min_run_time=0.5)
+            t = common.bench(lambda: wrap(ours), min_run_time=0.5)
+            rows.append(common.row(case, "torch SDPA (fused CPU)", tb, flops=fl))
+            rows.append(common.row(case, "fastft (C++ kernel)", t, flops=fl, baseline="torch SDPA (fused CPU)",
+                                   baseline_s=tb))
+    return rows
+
+
 def run(suite: str) -> list[dict]:
-    if suite == "cpu" or not torch.cuda.is_available():
+    if suite == "cpu":
+        return cpu_rows()
+    if not torch.cuda.is_available():
         return []
     dev = common.device_for(suite)
 

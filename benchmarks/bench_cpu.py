@@ -14,8 +14,10 @@
   AdamW): fastft QLoRA (NF4 + double quant) vs transformers + PEFT + bitsandbytes with the same
   settings, tokens/s and peak RSS; in fp32, and in bf16 (both stacks both with bf16 weights and
   with fp32 weights under bf16 autocast; speedups against the faster baseline configuration). Each variant runs in its own process (peak RSS is per process):
-  ``python -m benchmarks.bench_cpu --train-step fastft-qlora``. ``FASTFT_BENCH_TRAIN=0`` skips it,
-  ``FASTFT_BENCH_TRAIN=all`` adds the LoRA-on-fp32-base pair.
+  ``python -m benchmarks.bench_cpu --train-step fastft-qlora``. Off by default: the training step's
+  benchmark is ``bench_step.py`` (alternating rounds, fixed threads, a first-step agreement check);
+  ``FASTFT_BENCH_TRAIN=1`` runs this older form (one process per variant, run once, 1 warm-up step) for
+  comparison with the rows it recorded before, ``FASTFT_BENCH_TRAIN=all`` adds the LoRA pair.
 
 Only the cpu suite has rows here.
 """
@@ -249,7 +251,7 @@ def _train_step(variant: str, steps: int, dtype: str, autocast: bool) -> dict:
 def train_rows(steps: int = 5) -> list[dict]:
     """fp32 pairs, then bf16: each stack with bf16 weights and with fp32 weights under bf16 autocast;
     both fastft rows take their speedup against the faster baseline configuration."""
-    mode = os.environ.get("FASTFT_BENCH_TRAIN", "1")
+    mode = os.environ.get("FASTFT_BENCH_TRAIN", "0")
     if mode == "0":
         return []
     pairs = [("fastft-qlora", "peft-bnb-qlora")]

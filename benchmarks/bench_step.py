@@ -1,7 +1,7 @@
 """The end-to-end training step: fastft against transformers + PEFT (+ bitsandbytes, + Liger-Kernel).
 
 Every variant runs in its own process (clean peak memory; Liger-Kernel patches transformers
-globally), on the same weights -- seeded by tensor name (``fastft.models.from_config``), or the same
+globally), on the same weights -- seeded by tensor name (``fastft.from_config``, fastft/models/synthetic.py), or the same
 checkpoint -- the same token ids, and the same settings: LoRA r = 16, alpha = 32, dropout 0, on all
 seven linear layers of every block; NF4 + double quant (blocksize 64) for QLoRA; gradient
 checkpointing (non-reentrant) on for all; AdamW (torch's default implementation), lr 1e-4. On a GPU
@@ -119,21 +119,15 @@ CASES = {
 # Environment facts that move step timings
 # ------------------------------------------------------------------------------------------------
 def cpu_flags() -> dict:
-    """The ISA features that decide which GEMM / kernel code runs on this CPU."""
-    want = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return {k: k in have for k in want}
-    except OSError:
-        pass
-    return {}
+    from .common import cpu_flags as f
+
+    return f()
 
 
 def allocator_env() -> dict:
-    return {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k in ("LD_PRELOAD", "PYTORCH_CUDA_ALLOC_CONF")}
+    from .common import allocator_env as f
+
+    return f()
 
 
 def native_bf16_cpu() -> bool:
@@ -206,7 +200,7 @@ def _hf_model(spec, quant_mode, dtype, device):
     import transformers
     from torch import nn
 
-    from fastft.models.from_config import make_config, seeded_materialize
+    from fastft.models.synthetic import make_config, seeded_materialize
 
     kind, name = spec["source"]
     seed = spec["seed"]
@@ -282,19 +276,27 @@ def _peft_wrap(model):
                                                       target_modules="all-linear", task_type="CAUSAL_LM"))
 
 
+def _checkpointing(model, kw):
+    """Gradient checkpointing on a transformers model, by whichever name its version has."""
+    fn = getattr(model, "activation_checkpointing_enable", None)
+    if fn is not None:
+        return fn(activation_checkpointing_kwargs=kw)
+    return model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+
+
 def build(spec):
     """(model ready to train, notes) for ``spec["variant"]``."""
     import torch
 
     import fastft
-    from fastft.models.from_config import seed_lora
+    from fastft.models.synthetic import seed_lora
 
     variant, quant = spec["variant"], spec["quant"]
     device = torch.device(spec["device"])
     wdt = _dtype(spec["dtype"])
     kind, name = spec["source"]
     notes = []
-    gc_kw = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    gc_kw = {"use_reentrant": False}
     if variant == "fastft":
         if kind == "checkpoint":
             from fastft.models.convert import smollm2_path
@@ -310,7 +312,7 @@ def build(spec):
         # is what patch(quantization=) would do to a dense model; a checkpoint is patched as loaded.
         lean = quant and kind == "shape"
         model = _hf_model(spec, "fastft" if lean else None, wdt, device)
-        model.gradient_checkpointing_enable(**gc_kw)
+        _checkpointing(model, gc_kw)
         fastft.patch(model, quantization=quant, loss=variant == "fastft-patch")
         model = fastft.get_peft_model(model, _lora_config_fastft())
     elif variant in (BASELINE, LIGER):
@@ -322,12 +324,12 @@ def build(spec):
                                         fused_linear_cross_entropy=flce)
             notes.append("liger: rope, rms_norm, swiglu, " + ("fused_linear_cross_entropy" if flce else "cross_entropy"))
         model = _hf_model(spec, "bnb" if quant else None, wdt, device)
-        model.gradient_checkpointing_enable(**gc_kw)
+        _checkpointing(model, gc_kw)
         model = _peft_wrap(model)
     elif variant == "gold":
         gdt = _dtype(gold_dtype(spec))
         model = _hf_model(spec, "dequant" if quant else None, gdt, device)
-        model.gradient_checkpointing_enable(**gc_kw)
+        _checkpointing(model, gc_kw)
         model = _peft_wrap(model)
         model.to(gdt)
     else:
@@ -421,11 +423,15 @@ def worker(spec: dict) -> dict:
     return out
 
 
-def _worker_main(spec_json: str) -> int:
-    # `python -m` puts the repository root on sys.path, where fastft's kernels/ folder shadows the
-    # PyPI package `kernels` that transformers and bitsandbytes probe for; fastft is installed.
+def _drop_repo_root():
+    """`python -m` puts the repository root on sys.path, where fastft's kernels/ folder shadows the
+    PyPI package `kernels` that transformers and bitsandbytes probe for; fastft itself is installed."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
+
+
+def _worker_main(spec_json: str) -> int:
+    _drop_repo_root()
     spec = json.loads(spec_json)
     try:
         res = worker(spec)
@@ -763,6 +769,7 @@ def run(suite: str) -> list[dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--brief", metavar="JSONL", help="print a one-line summary of rows written by --json and exit")
     ap.add_argument("--case", action="append", default=[], help="a case of --list; repeatable")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
     ap.add_argument("--variants", help="comma-separated subset of the case's variants")
@@ -778,8 +785,14 @@ def main(argv=None) -> int:
     ap.add_argument("--record", action="store_true", help="record the rows under benchmarks/results (suite by device)")
     ap.add_argument("--check", action="store_true", help="exit 1 when a variant fails or disagrees with the gold")
     a = ap.parse_args(argv)
+    if __name__ == "__main__":
+        _drop_repo_root()
     if a.worker:
         return _worker_main(a.worker)
+    if a.brief:
+        with open(a.brief) as f:
+            print(brief([json.loads(x) for x in f if x.strip()]))
+        return 0
     if a.list:
         for n, c in CASES.items():
             print(f"{n:24s} {case_title(n, c)}  variants: {','.join(c['variants'])}")
@@ -827,6 +840,23 @@ def main(argv=None) -> int:
         print("DISAGREES:", line)
     failed = [r for r in rows if r.get("error")]
     return 1 if a.check and (bad or failed) else 0
+
+
+def brief(rows) -> str:
+    """One line: each variant's tokens/s, speedup and agreement (gpu_check's summary)."""
+    out = []
+    for r in rows:
+        v = r.get("variant", r.get("impl"))
+        if r.get("skipped") or r.get("error"):
+            out.append(f"{v}: {'skipped' if r.get('skipped') else 'ERROR'}")
+            continue
+        if v == "gold":
+            out.append(f"gold: loss {r.get('first_loss', float('nan')):.6g}")
+            continue
+        tps = f" {r['tokens_per_s']:.0f} tok/s" if r.get("tokens_per_s") else ""
+        sp = f" x{r['speedup']}" if r.get("speedup") else ""
+        out.append(f"{v}:{tps}{sp} agree={r.get('agree')}")
+    return "; ".join(out)
 
 
 def table(rows) -> str:

@@ -308,10 +308,32 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_flags() -> dict:
+    """The ISA features that decide which GEMM / kernel code runs on this CPU (MKL, oneDNN and
+    fastft's C++ kernels each pick code by them): a CPU number means little without them."""
+    want = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return {k: k in have for k in want}
+    except OSError:
+        pass
+    return {}
+
+
+def allocator_env() -> dict:
+    """Environment that changes the allocator (glibc malloc tunables, a preloaded allocator)."""
+    return {k: v for k, v in os.environ.items()
+            if k.startswith("MALLOC_") or k in ("LD_PRELOAD", "PYTORCH_CUDA_ALLOC_CONF", "OMP_NUM_THREADS")}
+
+
 def machine(suite: str = "cpu") -> dict:
     """What the numbers were measured on."""
     m = {"cpu": _cpu_model(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-         "platform": platform.platform(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+         "platform": platform.platform(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+         "cpu_flags": [k for k, v in cpu_flags().items() if v], "allocator_env": allocator_env()}
     try:
         import psutil
 
