@@ -103,10 +103,10 @@ CASES = {
     # GPU: the issue's headline shapes.
     "gpu-8b-qlora": dict(source=("shape", "llama-3.1-8b"), quant="nf4", batch=2, seq=2048, dtype="bfloat16",
                          autocast=True, device="cuda", steps=4, warmup=2,
-                         variants=["fastft", "hf", "hf-liger", "fastft-patch", "gold"]),
+                         variants=["fastft", "hf", "gold", "hf-liger", "fastft-patch"]),
     "gpu-1b-lora": dict(source=("shape", "llama-3.2-1b"), quant=None, batch=1, seq=8192, dtype="bfloat16",
                         autocast=True, device="cuda", steps=4, warmup=2,
-                        variants=["fastft", "hf", "hf-liger", "fastft-patch", "gold"]),
+                        variants=["fastft", "hf", "gold", "hf-liger", "fastft-patch"]),
     # Smoke runs (CI, gpu_check --dry-run): the Llama-3 structure at toy size, fp32 on the CPU.
     "tiny-qlora": dict(source=("shape", "tiny-llama"), quant="nf4", batch=2, seq=32, dtype="float32", autocast=False,
                        device="cpu", steps=1, warmup=1, variants=["fastft", "fastft-patch", "hf", "hf-liger", "gold"]),
@@ -576,8 +576,9 @@ def case_title(name, case) -> str:
 
 
 def run_case(name: str, *, rounds: int = 1, steps=None, warmup=None, threads=None, variants=None, spawn="exec",
-             budget: float | None = None, seed: int = 0, log=print) -> list[dict]:
-    """Run one case; returns its rows (one per variant, plus skips and errors)."""
+             budget: float | None = None, seed: int = 0, log=print, raw_path: str | None = None) -> list[dict]:
+    """Run one case; returns its rows (one per variant, plus skips and errors). ``raw_path``: each
+    process's raw result is appended there as it arrives (a run killed mid-case keeps them)."""
     from . import common
 
     case = dict(CASES[name])
@@ -599,8 +600,10 @@ def run_case(name: str, *, rounds: int = 1, steps=None, warmup=None, threads=Non
             log(f"# {name} {v}: skipped ({why})")
         else:
             runnable.append(v)
-    # gold (first step only) runs once, last, so a time box cuts it before any timed variant.
+    # gold (first step only) runs once, in round 0, where the case lists it: the GPU cases put it
+    # right after the baseline, so a time box cuts optional variants before the agreement check.
     timed = [v for v in runnable if v != "gold"]
+    order0 = list(runnable)
     results: dict[str, list[dict]] = {v: [] for v in runnable}
     env_facts = {"cpu_flags": cpu_flags(), "allocator_env": allocator_env(), "spawn": spawn}
 
@@ -618,6 +621,9 @@ def run_case(name: str, *, rounds: int = 1, steps=None, warmup=None, threads=Non
             res["round"] = r
             res["load_avg_before"] = load0
         results[v].append(res)
+        if raw_path:
+            with open(raw_path, "a") as f:
+                f.write(json.dumps({"case": name, **res}, sort_keys=True) + "\n")
         brief = {k: res.get(k) for k in ("median_s", "first_loss", "grad_norm", "peak_allocated_mb", "peak_rss_mb",
                                          "error") if res.get(k) is not None}
         log(f"# {name} round {r} {v}: {brief}")
@@ -625,7 +631,7 @@ def run_case(name: str, *, rounds: int = 1, steps=None, warmup=None, threads=Non
 
     liger_no_flce = False
     for r in range(rounds):
-        order = timed if r % 2 == 0 else list(reversed(timed))
+        order = order0 if r == 0 else (timed if r % 2 == 0 else list(reversed(timed)))
         for v in order:
             res = run_one(v, r, no_flce=v == LIGER and liger_no_flce)
             if v == LIGER and "error" in res and not liger_no_flce and "timeout" not in res["error"] \
@@ -636,8 +642,6 @@ def run_case(name: str, *, rounds: int = 1, steps=None, warmup=None, threads=Non
                 liger_no_flce = True
                 results[v][-1]["superseded"] = True
                 run_one(v, r, no_flce=True)
-    if "gold" in runnable:
-        run_one("gold", 0)
 
     rows += summarize(name, case, title, results, env_facts)
     return rows
@@ -813,13 +817,19 @@ def main(argv=None) -> int:
             pass
     from . import common
 
+    common.CURRENT_BENCH = "step"
+    stream = os.environ.get("FASTFT_BENCH_STREAM")
+    if stream and not os.path.exists(stream):  # `benchmarks.run --ingest` needs the environment first
+        suite = "gpu" if any(CASES[c]["device"] == "cuda" for c in a.case) else "cpu"
+        with open(stream, "a") as f:
+            f.write(json.dumps({"_env": common.environment(suite)}, sort_keys=True) + "\n")
     t_end = time.monotonic() + a.budget if a.budget else None
     rows = []
     for name in a.case:
         left = (t_end - time.monotonic()) if t_end else None
         rows += run_case(name, rounds=a.rounds, steps=a.steps, warmup=a.warmup, threads=a.threads,
                          variants=a.variants.split(",") if a.variants else None, spawn=a.spawn, budget=left,
-                         seed=a.seed, log=lambda s: print(s, flush=True))
+                         seed=a.seed, log=lambda s: print(s, flush=True), raw_path=a.json + ".raw" if a.json else None)
     for r in rows:
         print(json.dumps(r, sort_keys=True), flush=True)
     if a.json:

@@ -318,7 +318,7 @@ def _res_usage(cubin: bytes, name: str) -> tuple[int | None, int | None, str | N
 
 
 def compile_kernel(kernel, signature: dict, constexprs: dict, arch: int, num_warps: int = 4,
-                   num_stages: int = 3) -> dict:
+                   num_stages: int = 3, **options) -> dict:
     """Compile ``kernel`` for ``sm_<arch>`` and report its resource use.
 
     ``signature`` maps each runtime parameter to a Triton type string ("*fp16", "*bf16", "*fp32",
@@ -327,9 +327,10 @@ def compile_kernel(kernel, signature: dict, constexprs: dict, arch: int, num_war
     time, as in triton.tools.compile); ``constexprs`` maps every ``tl.constexpr`` parameter to its
     value. Returns a dict with ``shared`` (bytes), ``registers``, ``spills`` (bytes; None when
     cuobjdump is missing, see ``cuobjdump``), ``wgmma`` (bool), ``ptx`` (str), plus ``cubin``,
-    ``name``, ``arch``, ``num_warps``, ``num_stages``.
+    ``name``, ``arch``, ``num_warps``, ``num_stages``. Further keyword arguments are compile options
+    as a launch passes them (e.g. ``enable_fp_fusion=False``).
     """
-    options = {"num_warps": int(num_warps), "num_stages": int(num_stages)}
+    options = {"num_warps": int(num_warps), "num_stages": int(num_stages), **options}
     with _compilable(kernel) as fn:
         src = _make_source(fn, signature, constexprs)
         compiled = triton.compile(src, target=_target(arch), options=options)
