@@ -11,7 +11,7 @@ autotune key, in every new process. Three rules on top of it, applied by :func:`
   config that faults would take the process down even if it would never be picked;
   benchmarks/gpu_check.sh turns the switch on in a separate process stage. At least one config
   always remains (the first, if every candidate is unvalidated).
-* **Bounded tuning.** At most ``FASTFT_AUTOTUNE_MAX`` candidates (``_tuning.cap``), and at most
+* **Bounded tuning.** At most ``FASTFT_AUTOTUNE_MAX`` candidates (``cap``), and at most
   ``FASTFT_AUTOTUNE_BUDGET`` seconds (default 10) of compiling + timing per (kernel, key): once the
   budget is spent, the remaining candidates are not compiled (timed as infinite). The first
   candidate, the kernel's preferred config, always runs. So a first training step stalls for
@@ -36,7 +36,10 @@ import types
 import torch
 import triton
 
-from . import _tuning
+try:  # the kernel toolkit (kernels/_common.py) holds the FASTFT_AUTOTUNE_MAX cap
+    from ._common import autotune_max, cap
+except ImportError:  # the layout before kernels/_common.py
+    from ._tuning import autotune_max, cap
 
 DEFAULT_BUDGET_S = 10.0
 _MARK = "_fastft_unvalidated"
@@ -96,7 +99,7 @@ def gate(configs: list) -> list:
     if not unvalidated_allowed():
         kept = [c for c in configs if not is_unvalidated(c)]
         configs = kept or configs[:1]
-    return _tuning.cap(configs)
+    return cap(configs)
 
 
 # ------------------------------------------------------------------------------------- disk cache
@@ -119,7 +122,7 @@ def device_key(device=None) -> str:
         cc = "%d.%d" % torch.cuda.get_device_capability(idx)
         dev = f"{name}-sm{cc}"
     parts = [dev, f"torch{torch.__version__}", f"triton{triton.__version__}", f"fastft{_version('fastft')}",
-             f"unvalidated{int(unvalidated_allowed())}", f"max{_tuning.autotune_max()}"]
+             f"unvalidated{int(unvalidated_allowed())}", f"max{autotune_max()}"]
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", "_".join(parts))
 
 
