@@ -92,14 +92,19 @@ def is_unvalidated(config) -> bool:
     return bool(getattr(config, _MARK, None))
 
 
+def admitted(configs: list) -> list:
+    """The candidates without the unvalidated ones (all of them with the switch on); never empty
+    when ``configs`` is not (the first one stays)."""
+    configs = list(configs)
+    if unvalidated_allowed():
+        return configs
+    return [c for c in configs if not is_unvalidated(c)] or configs[:1]
+
+
 def gate(configs: list) -> list:
     """The candidates the autotuner may run: unvalidated ones only with the switch, then the cap.
     Never empty when ``configs`` is not."""
-    configs = list(configs)
-    if not unvalidated_allowed():
-        kept = [c for c in configs if not is_unvalidated(c)]
-        configs = kept or configs[:1]
-    return cap(configs)
+    return cap(admitted(configs))
 
 
 # ------------------------------------------------------------------------------------- disk cache
@@ -225,5 +230,5 @@ def policy(tuner, name: str | None = None):
     return tuner
 
 
-__all__ = ["DEFAULT_BUDGET_S", "budget_s", "cache_dir", "cache_file", "device_key", "gate", "is_unvalidated",
+__all__ = ["DEFAULT_BUDGET_S", "admitted", "budget_s", "cache_dir", "cache_file", "device_key", "gate", "is_unvalidated",
            "load", "policy", "store", "unvalidated", "unvalidated_allowed"]
