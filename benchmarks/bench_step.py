@@ -26,11 +26,15 @@ the weights' footprint; CPU: the peak RSS from the end of building, reset throug
 ``/proc/self/clear_refs``, and the process's whole-life peak), and the first step's loss and
 gradient norm (over the LoRA parameters, before the optimizer's first update).
 
+* ``ref``: the gold's model (transformers + PEFT, dense weights -- for QLoRA the NF4 weights
+  dequantized by fastft's quantizer) in the variants' own precision, first step only: PyTorch
+  computing the same function in that dtype.
+
 **Agreement** (proof that every variant does the same work): a variant's first-step loss L (and
-gradient norm G) must be within ``tol = 2 * |L_hf - L_gold| + floor * max(|L_gold|, 1)`` of the gold
-value -- the rule of ``tests/utils.py``: twice PyTorch's own error in the compute dtype (the
-transformers + PEFT row is PyTorch computing the same thing in that dtype), plus a few ulps of the
-dtype (``FLOOR``: 8e-3 for bf16, 1e-6 for fp32). Without a gold row the check reports ``agree=None``.
+gradient norm G) must be within ``tol = 2 * |L_ref - L_gold| + floor * max(|L_gold|, 1)`` of the gold
+value -- the rule of ``tests/utils.py``: twice PyTorch's own error in the compute dtype, plus a few
+ulps of the dtype (``FLOOR``: 8e-3 for bf16, 1e-6 for fp32). Without a ``ref`` row the
+transformers + PEFT row stands in; without a gold row the check reports ``agree=None``.
 
 **Timing robustness.** ``--rounds R`` repeats every variant R times in alternating order
 (ABC, CBA, ABC, ...), each process doing its own warm-up; reported: the median over rounds of
@@ -75,7 +79,9 @@ VARIANTS = {
     "hf": "transformers + PEFT{bnb} + SDPA",
     "hf-liger": "transformers + PEFT{bnb} + Liger-Kernel",
     "gold": "gold: transformers + PEFT, {gold_dtype}, dense{dq} weights (first step only)",
+    "ref": "reference: the gold's model in the variants' precision (first step only)",
 }
+FIRST_STEP_ONLY = ("gold", "ref")
 FASTFT_VARIANTS = ("fastft", "fastft-patch", "fastft-patch-hfloss")
 BASELINE, LIGER = "hf", "hf-liger"
 
@@ -84,17 +90,17 @@ CASES = {
     # CPU: the real model at the README's shape; fp32 (bf16 is emulated without AVX512-BF16).
     "cpu-smollm2-qlora": dict(source=("checkpoint", "smollm2"), quant="nf4", batch=4, seq=256, dtype="float32",
                               autocast=False, device="cpu", steps=5, warmup=2,
-                              variants=["fastft", "fastft-patch", "hf", "gold"]),
+                              variants=["fastft", "fastft-patch", "hf", "gold", "ref"]),
     "cpu-smollm2-lora": dict(source=("checkpoint", "smollm2"), quant=None, batch=4, seq=256, dtype="float32",
                              autocast=False, device="cpu", steps=5, warmup=2,
-                             variants=["fastft", "fastft-patch", "fastft-patch-hfloss", "hf", "gold"]),
+                             variants=["fastft", "fastft-patch", "fastft-patch-hfloss", "hf", "gold", "ref"]),
     # The same in bf16, for CPUs with native bf16 (the README's bf16 rows; ~100x slower where emulated).
     "cpu-smollm2-qlora-bf16": dict(source=("checkpoint", "smollm2"), quant="nf4", batch=4, seq=256, dtype="bfloat16",
                                    autocast=False, device="cpu", steps=5, warmup=2,
-                                   variants=["fastft", "fastft-patch", "hf", "gold"]),
+                                   variants=["fastft", "fastft-patch", "hf", "gold", "ref"]),
     "cpu-smollm2-lora-bf16": dict(source=("checkpoint", "smollm2"), quant=None, batch=4, seq=256, dtype="bfloat16",
                                   autocast=False, device="cpu", steps=5, warmup=2,
-                                  variants=["fastft", "fastft-patch", "fastft-patch-hfloss", "hf", "gold"]),
+                                  variants=["fastft", "fastft-patch", "fastft-patch-hfloss", "hf", "gold", "ref"]),
     # CPU, for memory: the Llama-3.2-1B shape at seq 2048, one timed step.
     "cpu-1b-qlora-mem": dict(source=("shape", "llama-3.2-1b"), quant="nf4", batch=1, seq=2048, dtype="float32",
                              autocast=False, device="cpu", steps=1, warmup=1, variants=["fastft", "fastft-patch", "hf"]),
@@ -103,15 +109,15 @@ CASES = {
     # GPU: the issue's headline shapes.
     "gpu-8b-qlora": dict(source=("shape", "llama-3.1-8b"), quant="nf4", batch=2, seq=2048, dtype="bfloat16",
                          autocast=True, device="cuda", steps=4, warmup=2,
-                         variants=["fastft", "hf", "gold", "hf-liger", "fastft-patch"]),
+                         variants=["fastft", "hf", "gold", "ref", "hf-liger", "fastft-patch"]),
     "gpu-1b-lora": dict(source=("shape", "llama-3.2-1b"), quant=None, batch=1, seq=8192, dtype="bfloat16",
                         autocast=True, device="cuda", steps=4, warmup=2,
-                        variants=["fastft", "hf", "gold", "hf-liger", "fastft-patch"]),
+                        variants=["fastft", "hf", "gold", "ref", "hf-liger", "fastft-patch"]),
     # Smoke runs (CI, gpu_check --dry-run): the Llama-3 structure at toy size, fp32 on the CPU.
     "tiny-qlora": dict(source=("shape", "tiny-llama"), quant="nf4", batch=2, seq=32, dtype="float32", autocast=False,
-                       device="cpu", steps=1, warmup=1, variants=["fastft", "fastft-patch", "hf", "hf-liger", "gold"]),
+                       device="cpu", steps=1, warmup=1, variants=["fastft", "fastft-patch", "hf", "hf-liger", "gold", "ref"]),
     "tiny-lora": dict(source=("shape", "tiny-llama"), quant=None, batch=2, seq=32, dtype="float32", autocast=False,
-                      device="cpu", steps=1, warmup=1, variants=["fastft", "fastft-patch", "hf", "hf-liger", "gold"]),
+                      device="cpu", steps=1, warmup=1, variants=["fastft", "fastft-patch", "hf", "hf-liger", "gold", "ref"]),
 }
 
 
@@ -326,8 +332,10 @@ def build(spec):
         model = _hf_model(spec, "bnb" if quant else None, wdt, device)
         _checkpointing(model, gc_kw)
         model = _peft_wrap(model)
-    elif variant == "gold":
-        gdt = _dtype(gold_dtype(spec))
+    elif variant in FIRST_STEP_ONLY:
+        # gold: one precision up; ref: the same model in the variants' own precision, i.e. PyTorch
+        # computing the same function in that dtype (the agreement tolerance's yardstick).
+        gdt = _dtype(gold_dtype(spec)) if variant == "gold" else wdt
         model = _hf_model(spec, "dequant" if quant else None, gdt, device)
         _checkpointing(model, gc_kw)
         model = _peft_wrap(model)
@@ -378,10 +386,11 @@ def worker(spec: dict) -> dict:
 
     def step(first=False):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            if variant == "gold":
+            if variant in FIRST_STEP_ONLY:
                 # transformers' loss upcasts the logits to fp32 only: the gold's loss is formed here,
-                # in the gold dtype, from its own logits.
+                # in the gold dtype (fp32 for the reference), from its own logits.
                 logits = model(input_ids=ids, use_cache=False).logits
+                logits = logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits
                 loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                          ids[:, 1:].reshape(-1))
                 del logits
@@ -396,7 +405,7 @@ def worker(spec: dict) -> dict:
         return float(loss.detach()), gn
 
     times = []
-    steps = 0 if variant == "gold" else int(spec["steps"])
+    steps = 0 if variant in FIRST_STEP_ONLY else int(spec["steps"])
     warmup = max(1, int(spec["warmup"]))
     for i in range(warmup + steps):
         if cuda:
@@ -602,7 +611,7 @@ def run_case(name: str, *, rounds: int = 1, steps=None, warmup=None, threads=Non
             runnable.append(v)
     # gold (first step only) runs once, in round 0, where the case lists it: the GPU cases put it
     # right after the baseline, so a time box cuts optional variants before the agreement check.
-    timed = [v for v in runnable if v != "gold"]
+    timed = [v for v in runnable if v not in FIRST_STEP_ONLY]
     order0 = list(runnable)
     results: dict[str, list[dict]] = {v: [] for v in runnable}
     env_facts = {"cpu_flags": cpu_flags(), "allocator_env": allocator_env(), "spawn": spawn}
@@ -660,7 +669,10 @@ def summarize(name, case, title, results, env_facts) -> list[dict]:
 
     tokens = case["batch"] * case["seq"]
     gold = _ok(results.get("gold", []))
-    base = _ok(results.get(BASELINE, []))
+    # PyTorch's own error in the dtype: the reference variant (the gold's model in the variants'
+    # precision); without it, the transformers + PEFT baseline (which may differ in more than
+    # precision, e.g. its own quantizer).
+    base = _ok(results.get("ref", [])) or _ok(results.get(BASELINE, []))
     g = gold[0] if gold else None
     b = base[0] if base else None
     tol_loss = tol_gn = None
@@ -706,10 +718,10 @@ def summarize(name, case, title, results, env_facts) -> list[dict]:
         if g is not None:
             extra["loss_err_vs_gold"] = abs(first["first_loss"] - g["first_loss"])
             extra["grad_norm_err_vs_gold"] = abs(first["grad_norm"] - g["grad_norm"])
-        if tol_loss is not None and v != "gold":
+        if tol_loss is not None and v not in FIRST_STEP_ONLY:
             extra.update(loss_tol=tol_loss, grad_norm_tol=tol_gn,
                          agree=bool(extra["loss_err_vs_gold"] <= tol_loss and extra["grad_norm_err_vs_gold"] <= tol_gn))
-        elif v != "gold":
+        elif v not in FIRST_STEP_ONLY:
             extra["agree"] = None
         t = med(v)
         kw = {}
@@ -860,8 +872,8 @@ def brief(rows) -> str:
         if r.get("skipped") or r.get("error"):
             out.append(f"{v}: {'skipped' if r.get('skipped') else 'ERROR'}")
             continue
-        if v == "gold":
-            out.append(f"gold: loss {r.get('first_loss', float('nan')):.6g}")
+        if v in FIRST_STEP_ONLY:
+            out.append(f"{v}: loss {r.get('first_loss', float('nan')):.6g}")
             continue
         tps = f" {r['tokens_per_s']:.0f} tok/s" if r.get("tokens_per_s") else ""
         sp = f" x{r['speedup']}" if r.get("speedup") else ""
