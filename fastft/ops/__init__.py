@@ -88,7 +88,25 @@ def cross_entropy_grad_(logits, targets, ignore_index=-100):
     return dispatch.get_impl("cross_entropy_grad_", logits.device)(logits, targets, ignore_index)
 
 
+def linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, reduction="mean", bias=None, chunk_rows=None):
+    """Cross-entropy of ``hidden @ weightᵀ + bias`` (the LM head) against ``labels``, never keeping
+    the (tokens × vocab) logits for backward.
+
+    hidden (..., H), weight (V, H), labels (...) int (no shift: callers shift for causal LMs),
+    ``ignore_index`` rows skipped; ``reduction`` "mean" (over non-ignored rows, as F.cross_entropy:
+    NaN when all are ignored) or "sum". The loss is computed in at least fp32; the logits' matmul runs
+    in autocast's dtype when autocast is on. Gradients flow to ``hidden`` and, when they require
+    grad, ``weight`` and ``bias``. ``chunk_rows`` overrides the chunk size (default: from the
+    vocabulary and the device's free memory).
+    """
+    from .loss import check_linear_cross_entropy_args
+
+    check_linear_cross_entropy_args(hidden, weight, labels, ignore_index, reduction, bias)
+    return dispatch.get_impl("linear_cross_entropy", hidden.device)(
+        hidden, weight, labels, ignore_index=ignore_index, reduction=reduction, bias=bias, chunk_rows=chunk_rows)
+
+
 __all__ = [
-    "attention", "cross_entropy_grad_", "rms_norm", "rope", "silu_mul", "attention_varlen", "lora_linear", "quant_matmul", "nf4_quantize", "nf4_dequantize",
+    "linear_cross_entropy", "attention", "cross_entropy_grad_", "rms_norm", "rope", "silu_mul", "attention_varlen", "lora_linear", "quant_matmul", "nf4_quantize", "nf4_dequantize",
     "int4_quantize", "int4_dequantize", "backend_for", "impl", "register", "dispatch",
 ]

@@ -40,11 +40,13 @@ _PROVIDERS: dict[str, list[str]] = {
     "triton": ["fastft.kernels.attention", "fastft.kernels.quant", "fastft.kernels.lora"],
     # The C++ extension's Python side registers the CPU ops it was built with.
     "cpp": ["fastft.ops.cpp"],
-    "torch": ["fastft.ops.lean"],
+    "torch": ["fastft.ops.lean", "fastft.ops.loss"],
 }
 # On CUDA, ops whose first choice is not triton, from measurements (benchmarks/results/gpu.md,
 # benchmarks/NOTES.md): on an H200 the lean cuBLAS compositions beat the fused Triton GEMMs.
 CUDA_PREFER: dict[str, str] = {"lora_linear": "torch", "quant_matmul": "torch",
+                               # chunked cuBLAS GEMMs around the cross-entropy rows kernel
+                               "linear_cross_entropy": "torch",
                                # the fused LoRA node's quantized dX: the Triton dequantize + cuBLAS
                                "quant_matmul_grad_x": "torch"}
 _loaded: set[str] = set()
