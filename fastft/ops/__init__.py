@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch
+from .argcheck import check_linear_cross_entropy_args
 from .dispatch import backend_for, impl, register
 
 
@@ -99,8 +100,6 @@ def linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, reduction
     grad, ``weight`` and ``bias``. ``chunk_rows`` overrides the chunk size (default: from the
     vocabulary and the device's free memory).
     """
-    from .loss import check_linear_cross_entropy_args
-
     check_linear_cross_entropy_args(hidden, weight, labels, ignore_index, reduction, bias)
     return dispatch.get_impl("linear_cross_entropy", hidden.device)(
         hidden, weight, labels, ignore_index=ignore_index, reduction=reduction, bias=bias, chunk_rows=chunk_rows)
