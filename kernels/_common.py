@@ -8,11 +8,13 @@ Host side (plain Python):
 * ``FLOAT_DTYPES`` (fp16 / bf16 / fp32: activations, accumulators' inputs) and ``IO_DTYPES`` (plus
   float64: what a quantizer reads and a dequantizer writes).
 * ``dot_flags(dtype)``: the ``UPCAST`` / ``PRECISION`` constexprs of every kernel that multiplies
-  through ``mma``. The fp32 rule: TF32 tensor cores when ``torch.get_float32_matmul_precision()``
-  is not "highest" (``torch.set_float32_matmul_precision("high")`` or, equivalently,
-  ``torch.backends.cuda.matmul.allow_tf32 = True``: torch keeps the two linked), exact IEEE fp32
-  products otherwise -- the choice torch's own fp32 matmuls make. Under the interpreter always
-  "ieee" (it computes every dot in fp32 anyway). 16-bit operands ignore the precision.
+  through ``mma``. The fp32 rule is the one torch's own CUDA fp32 matmuls follow: TF32 tensor
+  cores when ``torch.backends.cuda.matmul.fp32_precision`` is "tf32" -- set directly, through
+  ``torch.backends.fp32_precision``, or through the legacy ``torch.set_float32_matmul_precision("high")``
+  / ``torch.backends.cuda.matmul.allow_tf32 = True``, which torch maps onto it (reading that one
+  setting never raises, where the legacy getters do once both APIs were used) -- exact IEEE fp32
+  products otherwise. Under the interpreter always "ieee" (it computes every dot in fp32 anyway).
+  16-bit operands ignore the precision.
 * ``num_sms(device)``, ``capability(device)``: read once per device (cached), never at import.
 * ``draw_seed(generator)``: the Philox seed of in-kernel dropout; ``keep_mask`` materialises the mask
   the kernels regenerate (``dropout_keep``) for any seed, for tests.
@@ -99,9 +101,16 @@ def _capability(index: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------- precision
+def _tf32_allowed() -> bool:
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
+        return matmul.fp32_precision == "tf32"
+    return torch.get_float32_matmul_precision() != "highest"
+
+
 def matmul_precision(dtype: torch.dtype) -> str:
     """``tl.dot``'s input_precision for operands of ``dtype`` (the rule in the module docstring)."""
-    if dtype == torch.float32 and not interpreting() and torch.get_float32_matmul_precision() != "highest":
+    if dtype == torch.float32 and not interpreting() and _tf32_allowed():
         return "tf32"
     return "ieee"
 
@@ -243,7 +252,7 @@ def count_launches():
     try:
         yield c
     finally:
-        _counters.remove(c)
+        del _counters[next(i for i, other in enumerate(_counters) if other is c)]  # (equal counters are not it)
 
 
 def autotune_max() -> int:

@@ -74,6 +74,19 @@ SEED_PARAMS = ["seed0", "seed1", "seed2"]
 
 # ------------------------------------------------------------------------------------- helpers
 @triton.jit
+def load_k_tile(ptrs, offs_k, k_left, EVEN_K: tl.constexpr, K_AXIS: tl.constexpr):
+    """One K-step's operand tile: a plain load where K is a multiple of the block (EVEN_K), else
+    zeros past the ``k_left`` remaining columns (K_AXIS = 1) or rows (K_AXIS = 0)."""
+    if EVEN_K:
+        t = tl.load(ptrs)
+    elif K_AXIS == 1:
+        t = tl.load(ptrs, mask=(offs_k < k_left)[None, :], other=0.0)
+    else:
+        t = tl.load(ptrs, mask=(offs_k < k_left)[:, None], other=0.0)
+    return t
+
+
+@triton.jit
 def gemm_loop(acc, P, Q, rows, cols, Kdim, stride_pm, stride_pk, stride_qk, stride_qn, alpha,
               BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SCALE_P: tl.constexpr,
               UPCAST: tl.constexpr, PRECISION: tl.constexpr):
@@ -91,13 +104,8 @@ def gemm_loop(acc, P, Q, rows, cols, Kdim, stride_pm, stride_pk, stride_qk, stri
     p_off = rows[:, None] * stride_pm + offs_k[None, :] * stride_pk
     q_off = offs_k[:, None] * stride_qk + cols[None, :] * stride_qn
     for k0 in range(0, Kdim, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(P + p_off)
-            b = tl.load(Q + q_off)
-        else:
-            kmask = offs_k < Kdim - k0
-            a = tl.load(P + p_off, mask=kmask[None, :], other=0.0)
-            b = tl.load(Q + q_off, mask=kmask[:, None], other=0.0)
+        a = load_k_tile(P + p_off, offs_k, Kdim - k0, EVEN_K=EVEN_K, K_AXIS=1)
+        b = load_k_tile(Q + q_off, offs_k, Kdim - k0, EVEN_K=EVEN_K, K_AXIS=0)
         if SCALE_P:
             a = (a.to(tl.float32) * alpha).to(b.dtype)
         acc = mma(a, b, acc, UPCAST=UPCAST, PRECISION=PRECISION)

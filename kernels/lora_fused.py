@@ -20,9 +20,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import Tuned, draw_seed, grouped_pid, launch, mma, dot_flags
+from ._common import Tuned, dot_flags, draw_seed, grouped_pid, launch, mma
 from .lora import (INTERPRET_CONFIG, backward, block_r, cast_inputs, check, down, even_k, fwd, gemm_configs, gemm_grid,
-                   gemm_loop, m_key, prune_gemm, rows2d, tile_origin)
+                   gemm_loop, load_k_tile, m_key, prune_gemm, rows2d, tile_origin)
 
 __all__ = ["lora_qkv", "lora_gate_up_swiglu", "LoraMultiFunction", "LoraSwiGLUFunction", "SWIGLU"]
 
@@ -54,15 +54,9 @@ def _lora_swiglu_fwd_kernel(X, WG, WU, UG, UU, BG, BU, BIASG, BIASU, G, UP, H, M
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            x = tl.load(Xt + x_off)
-            wg = tl.load(WGt + w_off)
-            wu = tl.load(WUt + w_off)
-        else:
-            kmask = offs_k < K - k0
-            x = tl.load(Xt + x_off, mask=kmask[None, :], other=0.0)
-            wg = tl.load(WGt + w_off, mask=kmask[:, None], other=0.0)
-            wu = tl.load(WUt + w_off, mask=kmask[:, None], other=0.0)
+        x = load_k_tile(Xt + x_off, offs_k, K - k0, EVEN_K=EVEN_K, K_AXIS=1)
+        wg = load_k_tile(WGt + w_off, offs_k, K - k0, EVEN_K=EVEN_K, K_AXIS=0)
+        wu = load_k_tile(WUt + w_off, offs_k, K - k0, EVEN_K=EVEN_K, K_AXIS=0)
         acc_g = mma(x, wg, acc_g, UPCAST=UPCAST, PRECISION=PRECISION)
         acc_u = mma(x, wu, acc_u, UPCAST=UPCAST, PRECISION=PRECISION)
         Xt += BLOCK_K

@@ -26,7 +26,7 @@ so the kernel multiplies exactly the values of ``dequantize(x.dtype)``. fp32 dot
 Tuning: ``matmul_configs(kind)`` lists (pruned per problem by ``_prune_configs``; the autotune key
 buckets M to a power of two) for "fwd" (M > 16), "bwd", and "decode" (M <= 16, split-K) for the
 general path and for fp32 activations. Every config compiles for sm_80 and sm_90 without spills
-(fp32: a few bytes) and the M >= 64 tiles use wgmma on sm_90 (tests/test_aot_quant.py). Under the
+(fp32: a few bytes) and the M >= 64 tiles use wgmma on sm_90 (tests/test_aot_quant_matmul.py). Under the
 interpreter each kernel runs one config (``INTERPRET_CONFIGS``).
 
 Performance (benchmarks/bench_quant_matmul.py, benchmarks/NOTES.md): for large M the in-register
@@ -131,7 +131,7 @@ def _quant_matmul_bwd_kernel(
 
 # ================================================================================ configurations
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages). Every entry compiles for sm_80 and
-# sm_90 without register spills (tests/test_aot_quant.py); BLOCK_M >= 64 entries use wgmma on sm_90.
+# sm_90 without register spills (tests/test_aot_quant_matmul.py); BLOCK_M >= 64 entries use wgmma on sm_90.
 # BLOCK_K = 32 in the training shapes: with the W tile decoded in registers, 128x128x64 tiles run
 # out of registers on sm_80 (255 + spills), 128x128x32 with 8 warps does not.
 # "bwd": BLOCK_N is the reduction tile, BLOCK_K the output tile.

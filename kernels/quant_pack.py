@@ -44,7 +44,7 @@ Kernels
   per weight element and pushed 128x128 matmul tiles into register spills.
 
 Row kernels use a fixed launch heuristic (``_common.rows_per_program``), no autotune. Every kernel
-compiles for sm_80 / sm_90 at every block size it accepts without spills (tests/test_aot_quant.py).
+compiles for sm_80 / sm_90 at every block size it accepts without spills (tests/test_aot_quant_pack.py).
 
 Limits: blocksize / group_size powers of two >= 32 (bitsandbytes' set for NF4; 32/64/128 for int4 in
 practice: other int4 group sizes quantize / dequantize through the reference), in % group_size == 0

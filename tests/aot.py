@@ -44,8 +44,8 @@ import pytest
 import triton
 import triton.language  # noqa: F401 (snapshot below)
 
-__all__ = ["compile_kernel", "cuobjdump_path", "nvdisasm_path", "pristine_triton_language", "sass_loop", "sass_ops",
-           "unwrap_jit"]
+__all__ = ["assert_no_spills", "compile_kernel", "cuobjdump_path", "nvdisasm_path", "pristine_triton_language",
+           "report", "sass_loop", "sass_ops", "unwrap_jit"]
 
 
 # --------------------------------------------------------------------------------------- unwrapping
@@ -396,3 +396,15 @@ def pristine_triton_language():
                 except (AttributeError, TypeError):  # read-only class attributes (__dict__, ...)
                     pass
     yield
+
+
+def report(what: str, r: dict) -> None:
+    """One line per compile (run pytest with -s to see the table)."""
+    print(f"sm_{r['arch']} {what}: shared={r['shared']} B, registers={r['registers']}, spills={r['spills']}, "
+          f"wgmma={r['wgmma']}")
+
+
+def assert_no_spills(r: dict, what: str) -> None:
+    if r["spills"] is None:
+        pytest.fail(f"{what}: cannot read register use ({r['cuobjdump']})")
+    assert r["spills"] == 0, f"{what}: {r['spills']} bytes spilled, {r['registers']} registers (sm_{r['arch']})"

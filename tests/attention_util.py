@@ -75,3 +75,13 @@ def make_qkv(B, Hq, Hkv, T, S, D, dtype, device):
     k = torch.randn(B, Hkv, S, D, device=device).to(dtype)
     v = torch.randn(B, Hkv, S, D, device=device).to(dtype)
     return q, k, v
+
+
+def parametrize_dtype(metafunc):
+    """The attention tests' ``dtype``: fp16 and fp32, and bf16 only where it can actually be checked
+    (on a GPU: the interpreter upcasts bf16 dots), so no skipped parametrizations on CPU."""
+    if "dtype" in metafunc.fixturenames:
+        dts = [torch.float16, torch.float32]
+        if metafunc.config.getoption("--device") == "cuda":
+            dts.insert(1, torch.bfloat16)
+        metafunc.parametrize("dtype", dts, ids=lambda d: str(d).replace("torch.", ""))

@@ -5,21 +5,10 @@ the K loop stays within its instruction budget (SASS, sm_90).
 import pytest
 
 from fastft.kernels import quant_decode
-from tests.aot import compile_kernel, pristine_triton_language, sass_loop  # noqa: F401 (fixture)
+from tests.aot import assert_no_spills, compile_kernel, pristine_triton_language, report, sass_loop  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("pristine_triton_language")
 ARCHS = [80, 90]
-
-
-def _report(what, r):
-    print(f"sm_{r['arch']} {what}: shared={r['shared']} B, registers={r['registers']}, spills={r['spills']}, "
-          f"wgmma={r['wgmma']}")
-
-
-def _no_spills(r, what):
-    if r["spills"] is None:
-        pytest.fail(f"{what}: cannot read register use ({r['cuobjdump']})")
-    assert r["spills"] == 0, f"{what}: {r['spills']} bytes spilled, {r['registers']} registers (sm_{r['arch']})"
 
 
 # The aligned fp16 / bf16 decode kernel (M <= 16): NF4 (double quant or not), int4 both flavours,
@@ -56,8 +45,8 @@ def _decode_compile(arch, act, qtype, double_quant, symmetric, split, qblock=64,
 def test_decode_kernel_compiles(variant, arch):
     r = _decode_compile(arch, **DECODE_VARIANTS[variant])
     what = f"quant_decode {variant}"
-    _report(what, r)
-    _no_spills(r, what)
+    report(what, r)
+    assert_no_spills(r, what)
     # Small enough for several programs per SM (benchmarks/NOTES.md: the training tile at M = 1 took 233).
     assert r["registers"] <= 128, f"{what}: {r['registers']} registers"
 

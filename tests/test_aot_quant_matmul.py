@@ -8,21 +8,10 @@ shared memory, registers and spills (run with -s to see the table).
 import pytest
 
 from fastft.kernels import quant_matmul as qmm
-from tests.aot import compile_kernel, pristine_triton_language  # noqa: F401 (fixture)
+from tests.aot import assert_no_spills, compile_kernel, pristine_triton_language, report  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("pristine_triton_language")
 ARCHS = [80, 90]
-
-
-def _report(what, r):
-    print(f"sm_{r['arch']} {what}: shared={r['shared']} B, registers={r['registers']}, spills={r['spills']}, "
-          f"wgmma={r['wgmma']}")
-
-
-def _no_spills(r, what):
-    if r["spills"] is None:
-        pytest.fail(f"{what}: cannot read register use ({r['cuobjdump']})")
-    assert r["spills"] == 0, f"{what}: {r['spills']} bytes spilled, {r['registers']} registers (sm_{r['arch']})"
 
 
 def _mm_spec(kind, *, act=None, qtype=0, double_quant=True, symmetric=False, has_bias=True, split_k=None,
@@ -71,11 +60,11 @@ def test_matmul_config_compiles(kind, cfg, arch):
     kernel, sig, ce = _mm_spec(kind)
     r = compile_kernel(kernel, sig, {**ce, **cfg.kwargs}, arch, cfg.num_warps, cfg.num_stages)
     what = f"quant_matmul {kind} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}"
-    _report(what, r)
+    report(what, r)
     if kind.startswith("fp32_"):
         assert r["spills"] is not None and r["spills"] <= FP32_SPILL_LIMIT, f"{what}: {r['spills']} bytes spilled"
         return
-    _no_spills(r, what)
+    assert_no_spills(r, what)
     if arch == 90 and cfg.kwargs["BLOCK_M"] >= 64:
         assert r["wgmma"], f"{what}: no wgmma on sm_90"
 
@@ -101,7 +90,7 @@ def test_matmul_variants_compile(variant, arch):
     kernel, sig, ce = _mm_spec(kind, **kw)
     r = compile_kernel(kernel, sig, {**ce, **cfg.kwargs}, arch, cfg.num_warps, cfg.num_stages)
     what = f"quant_matmul {kind} {variant} {cfg.kwargs}"
-    _report(what, r)
-    _no_spills(r, what)
+    report(what, r)
+    assert_no_spills(r, what)
     if arch == 90:
         assert r["wgmma"], f"{what}: no wgmma on sm_90"

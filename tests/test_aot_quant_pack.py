@@ -5,21 +5,10 @@ accept without spills, and the NF4 dequantizer's stores are vector stores.
 import pytest
 
 from fastft.kernels import _common, quant_pack
-from tests.aot import compile_kernel, pristine_triton_language, sass_ops  # noqa: F401 (fixture)
+from tests.aot import assert_no_spills, compile_kernel, pristine_triton_language, report, sass_ops  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("pristine_triton_language")
 ARCHS = [80, 90]
-
-
-def _report(what, r):
-    print(f"sm_{r['arch']} {what}: shared={r['shared']} B, registers={r['registers']}, spills={r['spills']}, "
-          f"wgmma={r['wgmma']}")
-
-
-def _no_spills(r, what):
-    if r["spills"] is None:
-        pytest.fail(f"{what}: cannot read register use ({r['cuobjdump']})")
-    assert r["spills"] == 0, f"{what}: {r['spills']} bytes spilled, {r['registers']} registers (sm_{r['arch']})"
 
 
 NF4_BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
@@ -35,8 +24,8 @@ def test_nf4_row_kernels_compile(arch):
         r = compile_kernel(quant_pack._nf4_quantize_kernel, {"w_ptr": "*bf16", "out_ptr": "*u8", "absmax_ptr": "*fp32",
                                                     "mids_ptr": "*fp32", "n": "i64", "nblocks": "i32"},
                            {"BS": bs, "ROWS": rows}, arch)
-        _report(f"nf4_quantize bs={bs} rows={rows}", r)
-        _no_spills(r, f"nf4_quantize bs={bs}")
+        report(f"nf4_quantize bs={bs} rows={rows}", r)
+        assert_no_spills(r, f"nf4_quantize bs={bs}")
         for dq in ((True, False) if bs == 64 else (True,)):  # dq=False only removes loads: one bs
             for out, word in ((2, "*i32:16"), (0, "*i64:16"), (3, "*fp64:16")):  # bf16, fp32, fp64
                 for masked in ((False, True) if out == 2 else (False,)):
@@ -49,8 +38,8 @@ def test_nf4_row_kernels_compile(arch):
                         {"BS": bs, "NBS": 256, "DOUBLE_QUANT": dq, "ROWS": rows, "MASKED": masked, "OUT": out,
                          "UPCAST": False}, arch, num_warps=quant_pack.DEQUANT_WARPS)
                     what = f"nf4_dequantize bs={bs} dq={dq} out={out} masked={masked}"
-                    _report(what, r)
-                    _no_spills(r, what)
+                    report(what, r)
+                    assert_no_spills(r, what)
                     if out == 2 and not masked and bs == 64:
                         # The codes are one vector load and the outputs vector stores per thread
                         # (an element-order tile stores 2-byte values one at a time).
@@ -61,8 +50,8 @@ def test_nf4_row_kernels_compile(arch):
     r = compile_kernel(quant_pack._dq8_quantize_kernel, {"absmax_ptr": "*fp32", "code_ptr": "*u8", "nested_ptr": "*fp32",
                                                 "mids_ptr": "*fp64", "nblocks": "i32", "offset": "fp32"},
                        {"NBS": 256}, arch)
-    _report("dq8_quantize", r)
-    _no_spills(r, "dq8_quantize")
+    report("dq8_quantize", r)
+    assert_no_spills(r, "dq8_quantize")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -73,13 +62,13 @@ def test_int4_row_kernels_compile(arch):
             r = compile_kernel(quant_pack._int4_quantize_kernel, {"w_ptr": "*bf16", "data_ptr": "*u8", "scale_ptr": "*fp32",
                                                          "zero_ptr": "*fp32", "N": "i32", "K": "i32"},
                                {"G": g, "SYMMETRIC": sym, "ROWS": rows}, arch, num_warps=quant_pack.QUANTIZE_WARPS)
-            _report(f"int4_quantize g={g} sym={sym}", r)
-            _no_spills(r, f"int4_quantize g={g} sym={sym}")
+            report(f"int4_quantize g={g} sym={sym}", r)
+            assert_no_spills(r, f"int4_quantize g={g} sym={sym}")
             if sym and g != 128:
                 continue  # symmetric dequantize = asymmetric minus one load: one group size
             r = compile_kernel(quant_pack._int4_dequantize_kernel, {"data_ptr": "*u8", "scale_ptr": "*fp32",
                                                            "zero_ptr": "*fp32", "out_ptr": "*fp16", "N": "i32",
                                                            "K": "i32"},
                                {"G": g, "SYMMETRIC": sym, "ROWS": rows, "UPCAST": False}, arch)
-            _report(f"int4_dequantize g={g} sym={sym}", r)
-            _no_spills(r, f"int4_dequantize g={g} sym={sym}")
+            report(f"int4_dequantize g={g} sym={sym}", r)
+            assert_no_spills(r, f"int4_dequantize g={g} sym={sym}")

@@ -13,19 +13,13 @@ from fastft import ops
 from fastft.kernels import _common
 from fastft.kernels import attention as triton_attention
 from fastft.ops import dispatch, reference, triton_backend
-from tests.attention_util import attn_math, check_against_gold, make_kpm, make_qkv
+from tests.attention_util import attn_math, check_against_gold, make_kpm, make_qkv, parametrize_dtype
 from tests.utils import assert_close_to_gold
 
 pytestmark = pytest.mark.interpreter
 
 
-def pytest_generate_tests(metafunc):
-    # bf16 only where it can actually be checked: no skipped parametrizations on CPU.
-    if "dtype" in metafunc.fixturenames:
-        dts = [torch.float16, torch.float32]
-        if metafunc.config.getoption("--device") == "cuda":
-            dts.insert(1, torch.bfloat16)
-        metafunc.parametrize("dtype", dts, ids=lambda d: str(d).replace("torch.", ""))
+pytest_generate_tests = parametrize_dtype  # (tests/attention_util.py)
 
 def _pin(fwd=None, dq=None, dkdv=None, fwd_tma=False, fwd_pipe=False):
     """Run the kernels with these (BLOCK_M, BLOCK_N) tiles instead of the interpreter's (and the

@@ -10,19 +10,13 @@ import torch
 from fastft.kernels import _common
 from fastft.kernels import attention_decode
 from fastft.ops import reference, triton_backend
-from tests.attention_util import attn_math, make_kpm, make_qkv
+from tests.attention_util import attn_math, make_kpm, make_qkv, parametrize_dtype
 from tests.utils import assert_close_to_gold
 
 pytestmark = pytest.mark.interpreter
 
 
-def pytest_generate_tests(metafunc):
-    # bf16 only where it can actually be checked: no skipped parametrizations on CPU.
-    if "dtype" in metafunc.fixturenames:
-        dts = [torch.float16, torch.float32]
-        if metafunc.config.getoption("--device") == "cuda":
-            dts.insert(1, torch.bfloat16)
-        metafunc.parametrize("dtype", dts, ids=lambda d: str(d).replace("torch.", ""))
+pytest_generate_tests = parametrize_dtype  # (tests/attention_util.py)
 
 
 # ------------------------------------------------------------------------------------- decode

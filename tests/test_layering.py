@@ -59,3 +59,47 @@ def test_kernel_files_stay_small():
     """One op per kernel file, none much over 800 lines (STYLE.md; docs/CONTRACTS.md's op index)."""
     sizes = {p.name: len(p.read_text().splitlines()) for p in _kernel_files()}
     assert max(sizes.values()) <= 850, sizes
+
+
+def _jit_functions(trees):
+    """{name: [parameter names, constexpr flags]} of every @triton.jit function in the trees."""
+    out = {}
+    for tree in trees:
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.FunctionDef):
+                continue
+            if not any("jit" in ast.unparse(d) for d in node.decorator_list):
+                continue
+            params = node.args.args
+            out[node.name] = [(a.arg, a.annotation is not None and "constexpr" in ast.unparse(a.annotation))
+                              for a in params]
+    return out
+
+
+def _positional_constexprs(trees: dict, jit: dict) -> list:
+    bad = []
+    for fname, tree in trees.items():
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in jit):
+                continue
+            params = jit[node.func.id]
+            for i, _ in enumerate(node.args):
+                if i < len(params) and params[i][1] and params[i][0] != "dtype":
+                    bad.append(f"{fname}:{node.lineno} {node.func.id}(... {params[i][0]} positional)")
+    return bad
+
+
+def test_constexpr_flags_passed_by_keyword():
+    """At every call of a @triton.jit helper inside the kernels, constexpr parameters are passed by
+    keyword (``MASK_N=True``, ``UPCAST=UPCAST``), never as positional runs of literals -- except a
+    ``dtype`` argument (``cast(v, x.dtype, UPCAST=...)``)."""
+    trees = {p.name: ast.parse(p.read_text(), filename=str(p)) for p in _kernel_files()}
+    jit = _jit_functions(trees.values())
+    assert {"mma", "cast", "fwd_block", "gemm_loop", "dequant_tile"} <= set(jit)
+    bad = _positional_constexprs(trees, jit)
+    assert not bad, "constexpr arguments passed positionally:\n" + "\n".join(bad)
+    # the check finds a positional flag where there is one
+    src = ("@triton.jit\ndef h(x, FLAG: tl.constexpr):\n    return x\n"
+           "@triton.jit\ndef k(x):\n    h(x, True)\n    h(x, FLAG=True)\n")
+    tree = ast.parse(src)
+    assert _positional_constexprs({"t.py": tree}, _jit_functions([tree])) == ["t.py:6 h(... FLAG positional)"]

@@ -4,8 +4,6 @@ over a 4-bit base at decode shapes (one kernel on CUDA), against float64 with de
 
 On CPU everything runs under TRITON_INTERPRET=1 (tests/conftest.py) on small shapes.
 """
-import os
-
 import pytest
 import torch
 
@@ -17,15 +15,7 @@ from fastft.ops import triton_backend as tb
 from fastft.quant import NF4Weight
 from tests.utils import assert_close_to_gold
 
-pytestmark = pytest.mark.interpreter
-
-
-@pytest.fixture(autouse=True)
-def _triton_usable(device):
-    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.fail("CPU kernel tests need TRITON_INTERPRET=1 (set by tests/conftest.py)")
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("--device cuda given but no CUDA device")
+pytestmark = [pytest.mark.interpreter, pytest.mark.usefixtures("triton_usable")]
 
 
 WEIGHTS = {

@@ -10,8 +10,6 @@ way here.
 On CPU everything runs under TRITON_INTERPRET=1 (tests/conftest.py) on small shapes. bf16 runs on
 CPU too: the kernels upcast bf16 dots and round bf16 casts themselves when interpreting.
 """
-import os
-
 import pytest
 import torch
 
@@ -23,15 +21,7 @@ from fastft.ops import triton_backend as tb
 from fastft.quant import NF4Weight
 from tests.utils import assert_close_to_gold
 
-pytestmark = pytest.mark.interpreter
-
-
-@pytest.fixture(autouse=True)
-def _triton_usable(device):
-    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.fail("CPU kernel tests need TRITON_INTERPRET=1 (set by tests/conftest.py)")
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("--device cuda given but no CUDA device")
+pytestmark = [pytest.mark.interpreter, pytest.mark.usefixtures("triton_usable")]
 
 
 # ============================================================================ quant-matmul

@@ -11,7 +11,6 @@ On CPU everything runs under TRITON_INTERPRET=1 (tests/conftest.py) on small sha
 CPU too: the kernels round bf16 casts themselves when interpreting.
 """
 import importlib
-import os
 
 import pytest
 import torch
@@ -24,15 +23,7 @@ from fastft.quant import Int4Weight, NF4Weight
 from fastft.quant.codebooks import dynamic_map, nf4_midpoints
 from fastft.quant.nf4 import NESTED_BLOCKSIZE
 
-pytestmark = pytest.mark.interpreter
-
-
-@pytest.fixture(autouse=True)
-def _triton_usable(device):
-    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.fail("CPU kernel tests need TRITON_INTERPRET=1 (set by tests/conftest.py)")
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("--device cuda given but no CUDA device")
+pytestmark = [pytest.mark.interpreter, pytest.mark.usefixtures("triton_usable")]
 
 
 def _bnb():
