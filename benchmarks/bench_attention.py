@@ -122,7 +122,8 @@ def varlen_rows(device, timer, row, tokens=TOKENS, D=128, H=16, dtype=torch.bflo
     for t in (qp, kp, vp):
         t.requires_grad_(True)
     flops = sum(attn_flops(1, H, n, n, D, True) for n in lens)
-    t_var = _fwd_bwd_times(lambda q, k, v: triton_attention.attention_varlen(q, k, v, cu, L, causal=True), (q, k, v), timer)
+    t_var = _fwd_bwd_times(lambda q, k, v: triton_attention.attention_varlen(q, k, v, cu, L, causal=True),
+                           (q, k, v), timer)
     t_pad = _fwd_bwd_times(lambda q, k, v: triton_attention.attention(q, k, v, causal=True, key_padding_mask=kpm),
                            (qp, kp, vp), timer)
     case = f"{len(lens)} docs {tokens} tokens (max {L}) H{H} D{D} causal"

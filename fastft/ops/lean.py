@@ -94,9 +94,10 @@ class LeanLoraLinearFunction(torch.autograd.Function):
     Forward: the base matmul (dense F.linear, or the device's quant-matmul), then the rank side
     added into its output by one ``addmm_`` (alpha = s): no separate (N, out) low-rank tensor, no
     scaling pass, no add pass. (On CUDA, decode-shaped rows over a 4-bit base run as one Triton
-    kernel instead, the rank side in the quant decode kernel's epilogue.) Backward (g = dY): du = s · g B and dB = s · (uᵀ g)ᵀ take the
-    scaling on the (N, r) / (r, out) side, dA = duᵀ drop(x), and dX = g W (or the quant kernel's
-    dX) with du A added in place: no s·g copy and no autograd accumulation of two (N, in) terms.
+    kernel instead, the rank side in the quant decode kernel's epilogue.) Backward (g = dY):
+    du = s · g B and dB = s · (uᵀ g)ᵀ take the scaling on the (N, r) / (r, out) side, dA = duᵀ
+    drop(x), and dX = g W (or the quant kernel's dX) with du A added in place: no s·g copy and no
+    autograd accumulation of two (N, in) terms.
     Saved: x, u, the adapters; the mask is regenerated as in ``LoraDeltaFunction``. Rounding: the
     low-rank term enters the base output inside the GEMM's fp32 accumulator (one rounding where the
     reference's composition rounds three times).
