@@ -27,6 +27,17 @@ def device(request):
     return request.config.getoption("--device")
 
 
+@pytest.fixture
+def triton_usable(device):
+    """Kernel tests: CPU runs need the interpreter; --device cuda needs a GPU."""
+    import torch
+
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.fail("CPU kernel tests need TRITON_INTERPRET=1 (set by tests/conftest.py)")
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("--device cuda given but no CUDA device")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     import numpy as np

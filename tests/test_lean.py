@@ -172,7 +172,7 @@ def test_lora_under_autocast_takes_the_lean_path(kind):
     """bf16 autocast over an fp32 model (the Trainer's bf16=True): lean casts x, the frozen base and
     the bias to bf16 as autocast would for F.linear, runs the fused node, and matches the
     reference's autocast result within 2x its error against float64."""
-    from fastft.ops.lean import LoraLinearFunction
+    from fastft.ops.lean import LeanLoraLinearFunction
 
     M, K, N, r = 37, 64, 40, 4
     gen = torch.Generator().manual_seed(5)
@@ -192,12 +192,12 @@ def test_lora_under_autocast_takes_the_lean_path(kind):
         return [y, xs.grad, As.grad, Bs.grad, bs.grad], y
 
     nodes = []
-    orig = LoraLinearFunction.apply
-    LoraLinearFunction.apply = lambda *a: nodes.append(1) or orig(*a)
+    orig = LeanLoraLinearFunction.apply
+    LeanLoraLinearFunction.apply = lambda *a: nodes.append(1) or orig(*a)
     try:
         got, y = run(lean_lora, wq, True)
     finally:
-        LoraLinearFunction.apply = orig
+        LeanLoraLinearFunction.apply = orig
     assert nodes and y.dtype == torch.bfloat16
     lowp, _ = run(ref_lora, wq, True)
     w64 = W.double() if kind == "dense" else wq.dequantize(torch.float64)

@@ -234,10 +234,3 @@ def cross_entropy_grad_(logits, targets, ignore_index=-100):
     if z.data_ptr() != logits.data_ptr():
         logits.copy_(z)
     return loss
-
-
-try:  # quantization references (fastft/ops/reference_quant.py) register themselves on import
-    from .reference_quant import *  # noqa: F401,F403
-except ImportError as _e:  # pragma: no cover - only while the module is being written
-    if "reference_quant" not in str(_e):
-        raise
