@@ -1,13 +1,14 @@
-"""Fused attention (fastft.kernels.attention) against torch SDPA's flash backend and FlashAttention.
+"""Fused attention (fastft/kernels/attention.py) against torch SDPA's flash backend and FlashAttention.
 
-GPU suite (bf16, issue 5): B·T = 16k tokens, T in {512, 1k, 2k, 4k, 8k, 16k}, D in {64, 128} with
+GPU suite (bf16): B·T = 16k tokens, T in {512, 1k, 2k, 4k, 8k, 16k}, D in {64, 128} with
 H·D = 2048, causal and not; forward and backward separately. FLOPs: forward 4·B·H·T²·D (x0.5
 causal), backward 2.5x forward. Every row carries TFLOP/s and % of the measured bf16 matmul rate
 (``ceiling="matmul_bf16"``); fastft rows carry the speedup over SDPA. Also:
 
 * varlen: 16k tokens of mixed-length documents packed (``attention_varlen``) vs the same documents
-  padded to the longest (dense kernel with a key padding mask); target >= 1.5x;
-* decode: one query token per sequence against a 4k / 16k KV cache with GQA (GB/s of K/V read).
+  padded to the longest (dense kernel with a key padding mask); target >= 1.5x.
+
+Decode (one query token against a KV cache) is benchmarks/bench_attention_decode.py.
 
 CPU suite: fastft's C++ attention kernel (``fastft.ops`` cpp backend, csrc/) against torch's fused
 CPU SDPA at the SmolLM2-135M training shape (B 4, 9 query / 3 K/V heads, T 256, D 64, causal),
@@ -62,7 +63,7 @@ def _fwd_bwd_times(fn, inputs, timer):
 
 def dense_rows(device, timer, row, seq_lens=SEQ_LENS, head_dims=HEAD_DIMS, tokens=TOKENS, model_dim=MODEL_DIM,
                dtype=torch.bfloat16):
-    from fastft.kernels import attention as A
+    from fastft.kernels import attention as triton_attention
 
     fa = _flash_attn()
     rows = []
@@ -73,7 +74,7 @@ def dense_rows(device, timer, row, seq_lens=SEQ_LENS, head_dims=HEAD_DIMS, token
             for causal in (False, True):
                 case = f"B{B} H{H} T{T} D{D} {'causal' if causal else 'full'}"
                 q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-                impls = [("fastft", lambda q, k, v: A.attention(q, k, v, causal=causal)),
+                impls = [("fastft", lambda q, k, v: triton_attention.attention(q, k, v, causal=causal)),
                          ("torch_sdpa_flash", lambda q, k, v: _sdpa_flash(q, k, v, causal))]
                 if fa is not None:
                     impls.append(("flash_attn", lambda q, k, v: fa[0](q.transpose(1, 2), k.transpose(1, 2),
@@ -109,7 +110,7 @@ def _doc_lengths(tokens, lo=128, hi=4096, seed=0):
 
 def varlen_rows(device, timer, row, tokens=TOKENS, D=128, H=16, dtype=torch.bfloat16):
     """Packed mixed-length documents vs the same documents padded to the longest (right padding)."""
-    from fastft.kernels import attention as A
+    from fastft.kernels import attention as triton_attention
 
     lens = _doc_lengths(tokens)
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
@@ -124,8 +125,9 @@ def varlen_rows(device, timer, row, tokens=TOKENS, D=128, H=16, dtype=torch.bflo
     for t in (qp, kp, vp):
         t.requires_grad_(True)
     flops = sum(attn_flops(1, H, n, n, D, True) for n in lens)
-    t_var = _fwd_bwd_times(lambda q, k, v: A.attention_varlen(q, k, v, cu, L, causal=True), (q, k, v), timer)
-    t_pad = _fwd_bwd_times(lambda q, k, v: A.attention(q, k, v, causal=True, key_padding_mask=kpm),
+    t_var = _fwd_bwd_times(lambda q, k, v: triton_attention.attention_varlen(q, k, v, cu, L, causal=True),
+                           (q, k, v), timer)
+    t_pad = _fwd_bwd_times(lambda q, k, v: triton_attention.attention(q, k, v, causal=True, key_padding_mask=kpm),
                            (qp, kp, vp), timer)
     case = f"{len(lens)} docs {tokens} tokens (max {L}) H{H} D{D} causal"
     rows = []
@@ -134,43 +136,6 @@ def varlen_rows(device, timer, row, tokens=TOKENS, D=128, H=16, dtype=torch.bflo
         rows.append(row(f"attention_varlen {d} {case}", "fastft_varlen", t_var[i], flops=f,
                         baseline="fastft_padded", baseline_s=t_pad[i]))
         rows.append(row(f"attention_varlen {d} {case}", "fastft_padded", t_pad[i], flops=f))
-    return rows
-
-
-def decode_rows(device, timer, row, dtype=torch.bfloat16):
-    """One new token per sequence against a KV cache (GQA 32/8, D = 128): bytes of K/V read."""
-    from fastft.kernels import attention as A
-
-    rows = []
-    for B, S in ((8, 4096), (1, 16384)):
-        Hq, Hkv, D = 32, 8, 128
-        q = torch.randn(B, Hq, 1, D, device=device, dtype=dtype)
-        k, v = (torch.randn(B, Hkv, S, D, device=device, dtype=dtype) for _ in range(2))
-        nbytes = 2 * k.numel() * k.element_size()
-        with torch.no_grad():
-            t = timer(lambda: A.attention(q, k, v, causal=True))
-            kk, vv = k.repeat_interleave(Hq // Hkv, 1), v.repeat_interleave(Hq // Hkv, 1)
-            tb = timer(lambda: torch.nn.functional.scaled_dot_product_attention(q, kk, vv))
-        case = f"decode B{B} Hq{Hq} Hkv{Hkv} S{S} D{D}"
-        rows.append(row(case, "fastft", t, bytes=nbytes, baseline="torch_sdpa", baseline_s=tb))
-        rows.append(row(case, "torch_sdpa", tb, bytes=nbytes, note="K/V expanded to Hq heads beforehand"))
-        # Kernel time as generation runs it (CUDA graphs, L2 flushed per call, common.bench_graph):
-        # a decode step's few microseconds are otherwise the host's launch overhead. SDPA reads the
-        # cache through enable_gqa (no expanded copy) where torch has it.
-        times = {}
-        with torch.no_grad():
-            times["fastft"] = common.bench_graph(lambda: A.attention(q, k, v, causal=True))
-            try:
-                times["torch_sdpa_gqa"] = common.bench_graph(
-                    lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True))
-            except (TypeError, RuntimeError) as e:  # an older torch, or a backend that refuses the graph
-                print(f"[bench_attention] torch_sdpa_gqa {case}: {type(e).__name__}: {e}")
-        case_g = case + " (cuda graph)"
-        base = times.get("torch_sdpa_gqa")
-        rows.append(row(case_g, "fastft", times["fastft"], bytes=nbytes,
-                        **({"baseline": "torch_sdpa_gqa", "baseline_s": base} if base else {})))
-        if base:
-            rows.append(row(case_g, "torch_sdpa_gqa", base, bytes=nbytes))
     return rows
 
 
@@ -212,11 +177,9 @@ def cpu_rows(B=4, Hq=9, Hkv=3, T=256, D=64) -> list[dict]:
     return rows
 
 
-def run(suite: str) -> list[dict]:
-    if suite == "cpu":
-        return cpu_rows()
-    if not torch.cuda.is_available():
-        return []
+
+def setup(suite: str):
+    """(device, timer(fn) -> seconds, row(case, impl, t, **kw) -> dict) of a GPU run."""
     dev = common.device_for(suite)
 
     def timer(fn):
@@ -226,17 +189,21 @@ def run(suite: str) -> list[dict]:
         kw.setdefault("ceiling", "matmul_bf16" if "flops" in kw else ("copy" if "bytes" in kw else None))
         return common.row(case, impl, t, device=str(dev), **kw)
 
-    rows = []
+    return dev, timer, row
+
+
+def run(suite: str) -> list[dict]:
+    if suite == "cpu":
+        return cpu_rows()
+    if not torch.cuda.is_available():
+        return []
+    dev, timer, row = setup(suite)
     if common.quick():
-        return dense_rows(dev, timer, row, seq_lens=(4096, 8192), head_dims=(128,)) + decode_rows(dev, timer, row)
-    rows += dense_rows(dev, timer, row)
-    rows += varlen_rows(dev, timer, row)
-    rows += decode_rows(dev, timer, row)
-    return rows
+        return dense_rows(dev, timer, row, seq_lens=(4096, 8192), head_dims=(128,))
+    return dense_rows(dev, timer, row) + varlen_rows(dev, timer, row)
 
 
 if __name__ == "__main__":  # python -m benchmarks.bench_attention
     for r in run("gpu" if torch.cuda.is_available() else "cpu"):
         print(r)
-    if not torch.cuda.is_available():
-        print("no CUDA device: nothing to time (attention kernels are CUDA-only)")
+

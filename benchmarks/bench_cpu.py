@@ -1,4 +1,4 @@
-"""CPU benchmarks of the C++ kernels (csrc/, issue 6) against their baselines, in one run.
+"""CPU benchmarks of the C++ kernels (csrc/) against their baselines, in one run.
 
 * Ceilings: preallocated copy_ bandwidth (read + write) and dense fp32 / bf16 matmul rate.
 * NF4 dequantize of a 4096 x 4096 weight (blocksize 64, double quant -- the QLoRA setting), both

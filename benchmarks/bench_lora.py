@@ -1,20 +1,20 @@
-"""Fused LoRA linear (fastft.kernels.lora) against the base matmul, PEFT and the three-matmul composition.
+"""Fused LoRA linear (fastft/kernels/lora.py) against the base matmul, PEFT and the three-matmul composition.
 
-GPU suite, bf16, issue 4's shapes: M in {512, 4096, 8192} x (in, out) in {(4096, 4096), (4096, 14336),
+GPU suite, bf16: M in {512, 4096, 8192} x (in, out) in {(4096, 4096), (4096, 14336),
 (14336, 4096)} x r in {16, 64}. Every case times forward + backward (dX, dA, dB; W frozen) of:
 
 * ``base``     -- the floor: cuBLAS x Wᵀ and dY W alone, no LoRA (no autograd overhead);
-* ``fastft``   -- ``fastft.kernels.lora.lora_linear`` (u = x Aᵀ first, s·u Bᵀ in the GEMM epilogue,
-                  dX = dY W + du A fused the same way);
+* ``fastft``   -- the triton backend's ``lora_linear`` (``fastft.kernels.lora``: u = x Aᵀ first, s·u Bᵀ
+                  in the GEMM epilogue, dX = dY W + du A fused the same way);
 * ``compose``  -- F.linear(x, W) + s·F.linear(F.linear(x, A), B) under autograd;
 * ``peft``     -- PEFT's ``lora.Linear`` around an ``nn.Linear`` (when peft is importable);
 * ``fastft_dropout`` / ``peft_dropout`` -- the same with lora_dropout = 0.1;
 * ``fastft_nf4`` -- the fused path over an NF4 (double-quant, blocksize 64) base weight;
 * ``fastft_lean`` / ``fastft_lean_dropout`` / ``fastft_lean_nf4`` -- the ``torch`` backend's
-  composition (fastft/ops/lean.py), the CUDA default of ``fastft.ops.lora_linear`` since the first
-  H200 run measured the fused kernels at 6-9x the base time.
+  composition (fastft/ops/lean.py), the CUDA default of ``fastft.ops.lora_linear``
+  (benchmarks/NOTES.md has the measurements behind that choice).
 
-Targets (issue 4): at r = 16, fastft ≤ 1.10x the base time and ≥ 1.3x faster than PEFT; NF4 ≤ 1.15x the
+Targets: at r = 16, fastft ≤ 1.10x the base time and ≥ 1.3x faster than PEFT; NF4 ≤ 1.15x the
 dense base; activation memory saved for backward ≤ 0.5x PEFT's (``saved_mb`` / ``saved_vs_peft``, counted
 with ``torch.autograd.graph.saved_tensors_hooks``, parameters excluded). Each fastft row carries
 ``vs_base`` (time / base time) and ``speedup`` over PEFT. The CPU suite times nothing (the kernels
@@ -133,9 +133,10 @@ def run(suite: str) -> list[dict]:
         return saved_activation_rows(torch.device("cpu"))
     if not torch.cuda.is_available():
         return []
-    from fastft.kernels import lora as L
     from fastft.ops import dispatch
+    from fastft.quant import NF4Weight
 
+    fused_lora = dispatch.impl("lora_linear", "triton")  # the fused kernels (a 4-bit base through QuantBase)
     lean_lora = dispatch.impl("lora_linear", "torch")
 
     dev = common.device_for(suite)
@@ -152,13 +153,7 @@ def run(suite: str) -> list[dict]:
             flops_base = 4 * M * N * K
             rows.append(common.row(f"{case0} base", "torch", t_base, flops=flops_base, ceiling="matmul_bf16",
                                    device="cuda"))
-            nf4 = None
-            try:
-                from fastft.quant import NF4Weight
-
-                nf4 = NF4Weight.from_float(W, blocksize=64, double_quant=True)
-            except Exception as e:  # the quant module is another issue's; report, don't fail the suite
-                rows.append(common.row(f"{case0} nf4", "fastft_nf4", float("nan"), error=repr(e)[:200]))
+            nf4 = NF4Weight.from_float(W, blocksize=64, double_quant=True)
             for r in (RANKS[:1] if quick else RANKS):
                 case = f"{case0} r={r}"
                 s = 2.0
@@ -168,7 +163,7 @@ def run(suite: str) -> list[dict]:
                 flops = _flops(M, K, N, r)
 
                 def fused(p=0.0, weight=W):
-                    y = L.lora_linear(x, weight, A, B, s, dropout_p=p)
+                    y = fused_lora(x, weight, A, B, s, dropout_p=p)
                     y.backward(dy)
 
                 def compose():
@@ -185,13 +180,12 @@ def run(suite: str) -> list[dict]:
                 if peft[0.0] is not None:
                     impls["peft"] = lambda: peft[0.0](x).backward(dy)
                     impls["peft_dropout"] = lambda: peft[0.1](x).backward(dy)
-                if nf4 is not None:
-                    impls["fastft_nf4"] = lambda: fused(0.0, nf4)
-                    impls["fastft_lean_nf4"] = lambda: lean(0.0, nf4)
+                impls["fastft_nf4"] = lambda: fused(0.0, nf4)
+                impls["fastft_lean_nf4"] = lambda: lean(0.0, nf4)
                 times = {name: common.bench(fn, device=dev) for name, fn in impls.items()}
                 peft_params = [q for layer in peft.values() if layer is not None for q in layer.parameters()]
-                if nf4 is not None:  # the packed base weight is a parameter too, not an activation
-                    peft_params += [t for t in nf4._tensors().values() if isinstance(t, torch.Tensor)]
+                # the packed base weight is a parameter too, not an activation
+                peft_params += [t for t in nf4._tensors().values() if isinstance(t, torch.Tensor)]
                 saved = {name: _saved_bytes(fn, params + peft_params) for name, fn in impls.items()}
                 for name, t in times.items():
                     extra = {"vs_base": round(t / t_base, 3), "saved_mb": round(saved[name] / 2**20, 2)}

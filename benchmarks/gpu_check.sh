@@ -21,7 +21,8 @@
 #              kernel tests join by themselves; the CUDA default path (test_lean) first. -v streams each
 #              result, -rA and a JUnit XML name every failure; SIGINT at the box so pytest still writes both
 #   unvalidated  configs that never ran on a GPU (FASTFT_UNVALIDATED_CONFIGS=1), in their own process
-#   bench      quick kernel benchmarks (FASTFT_BENCH_QUICK=1): quant, attention, lora, ceilings
+#   profile    per-kernel CUDA time of the fused paths (benchmarks/profile_gpu.py)
+#   bench      quick kernel benchmarks (FASTFT_BENCH_QUICK=1): quant matmul / decode / pack, attention (+ decode), lora, ceilings
 # Everything lands in one folder ($OUT on the device, else /tmp/fastft_gpu_check[_dry]): rows.jsonl
 # (every benchmark row, streamed), step_*.jsonl, tests.log, junit.xml, failures.txt, <stage>.log,
 # summary.txt; the summary table prints last.
@@ -194,7 +195,7 @@ else
 fi
 
 # ------------------------------------------------------------------------- quick kernel benchmarks
-BENCH_LIST=${BENCHES:-quant attention lora ceilings}
+BENCH_LIST=${BENCHES:-quant_matmul quant_decode quant_pack attention attention_decode lora ceilings}
 if [ $DRY = 1 ]; then
     run_stage bench_imports 60 "$PY" -c "
 import importlib, sys
@@ -211,6 +212,14 @@ for b in $BENCH_LIST; do
         record "bench_$b" "$STATUS" "$STAGE_S" "$(grep -c "\"bench\": \"$b\"" "$O/rows.jsonl" 2>/dev/null) rows streamed"
     fi
 done
+
+# ------------------------------------------------------------------- per-kernel profile (torch.profiler)
+if [ $DRY = 1 ]; then
+    record profile "skipped" 0 "dry run: no CUDA device"
+else
+    run_stage profile "${T_PROFILE:-45}" "$PY" -m benchmarks.profile_gpu
+    record profile "$STATUS" "$STAGE_S" "per-kernel CUDA time of the fused paths (profile.log)"
+fi
 
 # ------------------------------------------------------------------------------------------ summary
 {

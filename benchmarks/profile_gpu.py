@@ -3,8 +3,7 @@
 ``python -m benchmarks.profile_gpu`` runs each case a few times under ``torch.profiler`` and prints
 the CUDA kernels sorted by total time, with the FLOP rate the case's dominant GEMM work implies. It
 times nothing for the results files (benchmarks/bench_*.py do that); it answers "which kernel" when
-a benchmark row is far under its ceiling (the first H200 run, 2026-11-28, measured the fused LoRA
-and quant-matmul paths at ~85-120 TFLOP/s against cuBLAS's ~700).
+a benchmark row is far under its ceiling (benchmarks/NOTES.md has what it found).
 """
 from __future__ import annotations
 
@@ -35,9 +34,10 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("profile_gpu: no CUDA device")
         return 0
-    from fastft.kernels import attention as A
-    from fastft.kernels import lora as L
-    from fastft.kernels import quant as Q
+    from fastft.kernels import attention as triton_attention
+    from fastft.kernels import lora as triton_lora
+    from fastft.kernels import quant_matmul
+    from fastft.ops import triton_backend
     from fastft.quant import NF4Weight
 
     dev, dt = torch.device("cuda"), torch.bfloat16
@@ -51,23 +51,25 @@ def main() -> int:
     gemm = 4.0 * M * N * K
     cases = [
         ("cuBLAS base fwd + dX", lambda: (torch.nn.functional.linear(x, W), dy @ W), gemm),
-        ("fused LoRA fwd + bwd (dense bf16 base)", lambda: L.lora_linear(x, W, A_, B_, 2.0).backward(dy), gemm),
-        ("fused LoRA fwd only", lambda: L.lora_linear(x.detach(), W, A_.detach(), B_.detach(), 2.0), gemm / 2),
+        ("fused LoRA fwd + bwd (dense bf16 base)", lambda: triton_lora.lora_linear(x, W, A_, B_, 2.0).backward(dy),
+         gemm),
+        ("fused LoRA fwd only", lambda: triton_lora.lora_linear(x.detach(), W, A_.detach(), B_.detach(), 2.0),
+         gemm / 2),
     ]
     qw = NF4Weight.from_float(W, blocksize=64, double_quant=True)
-    meta, tensors = Q._unpack(qw)
+    meta, tensors = triton_backend.raw(qw)
     cases += [
-        ("quant-matmul fwd (NF4)", lambda: Q.quant_matmul_triton(x.detach(), qw), gemm / 2),
-        ("quant-matmul bwd dX (NF4)", lambda: Q._matmul_bwd(dy, meta, tensors), gemm / 2),
-        ("quant-matmul decode M=1 (NF4)", lambda: Q.quant_matmul_triton(x.detach()[:1], qw), 0),
-        ("NF4 dequantize", lambda: Q.nf4_dequantize(qw, dt), 0),
+        ("quant-matmul fwd (NF4)", lambda: quant_matmul.quant_matmul(x.detach(), meta, tensors), gemm / 2),
+        ("quant-matmul bwd dX (NF4)", lambda: quant_matmul.matmul_bwd(dy, meta, tensors), gemm / 2),
+        ("quant-matmul decode M=1 (NF4)", lambda: quant_matmul.quant_matmul(x.detach()[:1], meta, tensors), 0),
+        ("NF4 dequantize", lambda: triton_backend.nf4_dequantize(qw, dt), 0),
     ]
     for causal in (True, False):
         q, k, v = (torch.randn(4, 16, 4096, 128, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
         f = 4.0 * 4 * 16 * 4096 * 4096 * 128 * (0.5 if causal else 1.0)
 
         def att(q=q, k=k, v=v, causal=causal):
-            o = A.attention(q, k, v, causal=causal)
+            o = triton_attention.attention(q, k, v, causal=causal)
             o.backward(torch.ones_like(o))
 
         cases.append((f"attention fwd + bwd B4 H16 T4096 D128 {'causal' if causal else 'full'}", att, 3.5 * f))

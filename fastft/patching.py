@@ -27,8 +27,11 @@
 * **loss** -- a causal LM that would use transformers' ``ForCausalLMLoss`` gets fastft's
   ``fastft.ops.loss.hf_causal_lm_loss`` as its ``loss_function`` (same signature and value; the fused cross-entropy
   rows, one bf16 / fp32 copy of the logits in place of HF's fp32 upcast, log_softmax and onehot).
-  The logits themselves are still built and returned, as HF's forward does. ``loss=False`` keeps
-  HF's loss.
+  For the Llama / Mistral / Qwen2 / Qwen3 causal LMs (``FUSED_LOSS_CLASSES``) a training forward
+  with labels goes further: the backbone's hidden states go straight into
+  ``fastft.ops.linear_cross_entropy`` (the LM head and the loss in chunks) and the (B, T, V)
+  logits are never built (``.logits`` is None, as with Liger's fused linear cross-entropy).
+  ``loss=False`` keeps HF's loss.
 * **frozen linears** -- plain ``nn.Linear`` modules call ``fastft.ops.lean.frozen_linear``: with a
   frozen fp32 weight on CPU, fastft's GEMM (oneDNN's AVX-512 code, 2x MKL's fp32 rate on AMD
   CPUs); F.linear in every other case, decided per call.
@@ -54,7 +57,7 @@ import torch
 import torch.nn as nn
 
 from fastft import ops
-from fastft.ops.loss import hf_causal_lm_loss
+from fastft.ops.loss import hf_causal_lm_loss, hf_linear_causal_lm_loss
 
 logger = logging.getLogger("fastft")
 ATTN_NAME = "fastft"
@@ -369,15 +372,90 @@ def _patch_causal_lm_loss(model) -> bool:
     return True
 
 
+# Causal LM classes whose forward is exactly "backbone -> lm_head on the kept positions -> loss_function"
+# (transformers 5: the same source for all four); the fused forward below replaces only that tail.
+FUSED_LOSS_CLASSES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+def _output_linear(model):
+    """The LM head as a dense nn.Linear (also inside a fastft / PEFT modules_to_save wrapper), else None."""
+    head = model.get_output_embeddings()
+    for attr in ("modules_to_save",):  # fastft's wrapper holds the trained copy as a module
+        inner = getattr(head, attr, None)
+        if isinstance(inner, nn.Module) and not isinstance(inner, nn.ModuleDict):
+            head = inner
+    if type(head).__name__ == "ModulesToSaveWrapper" and hasattr(head, "modules_to_save"):  # PEFT: per adapter
+        active = getattr(head, "active_adapter", "default")
+        active = active[0] if isinstance(active, (list, tuple)) else active
+        head = head.modules_to_save[active] if active in head.modules_to_save else None
+    return head if type(head) is nn.Linear else None
+
+
+def _fused_causal_lm_forward(self, *args, **kwargs):
+    """Training forward with labels: the backbone, then ``fastft.ops.linear_cross_entropy`` on the
+    hidden states (the (B, T, V) logits are never built; ``.logits`` is None). Everything else --
+    eval, no labels, ``torch.no_grad()``, ``logits_to_keep``, tuple outputs, a head that is not a
+    dense linear -- runs the original forward."""
+    orig = self._fastft_orig_forward
+    bound = self._fastft_forward_sig.bind_partial(*args, **kwargs)
+    named = dict(bound.arguments)
+    named.update(named.pop("kwargs", {}) or {})
+    labels = named.get("labels")
+    head = _output_linear(self)
+    if (labels is None or not self.training or not torch.is_grad_enabled() or head is None
+            or named.get("logits_to_keep") not in (None, 0) or named.get("return_dict") is False
+            or torch.compiler.is_compiling()):
+        return orig(*args, **kwargs)
+    named.pop("labels")
+    named.pop("logits_to_keep", None)
+    num_items = named.pop("num_items_in_batch", None)
+    shift_labels = named.pop("shift_labels", None)
+    ignore_index = named.pop("ignore_index", -100)
+    outputs = self.base_model(**named)
+    loss = hf_linear_causal_lm_loss(outputs.last_hidden_state, head.weight, labels, bias=head.bias,
+                                    num_items_in_batch=num_items, ignore_index=ignore_index,
+                                    shift_labels=shift_labels)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    fields = CausalLMOutputWithPast.__dataclass_fields__
+    extra = {k: getattr(outputs, k) for k in ("cache", "past_key_values", "hidden_states", "attentions")
+             if k in fields and hasattr(outputs, k)}
+    return CausalLMOutputWithPast(loss=loss, logits=None, **extra)
+
+
+def _patch_fused_loss_forward(model) -> bool:
+    """Install ``_fused_causal_lm_forward`` on a causal LM of ``FUSED_LOSS_CLASSES`` (instance-level,
+    keeping the class's signature for transformers' column filtering and ``generate``)."""
+    import functools
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if type(base).__name__ not in FUSED_LOSS_CLASSES or hasattr(base, "_fastft_orig_forward"):
+        return False
+    cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    if any(getattr(cfg, k, None) not in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale")):
+        return False
+    base._fastft_orig_forward = base.forward
+    base._fastft_forward_sig = inspect.signature(type(base).forward).replace(
+        parameters=list(inspect.signature(type(base).forward).parameters.values())[1:])
+    base.forward = types.MethodType(functools.wraps(type(base).forward)(_fused_causal_lm_forward), base)
+    return True
+
+
 def patch(model, *, quantization=None, attention=True, lora=None, blocksize=64, double_quant=True, group_size=128,
           loss=True):
     """Patch a transformers (or peft) model in place to run on fastft ops; returns the model
     (or the PEFT-wrapped model when ``lora`` is given). ``loss``: a causal LM's loss runs on fastft's
-    fused cross-entropy rows (``fastft.ops.loss.hf_causal_lm_loss``)."""
+    fused cross-entropy rows (``fastft.ops.loss.hf_causal_lm_loss``), and for the classes in
+    ``FUSED_LOSS_CLASSES`` a training forward with labels never builds the logits
+    (``fastft.ops.linear_cross_entropy``; ``.logits`` is then None)."""
     if quantization not in (None, "nf4", "int4"):
         raise ValueError(f"patch: quantization must be None, 'nf4' or 'int4', got {quantization!r}")
     if loss and _patch_causal_lm_loss(model):
         logger.info("fastft.patch: the causal LM loss now runs on fastft's fused cross-entropy rows")
+    if loss and _patch_fused_loss_forward(model):
+        logger.info("fastft.patch: training forwards with labels compute the loss with fastft.ops.linear_cross_entropy "
+                    "(no full logits)")
     if attention:
         register_attention()
         _set_attn_implementation(model)

@@ -12,17 +12,17 @@ through device-side tensor descriptors (``tl.make_tensor_descriptor``). Those ne
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
+
+from ._common import interpreting
 
 
 def device_ok(device: torch.device) -> bool:
     """A Hopper (sm_90+) GPU, or CPU tensors under the interpreter."""
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device)[0] >= 9
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return interpreting()
 
 
 def addressable(*tensors: torch.Tensor) -> bool:

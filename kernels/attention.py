@@ -21,11 +21,10 @@ Semantics (same as ``fastft.ops.reference.attention`` / ``attention_varlen``):
 * Head dims 1..256 (32, 40, 64, 80, 96, 128, 256 are the ones that matter): the head dim is padded
   to the next power of two (>= 16, ``tl.dot``'s minimum) with load masks.
 * Dtypes: fp16 and bf16 (matmul operands in the input dtype, softmax and accumulators in fp32).
-  fp32 inputs run the matmuls in the precision ``torch.get_float32_matmul_precision()`` asks for:
-  "highest" (torch's default) -> exact fp32 FMA ("ieee", slow), otherwise TF32 tensor cores.
-  Under the Triton interpreter bf16 operands are upcast to fp32 before ``tl.dot`` (Triton 3.9's
-  interpreter computes bf16 dots wrongly); products of bf16 values are exact in fp32, so this only
-  removes the interpreter bug.
+  fp32 inputs run the matmuls at ``_common.matmul_precision`` (IEEE fp32 unless torch's fp32
+  matmul precision allows TF32). Under the interpreter bf16 operands are upcast to fp32 before each
+  dot (``UPCAST``: Triton 3.9's interpreter computes bf16 dots wrongly; products of bf16 values
+  are exact in fp32, so this only removes the interpreter bug).
 * Dropout on the attention probabilities from an in-kernel Philox stream: element (b, h, i, j) keeps
   iff ``tl.rand(seed, ((b*Hq + h)*T + i)*S + j) >= p`` (varlen: b = 0 and i, j are packed token
   indices, T = S = total). The seed comes from ``generator`` (or torch's default CPU generator), so
@@ -34,55 +33,37 @@ Semantics (same as ``fastft.ops.reference.attention`` / ``attention_varlen``):
   Delta = rowsum(dO * O)); a second computes dK, dV per key block, looping over every query head
   of its GQA group, so the group sum happens in registers in a fixed order.
 * Offsets are int64 (batch/head/row bases), so tensors past 2^31 elements are fine.
-* ``T = 1`` (or any T <= 16) with GQA takes a decode path when no gradient is needed: the group's
-  query heads are packed into the row dimension so each K/V block is read once per group, and the
-  key range is split across programs (flash-decoding) then combined by LSE.
+* Forward-only calls with a few query rows per KV group (generation) have their own split-KV kernel,
+  ``kernels/attention_decode.py``, which reuses this file's forward block (``fwd_block``);
+  ``fastft.ops.triton_backend`` picks it.
 
-* Autotuning: config lists come from ``fwd_configs`` / ``dq_configs`` / ``dkdv_configs`` and are
-  pruned per launch by a register model fitted to AOT compiles for sm_80 / sm_90 (no config that
-  spills on the hot paths; tests/test_aot_attention.py), keyed on power-of-two length buckets, head
-  dim, GQA group and the mask / dropout / varlen flags. Under the interpreter: one config.
+* Autotuning: ``kernels/attention_configs.py`` (config lists pruned per launch by a register model
+  fitted to AOT compiles for sm_80 / sm_90; keys bucket the lengths to powers of two). On Hopper the
+  forward offers TMA loads of K / V (``USE_TMA``, where ``tma_eligible``) and a software-pipelined
+  interior loop (``PIPE``). Under the interpreter: one config.
 * Causal launches start with the longest query blocks (reverse row-block order) to shorten the tail.
 
 Limits: D <= 256; dropout_p in [0, 1); CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests);
-batch x heads <= 65535 (grid dimension). Not yet tuned on a GPU: block shapes come from compile-time
-resource checks only; no TMA / warp specialization (Hopper) yet.
+batch x heads <= 65535 (grid dimension). No warp specialization.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from fastft.ops.dispatch import register
-
-from . import _tma, _tuning
+from . import _tma
+from ._common import FLOAT_DTYPES, Tuned, check_device, dot_flags, draw_seed, dropout_keep, keep_mask, mma
+from .attention_configs import (INTERPRET_DKDV, INTERPRET_DQ, INTERPRET_FWD, TUNE_KEY, bucket, dkdv_configs,
+                                dq_configs, fwd_configs, pruner)
 
 LOG2E = 1.4426950408889634
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+MAX_HEAD_DIM = 256
 
 
 # ------------------------------------------------------------------------------------------ helpers
-@triton.jit
-def _keep(seed, rows, cols, rng_base, DROP_COLS, dropout_p):
-    """Dropout keep mask (True = keep) for a (rows x cols) tile of one (batch, head).
-
-    Element (i, j) draws ``tl.rand(seed, (rng_base + i) * DROP_COLS + j)`` (Philox-4x32, one counter
-    per element, so the mask is independent of the tiling and the forward and both backward kernels
-    regenerate identical bits). rng_base = (b*Hq + h)*T, or h*total + doc start for varlen; int64.
-    """
-    offs = (rng_base + rows).to(tl.int64) * DROP_COLS + cols
-    return tl.rand(seed, offs) >= dropout_p
-
-
 @triton.jit
 def _seq_bounds(CU, pid_b, T, S, VARLEN: tl.constexpr):
     """(q_start, k_start, T_b, S_b): where this batch entry / document lives and how long it is."""
@@ -121,19 +102,20 @@ def _kv_tile(base, start_n, offs_n, offs_d, stride_n, S_b, HEAD_DIM: tl.constexp
 
 @triton.jit
 def _fwd_scores(q, K_base, start_n, offs_n, offs_d, stride_kn, S_b, HEAD_DIM: tl.constexpr,
-                BLOCK_D: tl.constexpr, MASK_N: tl.constexpr, MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_D: tl.constexpr, MASK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                 USE_TMA: tl.constexpr):
     """Raw scores q kᵀ of one key block (fp32, unscaled)."""
-    k = _kv_tile(K_base, start_n, offs_n, offs_d, stride_kn, S_b, HEAD_DIM, BLOCK_D, MASK_N, USE_TMA)
+    k = _kv_tile(K_base, start_n, offs_n, offs_d, stride_kn, S_b, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, MASK_N=MASK_N,
+                 USE_TMA=USE_TMA)
     zero = tl.zeros((q.shape[0], offs_n.shape[0]), dtype=tl.float32)
-    return tl.dot(q.to(MM_DTYPE), tl.trans(k).to(MM_DTYPE), zero, input_precision=PRECISION)
+    return mma(q, tl.trans(k), zero, UPCAST=UPCAST, PRECISION=PRECISION)
 
 
 @triton.jit
 def _fwd_update(acc, l_i, m_i, s, V_base, KPM_base, start_n, rows, offs_n, offs_d, stride_vn, S_b, causal_off,
                 qk_scale, seed, dropout_p, rng_base, DROP_COLS, k_start, HEAD_DIM: tl.constexpr,
                 BLOCK_D: tl.constexpr, MASK_N: tl.constexpr, MASK_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-                DROPOUT: tl.constexpr, MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SCALE_POS: tl.constexpr,
+                DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, SCALE_POS: tl.constexpr,
                 USE_TMA: tl.constexpr):
     """The online-softmax update (base 2) with one key block's raw scores s: masks, running max and
     sum, and acc += P V. SCALE_POS (qk_scale > 0): the scale is folded into the exponent's FFMA."""
@@ -167,28 +149,30 @@ def _fwd_update(acc, l_i, m_i, s, V_base, KPM_base, start_n, rows, offs_n, offs_
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if DROPOUT:
-        keep = _keep(seed, rows[:, None], k_start + cols[None, :], rng_base, DROP_COLS, dropout_p)
+        keep = dropout_keep(seed, rng_base + rows[:, None], k_start + cols[None, :], DROP_COLS, dropout_p)
         p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
-    v = _kv_tile(V_base, start_n, offs_n, offs_d, stride_vn, S_b, HEAD_DIM, BLOCK_D, MASK_N, USE_TMA)
-    acc = tl.dot(p.to(v.dtype).to(MM_DTYPE), v.to(MM_DTYPE), acc, input_precision=PRECISION)
+    v = _kv_tile(V_base, start_n, offs_n, offs_d, stride_vn, S_b, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, MASK_N=MASK_N,
+                 USE_TMA=USE_TMA)
+    acc = mma(p.to(v.dtype), v, acc, UPCAST=UPCAST, PRECISION=PRECISION)
     return acc, l_i, m_new
 
 
 @triton.jit
-def _fwd_block(acc, l_i, m_i, q, K_base, V_base, KPM_base, start_n, rows, offs_n, offs_d,
+def fwd_block(acc, l_i, m_i, q, K_base, V_base, KPM_base, start_n, rows, offs_n, offs_d,
                stride_kn, stride_vn, S_b, causal_off, qk_scale, seed, dropout_p, rng_base, DROP_COLS,
                k_start, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr,
                MASK_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
-               MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SCALE_POS: tl.constexpr = False,
+               UPCAST: tl.constexpr, PRECISION: tl.constexpr, SCALE_POS: tl.constexpr = False,
                USE_TMA: tl.constexpr = False):
     """One key block of the online softmax: scores, then the update. USE_TMA: K_base / V_base are
     tensor descriptors of the sequence's (S_b, HEAD_DIM) keys / values, loaded by the tensor
     memory accelerator on Hopper."""
-    s = _fwd_scores(q, K_base, start_n, offs_n, offs_d, stride_kn, S_b, HEAD_DIM, BLOCK_D, MASK_N, MM_DTYPE,
-                    PRECISION, USE_TMA)
+    s = _fwd_scores(q, K_base, start_n, offs_n, offs_d, stride_kn, S_b, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D,
+                    MASK_N=MASK_N, UPCAST=UPCAST, PRECISION=PRECISION, USE_TMA=USE_TMA)
     return _fwd_update(acc, l_i, m_i, s, V_base, KPM_base, start_n, rows, offs_n, offs_d, stride_vn, S_b,
-                       causal_off, qk_scale, seed, dropout_p, rng_base, DROP_COLS, k_start, HEAD_DIM, BLOCK_D,
-                       MASK_N, MASK_CAUSAL, HAS_KPM, DROPOUT, MM_DTYPE, PRECISION, SCALE_POS, USE_TMA)
+                       causal_off, qk_scale, seed, dropout_p, rng_base, DROP_COLS, k_start, HEAD_DIM=HEAD_DIM,
+                       BLOCK_D=BLOCK_D, MASK_N=MASK_N, MASK_CAUSAL=MASK_CAUSAL, HAS_KPM=HAS_KPM, DROPOUT=DROPOUT,
+                       UPCAST=UPCAST, PRECISION=PRECISION, SCALE_POS=SCALE_POS, USE_TMA=USE_TMA)
 
 
 @triton.jit
@@ -200,7 +184,7 @@ def _attn_fwd_kernel(
     T_BUCKET, S_BUCKET,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, VARLEN: tl.constexpr,
-    DROPOUT: tl.constexpr, MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr, SCALE_POS: tl.constexpr,
+    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, SCALE_POS: tl.constexpr,
     TMA_OK: tl.constexpr, USE_TMA: tl.constexpr, PIPE: tl.constexpr = False,
 ):
     """O = softmax(scale * Q Kᵀ + mask) V for one (BLOCK_M rows, batch/document, query head).
@@ -217,7 +201,7 @@ def _attn_fwd_kernel(
     off_b = pid_bh // H
     off_h = pid_bh % H
     off_hk = off_h // GROUP
-    q_start, k_start, T_b, S_b = _seq_bounds(CU, off_b, T, S, VARLEN)
+    q_start, k_start, T_b, S_b = _seq_bounds(CU, off_b, T, S, VARLEN=VARLEN)
     if IS_CAUSAL:
         # Causal work grows with the row index: launch the heaviest (last) row blocks first so the
         # short ones fill the tail of the wave.
@@ -270,31 +254,35 @@ def _attn_fwd_kernel(
         # and P V, so on Hopper the asynchronous P V wgmma of block j runs while the exponentials
         # of block j+1 are computed (FlashAttention-3's intra-warpgroup overlap, by program order).
         if full_end > 0:
-            s = _fwd_scores(q, K_src, 0, offs_n, offs_d, stride_kn, S_b, HEAD_DIM, BLOCK_D, False, MM_DTYPE,
-                            PRECISION, TMA)
+            s = _fwd_scores(q, K_src, 0, offs_n, offs_d, stride_kn, S_b, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D,
+                            MASK_N=False, UPCAST=UPCAST, PRECISION=PRECISION, USE_TMA=TMA)
             for start_n in range(0, full_end - BLOCK_N, BLOCK_N):
-                s_next = _fwd_scores(q, K_src, start_n + BLOCK_N, offs_n, offs_d, stride_kn, S_b, HEAD_DIM, BLOCK_D,
-                                     False, MM_DTYPE, PRECISION, TMA)
+                s_next = _fwd_scores(q, K_src, start_n + BLOCK_N, offs_n, offs_d, stride_kn, S_b, HEAD_DIM=HEAD_DIM,
+                                     BLOCK_D=BLOCK_D, MASK_N=False, UPCAST=UPCAST, PRECISION=PRECISION, USE_TMA=TMA)
                 acc, l_i, m_i = _fwd_update(acc, l_i, m_i, s, V_src, KPM_base, start_n, rows, offs_n, offs_d,
                                             stride_vn, S_b, causal_off, qk_scale, seed, dropout_p, rng_base,
-                                            DROP_COLS, k_start, HEAD_DIM, BLOCK_D, False, False, HAS_KPM, DROPOUT,
-                                            MM_DTYPE, PRECISION, SCALE_POS, TMA)
+                                            DROP_COLS, k_start, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, MASK_N=False,
+                                            MASK_CAUSAL=False, HAS_KPM=HAS_KPM, DROPOUT=DROPOUT, UPCAST=UPCAST,
+                                            PRECISION=PRECISION, SCALE_POS=SCALE_POS, USE_TMA=TMA)
                 s = s_next
             acc, l_i, m_i = _fwd_update(acc, l_i, m_i, s, V_src, KPM_base, full_end - BLOCK_N, rows, offs_n, offs_d,
                                         stride_vn, S_b, causal_off, qk_scale, seed, dropout_p, rng_base, DROP_COLS,
-                                        k_start, HEAD_DIM, BLOCK_D, False, False, HAS_KPM, DROPOUT, MM_DTYPE,
-                                        PRECISION, SCALE_POS, TMA)
+                                        k_start, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, MASK_N=False, MASK_CAUSAL=False,
+                                        HAS_KPM=HAS_KPM, DROPOUT=DROPOUT, UPCAST=UPCAST, PRECISION=PRECISION,
+                                        SCALE_POS=SCALE_POS, USE_TMA=TMA)
     else:
         for start_n in range(0, full_end, BLOCK_N):
-            acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K_src, V_src, KPM_base, start_n, rows, offs_n, offs_d,
-                                       stride_kn, stride_vn, S_b, causal_off, qk_scale, seed, dropout_p,
-                                       rng_base, DROP_COLS, k_start, HEAD_DIM, BLOCK_D, False, False, HAS_KPM,
-                                       DROPOUT, MM_DTYPE, PRECISION, SCALE_POS, TMA)
+            acc, l_i, m_i = fwd_block(acc, l_i, m_i, q, K_src, V_src, KPM_base, start_n, rows, offs_n, offs_d,
+                                      stride_kn, stride_vn, S_b, causal_off, qk_scale, seed, dropout_p,
+                                      rng_base, DROP_COLS, k_start, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, MASK_N=False,
+                                      MASK_CAUSAL=False, HAS_KPM=HAS_KPM, DROPOUT=DROPOUT, UPCAST=UPCAST,
+                                      PRECISION=PRECISION, SCALE_POS=SCALE_POS, USE_TMA=TMA)
     for start_n in range(full_end, hi, BLOCK_N):
-        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K_src, V_src, KPM_base, start_n, rows, offs_n, offs_d,
-                                   stride_kn, stride_vn, S_b, causal_off, qk_scale, seed, dropout_p,
-                                   rng_base, DROP_COLS, k_start, HEAD_DIM, BLOCK_D, True, IS_CAUSAL, HAS_KPM,
-                                   DROPOUT, MM_DTYPE, PRECISION, SCALE_POS, TMA)
+        acc, l_i, m_i = fwd_block(acc, l_i, m_i, q, K_src, V_src, KPM_base, start_n, rows, offs_n, offs_d,
+                                  stride_kn, stride_vn, S_b, causal_off, qk_scale, seed, dropout_p,
+                                  rng_base, DROP_COLS, k_start, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, MASK_N=True,
+                                  MASK_CAUSAL=IS_CAUSAL, HAS_KPM=HAS_KPM, DROPOUT=DROPOUT, UPCAST=UPCAST,
+                                  PRECISION=PRECISION, SCALE_POS=SCALE_POS, USE_TMA=TMA)
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
@@ -311,13 +299,15 @@ def _bwd_dq_block(dq, q, do, lse, delta, K_base, V_base, KPM_base, start_n, rows
                   stride_kn, stride_vn, S_b, causal_off, qk_scale, seed, dropout_p, rng_base, DROP_COLS,
                   k_start, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_N: tl.constexpr,
                   MASK_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, DROPOUT: tl.constexpr,
-                  MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+                  UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """dQ += dS K_j for one key block, with P = 2^(s - LSE2), dS = P * (dP - Delta), dP = dO Vᵀ."""
     cols = start_n + offs_n
-    k = _kv_tile(K_base, start_n, offs_n, offs_d, stride_kn, S_b, HEAD_DIM, BLOCK_D, MASK_N, False)
-    v = _kv_tile(V_base, start_n, offs_n, offs_d, stride_vn, S_b, HEAD_DIM, BLOCK_D, MASK_N, False)
+    k = _kv_tile(K_base, start_n, offs_n, offs_d, stride_kn, S_b, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, MASK_N=MASK_N,
+                 USE_TMA=False)
+    v = _kv_tile(V_base, start_n, offs_n, offs_d, stride_vn, S_b, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, MASK_N=MASK_N,
+                 USE_TMA=False)
     zero = tl.zeros((q.shape[0], cols.shape[0]), dtype=tl.float32)
-    s = tl.dot(q.to(MM_DTYPE), tl.trans(k).to(MM_DTYPE), zero, input_precision=PRECISION) * qk_scale
+    s = mma(q, tl.trans(k), zero, UPCAST=UPCAST, PRECISION=PRECISION) * qk_scale
     p = tl.math.exp2(s - lse[:, None])  # rows with no visible key have LSE = +inf -> p = 0
     if MASK_N or MASK_CAUSAL or HAS_KPM:
         valid = tl.full(s.shape, 1, tl.int1)
@@ -329,12 +319,12 @@ def _bwd_dq_block(dq, q, do, lse, delta, K_base, V_base, KPM_base, start_n, rows
             kp = tl.load(KPM_base + cols, mask=cols < S_b, other=0)
             valid = valid & (kp != 0)[None, :]
         p = tl.where(valid, p, 0.0)  # where, not multiply: p may be inf on masked entries
-    dp = tl.dot(do.to(MM_DTYPE), tl.trans(v).to(MM_DTYPE), zero, input_precision=PRECISION)
+    dp = mma(do, tl.trans(v), zero, UPCAST=UPCAST, PRECISION=PRECISION)
     if DROPOUT:
-        keep = _keep(seed, rows[:, None], k_start + cols[None, :], rng_base, DROP_COLS, dropout_p)
+        keep = dropout_keep(seed, rng_base + rows[:, None], k_start + cols[None, :], DROP_COLS, dropout_p)
         dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
     ds = p * (dp - delta[:, None])
-    return tl.dot(ds.to(k.dtype).to(MM_DTYPE), k.to(MM_DTYPE), dq, input_precision=PRECISION)
+    return mma(ds.to(k.dtype), k, dq, UPCAST=UPCAST, PRECISION=PRECISION)
 
 
 @triton.jit
@@ -347,7 +337,7 @@ def _attn_bwd_dq_kernel(
     T_BUCKET, S_BUCKET,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, VARLEN: tl.constexpr,
-    DROPOUT: tl.constexpr, MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dQ for one (BLOCK_M rows, batch/document, query head); also stores Delta = rowsum(dO * O).
 
@@ -362,7 +352,7 @@ def _attn_bwd_dq_kernel(
     off_b = pid_bh // H
     off_h = pid_bh % H
     off_hk = off_h // GROUP
-    q_start, k_start, T_b, S_b = _seq_bounds(CU, off_b, T, S, VARLEN)
+    q_start, k_start, T_b, S_b = _seq_bounds(CU, off_b, T, S, VARLEN=VARLEN)
     if IS_CAUSAL:
         # Causal work grows with the row index: launch the heaviest (last) row blocks first so the
         # short ones fill the tail of the wave.
@@ -409,13 +399,13 @@ def _attn_bwd_dq_kernel(
     for start_n in range(0, full_end, BLOCK_N):
         dq = _bwd_dq_block(dq, q, do, lse, delta, K_base, V_base, KPM_base, start_n, rows, offs_n, offs_d,
                            stride_kn, stride_vn, S_b, causal_off, qk_scale, seed, dropout_p, rng_base,
-                           DROP_COLS, k_start, HEAD_DIM, BLOCK_D, False, False, HAS_KPM, DROPOUT, MM_DTYPE,
-                           PRECISION)
+                           DROP_COLS, k_start, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, MASK_N=False, MASK_CAUSAL=False,
+                           HAS_KPM=HAS_KPM, DROPOUT=DROPOUT, UPCAST=UPCAST, PRECISION=PRECISION)
     for start_n in range(full_end, hi, BLOCK_N):
         dq = _bwd_dq_block(dq, q, do, lse, delta, K_base, V_base, KPM_base, start_n, rows, offs_n, offs_d,
                            stride_kn, stride_vn, S_b, causal_off, qk_scale, seed, dropout_p, rng_base,
-                           DROP_COLS, k_start, HEAD_DIM, BLOCK_D, True, IS_CAUSAL, HAS_KPM, DROPOUT, MM_DTYPE,
-                           PRECISION)
+                           DROP_COLS, k_start, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, MASK_N=True, MASK_CAUSAL=IS_CAUSAL,
+                           HAS_KPM=HAS_KPM, DROPOUT=DROPOUT, UPCAST=UPCAST, PRECISION=PRECISION)
     dq = dq * sm_scale
     tl.store(DQ + bq * stride_dqb + h64 * stride_dqh + (q_start + r64) * stride_dqm + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=q_mask)
@@ -425,7 +415,7 @@ def _attn_bwd_dq_kernel(
 def _bwd_dkdv_block(dk, dv, k, v, Q_base, DO_base, L_base, D_base, start_m, cols, offs_m, offs_d,
                     stride_qm, stride_dom, T_b, causal_off, qk_scale, seed, dropout_p, rng_base, DROP_COLS,
                     k_start, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK_CAUSAL: tl.constexpr,
-                    DROPOUT: tl.constexpr, MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+                    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """dV += (P*Z)ᵀ dO and dK += dSᵀ Q for one query block, computed transposed (keys as rows).
 
     Rows past T_b load Q = dO = 0, Delta = 0 and LSE = +inf, so their P is 0 without masking; key
@@ -443,21 +433,21 @@ def _bwd_dkdv_block(dk, dv, k, v, Q_base, DO_base, L_base, D_base, start_m, cols
     delta = tl.load(D_base + rows, mask=rows < T_b, other=0.0)
     zero = tl.zeros((cols.shape[0], rows.shape[0]), dtype=tl.float32)
     # (BLOCK_N, BLOCK_M): keys as rows, so dK/dV accumulate without transposes
-    sT = tl.dot(k.to(MM_DTYPE), tl.trans(q).to(MM_DTYPE), zero, input_precision=PRECISION) * qk_scale
+    sT = mma(k, tl.trans(q), zero, UPCAST=UPCAST, PRECISION=PRECISION) * qk_scale
     pT = tl.math.exp2(sT - lse[None, :])
     if MASK_CAUSAL:
         pT = tl.where(cols[:, None] <= rows[None, :] + causal_off, pT, 0.0)
-    dpT = tl.dot(v.to(MM_DTYPE), tl.trans(do).to(MM_DTYPE), zero, input_precision=PRECISION)
+    dpT = mma(v, tl.trans(do), zero, UPCAST=UPCAST, PRECISION=PRECISION)
     if DROPOUT:
-        keepT = _keep(seed, rows[None, :], k_start + cols[:, None], rng_base, DROP_COLS, dropout_p)
+        keepT = dropout_keep(seed, rng_base + rows[None, :], k_start + cols[:, None], DROP_COLS, dropout_p)
         inv = 1.0 / (1.0 - dropout_p)
         pdT = tl.where(keepT, pT * inv, 0.0).to(do.dtype)
-        dv = tl.dot(pdT.to(MM_DTYPE), do.to(MM_DTYPE), dv, input_precision=PRECISION)
+        dv = mma(pdT, do, dv, UPCAST=UPCAST, PRECISION=PRECISION)
         dpT = tl.where(keepT, dpT * inv, 0.0)
     else:
-        dv = tl.dot(pT.to(do.dtype).to(MM_DTYPE), do.to(MM_DTYPE), dv, input_precision=PRECISION)
+        dv = mma(pT.to(do.dtype), do, dv, UPCAST=UPCAST, PRECISION=PRECISION)
     dsT = pT * (dpT - delta[None, :])
-    dk = tl.dot(dsT.to(q.dtype).to(MM_DTYPE), q.to(MM_DTYPE), dk, input_precision=PRECISION)
+    dk = mma(dsT.to(q.dtype), q, dk, UPCAST=UPCAST, PRECISION=PRECISION)
     return dk, dv
 
 
@@ -471,7 +461,7 @@ def _attn_bwd_dkdv_kernel(
     T_BUCKET, S_BUCKET,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, VARLEN: tl.constexpr,
-    DROPOUT: tl.constexpr, MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dK, dV for one (BLOCK_N keys, batch/document, kv head), summed over the GQA group.
 
@@ -485,7 +475,7 @@ def _attn_bwd_dkdv_kernel(
     HKV = H // GROUP
     off_b = pid_bh // HKV
     off_hk = pid_bh % HKV
-    q_start, k_start, T_b, S_b = _seq_bounds(CU, off_b, T, S, VARLEN)
+    q_start, k_start, T_b, S_b = _seq_bounds(CU, off_b, T, S, VARLEN=VARLEN)
     start_n = pid_n * BLOCK_N
     if start_n >= S_b:
         return
@@ -525,9 +515,6 @@ def _attn_bwd_dkdv_kernel(
     # for the iterations that run: the software pipeliner issues the loads of iterations past the end
     # (and of the first iteration of a loop that runs zero times) with only their own masks, which
     # cover rows, not heads. So the head index is clamped to the group and the divisor is never 0.
-    # (The first H200 run, Triton 3.6, hit an illegal address in this kernel on every non-causal
-    # backward; these bounds are the out-of-range addressing found by reading it. Unconfirmed on a
-    # GPU yet: benchmarks/gpu_check.sh runs the non-causal cases first thing.)
     diag_div = tl.maximum(n_diag, 1)
     full_div = tl.maximum(n_full, 1)
     for it in range(0, GROUP * n_diag):
@@ -543,7 +530,8 @@ def _attn_bwd_dkdv_kernel(
                                  DO + bq * stride_dob + h64 * stride_doh + q_start * stride_dom,
                                  LSE + L_base, DELTA + L_base, start_m, cols, offs_m, offs_d, stride_qm, stride_dom,
                                  T_b, causal_off, qk_scale, seed, dropout_p, rng_base, DROP_COLS, k_start,
-                                 HEAD_DIM, BLOCK_D, True, DROPOUT, MM_DTYPE, PRECISION)
+                                 HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, MASK_CAUSAL=True, DROPOUT=DROPOUT,
+                                 UPCAST=UPCAST, PRECISION=PRECISION)
     for it in range(0, GROUP * n_full):
         g = tl.minimum(it // full_div, GROUP - 1)
         start_m = mid + (it - g * n_full) * BLOCK_M
@@ -557,7 +545,8 @@ def _attn_bwd_dkdv_kernel(
                                  DO + bq * stride_dob + h64 * stride_doh + q_start * stride_dom,
                                  LSE + L_base, DELTA + L_base, start_m, cols, offs_m, offs_d, stride_qm, stride_dom,
                                  T_b, causal_off, qk_scale, seed, dropout_p, rng_base, DROP_COLS, k_start,
-                                 HEAD_DIM, BLOCK_D, False, DROPOUT, MM_DTYPE, PRECISION)
+                                 HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, MASK_CAUSAL=False, DROPOUT=DROPOUT,
+                                 UPCAST=UPCAST, PRECISION=PRECISION)
     dk = dk * sm_scale
     if HAS_KPM:
         kp = tl.load(KPM + bq * stride_kpmb + cols, mask=cols < S_b, other=0)
@@ -569,230 +558,14 @@ def _attn_bwd_dkdv_kernel(
              dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-# ------------------------------------------------------------------------------------------- decode
-@triton.jit
-def _attn_decode_kernel(
-    Q, K, V, OP, LP, KPM,
-    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-    stride_kpmb, Hkv, T, S, qk_scale, chunk, NUM_SPLITS,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    MM_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """Split-KV forward for a few query rows (flash-decoding): one program per (key chunk, batch,
-    kv head). Its rows are all GROUP*T (query head, position) pairs of the GQA group, so each K/V
-    block is loaded once per group, not once per query head. Writes per-split normalised partial
-    outputs OP and base-2 LSEs LP (-inf when a row sees no key of the chunk); ``_attn_combine_kernel``
-    merges them: O = sum_s 2^(LSE_s - LSE) O_s with LSE = log2 sum_s 2^LSE_s.
-    """
-    pid_s = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    off_b = (pid_bh // Hkv).to(tl.int64)
-    off_hk = pid_bh % Hkv
-    r = tl.arange(0, BLOCK_M)
-    pos = r % T  # query position of row r; its head is off_hk * GROUP + r // T
-    head = (off_hk * GROUP + r // T).to(tl.int64)
-    row_ok = r < GROUP * T
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    q_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + off_b * stride_qb + head[:, None] * stride_qh + pos[:, None].to(tl.int64) * stride_qm
-                + offs_d[None, :], mask=q_mask, other=0.0)
-    K_base = K + off_b * stride_kb + off_hk.to(tl.int64) * stride_kh
-    V_base = V + off_b * stride_vb + off_hk.to(tl.int64) * stride_vh
-    KPM_base = KPM + off_b * stride_kpmb
-    lo = pid_s * chunk
-    hi = tl.minimum(lo + chunk, S)
-    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    causal_off = S - T
-    full_end = hi
-    if IS_CAUSAL:
-        full_end = lo  # T > 1 with a causal mask: every block masks (the rows see different prefixes)
-    full_end = lo + (full_end - lo) // BLOCK_N * BLOCK_N
-    for start_n in range(lo, full_end, BLOCK_N):
-        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K_base, V_base, KPM_base, start_n, pos, offs_n, offs_d,
-                                   stride_kn, stride_vn, hi, causal_off, qk_scale, 0, 0.0, 0, 0, 0, HEAD_DIM,
-                                   BLOCK_D, False, False, HAS_KPM, False, MM_DTYPE, PRECISION)
-    for start_n in range(full_end, hi, BLOCK_N):
-        acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, K_base, V_base, KPM_base, start_n, pos, offs_n, offs_d,
-                                   stride_kn, stride_vn, hi, causal_off, qk_scale, 0, 0.0, 0, 0, 0, HEAD_DIM,
-                                   BLOCK_D, True, IS_CAUSAL, HAS_KPM, False, MM_DTYPE, PRECISION)
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    base = (pid_bh * NUM_SPLITS + pid_s).to(tl.int64) * BLOCK_M
-    tl.store(OP + (base + r[:, None]) * BLOCK_D + offs_d[None, :], out)
-    tl.store(LP + base + r, lse)
-
-
-@triton.jit
-def _attn_combine_kernel(OP, LP, O, stride_ob, stride_oh, stride_om, Hkv, T, NUM_SPLITS,
-                         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                         BLOCK_M: tl.constexpr):
-    """O = sum_s 2^(LSE_s - LSE) O_s over the key splits; rows that saw no key anywhere get 0."""
-    pid_bh = tl.program_id(0)
-    off_b = (pid_bh // Hkv).to(tl.int64)
-    off_hk = pid_bh % Hkv
-    r = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    for sp in range(NUM_SPLITS):
-        m = tl.maximum(m, tl.load(LP + (pid_bh * NUM_SPLITS + sp).to(tl.int64) * BLOCK_M + r))
-    m_shift = tl.where(m == float("-inf"), 0.0, m)
-    den = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for sp in range(NUM_SPLITS):
-        base = (pid_bh * NUM_SPLITS + sp).to(tl.int64) * BLOCK_M
-        w = tl.math.exp2(tl.load(LP + base + r) - m_shift)
-        den += w
-        acc += w[:, None] * tl.load(OP + (base + r[:, None]) * BLOCK_D + offs_d[None, :])
-    out = acc / tl.where(den == 0.0, 1.0, den)[:, None]
-    pos = (r % T).to(tl.int64)
-    head = (off_hk * GROUP + r // T).to(tl.int64)
-    mask = (r[:, None] < GROUP * T) & (offs_d[None, :] < HEAD_DIM)
-    tl.store(O + off_b * stride_ob + head[:, None] * stride_oh + pos[:, None] * stride_om + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=mask)
-
-
-# ------------------------------------------------------------------------------ dropout mask (tests)
-@triton.jit
-def _dropout_mask_kernel(OUT, seed, dropout_p, ROWS, COLS, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """OUT[r, c] = keep flag of Philox offset r * COLS + c (r = (b*H + h)*T + i), as in the kernels."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    keep = _keep(seed, rows[:, None], cols[None, :], 0, COLS, dropout_p)
-    mask = (rows[:, None] < ROWS) & (cols[None, :] < COLS)
-    tl.store(OUT + rows[:, None].to(tl.int64) * COLS + cols[None, :], keep.to(tl.int8), mask=mask)
-
-
-# -------------------------------------------------------------------------------- configs, autotune
-def _cfg(bm, bn, w, s, **extra):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **extra}, num_warps=w, num_stages=s)
-
-
-def fwd_configs(interpret: bool | None = None) -> list:
-    """Forward autotune space (pruned per call by ``prune_configs``; TMA variants only where
-    ``tma_eligible``, software-pipelined ones only where ``PIPE_SM90`` says they compile clean).
-    Under the interpreter one config: its cost is per block step, so large blocks keep tests fast,
-    and BLOCK_M != BLOCK_N keeps the tile-skipping arithmetic honest."""
-    if _interpreting() if interpret is None else interpret:
-        return [_cfg(64, 32, 4, 1, USE_TMA=False, PIPE=False)]
-    # With FASTFT_AUTOTUNE_MAX = 3 the autotuner times the first three that survive pruning: on an
-    # H200 at D <= 128 the 128 x 128 pointer-load tile and the software-pipelined 128 x 64 tile with
-    # pointer loads and with TMA.
-    # TMA (sm_90+, see tma_eligible): compiled for sm_90 (D = 128, bf16), a 128 x 128 step is 504 /
-    # 638 instructions (interior / masked) with Triton 3.9 against 624 / 785 with pointer loads, 196
-    # registers against 240; Triton 3.6's TMA loops are larger, so there the timing decides.
-    # PIPE: the interior loop issues block j+1's Q Kᵀ before block j's softmax, so the P V wgmma
-    # of block j overlaps the next block's exponentials (see _attn_fwd_kernel).
-    return [_cfg(bm, bn, w, s, USE_TMA=tma, PIPE=pipe) for bm, bn, w, s, tma, pipe in [
-        (128, 128, 8, 3, False, False), (128, 64, 8, 3, False, True), (128, 64, 8, 3, True, True),
-        (128, 64, 8, 3, False, False), (128, 128, 8, 3, True, False), (128, 64, 8, 3, True, False),
-        (64, 64, 4, 3, False, False), (128, 128, 8, 2, False, False), (128, 64, 4, 3, False, False),
-        (64, 32, 4, 3, False, False), (64, 64, 8, 2, False, False), (64, 32, 8, 3, False, False),
-        (16, 64, 4, 3, False, False),
-    ]]
-
-
-# (BLOCK_M, BLOCK_N, warps, stages, TMA) of the software-pipelined forward that compile on sm_90
-# without spills at head dims <= 128 in bf16 / fp16 with causal masking and key padding (Triton 3.6
-# and 3.9; tests/test_aot_attention.py). Its second score tile costs BLOCK_M x BLOCK_N registers:
-# every 128 x 128 variant spilled with Triton 3.9 (64-496 bytes) or overflowed shared memory (TMA,
-# 3 stages: 262 KB); dropout's Philox state is not offered the extra tile either.
-PIPE_SM90 = {(128, 64, 8, 3, False), (128, 64, 8, 3, True)}
-
-
-def dq_configs(interpret: bool | None = None) -> list:
-    """dQ kernel space: many query rows per program, narrow key blocks (it holds Q, dO, dQ)."""
-    if _interpreting() if interpret is None else interpret:
-        return [_cfg(64, 32, 4, 1)]
-    return [_cfg(bm, bn, w, s) for bm, bn, w, s in [
-        (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (64, 64, 8, 2), (64, 32, 8, 3),
-        (16, 64, 4, 3),
-    ]]
-
-
-def dkdv_configs(interpret: bool | None = None) -> list:
-    """dK/dV kernel space: many keys per program (it holds K, V, dK, dV), narrow query blocks."""
-    if _interpreting() if interpret is None else interpret:
-        return [_cfg(32, 64, 4, 1)]
-    return [_cfg(bm, bn, w, s) for bm, bn, w, s in [
-        (32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3), (32, 64, 8, 3), (16, 32, 8, 2),
-        (16, 64, 4, 3),
-    ]]
-
-
-# Per-thread fp32 registers a config needs for its live tiles, and the most that compiled without
-# spills on sm_80 and sm_90 (calibrated with tests/test_aot_attention.py, FASTFT_AOT_ALL=1): the
-# forward holds acc (M x D, fp32), Q (M x D) and S/P (M x N); dQ holds dQ, Q, dO and S, dP; dK/dV
-# holds dK, dV (N x D, fp32), K, V and S, dP (N x M). Register allocation is not linear in these
-# terms, so the limits below are fitted to compiles, and conservative.
-_REG_LIMIT = {"fwd": 128, "dq": 160, "dkdv": 224}
-_REG_LIMIT_D256 = {"fwd": 104, "dq": 144, "dkdv": 200}  # Hopper's wgmma layouts at D = 256
-# With dropout the Philox rounds keep several words per score element live (dQ, which also holds
-# dP, the most): extra words per element and the limit that compiled without spills.
-_DROPOUT_WORDS = {"fwd": 2, "dq": 4, "dkdv": 2}
-_REG_LIMIT_DROPOUT = {"fwd": 90, "dq": 120, "dkdv": 120}
-
-
-def _reg_estimate(kind: str, bm: int, bn: int, warps: int, block_d: int, elem_bytes: int,
-                  dropout: bool = False) -> float:
-    half = elem_bytes / 4  # registers per element of an input-dtype tile
-    if kind == "fwd":
-        words = bm * block_d + bm * block_d * half + bm * bn
-    elif kind == "dq":
-        words = bm * block_d + 2 * bm * block_d * half + 2 * bm * bn
-    else:
-        words = 2 * bn * block_d + 2 * bn * block_d * half + 2 * bm * bn
-    if dropout:  # Philox-4x32 state and int64 counters per score element
-        words += _DROPOUT_WORDS[kind] * bm * bn
-    return words / (32 * warps)
-
-
-# Hopper (sm_90 and later): 128 x 128 forward tiles at D <= 128 compile to 238-248 registers with no
-# spills (Triton 3.6 and 3.9; they spill 8-80 bytes on sm_80), so the forward may try them there.
-# The first H200 run measured the 128 x 64 forward at 381-445 TFLOP/s (D = 128, T >= 4k); the
-# autotuner now times the wider tile beside it.
-_REG_LIMIT_SM90 = {"fwd": 160}
-
-
-def _reg_limit(kind: str, block_d: int, elem_bytes: int, dropout: bool = False, arch: int | None = None) -> float:
-    limit = _REG_LIMIT_D256[kind] if block_d >= 256 else _REG_LIMIT[kind]
-    if arch is not None and arch >= 90 and kind in _REG_LIMIT_SM90 and block_d <= 128 and elem_bytes == 2:
-        limit = max(limit, _REG_LIMIT_SM90[kind])
-    if dropout:
-        limit = min(limit, _REG_LIMIT_DROPOUT[kind])
-    if elem_bytes == 4:  # fp32: exact ("ieee") dots are FMA loops with far more live registers
-        limit = limit / 3
-    return limit
-
-
-def prune_configs(configs, block_d: int, t_bucket: int = 1 << 20, s_bucket: int = 1 << 20, *,
-                  kind: str = "fwd", elem_bytes: int = 2, dropout: bool = False, arch: int | None = None):
-    """Drop configs whose tiles would spill registers at this head dim (see ``_REG_LIMIT``; ``arch``,
-    e.g. 90, the GPU's compute capability, None for the portable limits) or that are wider than the
-    (bucketed) sequence lengths; keep at least the cheapest one."""
-    keep = []
-    limit = _reg_limit(kind, block_d, elem_bytes, dropout, arch)
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if bm > max(16, t_bucket) or bn > max(16, s_bucket):
-            continue
-        if c.kwargs.get("PIPE"):  # measured compiles, not the estimate (see PIPE_SM90)
-            if ((arch or 0) >= 90 and elem_bytes == 2 and not dropout and block_d <= 128
-                    and (bm, bn, c.num_warps, c.num_stages, bool(c.kwargs.get("USE_TMA"))) in PIPE_SM90):
-                keep.append(c)
-            continue
-        if _reg_estimate(kind, bm, bn, c.num_warps, block_d, elem_bytes, dropout) > limit:
-            continue
-        keep.append(c)
-    if not keep:
-        plain = [c for c in configs if not c.kwargs.get("PIPE")] or configs
-        keep = [min(plain, key=lambda c: _reg_estimate(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
-                                                       c.num_warps, block_d, elem_bytes, dropout))]
-    return keep
+# -------------------------------------------------------------------------------- launch settings
+# TMA_OK (a constexpr: where it is False the TMA code is compiled out of every config) is in the
+# forward's key, so that tensors the TMA cannot address are tuned among the pointer-load configs.
+ATTN_FWD = Tuned(_attn_fwd_kernel, configs=fwd_configs, key=TUNE_KEY + ["TMA_OK"], interpret=INTERPRET_FWD,
+                 prune=pruner("fwd"))
+ATTN_DQ = Tuned(_attn_bwd_dq_kernel, configs=dq_configs, key=TUNE_KEY, interpret=INTERPRET_DQ, prune=pruner("dq"))
+ATTN_DKDV = Tuned(_attn_bwd_dkdv_kernel, configs=dkdv_configs, key=TUNE_KEY, interpret=INTERPRET_DKDV,
+                  prune=pruner("dkdv"))
 
 
 def tma_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -801,90 +574,15 @@ def tma_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return _tma.addressable(k, v)
 
 
-def _pruner(kind):
-    def prune(configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}
-        if kind == "fwd" and not args.get("TMA_OK", False):
-            # (a pipelined TMA tile's pointer twin may spill: its twin is plain)
-            configs = _tma.plain_twins(configs, reset=("PIPE",))
-        return _tuning.cap(prune_configs(configs, int(args["BLOCK_D"]), int(args["T_BUCKET"]), int(args["S_BUCKET"]),
-                                         kind=kind, elem_bytes=args["Q"].element_size(),
-                                         dropout=bool(args["DROPOUT"]), arch=_arch(args["Q"].device)))
-    return prune
-
-
-def _arch(device) -> int | None:
-    """Compute capability as 80 / 90 / ... for a CUDA device; None elsewhere (the interpreter)."""
-    if device.type != "cuda":
-        return None
-    return _capability(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(index: int) -> int:
-    major, minor = torch.cuda.get_device_capability(index)
-    return 10 * major + minor
-
-
-_TUNE_KEY = ["T_BUCKET", "S_BUCKET", "GROUP", "HEAD_DIM", "IS_CAUSAL", "HAS_KPM", "VARLEN", "DROPOUT"]
-# TMA_OK (a constexpr: where it is False the TMA code is compiled out of every config) is in the
-# forward's key, so that tensors the TMA cannot address are tuned among the pointer-load configs.
-_attn_fwd = triton.autotune(fwd_configs(), key=_TUNE_KEY + ["TMA_OK"],
-                            prune_configs_by={"early_config_prune": _pruner("fwd")})(
-    _attn_fwd_kernel)
-_attn_bwd_dq = triton.autotune(dq_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner("dq")})(
-    _attn_bwd_dq_kernel)
-_attn_bwd_dkdv = triton.autotune(dkdv_configs(), key=_TUNE_KEY,
-                                 prune_configs_by={"early_config_prune": _pruner("dkdv")})(_attn_bwd_dkdv_kernel)
-
-
-@contextlib.contextmanager
-def use_configs(fwd=None, dq=None, dkdv=None, fwd_tma=False, fwd_pipe=False):
-    """Run the kernels with the given ``(BLOCK_M, BLOCK_N)`` instead of autotuning (tests exercise
-    tile shapes other than the interpreter's default, and the forward's TMA and software-pipelined
-    variants with ``fwd_tma`` / ``fwd_pipe``; benchmarks pin a config). Not thread-safe."""
-    saved = []
-    try:
-        for tuner, shape in ((_attn_fwd, fwd), (_attn_bwd_dq, dq), (_attn_bwd_dkdv, dkdv)):
-            if shape is not None:
-                saved.append((tuner, tuner.configs))
-                extra = {"USE_TMA": fwd_tma, "PIPE": fwd_pipe} if tuner is _attn_fwd else {}
-                tuner.configs = [_cfg(shape[0], shape[1], 4, 1 if _interpreting() else 3, **extra)]
-        yield
-    finally:
-        for tuner, configs in saved:
-            tuner.configs = configs
-
-
-def _bucket(n: int) -> int:
-    """Autotune key for a length: next power of two (>= 16), so varying batches share configs."""
-    return max(16, triton.next_power_of_2(max(int(n), 1)))
-
-
 # ---------------------------------------------------------------------------------------- launchers
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
-
-
-def _check_device(t: torch.Tensor, what: str) -> None:
-    if t.device.type == "cuda":
-        return
-    if t.device.type == "cpu" and _interpreting():
-        return
-    raise ValueError(
-        f"{what}: the Triton attention kernels need CUDA tensors (or CPU tensors under TRITON_INTERPRET=1); "
-        f"got {t.device}. Use FASTFT_BACKEND=reference or move the tensors to a GPU."
-    )
-
-
-def _check_common(q, k, v, dropout_p, scale, what):
+def check_common(q, k, v, dropout_p, scale, what):
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"{what}: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
-    if q.dtype not in _DTYPES:
+    if q.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{what}: dtype {q.dtype} is not supported (float16, bfloat16, float32)")
     if not (q.device == k.device == v.device):
         raise ValueError(f"{what}: q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
-    _check_device(q, what)
+    check_device(q.device, what)
     D = q.shape[-1]
     if not 1 <= D <= MAX_HEAD_DIM:
         raise ValueError(f"{what}: head dim {D} is not supported (1..{MAX_HEAD_DIM})")
@@ -894,30 +592,33 @@ def _check_common(q, k, v, dropout_p, scale, what):
         raise ValueError(f"{what}: scale must be finite, got {scale}")
 
 
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
+def check_dense(q, k, v, key_padding_mask, dropout_p, scale, what="attention"):
+    """The dense op's argument checks; returns the key padding mask as the kernels read it (uint8
+    (B, S) contiguous) or None."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"{what} expects q (B, Hq, T, D) and k, v (B, Hkv, S, D); got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    B, Hq, T, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"{what}: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"{what}: k/v batch or head dim {tuple(k.shape)} does not match q {tuple(q.shape)}")
+    Hkv, S = k.shape[1], k.shape[2]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"{what}: query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+    check_common(q, k, v, dropout_p, scale, what)
+    if key_padding_mask is None:
+        return None
+    if tuple(key_padding_mask.shape) != (B, S):
+        raise ValueError(f"{what}: key_padding_mask must be (B, S) = ({B}, {S}), "
+                         f"got {tuple(key_padding_mask.shape)}")
+    if key_padding_mask.device != q.device:
+        raise ValueError(f"{what}: key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
+    return key_padding_mask.to(torch.bool).contiguous().view(torch.uint8)
+
+
+def unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _precision(dtype) -> str:
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
-
-
-def _mm_dtype(dtype):
-    """Operand dtype of every tl.dot. Triton 3.9's interpreter computes bf16 dots wrongly, so there
-    bf16 tiles are upcast to fp32 first (exact: bf16 values are fp32 values with a shorter mantissa)."""
-    if dtype == torch.bfloat16:
-        return tl.float32 if _interpreting() else tl.bfloat16
-    return tl.float16 if dtype == torch.float16 else tl.float32
-
-
-def _dropout_seed(generator) -> int:
-    """A Philox seed drawn from ``generator`` (or torch's default CPU generator): reproducible
-    under torch.manual_seed, no device synchronisation for the default case."""
-    if generator is not None:
-        return int(torch.randint(0, 2**31 - 1, (), generator=generator, device=generator.device).item())
-    return int(torch.randint(0, 2**31 - 1, ()).item())
 
 
 class _Problem:
@@ -968,11 +669,10 @@ class _Problem:
         return self.kpm, self.kpm.stride(0)
 
     def common_constexprs(self):
-        dt = self.q4.dtype
         return dict(
             GROUP=self.group, HEAD_DIM=self.D, BLOCK_D=self.block_d, IS_CAUSAL=self.causal,
             HAS_KPM=self.kpm is not None, VARLEN=self.varlen, DROPOUT=self.dropout_p > 0.0,
-            MM_DTYPE=_mm_dtype(dt), PRECISION=_precision(dt),
+            **dot_flags(self.q4.dtype),
         )
 
 
@@ -986,11 +686,11 @@ def _forward(p: _Problem):
     if tma_ok:
         _tma.ensure_allocator(q4.device)
     grid = lambda meta: (triton.cdiv(p.T, meta["BLOCK_M"]), p.nb * p.H)  # noqa: E731
-    _attn_fwd[grid](
+    ATTN_FWD[grid](
         q4, k4, v4, o4, lse, kpm, cu,
         *p.strides4(q4), *p.strides4(k4), *p.strides4(v4), *p.strides4(o4), *p.lse_strides(lse), s_kpm,
         p.H, p.T, p.S, p.sm_scale * LOG2E, p.seed, p.dropout_p, p.drop_rows, p.drop_cols,
-        _bucket(p.T), _bucket(p.S),
+        bucket(p.T), bucket(p.S),
         SCALE_POS=p.sm_scale > 0, TMA_OK=tma_ok, **p.common_constexprs(),
     )
     return o4, lse
@@ -1003,67 +703,22 @@ def _backward(p: _Problem, o4, lse, do4):
     kpm, s_kpm = p.kpm_args()
     cu = p.cu if p.cu is not None else p._dummy
     scalars = (p.H, p.T, p.S, p.sm_scale * LOG2E, p.sm_scale, p.seed, p.dropout_p, p.drop_rows, p.drop_cols,
-               _bucket(p.T), _bucket(p.S))
+               bucket(p.T), bucket(p.S))
     grid_q = lambda meta: (triton.cdiv(p.T, meta["BLOCK_M"]), p.nb * p.H)  # noqa: E731
-    _attn_bwd_dq[grid_q](
+    ATTN_DQ[grid_q](
         q4, k4, v4, o4, do4, dq4, lse, delta, kpm, cu,
         *p.strides4(q4), *p.strides4(k4), *p.strides4(v4), *p.strides4(o4), *p.strides4(do4),
         *p.strides4(dq4), *p.lse_strides(lse), s_kpm,
         *scalars, **p.common_constexprs(),
     )
     grid_k = lambda meta: (triton.cdiv(p.S, meta["BLOCK_N"]), p.nb * p.Hkv)  # noqa: E731
-    _attn_bwd_dkdv[grid_k](
+    ATTN_DKDV[grid_k](
         q4, k4, v4, do4, dk4, dv4, lse, delta, kpm, cu,
         *p.strides4(q4), *p.strides4(k4), *p.strides4(v4), *p.strides4(do4), *p.strides4(dk4),
         *p.strides4(dv4), *p.lse_strides(lse), s_kpm,
         *scalars, **p.common_constexprs(),
     )
     return dq4, dk4, dv4
-
-
-DECODE_MAX_ROWS = 64  # GROUP * T rows per decode program (one tile of query rows)
-
-
-def _num_sms(device) -> int:
-    if device.type != "cuda":
-        return 4  # interpreter: a few splits, enough to exercise the combine
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _decode(q, k, v, kpm, causal, scale):
-    """Forward-only split-KV attention for T * GROUP <= DECODE_MAX_ROWS (generation with a cache)."""
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
-    B, Hq, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    group = Hq // Hkv
-    block_m = max(16, triton.next_power_of_2(group * T))
-    block_d = max(16, triton.next_power_of_2(D))
-    block_n = 32 if (block_d >= 256 or _interpreting()) else 64
-    # Enough programs to fill the GPU twice over, each with at least a few key blocks of work.
-    n_blocks = triton.cdiv(S, block_n)
-    splits = max(1, min(triton.cdiv(2 * _num_sms(q.device), B * Hkv), triton.cdiv(n_blocks, 4), 128))
-    chunk = triton.cdiv(n_blocks, splits) * block_n
-    splits = triton.cdiv(S, chunk)
-    op = torch.empty(B * Hkv, splits, block_m, block_d, dtype=torch.float32, device=q.device)
-    lp = torch.empty(B * Hkv, splits, block_m, dtype=torch.float32, device=q.device)
-    kpm_t = kpm if kpm is not None else torch.zeros(1, dtype=torch.uint8, device=q.device)
-    sm_scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    cx = dict(GROUP=group, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m)
-    _attn_decode_kernel[(splits, B * Hkv)](
-        q, k, v, op, lp, kpm_t, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), kpm_t.stride(0), Hkv, T, S, sm_scale * LOG2E, chunk, splits,
-        BLOCK_N=block_n, IS_CAUSAL=bool(causal) and T > 1, HAS_KPM=kpm is not None, MM_DTYPE=_mm_dtype(q.dtype),
-        PRECISION=_precision(q.dtype), num_warps=4, num_stages=1 if _interpreting() else 3, **cx,
-    )
-    o = torch.empty_like(q)
-    _attn_combine_kernel[(B * Hkv,)](op, lp, o, o.stride(0), o.stride(1), o.stride(2), Hkv, T, splits, **cx,
-                                     num_warps=4)
-    return o
 
 
 # ---------------------------------------------------------------------------------- autograd
@@ -1073,7 +728,7 @@ class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, key_padding_mask, cu_seqlens, max_seqlen, causal, scale, dropout_p, seed):
-        q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+        q, k, v = unit_last(q), unit_last(k), unit_last(v)
         p = _Problem(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, causal, scale, dropout_p, seed)
         o4, lse = _forward(p)
         ctx.save_for_backward(q, k, v, o4, lse, key_padding_mask, cu_seqlens)
@@ -1084,7 +739,7 @@ class AttentionFunction(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, o4, lse, kpm, cu = ctx.saved_tensors
         p = _Problem(q, k, v, kpm, cu, *ctx.args)
-        do = _unit_last(do)
+        do = unit_last(do)
         do4 = do.transpose(0, 1).unsqueeze(0) if p.varlen else do
         dq4, dk4, dv4 = _backward(p, o4, lse, do4)
         if p.varlen:
@@ -1093,45 +748,20 @@ class AttentionFunction(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------- public entry
-@register("attention", "triton")
 def attention(q, k, v, *, causal, scale=None, key_padding_mask=None, dropout_p=0.0, generator=None):
     """softmax(q kᵀ · scale + mask) v with FlashAttention-2 kernels; see the module docstring.
 
     q (B, Hq, T, D), k/v (B, Hkv, S, D) -> (B, Hq, T, D) in q's dtype (and q's memory layout).
     """
-    what = "attention"
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"{what} expects q (B, Hq, T, D) and k, v (B, Hkv, S, D); got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    B, Hq, T, D = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"{what}: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
-    if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"{what}: k/v batch or head dim {tuple(k.shape)} does not match q {tuple(q.shape)}")
-    Hkv, S = k.shape[1], k.shape[2]
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"{what}: query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
-    _check_common(q, k, v, dropout_p, scale, what)
-    kpm = None
-    if key_padding_mask is not None:
-        if tuple(key_padding_mask.shape) != (B, S):
-            raise ValueError(f"{what}: key_padding_mask must be (B, S) = ({B}, {S}), "
-                             f"got {tuple(key_padding_mask.shape)}")
-        if key_padding_mask.device != q.device:
-            raise ValueError(f"{what}: key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
-        kpm = key_padding_mask.to(torch.bool).contiguous().view(torch.uint8)
+    kpm = check_dense(q, k, v, key_padding_mask, dropout_p, scale)
     if q.numel() == 0:
         return q.clone()
-    if S == 0:  # no keys: every row sees nothing -> 0 (the empty sum keeps q in the graph)
+    if k.shape[2] == 0:  # no keys: every row sees nothing -> 0 (the empty sum keeps q in the graph)
         return torch.zeros_like(q) + q[..., :0].sum()
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if not needs_grad and dropout_p == 0.0 and T * (Hq // Hkv) <= DECODE_MAX_ROWS:
-        return _decode(q, k, v, kpm, causal, scale)
-    seed = _dropout_seed(generator) if dropout_p > 0.0 else 0
+    seed = draw_seed(generator) if dropout_p > 0.0 else 0
     return AttentionFunction.apply(q, k, v, kpm, None, None, causal, scale, float(dropout_p), seed)
 
 
-@register("attention_varlen", "triton")
 def attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, causal, scale=None, dropout_p=0.0, generator=None):
     """Attention over packed documents (total, H, D) delimited by ``cu_seqlens``; see module docstring."""
     what = "attention_varlen"
@@ -1143,7 +773,7 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, causal, scale=None, dro
     Hq, Hkv = q.shape[1], k.shape[1]
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"{what}: query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
-    _check_common(q, k, v, dropout_p, scale, what)
+    check_common(q, k, v, dropout_p, scale, what)
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError(f"{what}: cu_seqlens must be a 1-D tensor with at least 2 entries")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -1158,7 +788,7 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, causal, scale=None, dro
     if q.shape[0] == 0:  # only empty documents
         return q.clone()
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
-    seed = _dropout_seed(generator) if dropout_p > 0.0 else 0
+    seed = draw_seed(generator) if dropout_p > 0.0 else 0
     return AttentionFunction.apply(q, k, v, None, cu, max(lens), causal, scale, float(dropout_p), seed)
 
 
@@ -1167,10 +797,8 @@ def dropout_keep_mask(seed: int, B: int, H: int, T: int, S: int, dropout_p: floa
 
     Varlen runs use the mask of ``B = 1, T = S = total`` indexed by packed token positions.
     """
-    rows, cols = B * H * T, S
-    out = torch.empty(max(rows, 1), max(cols, 1), dtype=torch.int8, device=device)
-    if rows and cols:
-        BR, BC = 64, 64
-        grid = (triton.cdiv(rows, BR), triton.cdiv(cols, BC))
-        _dropout_mask_kernel[grid](out, int(seed), float(dropout_p), rows, cols, BLOCK_R=BR, BLOCK_C=BC)
-    return out[:rows, :cols].reshape(B, H, T, S).bool()
+    return keep_mask(seed, B * H * T, S, dropout_p, device).reshape(B, H, T, S)
+
+
+__all__ = ["AttentionFunction", "ATTN_FWD", "ATTN_DQ", "ATTN_DKDV", "attention", "attention_varlen",
+           "dropout_keep_mask", "fwd_block", "tma_eligible"]

@@ -40,9 +40,12 @@ import subprocess
 import sys
 import tempfile
 
+import pytest
 import triton
+import triton.language  # noqa: F401 (snapshot below)
 
-__all__ = ["compile_kernel", "cuobjdump_path", "nvdisasm_path", "sass_loop", "sass_ops", "unwrap_jit"]
+__all__ = ["assert_no_spills", "compile_kernel", "cuobjdump_path", "nvdisasm_path", "pristine_triton_language",
+           "report", "sass_loop", "sass_ops", "unwrap_jit"]
 
 
 # --------------------------------------------------------------------------------------- unwrapping
@@ -357,3 +360,52 @@ def compile_kernel(kernel, signature: dict, constexprs: dict, arch: int, num_war
         "ptx": ptx,
         "cubin": cubin,
     }
+
+
+# ---------------------------------------------------------------------------------- test fixture
+# Triton 3.9's interpreter patches triton.language for every interpreted call, and restores only
+# what it patched through the kernel's own globals: a jit helper from another module (tl.cdiv,
+# tl.zeros, ... whose globals name ``core``) re-patches ``triton.language.core`` and never undoes
+# it. Compiling after interpreter tests in the same process then fails inside those helpers
+# ("'block_argument' object has no attribute 'dtype'"). This module is imported at collection,
+# before any test runs, so the snapshot taken here is pristine; ``pristine_triton_language`` puts it
+# back before each test that uses it (``pytestmark = pytest.mark.usefixtures(...)``).
+def _lang_objects():
+    import triton.language as tl
+
+    mods = [m for n, m in list(sys.modules.items())
+            if m is not None and (n == "triton.language" or n.startswith("triton.language."))]
+    return mods + [tl.core.tensor, tl.core.dtype, tl.core.condition, tl.core.tensor_descriptor_base]
+
+
+_PRISTINE = [(obj, dict(vars(obj))) for obj in _lang_objects()]
+
+
+@pytest.fixture
+def pristine_triton_language():
+    for obj, saved in _PRISTINE:
+        current = vars(obj)
+        for name in [n for n in current if n not in saved]:
+            try:
+                delattr(obj, name)
+            except (AttributeError, TypeError):
+                pass
+        for name, val in saved.items():
+            if current.get(name, None) is not val:
+                try:
+                    setattr(obj, name, val)
+                except (AttributeError, TypeError):  # read-only class attributes (__dict__, ...)
+                    pass
+    yield
+
+
+def report(what: str, r: dict) -> None:
+    """One line per compile (run pytest with -s to see the table)."""
+    print(f"sm_{r['arch']} {what}: shared={r['shared']} B, registers={r['registers']}, spills={r['spills']}, "
+          f"wgmma={r['wgmma']}")
+
+
+def assert_no_spills(r: dict, what: str) -> None:
+    if r["spills"] is None:
+        pytest.fail(f"{what}: cannot read register use ({r['cuobjdump']})")
+    assert r["spills"] == 0, f"{what}: {r['spills']} bytes spilled, {r['registers']} registers (sm_{r['arch']})"

@@ -17,6 +17,13 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     if config.getoption("--device") == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    else:
+        # fp32 tolerances are 2x torch's own fp32 error (tests/utils.py), and the kernels' fp32 dots
+        # follow torch's precision setting (kernels/_common.py): the CUDA run holds torch's default,
+        # IEEE fp32, so both sides are exact-fp32 (tests/test_fp32_precision.py checks TF32 apart).
+        import torch
+
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -25,6 +32,17 @@ def pytest_configure(config):
 @pytest.fixture
 def device(request):
     return request.config.getoption("--device")
+
+
+@pytest.fixture
+def triton_usable(device):
+    """Kernel tests: CPU runs need the interpreter; --device cuda needs a GPU."""
+    import torch
+
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.fail("CPU kernel tests need TRITON_INTERPRET=1 (set by tests/conftest.py)")
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("--device cuda given but no CUDA device")
 
 
 @pytest.fixture(autouse=True)

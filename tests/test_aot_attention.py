@@ -9,30 +9,27 @@ shared memory, registers and spills (cuobjdump). Checked here, per kernel:
   padding at D = 128), head dims 32 and 256, varlen fp16 compile for sm_90 without spills; odd
   combinations (D = 40 / 80 with every flag, fp32 "ieee") compile and fit shared memory (spills
   printed). With FULL: both archs, every config, every head-dim bucket;
-* the decode / combine kernels compile without spills.
+* (the decode / combine kernels: tests/test_aot_attention_decode.py).
 
 Compiling is slow on a shared CPU (seconds per cubin), so the default run compiles the first config
 of each hot list and samples the rest; ``FASTFT_AOT_ALL=1`` compiles every config of every list
 for every head-dim bucket and both archs (~200 cubins, 15+ minutes): that sweep is how the config
-lists and kernels/attention.py's register model were calibrated.
+lists and kernels/attention_configs.py's register model were calibrated.
 """
-import importlib
 import os
 
 import pytest
-import triton.language as tl
 
+from fastft.kernels import attention as triton_attention
+from fastft.kernels import attention_configs as configs
 from tests.aot import compile_kernel, cuobjdump_path
-
-A = importlib.import_module("fastft.kernels.attention")
 SHARED_LIMIT = {80: 166912, 90: 232448}  # bytes of shared memory per block (opt-in maximum)
 PTRS = {"Q", "K", "V", "O", "DO", "DQ", "DK", "DV"}
 KERNELS = {
-    "fwd": (A._attn_fwd_kernel, A.fwd_configs),
-    "dq": (A._attn_bwd_dq_kernel, A.dq_configs),
-    "dkdv": (A._attn_bwd_dkdv_kernel, A.dkdv_configs),
+    "fwd": (triton_attention._attn_fwd_kernel, configs.fwd_configs),
+    "dq": (triton_attention._attn_bwd_dq_kernel, configs.dq_configs),
+    "dkdv": (triton_attention._attn_bwd_dkdv_kernel, configs.dkdv_configs),
 }
-TL_DTYPE = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}
 FULL = os.environ.get("FASTFT_AOT_ALL") == "1"
 
 
@@ -61,16 +58,17 @@ def signature(kernel, dtype: str, constexprs: dict, head_dim: int) -> dict:
 
 
 def constexprs(config, head_dim, dtype="bf16", causal=True, kpm=False, varlen=False, dropout=False,
-               precision="tf32", group=1):
+               precision="ieee", group=1):
+    """The launcher's constexprs on a GPU (no interpreter upcast; ``_common.matmul_precision``)."""
     block_d = max(16, 1 << (head_dim - 1).bit_length())
     return dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, IS_CAUSAL=causal, HAS_KPM=kpm, VARLEN=varlen,
-                DROPOUT=dropout, MM_DTYPE=TL_DTYPE[dtype], PRECISION=precision, **config.kwargs)
+                DROPOUT=dropout, UPCAST=False, PRECISION=precision, **config.kwargs)
 
 
 def pickable(kind, head_dim, dtype="bf16", dropout=False, arch=None):
     """Configs the autotuner can choose for this head dim (after pruning) on ``arch``, GPU lists."""
     block_d = max(16, 1 << (head_dim - 1).bit_length())
-    return A.prune_configs(KERNELS[kind][1](interpret=False), block_d, kind=kind,
+    return configs.prune_configs(KERNELS[kind][1](), block_d, kind=kind,
                            elem_bytes=4 if dtype == "fp32" else 2, dropout=dropout, arch=arch)
 
 
@@ -79,21 +77,21 @@ def test_autotune_pruning():
     import torch
 
     q16, q32 = torch.empty(1, dtype=torch.float16), torch.empty(1, dtype=torch.float32)
-    prune = A._pruner("fwd")
+    prune = configs.pruner("fwd")
     args = {"Q": q16, "T_BUCKET": 4096, "S_BUCKET": 4096}
-    long = prune(A.fwd_configs(False), args, BLOCK_D=128, DROPOUT=False)
-    assert long and all(A._reg_estimate("fwd", c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, 128, 2)
-                        <= A._REG_LIMIT["fwd"] for c in long)
-    assert len(prune(A.fwd_configs(False), {**args, "Q": q32}, BLOCK_D=128, DROPOUT=False)) < len(long)
-    assert len(prune(A.fwd_configs(False), args, BLOCK_D=128, DROPOUT=True)) < len(long)
+    long = prune(configs.fwd_configs(), args, BLOCK_D=128, DROPOUT=False)
+    assert long and all(configs.reg_estimate("fwd", c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, 128, 2)
+                        <= configs.REG_LIMIT["fwd"] for c in long)
+    assert len(prune(configs.fwd_configs(), {**args, "Q": q32}, BLOCK_D=128, DROPOUT=False)) < len(long)
+    assert len(prune(configs.fwd_configs(), args, BLOCK_D=128, DROPOUT=True)) < len(long)
     assert not any(c.kwargs["USE_TMA"] for c in long)  # TMA_OK not given: pointer loads only
-    with_tma = prune(A.fwd_configs(False), args, BLOCK_D=128, DROPOUT=False, TMA_OK=True)
+    with_tma = prune(configs.fwd_configs(), args, BLOCK_D=128, DROPOUT=False, TMA_OK=True)
     assert any(c.kwargs["USE_TMA"] for c in with_tma)
-    short = prune(A.fwd_configs(False), {**args, "T_BUCKET": 16}, BLOCK_D=128, DROPOUT=False)
+    short = prune(configs.fwd_configs(), {**args, "T_BUCKET": 16}, BLOCK_D=128, DROPOUT=False)
     assert short and all(c.kwargs["BLOCK_M"] == 16 for c in short)
     for kind in KERNELS:  # something survives at every head dim
         for d in (16, 32, 64, 128, 256):
-            assert A._pruner(kind)(KERNELS[kind][1](False), {"Q": q16, "T_BUCKET": 16, "S_BUCKET": 16}, BLOCK_D=d,
+            assert configs.pruner(kind)(KERNELS[kind][1](), {"Q": q16, "T_BUCKET": 16, "S_BUCKET": 16}, BLOCK_D=d,
                                    DROPOUT=True)
 
 
@@ -139,7 +137,7 @@ def test_hot_configs_compile_without_spills(kind, head_dim, idx, arch):
     assert r["wgmma"] == (arch == 90), f"{kind} {config}: wgmma={r['wgmma']} on sm_{arch}"
 
 
-@pytest.mark.parametrize("entry", sorted(A.PIPE_SM90), ids=lambda e: "x".join(map(str, e[:2])) +
+@pytest.mark.parametrize("entry", sorted(configs.PIPE_SM90), ids=lambda e: "x".join(map(str, e[:2])) +
                          f"-w{e[2]}s{e[3]}-{'tma' if e[4] else 'ptr'}")
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_pipelined_forward_compiles_without_spills_sm90(entry, head_dim):
@@ -147,7 +145,7 @@ def test_pipelined_forward_compiles_without_spills_sm90(entry, head_dim):
     without spills, with causal masking and key padding (the heaviest flags it is offered with;
     never with dropout), and uses wgmma."""
     bm, bn, w, st, tma = entry
-    config = A._cfg(bm, bn, w, st, USE_TMA=tma, PIPE=True)
+    config = configs._cfg(bm, bn, w, st, USE_TMA=tma, PIPE=True)
     assert config.kwargs in [c.kwargs for c in pickable("fwd", head_dim, arch=90)] or head_dim > 128
     r = _compile("fwd", config, head_dim, 90, causal=True, kpm=True)
     assert r["spills"] == 0, f"pipelined fwd D={head_dim} {config} spills {r['spills']} B"
@@ -197,33 +195,3 @@ def test_other_configs_compile(kind, head_dim, idx, flags, strict, arch):
         # stack frame (one 64-bit slot); anything larger is a real spill.
         allowed = 0 if arch == 90 else 8
         assert r["spills"] <= allowed, f"{kind} D={head_dim} {flags} {config} spills {r['spills']} B on sm_{arch}"
-
-
-@pytest.mark.parametrize("arch", [90, 80])
-@pytest.mark.parametrize("head_dim,group", [(128, 8)])
-def test_decode_kernels_compile_without_spills(head_dim, group, arch):
-    block_d = max(16, 1 << (head_dim - 1).bit_length())
-    cx = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=16, BLOCK_N=64, IS_CAUSAL=False,
-              HAS_KPM=True, MM_DTYPE=tl.bfloat16, PRECISION="tf32")
-    k = A._attn_decode_kernel
-    r = compile_kernel(k, signature(k, "bf16", cx, head_dim), cx, arch, num_warps=4, num_stages=3)
-    print(f"decode D={head_dim} sm_{arch}: shared={r['shared']} regs={r['registers']} spills={r['spills']}")
-    assert r["spills"] == 0
-    cx = dict(GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=16)
-    c = A._attn_combine_kernel
-    r = compile_kernel(c, signature(c, "bf16", cx, head_dim), cx, arch, num_warps=4, num_stages=1)
-    assert r["spills"] == 0
-
-
-def test_compile_after_interpreter_runs():
-    """Interpreter runs that call tl.rand leave triton.language.core patched (Triton 3.9); tests/aot.py
-    must still compile afterwards, and leave the interpreter working."""
-    import torch
-
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("only meaningful when kernels were decorated for the interpreter")
-    keep = A.dropout_keep_mask(5, 1, 1, 8, 8, 0.5, "cpu")  # runs tl.rand under the interpreter
-    cx = dict(GROUP=1, HEAD_DIM=64, BLOCK_D=64, BLOCK_M=16)
-    r = compile_kernel(A._attn_combine_kernel, signature(A._attn_combine_kernel, "fp16", cx, 64), cx, 90)
-    assert r["ptx"] and r["registers"]
-    assert torch.equal(keep, A.dropout_keep_mask(5, 1, 1, 8, 8, 0.5, "cpu"))

@@ -1,98 +1,36 @@
-"""Triton fused attention (fastft.kernels.attention) against float64 gold, forward and gradients.
+"""Triton fused attention (fastft/kernels/attention.py) against float64 gold, forward and gradients.
 
-Tolerances are derived (tests/utils.py): the kernel's error must be at most 2x the error PyTorch
-makes doing the same math entirely in the kernel's dtype (scores, softmax, P @ V and their
-autograd, as flash-attention's tests do with ``upcast=False``), plus a small floor. On CPU the
-kernels run under the Triton interpreter (fp16 and fp32; bf16 only with ``--device cuda`` because
-the interpreter's bf16 dot is wrong), so shapes are small.
+Tolerances are derived (tests/attention_util.py, tests/utils.py): the kernel's error must be at
+most 2x the error PyTorch makes doing the same math entirely in the kernel's dtype, plus a small
+floor. On CPU the kernels run under the Triton interpreter (fp16 and fp32; bf16 only with
+``--device cuda``), so shapes are small. The forward-only split-KV kernel is
+tests/test_attention_decode.py.
 """
-import importlib
-import math
-
 import pytest
 import torch
 
 from fastft import ops
-from fastft.ops import dispatch, reference
-from tests.utils import FLOOR, assert_close_to_gold
+from fastft.kernels import _common
+from fastft.kernels import attention as triton_attention
+from fastft.ops import dispatch, reference, triton_backend
+from tests.attention_util import attn_math, check_against_gold, make_kpm, make_qkv, parametrize_dtype
+from tests.utils import assert_close_to_gold
 
-A = importlib.import_module("fastft.kernels.attention")
 pytestmark = pytest.mark.interpreter
 
 
-def pytest_generate_tests(metafunc):
-    # bf16 only where it can actually be checked: no skipped parametrizations on CPU.
-    if "dtype" in metafunc.fixturenames:
-        dts = [torch.float16, torch.float32]
-        if metafunc.config.getoption("--device") == "cuda":
-            dts.insert(1, torch.bfloat16)
-        metafunc.parametrize("dtype", dts, ids=lambda d: str(d).replace("torch.", ""))
+pytest_generate_tests = parametrize_dtype  # (tests/attention_util.py)
 
-
-# --------------------------------------------------------------------------------------- oracles
-def attn_math(q, k, v, *, causal, scale=None, kpm=None, keep=None, dropout_p=0.0):
-    """Attention done by PyTorch entirely in q's dtype (float64 = gold; fp16/fp32 = torch's own
-    low-precision error). ``keep`` (B, Hq, T, S) bool applies dropout with a given mask."""
-    B, Hq, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    g = Hq // Hkv
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale
-    allowed = reference.attention_mask_bias(T, S, causal=causal, key_padding_mask=kpm, device=q.device)
-    # finfo.min, not -inf: fully masked rows then give a finite softmax (zeroed below) and finite grads
-    s = s.masked_fill(~allowed, torch.finfo(s.dtype).min)
-    p = torch.softmax(s, dim=-1)
-    p = torch.where(allowed, p, torch.zeros((), dtype=p.dtype, device=p.device))
-    if keep is not None:
-        p = p * keep.to(p.dtype) / (1.0 - dropout_p)
-    return torch.matmul(p, v)
-
-
-def _grads(fn, inputs, dout):
-    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
-    out = fn(*inputs)
-    out.backward(dout.to(out.dtype))
-    return [out.detach()] + [t.grad for t in inputs]
-
-
-def check_against_gold(run, math_fn, inputs, dout, names=("out", "dq", "dk", "dv")):
-    """run(*inputs) -> kernel output; math_fn(*inputs) -> torch math in inputs' dtype."""
-    got = _grads(run, inputs, dout)
-    gold = _grads(math_fn, [t.double() for t in inputs], dout.double())
-    lowp = _grads(math_fn, inputs, dout)
-    errs = {}
-    for name, a, b, c in zip(names, got, gold, lowp):
-        floor = None
-        if name != "out" and b.numel() and b.abs().max() == 0:
-            # A gradient that is exactly 0 by cancellation (e.g. S = 1: softmax is identically 1, so
-            # dS = P (dP - Delta) = dP - dO.O): the floor's scale is that of the cancelled terms.
-            terms = max(dout.abs().max().item() * max(t.abs().max().item() for t in inputs) ** 2, 1.0)
-            floor = FLOOR[a.dtype] * terms
-        errs[name] = assert_close_to_gold(a, b, c, name=name, floor=floor)
-    return got, errs
-
-
-def _kpm(B, S, kind, device):
-    m = torch.ones(B, S, dtype=torch.bool, device=device)
-    if kind is None:
-        return None
-    n = max(S // 3, 1)
-    if kind in ("left", "both"):
-        m[0, :n] = False
-    if kind in ("right", "both"):
-        m[-1, S - n:] = False
-    if kind == "empty":  # one batch row with no real key at all
-        m[-1, :] = False
-        m[0, :n] = False
-    return m
-
-
-def _qkv(B, Hq, Hkv, T, S, D, dtype, device):
-    q = torch.randn(B, Hq, T, D, device=device).to(dtype)
-    k = torch.randn(B, Hkv, S, D, device=device).to(dtype)
-    v = torch.randn(B, Hkv, S, D, device=device).to(dtype)
-    return q, k, v
+def _pin(fwd=None, dq=None, dkdv=None, fwd_tma=False, fwd_pipe=False):
+    """Run the kernels with these (BLOCK_M, BLOCK_N) tiles instead of the interpreter's (and the
+    forward's TMA / software-pipelined variant)."""
+    pins = {}
+    for tuned, tile in ((triton_attention.ATTN_FWD, fwd), (triton_attention.ATTN_DQ, dq),
+                        (triton_attention.ATTN_DKDV, dkdv)):
+        if tile is not None:
+            extra = dict(USE_TMA=fwd_tma, PIPE=fwd_pipe) if tuned is triton_attention.ATTN_FWD else {}
+            pins[tuned] = dict(BLOCK_M=tile[0], BLOCK_N=tile[1], **extra)
+    return _common.pinned_configs(pins)
 
 
 # ------------------------------------------------------------------------------ dense attention
@@ -116,11 +54,11 @@ CASES = [
 @pytest.mark.parametrize("T,S,D,Hq,Hkv,causal,pad", CASES, ids=lambda x: str(x))
 def test_attention_matches_gold(T, S, D, Hq, Hkv, causal, pad, dtype, device):
     B = 2
-    q, k, v = _qkv(B, Hq, Hkv, T, S, D, dtype, device)
-    kpm = _kpm(B, S, pad, device)
+    q, k, v = make_qkv(B, Hq, Hkv, T, S, D, dtype, device)
+    kpm = make_kpm(B, S, pad, device)
     dout = torch.randn(B, Hq, T, D, device=device).to(dtype)
     got, _ = check_against_gold(
-        lambda q, k, v: A.attention(q, k, v, causal=causal, key_padding_mask=kpm),
+        lambda q, k, v: triton_attention.attention(q, k, v, causal=causal, key_padding_mask=kpm),
         lambda q, k, v: attn_math(q, k, v, causal=causal, kpm=kpm),
         [q, k, v], dout,
     )
@@ -139,12 +77,12 @@ def test_attention_other_tile_shapes(tiles, T, S, pad, device):
     """The default interpreter tiles have BLOCK_M > BLOCK_N (forward, dQ) and < (dK/dV); the GPU
     configs have both: tile skipping and diagonal masking must not depend on the relation."""
     dtype = torch.float16
-    q, k, v = _qkv(2, 3, 1, T, S, 64, dtype, device)
-    kpm = _kpm(2, S, pad, device)
+    q, k, v = make_qkv(2, 3, 1, T, S, 64, dtype, device)
+    kpm = make_kpm(2, S, pad, device)
     dout = torch.randn_like(q)
-    with A.use_configs(*tiles):
+    with _pin(*tiles):
         check_against_gold(
-            lambda q, k, v: A.attention(q, k, v, causal=True, key_padding_mask=kpm),
+            lambda q, k, v: triton_attention.attention(q, k, v, causal=True, key_padding_mask=kpm),
             lambda q, k, v: attn_math(q, k, v, causal=True, kpm=kpm),
             [q, k, v], dout,
         )
@@ -153,10 +91,10 @@ def test_attention_other_tile_shapes(tiles, T, S, pad, device):
 def test_attention_long_sequence(device):
     """T = S = 1025 (one past a power of two), causal: many tiles, a 1-row ragged tail."""
     dtype = torch.float16
-    q, k, v = _qkv(1, 1, 1, 1025, 1025, 64, dtype, device)
+    q, k, v = make_qkv(1, 1, 1, 1025, 1025, 64, dtype, device)
     dout = torch.randn_like(q)
     check_against_gold(
-        lambda q, k, v: A.attention(q, k, v, causal=True),
+        lambda q, k, v: triton_attention.attention(q, k, v, causal=True),
         lambda q, k, v: attn_math(q, k, v, causal=True),
         [q, k, v], dout,
     )
@@ -165,6 +103,7 @@ def test_attention_long_sequence(device):
 TMA_CASES = [CASES[2], CASES[4], CASES[5], CASES[9]]  # head dims 80 / 40 / 64 / 256, padding, T != S
 
 
+@pytest.mark.unvalidated  # configs never run on a GPU: gpu_check's separate stage
 @pytest.mark.parametrize("tma,pipe", [(True, False), (False, True), (True, True)], ids=["tma", "pipe", "tma+pipe"])
 @pytest.mark.parametrize("T,S,D,Hq,Hkv,causal,pad", TMA_CASES + [CASES[3]], ids=lambda x: str(x))
 def test_attention_tma_and_pipelined_variants_match_gold(T, S, D, Hq, Hkv, causal, pad, tma, pipe, device):
@@ -173,31 +112,33 @@ def test_attention_tma_and_pipelined_variants_match_gold(T, S, D, Hq, Hkv, causa
     pipelined interior loop (block j+1's scores issued before block j's softmax; S = 128 gives the
     loop body several full blocks): the same results as the plain loop."""
     B = 2
-    q, k, v = _qkv(B, Hq, Hkv, T, S, D, torch.float16, device)
-    kpm = _kpm(B, S, pad, device)
+    q, k, v = make_qkv(B, Hq, Hkv, T, S, D, torch.float16, device)
+    kpm = make_kpm(B, S, pad, device)
     dout = torch.randn_like(q)
-    with A.use_configs(fwd=(64, 32), fwd_tma=tma, fwd_pipe=pipe):
-        check_against_gold(lambda q, k, v: A.attention(q, k, v, causal=causal, key_padding_mask=kpm),
+    with _pin(fwd=(64, 32), fwd_tma=tma, fwd_pipe=pipe):
+        check_against_gold(lambda q, k, v: triton_attention.attention(q, k, v, causal=causal, key_padding_mask=kpm),
                            lambda q, k, v: attn_math(q, k, v, causal=causal, kpm=kpm), [q, k, v], dout)
-    assert A.tma_eligible(q, k, v) or (device == "cuda" and torch.cuda.get_device_capability()[0] < 9)
+    assert triton_attention.tma_eligible(q, k, v) or (device == "cuda" and torch.cuda.get_device_capability()[0] < 9)
 
 
+@pytest.mark.unvalidated  # configs never run on a GPU: gpu_check's separate stage
 def test_attention_pipelined_variant_with_dropout_matches_gold(device):
     """The pipelined interior loop with dropout (the same Philox mask as the plain loop)."""
     B, Hq, Hkv, T, S, D, p = 2, 2, 1, 70, 128, 64, 0.2
-    q, k, v = _qkv(B, Hq, Hkv, T, S, D, torch.float16, device)
+    q, k, v = make_qkv(B, Hq, Hkv, T, S, D, torch.float16, device)
     seed = 1234
-    with A.use_configs(fwd=(64, 32)):
-        plain = A.attention(q, k, v, causal=False, dropout_p=p, generator=torch.Generator(device).manual_seed(seed))
-    with A.use_configs(fwd=(64, 32), fwd_pipe=True):
-        piped = A.attention(q, k, v, causal=False, dropout_p=p, generator=torch.Generator(device).manual_seed(seed))
-    keep = A.dropout_keep_mask(A._dropout_seed(torch.Generator(device).manual_seed(seed)), B, Hq, T, S, p, device)
+    with _pin(fwd=(64, 32)):
+        plain = triton_attention.attention(q, k, v, causal=False, dropout_p=p, generator=torch.Generator(device).manual_seed(seed))
+    with _pin(fwd=(64, 32), fwd_pipe=True):
+        piped = triton_attention.attention(q, k, v, causal=False, dropout_p=p, generator=torch.Generator(device).manual_seed(seed))
+    keep = triton_attention.dropout_keep_mask(_common.draw_seed(torch.Generator(device).manual_seed(seed)), B, Hq, T, S, p, device)
     gold = attn_math(q.double(), k.double(), v.double(), causal=False, keep=keep, dropout_p=p)
     lowp = attn_math(q, k, v, causal=False, keep=keep, dropout_p=p)
     assert_close_to_gold(piped, gold, lowp, name="pipelined")
     assert_close_to_gold(plain, gold, lowp, name="plain")
 
 
+@pytest.mark.unvalidated  # configs never run on a GPU: gpu_check's separate stage
 @pytest.mark.parametrize("pipe", [False, True], ids=["plain", "pipe"])
 def test_attention_tma_variant_varlen_and_unaligned_fallback(device, pipe):
     """Packed documents through the TMA variant (a descriptor per document), and a K / V layout
@@ -206,8 +147,8 @@ def test_attention_tma_variant_varlen_and_unaligned_fallback(device, pipe):
     cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=device)
     tot, H, D = sum(lens), 2, 64
     q, k, v = (torch.randn(tot, H, D, device=device).half() for _ in range(3))
-    with A.use_configs(fwd=(64, 32), fwd_tma=True, fwd_pipe=pipe):
-        out = A.attention_varlen(q, k, v, cu, max(lens), causal=True)
+    with _pin(fwd=(64, 32), fwd_tma=True, fwd_pipe=pipe):
+        out = triton_attention.attention_varlen(q, k, v, cu, max(lens), causal=True)
     for b in range(len(lens)):
         s, e = int(cu[b]), int(cu[b + 1])
         if e == s:
@@ -217,10 +158,10 @@ def test_attention_tma_variant_varlen_and_unaligned_fallback(device, pipe):
         lowp = attn_math(qb, kb, vb, causal=True)[0].transpose(0, 1)
         assert_close_to_gold(out[s:e], gold, lowp, name=f"doc {b}")
     # D = 36 fp16: 72-byte rows, not a 16-byte multiple
-    q, k, v = _qkv(1, 2, 2, 17, 33, 36, torch.float16, device)
-    assert not A.tma_eligible(q, k, v)
-    with A.use_configs(fwd=(64, 32), fwd_tma=True, fwd_pipe=pipe):  # TMA compiled out (TMA_OK False)
-        out = A.attention(q, k, v, causal=False)
+    q, k, v = make_qkv(1, 2, 2, 17, 33, 36, torch.float16, device)
+    assert not triton_attention.tma_eligible(q, k, v)
+    with _pin(fwd=(64, 32), fwd_tma=True, fwd_pipe=pipe):  # TMA compiled out (TMA_OK False)
+        out = triton_attention.attention(q, k, v, causal=False)
     assert_close_to_gold(out, attn_math(q.double(), k.double(), v.double(), causal=False),
                          attn_math(q, k, v, causal=False))
 
@@ -237,7 +178,7 @@ def test_attention_scale_and_strided_layout(dtype, device, scale):
     dout = torch.randn(B, Hq, T, D, device=device).to(dtype)
 
     def run(qm, km, vm):
-        o = A.attention(qm.transpose(1, 2), km.transpose(1, 2), vm.transpose(1, 2), causal=True, scale=scale)
+        o = triton_attention.attention(qm.transpose(1, 2), km.transpose(1, 2), vm.transpose(1, 2), causal=True, scale=scale)
         assert o.transpose(1, 2).is_contiguous()
         return o
 
@@ -247,29 +188,6 @@ def test_attention_scale_and_strided_layout(dtype, device, scale):
                                      scale=scale),
         [qm, km, vm], dout,
     )
-
-
-# ------------------------------------------------------------------------------------- decode
-@pytest.mark.parametrize("B,Hq,Hkv,T,S,D,causal,pad", [
-    (2, 8, 1, 1, 97, 128, True, "both"),  # one new token, GQA 8, several key splits
-    (2, 6, 2, 4, 300, 40, True, "left"),  # a few tokens (speculative decoding), causal within them
-    (1, 4, 4, 3, 2, 64, True, None),  # T > S: the first row sees nothing
-    (2, 3, 1, 1, 1, 80, False, "empty"),
-])
-def test_decode_path_matches_gold(B, Hq, Hkv, T, S, D, causal, pad, dtype, device, monkeypatch):
-    """Without autograd, few query rows take the split-KV decode kernels (GQA heads packed as rows)."""
-    calls = []
-    real = A._decode
-    monkeypatch.setattr(A, "_decode", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    q, k, v = _qkv(B, Hq, Hkv, T, S, D, dtype, device)
-    kpm = _kpm(B, S, pad, device)
-    with torch.no_grad():
-        out = A.attention(q, k, v, causal=causal, key_padding_mask=kpm)
-    assert calls, "decode path not taken"
-    gold = attn_math(q.double(), k.double(), v.double(), causal=causal, kpm=kpm)
-    assert_close_to_gold(out, gold, attn_math(q, k, v, causal=causal, kpm=kpm))
-    allowed = reference.attention_mask_bias(T, S, causal=causal, key_padding_mask=kpm, device=device)
-    assert (out[~allowed.any(-1).expand(B, Hq, T)] == 0).all()
 
 
 # ------------------------------------------------------------------------------------- varlen
@@ -295,7 +213,7 @@ def test_attention_varlen_matches_gold(lens, Hq, Hkv, D, causal, dtype, device):
     v = torch.randn(total, Hkv, D, device=device).to(dtype)
     dout = torch.randn_like(q)
     got, _ = check_against_gold(
-        lambda q, k, v: A.attention_varlen(q, k, v, cu, max(lens), causal=causal),
+        lambda q, k, v: triton_attention.attention_varlen(q, k, v, cu, max(lens), causal=causal),
         lambda q, k, v: _varlen_math(q, k, v, cu, causal=causal),
         [q, k, v], dout,
     )
@@ -307,38 +225,38 @@ def test_attention_varlen_matches_gold(lens, Hq, Hkv, D, causal, dtype, device):
 def test_attention_varlen_all_empty(device):
     q = torch.randn(0, 2, 32, device=device, dtype=torch.float16)
     cu = torch.zeros(3, dtype=torch.int32, device=device)
-    assert A.attention_varlen(q, q, q, cu, 0, causal=True).shape == (0, 2, 32)
+    assert triton_attention.attention_varlen(q, q, q, cu, 0, causal=True).shape == (0, 2, 32)
 
 
 # ------------------------------------------------------------------------------------- dropout
 def test_dropout_keep_mask_statistics(device):
-    keep = A.dropout_keep_mask(1234, 2, 3, 64, 96, 0.25, device)
+    keep = triton_attention.dropout_keep_mask(1234, 2, 3, 64, 96, 0.25, device)
     assert keep.shape == (2, 3, 64, 96) and keep.dtype == torch.bool
     frac = 1.0 - keep.float().mean().item()
     assert abs(frac - 0.25) < 0.02, frac  # 36,864 Bernoulli(0.25) draws: sd 0.0023
-    assert torch.equal(keep, A.dropout_keep_mask(1234, 2, 3, 64, 96, 0.25, device))
-    assert not torch.equal(keep, A.dropout_keep_mask(1235, 2, 3, 64, 96, 0.25, device))
+    assert torch.equal(keep, triton_attention.dropout_keep_mask(1234, 2, 3, 64, 96, 0.25, device))
+    assert not torch.equal(keep, triton_attention.dropout_keep_mask(1235, 2, 3, 64, 96, 0.25, device))
 
 
 @pytest.mark.parametrize("T,S,causal,pad", [(97, 97, True, "left"), (33, 70, False, "right")])
 def test_attention_dropout_matches_gold(T, S, causal, pad, dtype, device):
     B, Hq, Hkv, D, p = 2, 2, 1, 64, 0.2
-    q, k, v = _qkv(B, Hq, Hkv, T, S, D, dtype, device)
-    kpm = _kpm(B, S, pad, device)
+    q, k, v = make_qkv(B, Hq, Hkv, T, S, D, dtype, device)
+    kpm = make_kpm(B, S, pad, device)
     dout = torch.randn(B, Hq, T, D, device=device).to(dtype)
     gen = torch.Generator(device=device).manual_seed(7)
-    seed = A._dropout_seed(torch.Generator(device=device).manual_seed(7))  # what the op will draw
-    keep = A.dropout_keep_mask(seed, B, Hq, T, S, p, device)
+    seed = _common.draw_seed(torch.Generator(device=device).manual_seed(7))  # what the op will draw
+    keep = triton_attention.dropout_keep_mask(seed, B, Hq, T, S, p, device)
     got, _ = check_against_gold(
-        lambda q, k, v: A.attention(q, k, v, causal=causal, key_padding_mask=kpm, dropout_p=p, generator=gen),
+        lambda q, k, v: triton_attention.attention(q, k, v, causal=causal, key_padding_mask=kpm, dropout_p=p, generator=gen),
         lambda q, k, v: attn_math(q, k, v, causal=causal, kpm=kpm, keep=keep, dropout_p=p),
         [q, k, v], dout,
     )
     # same generator state -> same output; another seed -> a different mask and output
-    again = A.attention(q, k, v, causal=causal, key_padding_mask=kpm, dropout_p=p,
+    again = triton_attention.attention(q, k, v, causal=causal, key_padding_mask=kpm, dropout_p=p,
                         generator=torch.Generator(device=device).manual_seed(7))
     assert torch.equal(again, got[0])
-    other = A.attention(q, k, v, causal=causal, key_padding_mask=kpm, dropout_p=p,
+    other = triton_attention.attention(q, k, v, causal=causal, key_padding_mask=kpm, dropout_p=p,
                         generator=torch.Generator(device=device).manual_seed(8))
     assert not torch.equal(other, got[0])
 
@@ -352,12 +270,12 @@ def test_attention_varlen_dropout_matches_gold(dtype, device):
     v = torch.randn(total, Hkv, D, device=device).to(dtype)
     dout = torch.randn_like(q)
     torch.manual_seed(11)
-    seed = A._dropout_seed(None)
-    keep = A.dropout_keep_mask(seed, 1, Hq, total, total, p, device)  # varlen: packed token indices
+    seed = _common.draw_seed(None)
+    keep = triton_attention.dropout_keep_mask(seed, 1, Hq, total, total, p, device)  # varlen: packed token indices
 
     def run(q, k, v):
         torch.manual_seed(11)  # the op draws its seed from torch's default generator
-        return A.attention_varlen(q, k, v, cu, max(lens), causal=True, dropout_p=p)
+        return triton_attention.attention_varlen(q, k, v, cu, max(lens), causal=True, dropout_p=p)
 
     check_against_gold(run, lambda q, k, v: _varlen_math(q, k, v, cu, causal=True, keep=keep, dropout_p=p),
                        [q, k, v], dout)
@@ -367,9 +285,9 @@ def test_attention_varlen_dropout_matches_gold(dtype, device):
 def test_backward_is_deterministic(device):
     """50 backward calls (GQA group sums over 3 query heads, padding) give bit-identical gradients."""
     B, Hq, Hkv, T, S, D = 1, 3, 1, 33, 72, 32
-    q, k, v = (t.requires_grad_(True) for t in _qkv(B, Hq, Hkv, T, S, D, torch.float16, device))
-    kpm = _kpm(B, S, "left", device)
-    out = A.attention(q, k, v, causal=True, key_padding_mask=kpm)
+    q, k, v = (t.requires_grad_(True) for t in make_qkv(B, Hq, Hkv, T, S, D, torch.float16, device))
+    kpm = make_kpm(B, S, "left", device)
+    out = triton_attention.attention(q, k, v, causal=True, key_padding_mask=kpm)
     dout = torch.randn_like(out)
     first = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
     for _ in range(49):
@@ -380,45 +298,46 @@ def test_backward_is_deterministic(device):
 
 # ---------------------------------------------------------------------------------- bad inputs
 def test_bad_inputs_raise(device):
-    q, k, v = _qkv(2, 4, 2, 8, 8, 32, torch.float16, device)
+    q, k, v = make_qkv(2, 4, 2, 8, 8, 32, torch.float16, device)
     with pytest.raises(ValueError, match="multiple of key/value heads"):
-        A.attention(q, k[:, :1].expand(2, 3, 8, 32), v[:, :1].expand(2, 3, 8, 32), causal=True)
+        triton_attention.attention(q, k[:, :1].expand(2, 3, 8, 32), v[:, :1].expand(2, 3, 8, 32), causal=True)
     with pytest.raises(ValueError, match="expects q"):
-        A.attention(q[0], k, v, causal=True)
+        triton_attention.attention(q[0], k, v, causal=True)
     with pytest.raises(TypeError, match="dtypes differ"):
-        A.attention(q, k.float(), v, causal=True)
+        triton_attention.attention(q, k.float(), v, causal=True)
     with pytest.raises(TypeError, match="not supported"):
-        A.attention(q.double(), k.double(), v.double(), causal=True)
+        triton_attention.attention(q.double(), k.double(), v.double(), causal=True)
     with pytest.raises(ValueError, match="key_padding_mask must be"):
-        A.attention(q, k, v, causal=True, key_padding_mask=torch.ones(2, 7, dtype=torch.bool, device=device))
+        triton_attention.attention(q, k, v, causal=True, key_padding_mask=torch.ones(2, 7, dtype=torch.bool, device=device))
     with pytest.raises(ValueError, match="dropout_p"):
-        A.attention(q, k, v, causal=True, dropout_p=1.0)
+        triton_attention.attention(q, k, v, causal=True, dropout_p=1.0)
     with pytest.raises(ValueError, match="head dim"):
         big = torch.zeros(1, 1, 4, 320, dtype=torch.float16, device=device)
-        A.attention(big, big, big, causal=False)
+        triton_attention.attention(big, big, big, causal=False)
     with pytest.raises(ValueError, match="batch or head dim"):
-        A.attention(q, k[..., :16], v[..., :16], causal=True)
+        triton_attention.attention(q, k[..., :16], v[..., :16], causal=True)
     qv = torch.randn(10, 2, 32, device=device).half()
     with pytest.raises(ValueError, match="cu_seqlens"):
-        A.attention_varlen(qv, qv, qv, torch.tensor([0, 4, 9], dtype=torch.int32, device=device), 5, causal=True)
+        triton_attention.attention_varlen(qv, qv, qv, torch.tensor([0, 4, 9], dtype=torch.int32, device=device), 5, causal=True)
     with pytest.raises(ValueError, match="max_seqlen"):
-        A.attention_varlen(qv, qv, qv, torch.tensor([0, 4, 10], dtype=torch.int32, device=device), 5, causal=True)
+        triton_attention.attention_varlen(qv, qv, qv, torch.tensor([0, 4, 10], dtype=torch.int32, device=device), 5, causal=True)
     with pytest.raises(TypeError, match="int32 or int64"):
-        A.attention_varlen(qv, qv, qv, torch.tensor([0.0, 10.0], device=device), 10, causal=True)
+        triton_attention.attention_varlen(qv, qv, qv, torch.tensor([0.0, 10.0], device=device), 10, causal=True)
 
 
 def test_cpu_without_interpreter_is_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     x = torch.zeros(1, 1, 4, 16, dtype=torch.float16)
     with pytest.raises(ValueError, match="CUDA tensors"):
-        A.attention(x, x, x, causal=True)
+        triton_attention.attention(x, x, x, causal=True)
 
 
 # ---------------------------------------------------------------------------------- dispatch
 def test_dispatcher_runs_the_kernel(monkeypatch, device):
     monkeypatch.setenv("FASTFT_BACKEND", "triton")
-    q, k, v = _qkv(1, 2, 1, 17, 17, 40, torch.float16, device)
+    q, k, v = make_qkv(1, 2, 1, 17, 17, 40, torch.float16, device)
     assert dispatch.backend_for("attention", q.device) == "triton"
     assert dispatch.backend_for("attention_varlen", q.device) == "triton"
-    assert dispatch.impl("attention", "triton") is A.attention
-    assert torch.equal(ops.attention(q, k, v, causal=True), A.attention(q, k, v, causal=True))
+    assert dispatch.impl("attention", "triton") is triton_backend.attention
+    assert dispatch.impl("attention_varlen", "triton") is triton_attention.attention_varlen
+    assert torch.equal(ops.attention(q, k, v, causal=True), triton_backend.attention(q, k, v, causal=True))

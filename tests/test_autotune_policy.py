@@ -151,3 +151,31 @@ def test_policy_leaves_other_objects_alone():
         return 1
 
     assert A.policy(f) is f
+
+
+def test_kernel_config_lists_mark_what_never_ran_on_a_gpu(monkeypatch):
+    """The attention forward's TMA / software-pipelined / 128x128 configs and the LoRA GEMMs'
+    128x256 tile and TMA twins are marked; the autotuner a kernel builds leaves them out unless
+    FASTFT_UNVALIDATED_CONFIGS=1, and carries the policy (budget, disk cache)."""
+    from fastft.kernels import attention as attn
+    from fastft.kernels import attention_configs as AC
+    from fastft.kernels import lora as L
+
+    fwd = AC.fwd_configs()
+    marked = [c for c in fwd if A.is_unvalidated(c)]
+    assert any(c.kwargs["USE_TMA"] for c in marked) and any(c.kwargs["PIPE"] for c in marked)
+    assert all(c.kwargs["USE_TMA"] or c.kwargs["PIPE"] or (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == (128, 128)
+               for c in marked)
+    gemm = L.gemm_configs(tma=True)
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs.get("USE_TMA", False)) for c in gemm
+            if A.is_unvalidated(c)} >= {(128, 256, False), (128, 256, True), (128, 128, True)}
+    monkeypatch.delenv("FASTFT_UNVALIDATED_CONFIGS", raising=False)
+    monkeypatch.setattr(attn.ATTN_FWD, "_autotuner", None)
+    tuner = attn.ATTN_FWD.autotuner()
+    assert tuner._fastft_policy
+    assert tuner.configs and not any(A.is_unvalidated(c) for c in tuner.configs)
+    assert len(tuner.configs) == len(fwd) - len(marked)
+    monkeypatch.setenv("FASTFT_UNVALIDATED_CONFIGS", "1")
+    monkeypatch.setattr(attn.ATTN_FWD, "_autotuner", None)
+    assert len(attn.ATTN_FWD.autotuner().configs) == len(fwd)
+    monkeypatch.setattr(attn.ATTN_FWD, "_autotuner", None)  # the next user builds its own

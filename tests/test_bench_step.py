@@ -147,7 +147,8 @@ def test_gpu_check_dry_run(tmp_path):
     assert "== gpu_check summary (DRY RUN, CPU)" in r.stdout, out[-4000:]
     lines = (tmp_path / "summary.tsv").read_text().splitlines()
     stages = {ln.split("\t")[0]: ln.split("\t") for ln in lines}
-    for st in ("install", "env", "step_8b", "step_1b", "tests", "unvalidated", "bench_quant", "bench_attention",
+    for st in ("install", "env", "step_8b", "step_1b", "tests", "unvalidated", "bench_quant_matmul", "bench_quant_decode",
+               "bench_quant_pack", "bench_attention", "bench_attention_decode", "profile",
                "bench_lora", "bench_ceilings"):
         assert st in stages, (st, lines)
         status, detail = stages[st][1], stages[st][3]

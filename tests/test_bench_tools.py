@@ -5,21 +5,21 @@ import json
 import pytest
 
 from benchmarks import common, run
-from fastft.kernels import _tuning
+from fastft.kernels import _common
 
 
 def test_autotune_cap(monkeypatch):
     items = list(range(7))
     monkeypatch.delenv("FASTFT_AUTOTUNE_MAX", raising=False)
-    assert _tuning.cap(items) == items
+    assert _common.cap(items) == items
     monkeypatch.setenv("FASTFT_AUTOTUNE_MAX", "0")
-    assert _tuning.cap(items) == items
+    assert _common.cap(items) == items
     monkeypatch.setenv("FASTFT_AUTOTUNE_MAX", "3")
-    assert _tuning.cap(items) == [0, 1, 2]
+    assert _common.cap(items) == [0, 1, 2]
     for bad in ("-1", "three"):
         monkeypatch.setenv("FASTFT_AUTOTUNE_MAX", bad)
         with pytest.raises(ValueError, match="FASTFT_AUTOTUNE_MAX"):
-            _tuning.cap(items)
+            _common.cap(items)
 
 
 def test_streamed_rows_are_ingested(tmp_path, monkeypatch):

@@ -1,9 +1,12 @@
 """The ``torch`` backend (fastft/ops/lean.py): lean cuBLAS / BLAS compositions, the CUDA default for
 ``lora_linear`` and ``quant_matmul`` (measured faster than the fused Triton GEMMs on an H200).
 
-The code is device-agnostic, so its semantics are checked here on CPU tensors against the float64
-reference (2x PyTorch's own fp32 error, tests/utils.py), plus what it saves for backward; the
-dispatcher's per-op CUDA choice is checked without a GPU (it only reads the device type).
+The code is device-agnostic, so its semantics are checked here against the float64 reference (2x
+PyTorch's own error in the dtype, tests/utils.py) on the ``device`` of the run: CPU tensors in CI,
+and with ``--device cuda`` (benchmarks/gpu_check.sh) the CUDA default path itself -- cuBLAS, the
+Triton NF4 / int4 dequantize, the CUDA generator's dropout regeneration -- in fp32 and bf16; plus
+what it saves for backward. The dispatcher's per-op CUDA choice is checked without a GPU (it only
+reads the device type).
 """
 import pytest
 import torch
@@ -49,31 +52,38 @@ def _weight(kind, W):
     return Int4Weight.from_float(W, group_size=32)
 
 
+def _dtypes(device):
+    """fp32 everywhere; bf16 (the CUDA training dtype) on CUDA, where it is not emulated."""
+    return [torch.float32] + ([torch.bfloat16] if device == "cuda" else [])
+
+
 @pytest.mark.parametrize("kind", ["dense", "nf4", "int4"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_lora_linear_matches_gold(kind, dropout_p, with_bias):
+def test_lora_linear_matches_gold(kind, dropout_p, with_bias, device):
     M, K, N, r, s = 37, 96, 40, 8, 1.75
-    x = torch.randn(3, M, K)
-    W = torch.randn(N, K) / K ** 0.5
-    A, B = torch.randn(r, K) / K ** 0.5, torch.randn(N, r) * 0.1
-    bias = torch.randn(N) if with_bias else None
-    g = torch.randn(3, M, N, dtype=torch.float64)
-    wq = _weight(kind, W)
-    w64 = W.double() if kind == "dense" else wq.dequantize(torch.float64)
+    x = torch.randn(3, M, K, device=device)
+    W = torch.randn(N, K, device=device) / K ** 0.5
+    A, B = torch.randn(r, K, device=device) / K ** 0.5, torch.randn(N, r, device=device) * 0.1
+    bias = torch.randn(N, device=device) if with_bias else None
+    g = torch.randn(3, M, N, dtype=torch.float64, device=device)
+    for dt in _dtypes(device):
+        wl = W.to(dt)
+        wq = wl if kind == "dense" else _weight(kind, wl)
+        w64 = wl.double() if kind == "dense" else wq.dequantize(torch.float64)
 
-    def run(fn, w, dt):
-        def f(x, A, B, b):
-            gen = torch.Generator().manual_seed(11)  # the same mask for every implementation
-            return fn(x.to(dt), w, A.to(dt), B.to(dt), s, bias=None if b is None else b.to(dt),
-                      dropout_p=dropout_p, generator=gen)
-        return f
+        def run(fn, w, dt):
+            def f(x, A, B, b):
+                gen = torch.Generator(device=device).manual_seed(11)  # the same mask for every implementation
+                return fn(x.to(dt), w, A.to(dt), B.to(dt), s, bias=None if b is None else b.to(dt),
+                          dropout_p=dropout_p, generator=gen)
+            return f
 
-    got = _grads(run(lean_lora, wq, torch.float32), x, A, B, bias, g)
-    gold = _grads(run(ref_lora, w64, torch.float64), x, A, B, bias, g)
-    lowp = _grads(run(ref_lora, wq, torch.float32), x, A, B, bias, g)
-    for name, a, b, c in zip(["out", "dx", "dA", "dB", "dbias"], got, gold, lowp):
-        assert_close_to_gold(a, b, c, name=name)
+        got = _grads(run(lean_lora, wq, dt), x, A, B, bias, g)
+        gold = _grads(run(ref_lora, w64, torch.float64), x, A, B, bias, g)
+        lowp = _grads(run(ref_lora, wq, dt), x, A, B, bias, g)
+        for name, a, b, c in zip(["out", "dx", "dA", "dB", "dbias"], got, gold, lowp):
+            assert_close_to_gold(a, b, c, name=f"{name} {dt}")
 
 
 def _saved(fn, params=()):
@@ -104,13 +114,12 @@ def test_lora_saves_x_and_u_only():
 
 
 @pytest.mark.parametrize("kind", ["nf4", "int4"])
-def test_quant_matmul_matches_gold_and_saves_nothing_dense(kind):
+def test_quant_matmul_matches_gold_and_saves_nothing_dense(kind, device):
     M, K, N = 29, 128, 72
-    W = torch.randn(N, K) / K ** 0.5
-    wq = _weight(kind, W)
-    x = torch.randn(2, M, K)
-    bias = torch.randn(N)
-    g = torch.randn(2, M, N, dtype=torch.float64)
+    W = torch.randn(N, K, device=device) / K ** 0.5
+    x = torch.randn(2, M, K, device=device)
+    bias = torch.randn(N, device=device)
+    g = torch.randn(2, M, N, dtype=torch.float64, device=device)
 
     def run(fn, w, dt):
         xs = x.detach().to(dt).clone().requires_grad_(True)
@@ -119,13 +128,15 @@ def test_quant_matmul_matches_gold_and_saves_nothing_dense(kind):
         y.backward(g.to(y.dtype))
         return [y, xs.grad, bs.grad]
 
-    got = run(lean_qmm, wq, torch.float32)
-    gold = run(torch.nn.functional.linear, wq.dequantize(torch.float64), torch.float64)
-    lowp = run(ref_qmm, wq, torch.float32)
-    for name, a, b, c in zip(["out", "dx", "dbias"], got, gold, lowp):
-        assert_close_to_gold(a, b, c, name=name)
-    xs = x.clone().requires_grad_(True)
-    assert (N, K) not in _saved(lambda: lean_qmm(xs, wq, None))
+    for dt in _dtypes(device):
+        wq = _weight(kind, W.to(dt))
+        got = run(lean_qmm, wq, dt)
+        gold = run(torch.nn.functional.linear, wq.dequantize(torch.float64), torch.float64)
+        lowp = run(ref_qmm, wq, dt)
+        for name, a, b, c in zip(["out", "dx", "dbias"], got, gold, lowp):
+            assert_close_to_gold(a, b, c, name=f"{name} {dt}")
+        xs = x.to(dt).requires_grad_(True)
+        assert (N, K) not in _saved(lambda: lean_qmm(xs, wq, None))
 
 
 def test_fallbacks_to_the_reference():
@@ -172,7 +183,7 @@ def test_lora_under_autocast_takes_the_lean_path(kind):
     """bf16 autocast over an fp32 model (the Trainer's bf16=True): lean casts x, the frozen base and
     the bias to bf16 as autocast would for F.linear, runs the fused node, and matches the
     reference's autocast result within 2x its error against float64."""
-    from fastft.ops.lean import LoraLinearFunction
+    from fastft.ops.lean import LeanLoraLinearFunction
 
     M, K, N, r = 37, 64, 40, 4
     gen = torch.Generator().manual_seed(5)
@@ -192,12 +203,12 @@ def test_lora_under_autocast_takes_the_lean_path(kind):
         return [y, xs.grad, As.grad, Bs.grad, bs.grad], y
 
     nodes = []
-    orig = LoraLinearFunction.apply
-    LoraLinearFunction.apply = lambda *a: nodes.append(1) or orig(*a)
+    orig = LeanLoraLinearFunction.apply
+    LeanLoraLinearFunction.apply = lambda *a: nodes.append(1) or orig(*a)
     try:
         got, y = run(lean_lora, wq, True)
     finally:
-        LoraLinearFunction.apply = orig
+        LeanLoraLinearFunction.apply = orig
     assert nodes and y.dtype == torch.bfloat16
     lowp, _ = run(ref_lora, wq, True)
     w64 = W.double() if kind == "dense" else wq.dequantize(torch.float64)

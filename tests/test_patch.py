@@ -332,3 +332,52 @@ def test_patch_reroutes_plain_linears_through_frozen_linear():
     head.weight.requires_grad_(True)
     head(h).sum().backward()
     assert head.weight.grad is not None
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_training_forward_with_labels_never_builds_logits(arch):
+    """model.train() + labels: the patched forward takes fastft.ops.linear_cross_entropy on the
+    backbone's hidden states; no (B, T, V) logits are built (.logits is None and no vocab-wide
+    tensor is saved for backward), and loss and every gradient equal the unpatched model's within
+    fp32 noise -- with and without num_items_in_batch. Eval mode keeps the logits."""
+    import fastft
+
+    ids, am, labels = tiny_batch("right")
+    ref = tiny_model(arch).train()
+    ref.set_attn_implementation("eager")
+    model = tiny_model(arch).train()
+    patch(model)
+    assert hasattr(model, "_fastft_orig_forward")
+    for kw in ({}, {"num_items_in_batch": torch.tensor(17)}):
+        ref.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
+        r = ref(input_ids=ids, attention_mask=am, labels=labels, **kw)
+        r.loss.backward()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+            o = model(input_ids=ids, attention_mask=am, labels=labels, **kw)
+        assert o.logits is None
+        assert all(s[-1:] != (model.config.vocab_size,) for s in saved)
+        o.loss.backward()
+        assert abs(o.loss.item() - r.loss.item()) <= 1e-5 * abs(r.loss.item())
+        got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        want = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+        _assert_grads_match(got, want, 1e-5)
+    model.eval()
+    assert model(input_ids=ids, attention_mask=am, labels=labels).logits.shape[-1] == model.config.vocab_size
+    # LoRA on a patched model: the fused forward runs under the PEFT wrapper, the adapter gets gradients.
+    peft_model = fastft.get_peft_model(model, fastft.LoraConfig(r=4, target_modules="all-linear")).train()
+    out = peft_model(input_ids=ids, attention_mask=am, labels=labels)
+    assert out.logits is None
+    out.loss.backward()
+    assert all(p.grad is not None for n, p in peft_model.named_parameters() if p.requires_grad)
+
+
+def test_fused_forward_left_out_where_logits_are_modified():
+    """Classes outside FUSED_LOSS_CLASSES (Gemma's scaled / soft-capped logits, GPT-2) keep their own forward."""
+    for arch in ("gemma", "gpt2"):
+        model = tiny_model(arch).train()
+        patch(model)
+        assert not hasattr(model, "_fastft_orig_forward")
+        ids, am, labels = tiny_batch("right")
+        assert model(input_ids=ids, attention_mask=am, labels=labels).logits is not None

@@ -134,7 +134,7 @@ def test_nf4_state_dict_matches_bitsandbytes_linear4bit():
     assert list(sd) == list(ref_sd)  # same keys in the same order
     for k in sd:
         assert sd[k].dtype == ref_sd[k].dtype and sd[k].shape == ref_sd[k].shape, k
-        if k != "weight.absmax":  # 8-bit nested codes: see test_quant.py (bitsandbytes' CPU LUT)
+        if k != "weight.absmax":  # 8-bit nested codes: see test_quant_formats.py (bitsandbytes' CPU LUT)
             assert torch.equal(sd[k], ref_sd[k]), k
 
     # bitsandbytes' own state dict loads into a QuantLinear and computes with its weight.

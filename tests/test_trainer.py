@@ -3,7 +3,7 @@
 Most tests drive a tiny pure-torch LM that honours the model forward contract of docs/CONTRACTS.md
 (labels shifted inside for CLM, loss = sum / (num_items_in_batch or count), packed batches via
 cu_seqlens), so the trainer's arithmetic is checked independently of the native models; the last
-tests run the native tiny Llama / BERT (with and without LoRA) once fastft.models provides them.
+tests run the native tiny Llama / BERT (with and without LoRA).
 """
 import json
 import math

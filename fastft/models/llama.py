@@ -19,7 +19,7 @@ Supported:
   In packed batches the target that would cross a document boundary is ignored. In training mode
   with labels (grad enabled, no logits_to_keep; under autocast the logits' matmul runs in its dtype) the
   loss is a chunked cross-entropy
-  (``fastft.ops.loss.ChunkedLinearCrossEntropy``: about 32 MiB of logits at a time, gradient formed in the
+  (``fastft.ops.linear_cross_entropy``: one chunk of logits at a time, gradient formed in the
   forward) and the output's ``.logits`` is None -- the full (B, T, V) logits are never built.
   Eval mode, ``labels=None`` or ``torch.no_grad()`` return the logits as before.
 Limits: sliding-window attention is not implemented, so inputs longer than a declared window

@@ -1,13 +1,14 @@
 """fastft's public ops. Only this package knows about backends (see ``dispatch``).
 
 Every module in fastft calls these functions; each dispatches on the device of its tensors and
-``FASTFT_BACKEND`` to the triton, cpp or reference implementation with the same signature.
+``FASTFT_BACKEND`` to the triton, cpp, torch or reference implementation with the same signature.
 """
 from __future__ import annotations
 
 import torch
 
 from . import dispatch
+from .argcheck import check_linear_cross_entropy_args
 from .dispatch import backend_for, impl, register
 
 
@@ -21,62 +22,61 @@ def attention(q, k, v, *, causal, scale=None, key_padding_mask=None, dropout_p=0
     ``causal`` masks are aligned bottom-right (query i sees keys j <= i + S - T).
     ``key_padding_mask`` (B, S) bool, True = real token. Returns (B, Hq, T, D) in q's dtype.
     """
-    fn = dispatch.get_impl("attention", q.device)
-    return fn(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask, dropout_p=dropout_p,
-              generator=generator)
+    return dispatch.call("attention", q.device, q, k, v, causal=causal, scale=scale,
+                         key_padding_mask=key_padding_mask, dropout_p=dropout_p, generator=generator)
 
 
 def attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, causal, scale=None, dropout_p=0.0, generator=None):
     """Attention over packed documents: q (total, Hq, D), k/v (total, Hkv, D), cu_seqlens (n+1,)."""
-    fn = dispatch.get_impl("attention_varlen", q.device)
-    return fn(q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale, dropout_p=dropout_p, generator=generator)
+    return dispatch.call("attention_varlen", q.device, q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale,
+                         dropout_p=dropout_p, generator=generator)
 
 
 def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, generator=None):
     """y = x Wᵀ + b + scaling · (drop(x) Aᵀ) Bᵀ; ``weight`` is a dense tensor or a quantized weight."""
-    fn = dispatch.get_impl("lora_linear", x.device)
-    return fn(x, weight, lora_A, lora_B, scaling, bias=bias, dropout_p=dropout_p, generator=generator)
+    return dispatch.call("lora_linear", x.device, x, weight, lora_A, lora_B, scaling, bias=bias, dropout_p=dropout_p,
+                         generator=generator)
 
 
 def quant_matmul(x, qweight, bias=None):
     """y = x @ dequant(qweight)ᵀ (+ bias) for an NF4Weight / Int4Weight; dX flows, W gets no grad."""
-    return dispatch.get_impl("quant_matmul", x.device)(x, qweight, bias)
+    return dispatch.call("quant_matmul", x.device, x, qweight, bias)
 
 
 def nf4_quantize(w, blocksize=64, double_quant=True):
     """Quantize a float tensor to NF4 (bitsandbytes layout). Returns a ``fastft.quant.NF4Weight``."""
-    return dispatch.get_impl("nf4_quantize", w.device)(w, blocksize=blocksize, double_quant=double_quant)
+    return dispatch.call("nf4_quantize", w.device, w, blocksize=blocksize, double_quant=double_quant)
 
 
 def nf4_dequantize(qweight, dtype=torch.float32):
     """Dequantize an NF4Weight to a dense (out, in) tensor of ``dtype``."""
-    return dispatch.get_impl("nf4_dequantize", _device(qweight))(qweight, dtype)
+    return dispatch.call("nf4_dequantize", _device(qweight), qweight, dtype)
 
 
 def int4_quantize(w, group_size=128, symmetric=False):
     """Group-wise int4 quantization along the input dim. Returns a ``fastft.quant.Int4Weight``."""
-    return dispatch.get_impl("int4_quantize", w.device)(w, group_size=group_size, symmetric=symmetric)
+    return dispatch.call("int4_quantize", w.device, w, group_size=group_size, symmetric=symmetric)
 
 
 def int4_dequantize(qweight, dtype=torch.float32):
     """Dequantize an Int4Weight to a dense (out, in) tensor of ``dtype``."""
-    return dispatch.get_impl("int4_dequantize", _device(qweight))(qweight, dtype)
+    return dispatch.call("int4_dequantize", _device(qweight), qweight, dtype)
 
 
 def rms_norm(x, weight, eps):
     """RMSNorm as in HF Llama: w · (x / sqrt(mean(x²) + eps)), normalised in fp32, cast to x's dtype
     before the weight."""
-    return dispatch.get_impl("rms_norm", x.device)(x, weight, eps)
+    return dispatch.call("rms_norm", x.device, x, weight, eps)
 
 
 def rope(x, cos, sin):
     """Rotary position embedding: x (B, T, H, D), cos / sin (B, T, d), d <= D (tail unrotated)."""
-    return dispatch.get_impl("rope", x.device)(x, cos, sin)
+    return dispatch.call("rope", x.device, x, cos, sin)
 
 
 def silu_mul(g, u):
     """SwiGLU's silu(g) · u (saves only g and u for backward)."""
-    return dispatch.get_impl("silu_mul", g.device)(g, u)
+    return dispatch.call("silu_mul", g.device, g, u)
 
 
 def cross_entropy_grad_(logits, targets, ignore_index=-100):
@@ -85,10 +85,26 @@ def cross_entropy_grad_(logits, targets, ignore_index=-100):
     The fused loss-and-gradient step of a chunked cross-entropy: returns (n,) losses (fp32 for
     fp32 / half logits), zero loss and gradient on rows whose target is ``ignore_index``.
     """
-    return dispatch.get_impl("cross_entropy_grad_", logits.device)(logits, targets, ignore_index)
+    return dispatch.call("cross_entropy_grad_", logits.device, logits, targets, ignore_index)
+
+
+def linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, reduction="mean", bias=None, chunk_rows=None):
+    """Cross-entropy of ``hidden @ weightᵀ + bias`` (the LM head) against ``labels``, never keeping
+    the (tokens × vocab) logits for backward.
+
+    hidden (..., H), weight (V, H), labels (...) int (no shift: callers shift for causal LMs),
+    ``ignore_index`` rows skipped; ``reduction`` "mean" (over non-ignored rows, as F.cross_entropy:
+    NaN when all are ignored) or "sum". The loss is computed in at least fp32; the logits' matmul runs
+    in autocast's dtype when autocast is on. Gradients flow to ``hidden`` and, when they require
+    grad, ``weight`` and ``bias``. ``chunk_rows`` overrides the chunk size (default: from the
+    vocabulary and the device's free memory).
+    """
+    check_linear_cross_entropy_args(hidden, weight, labels, ignore_index, reduction, bias)
+    return dispatch.get_impl("linear_cross_entropy", hidden.device)(
+        hidden, weight, labels, ignore_index=ignore_index, reduction=reduction, bias=bias, chunk_rows=chunk_rows)
 
 
 __all__ = [
-    "attention", "cross_entropy_grad_", "rms_norm", "rope", "silu_mul", "attention_varlen", "lora_linear", "quant_matmul", "nf4_quantize", "nf4_dequantize",
+    "linear_cross_entropy", "attention", "cross_entropy_grad_", "rms_norm", "rope", "silu_mul", "attention_varlen", "lora_linear", "quant_matmul", "nf4_quantize", "nf4_dequantize",
     "int4_quantize", "int4_dequantize", "backend_for", "impl", "register", "dispatch",
 ]

@@ -35,7 +35,8 @@ to 0), and ``lora_linear`` through the rank side (``fastft/ops/lean.py``: one au
 LoRA layer with a frozen base, saving x and u = drop(x)Aᵀ, the dropout mask regenerated in backward).
 
 Dtypes: activations fp32 / bf16 / fp16 (the compute dtype is x's, or autocast's, as in the
-reference); other dtypes (float64 for gold computations) and non-CPU tensors go to the reference.
+reference); other dtypes (float64 for gold computations) and non-CPU tensors go to the reference:
+each registration's ``supports`` predicate says which calls it takes (``fastft.ops.dispatch``).
 
 If ``fastft._C`` is missing (not built, ``FASTFT_BUILD_EXT=0``, no compiler) this module still
 imports, registers nothing, and logs once -- when the dispatcher first loads it, i.e. on the first
@@ -52,8 +53,10 @@ from fastft.quant.codebooks import dynamic_map, nf4_code
 from fastft.quant.int4 import Int4Weight, check_int4_args
 from fastft.quant.nf4 import NESTED_BLOCKSIZE, NF4Weight, check_nf4_args, double_quant_offset
 
-from . import cpu_gemm, dispatch
+from . import cpu_gemm
 from .dispatch import register
+from .reference import _check_attention_inputs, attention_mask_bias
+from .reference_quant import DequantMatmulFunction, _compute_dtype, check_quant_matmul_args
 
 logger = logging.getLogger("fastft")
 
@@ -107,8 +110,20 @@ def int4_args(q: Int4Weight) -> tuple:
     return (q.data, q.scales, q.zeros, q.group_size)
 
 
-def _reference(op: str):
-    return dispatch.impl(op, "reference")
+def _cpu(t, dtypes=None) -> bool:
+    """A CPU tensor (of one of ``dtypes``): what the C++ kernels read."""
+    return isinstance(t, torch.Tensor) and t.device.type == "cpu" and (dtypes is None or t.dtype in dtypes)
+
+
+def _on_cpu(w, *args, **kw) -> bool:
+    return _cpu(w)
+
+
+def _dequantizes(cls):
+    def supports(qweight, dtype=torch.float32) -> bool:
+        # another weight type reaches the implementation, which names the problem
+        return not isinstance(qweight, cls) or (dtype in KERNEL_DTYPES and qweight.device.type == "cpu")
+    return supports
 
 
 if AVAILABLE:
@@ -276,23 +291,21 @@ if AVAILABLE:
                                     setup_context=_qmm_setup_context)
 
     # -- the cpp backend of the public ops ------------------------------------------------------
-    @register("cross_entropy_grad_", "cpp")
-    def cross_entropy_grad_(logits, targets, ignore_index=-100):
-        """Per-row losses, logits -> their gradient in place; fp32 / bf16 rows in one fused pass each."""
+    def _ce_rows(logits, targets, ignore_index=-100) -> bool:
         # The fused row kernel is vectorized by hand for AVX-512 only; on the AVX2 / scalar tables
         # (correct, tested) it is slower than torch's own vectorized ops, which run instead.
-        if (_C.isa() == "avx512" and logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16)
-                and logits.dim() == 2
-                and logits.is_contiguous() and not logits.requires_grad):
-            return ops.ce_loss_grad_(logits, targets.to(torch.int64), int(ignore_index))
-        return _reference("cross_entropy_grad_")(logits, targets, ignore_index)
+        return (_C.isa() == "avx512" and _cpu(logits, (torch.float32, torch.bfloat16)) and logits.dim() == 2
+                and logits.is_contiguous() and not logits.requires_grad)
 
-    @register("nf4_quantize", "cpp")
+    @register("cross_entropy_grad_", "cpp", supports=_ce_rows)
+    def cross_entropy_grad_(logits, targets, ignore_index=-100):
+        """Per-row losses, logits -> their gradient in place; fp32 / bf16 rows in one fused pass each."""
+        return ops.ce_loss_grad_(logits, targets.to(torch.int64), int(ignore_index))
+
+    @register("nf4_quantize", "cpp", supports=_on_cpu)
     def nf4_quantize(w, blocksize=64, double_quant=True):
         """Float (out, in) -> NF4Weight; bytes identical to the reference quantizer."""
         check_nf4_args(w, blocksize)
-        if w.device.type != "cpu":
-            return _reference("nf4_quantize")(w, blocksize=blocksize, double_quant=double_quant)
         w = w.detach()
         # float64 is rounded to fp32 first, exactly as the reference does (all arithmetic is fp32).
         data, absmax = ops.nf4_quantize(w.float() if w.dtype == torch.float64 else w, blocksize)
@@ -307,33 +320,27 @@ if AVAILABLE:
             absmax = q
         return NF4Weight(data, w.shape, blocksize, w.dtype, nf4_code(), absmax, **kw)
 
-    @register("nf4_dequantize", "cpp")
+    @register("nf4_dequantize", "cpp", supports=_dequantizes(NF4Weight))
     def nf4_dequantize(qweight, dtype=torch.float32):
         """NF4Weight -> dense (out, in) ``dtype``, bit-identical to the reference."""
         if not isinstance(qweight, NF4Weight):
             raise TypeError(f"nf4_dequantize: expected an NF4Weight, got {type(qweight).__name__}")
-        if dtype not in KERNEL_DTYPES or qweight.device.type != "cpu":
-            return _reference("nf4_dequantize")(qweight, dtype)
         return ops.nf4_dequantize(*nf4_args(qweight), list(qweight.shape), dtype)
 
-    @register("int4_quantize", "cpp")
+    @register("int4_quantize", "cpp", supports=_on_cpu)
     def int4_quantize(w, group_size=128, symmetric=False):
         """Float (out, in) -> Int4Weight; bytes identical to the reference quantizer."""
         check_int4_args(w, group_size)
-        if w.device.type != "cpu":
-            return _reference("int4_quantize")(w, group_size=group_size, symmetric=symmetric)
         w = w.detach()
         data, scales, zeros = ops.int4_quantize(w.float() if w.dtype == torch.float64 else w, group_size, symmetric)
         if not torch.isfinite(scales).all():
             raise ValueError("int4_quantize: the weight contains inf or NaN")
         return Int4Weight(data, scales, None if symmetric else zeros, group_size, w.shape, w.dtype)
 
-    @register("int4_dequantize", "cpp")
+    @register("int4_dequantize", "cpp", supports=_dequantizes(Int4Weight))
     def int4_dequantize(qweight, dtype=torch.float32):
         if not isinstance(qweight, Int4Weight):
             raise TypeError(f"int4_dequantize: expected an Int4Weight, got {type(qweight).__name__}")
-        if dtype not in KERNEL_DTYPES or qweight.device.type != "cpu":
-            return _reference("int4_dequantize")(qweight, dtype)
         return ops.int4_dequantize(*int4_args(qweight), *qweight.shape, dtype)
 
     def _cpp_dequantize(qweight, dtype):
@@ -347,24 +354,21 @@ if AVAILABLE:
         return (x.dtype == torch.float32 and not torch.compiler.is_compiling() and cpu_gemm.uses_onednn()
                 and x.numel() // max(k, 1) > _C.fused_max_m())
 
-    @register("quant_matmul", "cpp")
+    def _quant_matmul_supports(x, qweight, bias=None) -> bool:
+        return _cpu(x) and _compute_dtype(x) in KERNEL_DTYPES and isinstance(qweight, (NF4Weight, Int4Weight))
+
+    @register("quant_matmul", "cpp", supports=_quant_matmul_supports)
     def quant_matmul(x, qweight, bias=None):
         """y = x @ W_deqᵀ (+ bias) in the compute dtype; dX by the transposed kernel, W gets no grad."""
-        from .reference_quant import _compute_dtype, check_quant_matmul_args
-
         check_quant_matmul_args(x, qweight, bias)
         dt = _compute_dtype(x)
-        if x.device.type != "cpu" or dt not in KERNEL_DTYPES or not isinstance(qweight, (NF4Weight, Int4Weight)):
-            return _reference("quant_matmul")(x, qweight, bias)
         xc = x.to(dt)
         b = None if bias is None else bias.to(dt)
         if _onednn_rows(xc, qweight.shape[1]):
             # fp32 at training sizes: dequantize W once (one pass, into an L3-sized transient) and
             # run oneDNN's AVX-512 GEMM, 2x the BLAS's fp32 rate here (fastft/ops/cpu_gemm.py);
             # the backward likewise. Nothing dense is saved.
-            from .reference_quant import QuantMatmulFunction
-
-            return QuantMatmulFunction.apply(xc, qweight, b, _cpp_dequantize, cpu_gemm.linear)
+            return DequantMatmulFunction.apply(xc, qweight, b, _cpp_dequantize, cpu_gemm.linear)
         if isinstance(qweight, NF4Weight):
             return ops.nf4_matmul(xc, b, *nf4_args(qweight), *qweight.shape)
         return ops.int4_matmul(xc, b, *int4_args(qweight), *qweight.shape)
@@ -373,35 +377,44 @@ if AVAILABLE:
     # under autocast too (same dtypes in, same dtype out as the reference).
     _ROW_DTYPES = (torch.float32, torch.bfloat16)
 
-    @register("rms_norm", "cpp")
+    def _rms_rows(x, weight, eps) -> bool:
+        return _cpu(x, _ROW_DTYPES) and weight.dtype == x.dtype and weight.dim() == 1
+
+    @register("rms_norm", "cpp", supports=_rms_rows)
     def rms_norm(x, weight, eps):
         """One fused pass per row (two reductions' worth), saving x and 1/rms; dx likewise."""
-        if (x.device.type != "cpu" or x.dtype not in _ROW_DTYPES or weight.dtype != x.dtype or weight.dim() != 1):
-            return _reference("rms_norm")(x, weight, eps)
         return ops.rmsnorm_fwd(x, weight, float(eps))[0]
 
-    @register("silu_mul", "cpp")
+    def _silu_rows(g, u) -> bool:
+        return _cpu(g, _ROW_DTYPES) and u.dtype == g.dtype and g.shape == u.shape
+
+    @register("silu_mul", "cpp", supports=_silu_rows)
     def silu_mul(g, u):
         """silu(g) · u in one pass, dg / du in one pass, saving g and u."""
-        if (g.device.type != "cpu" or g.dtype not in _ROW_DTYPES or u.dtype != g.dtype or g.shape != u.shape):
-            return _reference("silu_mul")(g, u)
         return ops.silu_mul(g, u)
 
-    @register("rope", "cpp")
+    def _rope_dtype(x, cos, sin):
+        """x's compute dtype: bf16 q against fp32 cos/sin (autocast) promotes, as torch does."""
+        if x.dtype != cos.dtype and cos.dtype == sin.dtype and torch.promote_types(x.dtype, cos.dtype) == cos.dtype:
+            return cos.dtype
+        return x.dtype
+
+    def _rope_rows(x, cos, sin) -> bool:
+        dt = _rope_dtype(x, cos, sin)
+        return (_cpu(x) and dt in _ROW_DTYPES and cos.dtype == dt and sin.dtype == dt and x.dim() == 4
+                and cos.dim() == 3 and cos.shape[-1] % 2 == 0 and not cos.requires_grad and not sin.requires_grad)
+
+    @register("rope", "cpp", supports=_rope_rows)
     def rope(x, cos, sin):
         """Rotary embedding in one pass (and its transpose in backward); cos / sin get no gradient."""
-        if x.dtype != cos.dtype and cos.dtype == sin.dtype and torch.promote_types(x.dtype, cos.dtype) == cos.dtype:
-            x = x.to(cos.dtype)  # bf16 q against fp32 cos/sin (autocast): torch's promotion, exactly
-        if (x.device.type != "cpu" or x.dtype not in _ROW_DTYPES or cos.dtype != x.dtype or sin.dtype != x.dtype
-                or x.dim() != 4 or cos.dim() != 3 or cos.shape[-1] % 2 or cos.requires_grad or sin.requires_grad):
-            return _reference("rope")(x, cos, sin)
-        return ops.rope(x, cos, sin, False)
+        return ops.rope(x.to(_rope_dtype(x, cos, sin)), cos, sin, False)
 
-    @register("quant_matmul_grad_x", "cpp")
+    def _grad_rows(grad, qweight) -> bool:
+        return _cpu(grad, KERNEL_DTYPES)
+
+    @register("quant_matmul_grad_x", "cpp", supports=_grad_rows)
     def quant_matmul_grad_x(grad, qweight):
         """dX = dY · W_deq by the transposed C++ kernel (the fused LoRA node's backward)."""
-        if grad.device.type != "cpu" or grad.dtype not in KERNEL_DTYPES:
-            return _reference("quant_matmul_grad_x")(grad, qweight)
         if _onednn_rows(grad, qweight.shape[0]):
             return cpu_gemm.mm(grad, _cpp_dequantize(qweight, grad.dtype))
         if isinstance(qweight, NF4Weight):
@@ -409,7 +422,10 @@ if AVAILABLE:
         return ops.int4_matmul_grad_x(grad, *int4_args(qweight), *qweight.shape)
 
     # -- attention on CPU: fastft's kernel, or torch's fused (flash) CPU SDPA with a mask ---------
-    @register("attention", "cpp")
+    def _attention_cpu(q, k, v, *, causal, scale=None, key_padding_mask=None, dropout_p=0.0, generator=None):
+        return _cpu(q, KERNEL_DTYPES) and dropout_p <= 0.0  # float64 (gold) and dropout: the reference
+
+    @register("attention", "cpp", supports=_attention_cpu)
     def attention(q, k, v, *, causal, scale=None, key_padding_mask=None, dropout_p=0.0, generator=None):
         """The reference's contract on CPU. fp32 / bf16 attention, causal or bidirectional, with
         or without a key padding mask, runs fastft's kernel (``fastft::attn_fwd`` / ``attn_bwd``, csrc/ops.cpp:
@@ -425,12 +441,7 @@ if AVAILABLE:
         output and contribute 0 to every gradient. float64 (gold), dropout and non-CPU tensors go
         to the reference.
         """
-        from .reference import _check_attention_inputs, attention_mask_bias
-
         _check_attention_inputs(q, k, v, key_padding_mask)
-        if q.device.type != "cpu" or q.dtype not in KERNEL_DTYPES or dropout_p > 0.0:
-            return _reference("attention")(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
-                                           dropout_p=dropout_p, generator=generator)
         T, S = q.shape[2], k.shape[2]
         if q.dtype in (torch.float32, torch.bfloat16):
             # fastft's kernel (fastft::attn_fwd / attn_bwd): causal or not, any T / S, GQA by index,
@@ -447,12 +458,12 @@ if AVAILABLE:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | dead, scale=scale, enable_gqa=gqa)
         return out.masked_fill(dead, 0.0)
 
-    @register("attention_varlen", "cpp")
+    def _varlen_cpu(q, k, v, cu_seqlens, max_seqlen, *, causal, scale=None, dropout_p=0.0, generator=None):
+        return _cpu(q, KERNEL_DTYPES) and dropout_p <= 0.0 and q.dim() == 3
+
+    @register("attention_varlen", "cpp", supports=_varlen_cpu)
     def attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, causal, scale=None, dropout_p=0.0, generator=None):
         """Packed documents, one fused SDPA call per document (no (total, total) mask)."""
-        if q.device.type != "cpu" or q.dtype not in KERNEL_DTYPES or dropout_p > 0.0 or q.dim() != 3:
-            return _reference("attention_varlen")(q, k, v, cu_seqlens, max_seqlen, causal=causal, scale=scale,
-                                                  dropout_p=dropout_p, generator=generator)
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
             raise ValueError(
                 f"attention_varlen: cu_seqlens must be 1-D with at least 2 entries, got {tuple(cu_seqlens.shape)}")
@@ -470,9 +481,10 @@ if AVAILABLE:
             pieces.append(attention(qi, ki, vi, causal=causal, scale=scale)[0].transpose(0, 1))
         return torch.cat(pieces, dim=0) if pieces else torch.zeros_like(q)
 
-    # -- LoRA linear through the rank side: the torch backend's op (fastft/ops/lean.py) is device-
-    # agnostic and its base matmul goes through fastft.ops.quant_matmul, i.e. this backend's C++
-    # quant-matmul on CPU; registered here too so that the CPU auto choice (cpp) finds it.
+    # -- LoRA linear through the rank side: the torch backend's op (fastft/ops/lean.py, with its
+    # predicate) is device-agnostic and its base matmul goes through fastft.ops.quant_matmul, i.e.
+    # this backend's C++ quant-matmul on CPU; registered here too, so that FASTFT_BACKEND=cpp and
+    # backend_for name the backend whose kernels run.
     from .lean import lora_linear as _lean_lora_linear
 
     register("lora_linear", "cpp")(_lean_lora_linear)

@@ -2,7 +2,7 @@
 
 What it owns, and why it is the default for some ops on CUDA (``fastft.ops.dispatch``):
 
-* ``lora_linear`` -- with a frozen base (LoRA, QLoRA) one autograd node, ``LoraLinearFunction``:
+* ``lora_linear`` -- with a frozen base (LoRA, QLoRA) one autograd node, ``LeanLoraLinearFunction``:
   base matmul (F.linear or the quant-matmul op) with the rank-side term added into its output by
   one addmm, and a backward that adds du·A into the base's dX in place. It saves x and u =
   drop(x) Aᵀ only (no dropout copy of x, no mask: the mask is regenerated from the generator state
@@ -13,19 +13,17 @@ What it owns, and why it is the default for some ops on CUDA (``fastft.ops.dispa
   Triton kernel on CUDA), multiply with the vendor BLAS, drop the dense copy; backward dequantizes
   again. Nothing dense is saved for backward.
 
-Measured on an H200 (2026-11-28, benchmarks/NOTES.md, Triton 3.6), forward + backward at M = 8192,
-r = 16, bf16: this LoRA path takes 1.24-1.40x the base matmul's time (speedup over PEFT 1.00-1.02),
-fastft's fused Triton LoRA kernels 1.34-1.66x (after a fix; 7.7-9.3x before it); the fused NF4
-quant-matmul is ALU-bound at ~120 TFLOP/s, 0.16-0.18x dense cuBLAS, where dequantize + cuBLAS runs
-near the dense rate at training sizes. So on CUDA the dispatcher picks these for ``lora_linear``
-and ``quant_matmul`` until the fused kernels beat them; ``FASTFT_BACKEND=triton`` forces the
-kernels. Known cost: with dropout the mask is not stored but drawn again in backward. Measured
-with four full-size draws per step (since cut to two): 0.62-0.91x PEFT's speed, whose dropout stores
-its mask.
+On an H200 this LoRA path and dequantize + cuBLAS beat fastft's fused Triton GEMMs at training
+sizes (the fused NF4 quant-matmul is ALU-bound), so on CUDA the dispatcher picks these for
+``lora_linear`` and ``quant_matmul``; ``FASTFT_BACKEND=triton`` forces the kernels. The
+measurements are in benchmarks/NOTES.md. Known cost: with dropout the mask is not stored but drawn
+again in backward (two full-size draws per step).
 
-Fallback to the reference: float64 (gold computations), a bias or weight in another dtype than x,
-and autocast over a trainable base for ``lora_linear``. Under autocast with a frozen base the inputs
-are cast to the autocast dtype (as autocast would for F.linear) and the lean path runs.
+Calls the registrations' predicates reject run the reference: float64 (gold computations), a bias
+or weight in another dtype than x, and autocast over a trainable base for ``lora_linear``. Under
+autocast with a frozen base the inputs are cast to the autocast dtype (as autocast would for
+F.linear) and the lean path runs. On CUDA, decode-shaped calls over a 4-bit weight go to the Triton
+decode kernel through ``fastft.ops.triton_backend``.
 """
 from __future__ import annotations
 
@@ -37,7 +35,7 @@ from fastft.quant.nf4 import NF4Weight
 
 from . import cpu_gemm, dispatch
 from .dispatch import register
-from .reference_quant import QuantMatmulFunction, check_quant_matmul_args
+from .reference_quant import DequantMatmulFunction, check_quant_matmul_args
 
 LEAN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -90,15 +88,16 @@ class LoraDeltaFunction(torch.autograd.Function):
         return dx, dA, dB, None, None, None, None
 
 
-class LoraLinearFunction(torch.autograd.Function):
+class LeanLoraLinearFunction(torch.autograd.Function):
     """The whole LoRA layer with a frozen base in one node: y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ.
 
     Forward: the base matmul (dense F.linear, or the device's quant-matmul), then the rank side
     added into its output by one ``addmm_`` (alpha = s): no separate (N, out) low-rank tensor, no
     scaling pass, no add pass. (On CUDA, decode-shaped rows over a 4-bit base run as one Triton
-    kernel instead, the rank side in the quant decode kernel's epilogue.) Backward (g = dY): du = s · g B and dB = s · (uᵀ g)ᵀ take the
-    scaling on the (N, r) / (r, out) side, dA = duᵀ drop(x), and dX = g W (or the quant kernel's
-    dX) with du A added in place: no s·g copy and no autograd accumulation of two (N, in) terms.
+    kernel instead, the rank side in the quant decode kernel's epilogue.) Backward (g = dY):
+    du = s · g B and dB = s · (uᵀ g)ᵀ take the scaling on the (N, r) / (r, out) side, dA = duᵀ
+    drop(x), and dX = g W (or the quant kernel's dX) with du A added in place: no s·g copy and no
+    autograd accumulation of two (N, in) terms.
     Saved: x, u, the adapters; the mask is regenerated as in ``LoraDeltaFunction``. Rounding: the
     low-rank term enters the base output inside the GEMM's fp32 accumulator (one rounding where the
     reference's composition rounds three times).
@@ -122,9 +121,9 @@ class LoraLinearFunction(torch.autograd.Function):
         if not dense and _fused_decode(x2, weight):
             # Decode-shaped rows over a 4-bit base on CUDA (generation): the low-rank term is added
             # in the quant decode kernel's epilogue -- one kernel for the layer.
-            from fastft.kernels import quant as triton_quant
+            from . import triton_backend
 
-            y = triton_quant.quant_matmul_lora(x2, weight, bias, u, lora_B, scaling)
+            y = triton_backend.quant_matmul_lora(x2, weight, bias, u, lora_B, scaling)
         else:
             y = cpu_gemm.linear(x2, weight.to(x.dtype), bias) if dense else ops.quant_matmul(x2, weight, bias)
             y.addmm_(u, lora_B.t(), alpha=scaling)
@@ -157,7 +156,7 @@ class LoraLinearFunction(torch.autograd.Function):
                 if W is not None:
                     dx = cpu_gemm.mm(g, W.to(g.dtype))
                 else:
-                    dx = dispatch.get_impl("quant_matmul_grad_x", g.device)(g, ctx.qweight)
+                    dx = dispatch.call("quant_matmul_grad_x", g.device, g, ctx.qweight)
                 if keep is None:
                     dx.addmm_(du, A)
                 else:  # backward of (x * keep) / (1 - p)
@@ -228,41 +227,46 @@ def lora_dropout_state(x, dropout_p, generator):
     return state, keep
 
 
-def _reference(op: str):
-    return dispatch.impl(op, "reference")
+def _frozen_base_ok(x, weight, lora_A, lora_B) -> bool:
+    dense = isinstance(weight, torch.Tensor)
+    return (not (dense and weight.requires_grad) and (dense or isinstance(weight, (NF4Weight, Int4Weight)))
+            and lora_A.device == x.device and lora_B.device == x.device and weight.device == x.device)
 
 
-@register("lora_linear", "torch")
+def lora_linear_supports(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, generator=None) -> bool:
+    """The calls the lean LoRA path takes: activations and adapters in fp32 / bf16 / fp16 on x's
+    device; without autocast a bias and dense weight in x's dtype (a trainable base too); under
+    autocast a frozen base only (a trainable one keeps autocast's own handling: the reference)."""
+    dt = x.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        return (torch.get_autocast_dtype(x.device.type) in LEAN_DTYPES and dt in LEAN_DTYPES
+                and _frozen_base_ok(x, weight, lora_A, lora_B))
+    dense = isinstance(weight, torch.Tensor)
+    return (dt in LEAN_DTYPES and lora_A.dtype in LEAN_DTYPES and lora_B.dtype in LEAN_DTYPES
+            and (bias is None or bias.dtype == dt) and lora_A.device == x.device and lora_B.device == x.device
+            and (dense and weight.dtype == dt and weight.device == x.device
+                 or isinstance(weight, (NF4Weight, Int4Weight)) and weight.device == x.device))
+
+
+@register("lora_linear", "torch", supports=lora_linear_supports)
 def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, generator=None):
-    """``fastft.ops.lora_linear`` through ``LoraLinearFunction`` (frozen base) or the base's own node
-    plus ``LoraDeltaFunction`` (trainable base); see the module docstring."""
+    """``fastft.ops.lora_linear`` through ``LeanLoraLinearFunction`` (frozen base) or the base's own
+    node plus ``LoraDeltaFunction`` (trainable base); see the module docstring."""
     dt = x.dtype
     dense = isinstance(weight, torch.Tensor)
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         # Autocast (e.g. the Trainer's bf16=True over an fp32 model): F.linear would run in the
         # autocast dtype, so cast x, a frozen base weight and the bias to it -- the casts autocast
-        # makes itself -- and take the lean path with autocast off. A trainable base keeps
-        # autocast's own handling (the reference composition).
+        # makes itself -- and take the lean path with autocast off.
         adt = torch.get_autocast_dtype(dev)
-        if (adt in LEAN_DTYPES and dt in LEAN_DTYPES and not (dense and weight.requires_grad)
-                and (dense or isinstance(weight, (NF4Weight, Int4Weight)))
-                and lora_A.device == x.device and lora_B.device == x.device and weight.device == x.device):
-            with torch.autocast(dev, enabled=False):
-                xc = x.to(adt)
-                gen_state, keep = lora_dropout_state(xc, dropout_p, generator)
-                # The fp32 base goes in as is: the node casts it transiently (autocast would save
-                # the cast copy of every weight for backward).
-                return LoraLinearFunction.apply(xc, weight, None if bias is None else bias.to(adt), lora_A,
-                                                lora_B, float(scaling), float(dropout_p), gen_state, keep)
-    ok = (dt in LEAN_DTYPES and not torch.is_autocast_enabled(dev)
-          and lora_A.dtype in LEAN_DTYPES and lora_B.dtype in LEAN_DTYPES and (bias is None or bias.dtype == dt)
-          and lora_A.device == x.device and lora_B.device == x.device
-          and (dense and weight.dtype == dt and weight.device == x.device
-               or isinstance(weight, (NF4Weight, Int4Weight)) and weight.device == x.device))
-    if not ok:
-        return _reference("lora_linear")(x, weight, lora_A, lora_B, scaling, bias=bias, dropout_p=dropout_p,
-                                         generator=generator)
+        with torch.autocast(dev, enabled=False):
+            xc = x.to(adt)
+            gen_state, keep = lora_dropout_state(xc, dropout_p, generator)
+            # The fp32 base goes in as is: the node casts it transiently (autocast would save the
+            # cast copy of every weight for backward).
+            return LeanLoraLinearFunction.apply(xc, weight, None if bias is None else bias.to(adt), lora_A, lora_B,
+                                                float(scaling), float(dropout_p), gen_state, keep)
     from fastft import ops
 
     gen_state, keep = lora_dropout_state(x, dropout_p, generator)
@@ -270,8 +274,8 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, ge
     # activations' dtype, as the reference does, their gradients returned in fp32 (the fused node
     # casts inside; the trainable-base path through the casts' autograd).
     if not (dense and weight.requires_grad):  # frozen base (LoRA / QLoRA): one fused node
-        return LoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p), gen_state,
-                                        keep)
+        return LeanLoraLinearFunction.apply(x, weight, bias, lora_A, lora_B, float(scaling), float(dropout_p),
+                                            gen_state, keep)
     lora_A, lora_B = lora_A.to(dt), lora_B.to(dt)
     # Full fine-tuning (W trains): the base through its own autograd node (F.linear saves x, which
     # the LoRA branch shares), the rank side through LoraDeltaFunction.
@@ -283,9 +287,9 @@ def _fused_decode(x, qweight) -> bool:
     """CUDA, <= 16 rows of fp16 / bf16, the aligned 4-bit layout: the Triton decode kernel's case."""
     if not x.is_cuda:
         return False
-    from fastft.kernels import quant as triton_quant
+    from . import triton_backend  # (imports triton: CUDA only)
 
-    return triton_quant.decode_eligible(x, qweight)
+    return triton_backend.decode_eligible(x, qweight)
 
 
 def _device_dequantize(qweight, dtype):
@@ -305,20 +309,22 @@ def quant_matmul_grad_x(grad, qweight):
     return cpu_gemm.mm(grad, _device_dequantize(qweight, grad.dtype))
 
 
-@register("quant_matmul", "torch")
+def _not_float64(x, qweight=None, bias=None) -> bool:
+    return getattr(x, "dtype", None) != torch.float64  # float64 (gold computations): the reference
+
+
+@register("quant_matmul", "torch", supports=_not_float64)
 def quant_matmul(x, qweight, bias=None):
     """``x @ dequant(W)ᵀ (+ b)``: dequantize (device op) + BLAS, nothing dense saved for backward."""
     check_quant_matmul_args(x, qweight, bias)
-    if x.dtype == torch.float64:
-        return _reference("quant_matmul")(x, qweight, bias)
     if _fused_decode(x, qweight):
         # Decode-shaped calls (<= 16 rows, generation) go to the fused Triton decode kernel, which
         # reads the 4-bit bytes once; dequantize + cuBLAS would write and re-read a dense weight.
-        from fastft.kernels import quant as triton_quant
+        from . import triton_backend
 
-        return triton_quant.quant_matmul_triton(x, qweight, bias)
-    return QuantMatmulFunction.apply(x, qweight, bias, _device_dequantize, cpu_gemm.linear)
+        return triton_backend.quant_matmul(x, qweight, bias)
+    return DequantMatmulFunction.apply(x, qweight, bias, _device_dequantize, cpu_gemm.linear)
 
 
-__all__ = ["FrozenLinearFunction", "LoraDeltaFunction", "LoraLinearFunction", "frozen_linear", "lora_dropout_state",
+__all__ = ["FrozenLinearFunction", "LoraDeltaFunction", "LeanLoraLinearFunction", "frozen_linear", "lora_dropout_state",
            "lora_linear", "quant_matmul", "quant_matmul_grad_x"]

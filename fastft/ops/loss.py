@@ -3,9 +3,10 @@
 - ``causal_lm_loss(logits, labels, ...)``: token t's logits predict labels[t + 1]; -100 ignored;
   sum / (num_items_in_batch or the number of targets); in packed batches the target that would
   cross a document boundary (``cu_seqlens``) is ignored.
-- ``chunked_causal_lm_loss(h, weight, labels, ...)``: the same value from the final hidden states and
-  the LM head weight without building the (tokens x vocab) logits (``ChunkedLinearCrossEntropy``:
-  about ``CE_CHUNK_BYTES`` of logits at a time, the gradient formed during the forward).
+- ``linear_cross_entropy`` (the "torch" backend of ``fastft.ops.linear_cross_entropy``): the LM head
+  and its cross-entropy without keeping the (tokens x vocab) logits (``LinearCrossEntropyFunction``:
+  one chunk of logits at a time, sized from the vocabulary and the device's memory, the gradient
+  formed during the forward); ``chunked_causal_lm_loss(h, weight, labels, ...)`` is the causal loss on it.
 - ``hf_causal_lm_loss``: transformers' ``ForCausalLMLoss`` signature and value on fastft's fused
   cross-entropy rows (``fastft.ops.cross_entropy_grad_``), the ``loss_function`` that
   ``fastft.patch`` installs.
@@ -16,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from fastft.ops import cpu_gemm, cross_entropy_grad_
+from fastft.ops.argcheck import check_linear_cross_entropy_args, check_targets
+from fastft.ops.dispatch import register
 
 
 def shifted_targets(labels, shape, cu_seqlens):
@@ -47,82 +50,125 @@ def causal_lm_loss(logits, labels, num_items_in_batch=None, cu_seqlens=None):
     return normalise_loss(total, targets, num_items_in_batch)
 
 
-# Rows of logits per chunk: about 32 MiB of logits in h's dtype at a time (2^23 fp32, 2^24 bf16
-# logits; the larger bf16 chunk also runs the lm_head GEMMs nearer the CPU's peak).
+# Logits per chunk of the linear + cross-entropy: on CPU about 32 MiB (2^23 fp32 / 2^24 bf16
+# logits: L2/L3-sized rows, and the larger bf16 chunk runs the lm_head GEMMs nearer the CPU's peak);
+# on a GPU up to 1 GiB of fp32-equivalent logits or 1/8 of the free memory, whichever is smaller, so
+# each chunk's GEMMs are large (at a 128k vocabulary 1 GiB is 2048 rows per chunk).
 CE_CHUNK_BYTES = 1 << 25
+CE_CHUNK_BYTES_GPU = 1 << 30
 
 
-class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Σ_t CE(h_t Wᵀ, target_t) over valid targets, never holding more than one chunk of logits.
+def _chunk_budget(device: torch.device) -> int:
+    if device.type != "cuda":
+        return CE_CHUNK_BYTES
+    try:  # cudaMemGetInfo: a driver query, no stream synchronisation
+        free = torch.cuda.mem_get_info(device)[0]
+    except Exception:  # fake CUDA tensors (memory estimates) or no driver: the cap alone
+        return CE_CHUNK_BYTES_GPU
+    return max(min(CE_CHUNK_BYTES_GPU, free // 8), 1 << 20)
+
+
+def chunk_rows_for(n_rows: int, vocab: int, device: torch.device, element_size: int = 4) -> int:
+    """Rows per chunk: equal chunks of at most the device's budget of ``vocab``-wide logits (no
+    one-row tail chunk)."""
+    cap = max(1, _chunk_budget(device) // max(1, vocab * element_size))
+    return -(-n_rows // -(-n_rows // cap)) if n_rows else cap
+
+
+def _matmul_dtype(h: torch.Tensor) -> torch.dtype:
+    dev = h.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """Σ over rows with target != ignore_index of CE(h Wᵀ + b, target), one chunk of logits at a time.
 
     The gradient is produced during the forward (the loss is a scalar, so the backward only scales
-    it): per chunk z = h_c Wᵀ (in h's dtype, then at least fp32 like ``causal_lm_loss``), lse = logsumexp(z),
-    loss += Σ (lse − z[target]); dz = softmax(z) − onehot(target) (0 on ignored rows);
-    dh_c = dz W, dW += dzᵀ h_c (only when W requires grad). Saved: dh (N, H) and dW.
+    it): per chunk z = h_c Wᵀ + b (in the matmul dtype: autocast's when it is on, else h's),
+    loss_rows = lse(z) − z[target] in at least fp32, z ← softmax(z) − onehot(target) in place (0 on
+    ignored rows; ``fastft.ops.cross_entropy_grad_``: the C++ rows on CPU, Triton on CUDA), then
+    dh_c = z W, dW += zᵀ h_c and db += Σ_rows z only for the inputs that require grad. Saved: dh
+    (N, H) and, for full fine-tuning, dW / db -- never the (N, V) logits. No host synchronisation:
+    the loop bounds come from shapes only.
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk_rows):
+    def forward(ctx, h, weight, bias, targets, ignore_index, chunk_rows):
         dev = h.device.type
-        # The logits' matmul dtype: autocast's when it is on (as lm_head under autocast), else h's.
-        mdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        mdt = _matmul_dtype(h)
         with torch.autocast(dev, enabled=False):
-            return ChunkedLinearCrossEntropy._forward(ctx, h, weight, targets, chunk_rows, mdt)
+            return LinearCrossEntropyFunction._forward(ctx, h, weight, bias, targets, ignore_index, chunk_rows, mdt)
 
     @staticmethod
-    def _forward(ctx, h, weight, targets, chunk_rows, mdt):
+    def _forward(ctx, h, weight, bias, targets, ignore_index, chunk_rows, mdt):
         N = h.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        cdt = torch.promote_types(h.dtype, torch.float32)  # fp32 loss for half / fp32, float64 stays
         dh = torch.empty_like(h) if need_h else None
-        cdt = torch.promote_types(h.dtype, torch.float32)  # fp32 logits for half / fp32, float64 stays
         dw = torch.zeros(weight.shape, dtype=cdt, device=weight.device) if need_w else None
+        db = torch.zeros(bias.shape, dtype=cdt, device=bias.device) if need_b else None
         total = torch.zeros((), dtype=cdt, device=h.device)
         wm = weight.to(mdt)
+        bm = None if bias is None else bias.to(mdt)
         for a in range(0, N, chunk_rows):
             b = min(a + chunk_rows, N)
-            hc, tc = h[a:b], targets[a:b]
-            z = cpu_gemm.linear(hc.to(mdt), wm)  # (n, V) in the matmul dtype
-            if not (need_h or need_w):
+            hc, tc = h[a:b].to(mdt), targets[a:b]
+            z = cpu_gemm.linear(hc, wm, bm)  # (n, V)
+            if not (need_h or need_w or need_b):
                 z = z.to(cdt)
-                valid = tc != -100
-                lse = torch.logsumexp(z, dim=-1)
+                valid = tc != ignore_index
                 zt = z.gather(1, torch.where(valid, tc, torch.zeros_like(tc))[:, None])[:, 0]
-                total += torch.where(valid, lse - zt, torch.zeros_like(lse)).sum()
+                total += torch.where(valid, torch.logsumexp(z, dim=-1) - zt, torch.zeros_like(zt)).sum()
                 continue
-            # Loss rows and dz = softmax - onehot in one fused step (the C++ kernel on CPU).
-            total += cross_entropy_grad_(z, tc, -100).to(cdt).sum()
-            dz = z
+            total += cross_entropy_grad_(z, tc, ignore_index).to(cdt).sum()  # z is now dz
             if need_h:  # cpu_gemm decides the GEMM (oneDNN for fp32 on CPU, torch.mm otherwise)
-                dh[a:b] = cpu_gemm.mm(dz, wm)
+                dh[a:b] = cpu_gemm.mm(z, wm)
             if need_w:
-                dw.addmm_(dz.t().to(cdt), hc.to(cdt))
-        ctx.save_for_backward(dh, dw)
-        ctx.w_dtype = weight.dtype
+                if z.dtype == cdt:
+                    dw.addmm_(z.t(), hc.to(cdt))
+                else:  # half GEMM with fp32 accumulation inside, one rounding per chunk
+                    dw += torch.mm(z.t(), hc).to(cdt)
+            if need_b:
+                db += z.sum(0, dtype=cdt)
+        ctx.save_for_backward(dh, dw, db)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total
 
     @staticmethod
     def backward(ctx, grad):
-        dh, dw = ctx.saved_tensors
+        dh, dw, db = ctx.saved_tensors
         gh = dh * grad.to(dh.dtype) if dh is not None else None
-        gw = (dw * grad).to(ctx.w_dtype) if dw is not None else None
-        return gh, gw, None, None
+        gw = (dw * grad).to(ctx.dtypes[0]) if dw is not None else None
+        gb = (db * grad).to(ctx.dtypes[1]) if db is not None else None
+        return gh, gw, gb, None, None, None
+
+
+@register("linear_cross_entropy", "torch")
+def linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, reduction="mean", bias=None,
+                         chunk_rows=None):
+    """The LM head and its cross-entropy in chunks (``LinearCrossEntropyFunction``); any device."""
+    check_linear_cross_entropy_args(hidden, weight, labels, ignore_index, reduction, bias)
+    h = hidden.reshape(-1, hidden.shape[-1])
+    t = labels.reshape(-1).to(device=h.device, dtype=torch.int64)
+    check_targets(t, weight.shape[0], ignore_index, "linear_cross_entropy")
+    rows = int(chunk_rows) if chunk_rows else chunk_rows_for(h.shape[0], weight.shape[0], h.device)
+    total = LinearCrossEntropyFunction.apply(h, weight, bias, t, int(ignore_index), rows)
+    if reduction == "sum":
+        return total
+    return total / (t != ignore_index).sum()  # torch's mean: NaN when every target is ignored
 
 
 def chunked_causal_lm_loss(h, weight, labels, num_items_in_batch=None, cu_seqlens=None, chunk_rows=None):
     """``causal_lm_loss(F.linear(h, weight), ...)`` without materialising the logits.
 
     h (B, T, H) final hidden states, weight (V, H) the lm_head. Same value and gradients as the
-    unchunked loss (up to summation order).
+    unchunked loss (up to summation order): ``fastft.ops.linear_cross_entropy`` on the shifted targets.
     """
+    from fastft import ops
+
     targets = shifted_targets(labels, h.shape[:2], cu_seqlens)
-    if chunk_rows is None:
-        dev = h.device.type
-        mdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
-        cap = max(1, CE_CHUNK_BYTES // (weight.shape[0] * torch.empty((), dtype=mdt).element_size()))
-        n = h.shape[0] * h.shape[1]
-        chunk_rows = -(-n // -(-n // cap)) if n else cap  # equal chunks under the cap, no 1-row tail
-    total = ChunkedLinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, targets.reshape(-1).to(h.device),
-                                            int(chunk_rows))
+    total = ops.linear_cross_entropy(h, weight, targets.to(h.device), reduction="sum", chunk_rows=chunk_rows)
     return normalise_loss(total, targets, num_items_in_batch)
 
 
@@ -175,5 +221,26 @@ def hf_causal_lm_loss(logits, labels, vocab_size=None, num_items_in_batch=None, 
     return total / (targets != ignore_index).sum()  # HF's mean (NaN when every target is ignored)
 
 
-__all__ = ["causal_lm_loss", "chunked_causal_lm_loss", "hf_causal_lm_loss", "ChunkedLinearCrossEntropy",
-           "LogitsCrossEntropy", "shifted_targets", "normalise_loss", "CE_CHUNK_BYTES"]
+def hf_linear_causal_lm_loss(hidden, weight, labels, *, bias=None, num_items_in_batch=None, ignore_index=-100,
+                             shift_labels=None):
+    """``hf_causal_lm_loss(F.linear(hidden, weight, bias), labels, ...)`` -- transformers'
+    ``ForCausalLMLoss`` value -- without building the logits: ``fastft.ops.linear_cross_entropy``
+    on the shifted labels. The fused forward of ``fastft.patch``ed causal LMs uses it."""
+    from fastft import ops
+
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    targets = shift_labels.to(hidden.device)
+    total = ops.linear_cross_entropy(hidden, weight, targets, ignore_index=int(ignore_index), reduction="sum",
+                                     bias=bias)
+    if num_items_in_batch is not None:
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(total.device)
+        return total / num_items_in_batch
+    return total / (targets != ignore_index).sum()  # HF's mean (NaN when every target is ignored)
+
+
+__all__ = ["causal_lm_loss", "chunked_causal_lm_loss", "hf_causal_lm_loss", "hf_linear_causal_lm_loss",
+           "linear_cross_entropy",
+           "LinearCrossEntropyFunction", "LogitsCrossEntropy", "shifted_targets", "normalise_loss", "chunk_rows_for",
+           "CE_CHUNK_BYTES", "CE_CHUNK_BYTES_GPU"]

@@ -194,6 +194,15 @@ def silu_mul(g, u):
     return F.silu(g) * u
 
 
+@register("linear_cross_entropy", "reference")
+def linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, reduction="mean", bias=None, chunk_rows=None):
+    """F.cross_entropy(F.linear(hidden, weight, bias)) in at least fp32, the full logits under autograd."""
+    logits = F.linear(hidden, weight, bias)
+    logits = logits.reshape(-1, logits.shape[-1]).to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits, labels.reshape(-1).to(device=logits.device, dtype=torch.int64),
+                           ignore_index=ignore_index, reduction=reduction)
+
+
 @register("cross_entropy_grad_", "reference")
 def cross_entropy_grad_(logits, targets, ignore_index=-100):
     """Per-row cross-entropy of ``logits`` (n, V) against ``targets`` (n,), gradient in place.
@@ -209,9 +218,13 @@ def cross_entropy_grad_(logits, targets, ignore_index=-100):
     z = logits.to(cdt)
     valid = targets != ignore_index
     tsafe = torch.where(valid, targets, torch.zeros_like(targets))
-    if valid.any() and (tsafe.min() < 0 or tsafe.max() >= logits.shape[1]):
-        raise ValueError(f"cross_entropy_grad_: a target is outside [0, {logits.shape[1]}) and is not "
-                         f"ignore_index {ignore_index}")
+    in_range = ((tsafe >= 0) & (tsafe < logits.shape[1])).all()
+    msg = f"cross_entropy_grad_: a target is outside [0, {logits.shape[1]}) and is not ignore_index {ignore_index}"
+    if logits.device.type == "cpu":
+        if not in_range:
+            raise ValueError(msg)
+    else:  # checked on the device, without a host synchronisation
+        torch._assert_async(in_range, msg)
     lse = torch.logsumexp(z, dim=-1)
     zt = z.gather(1, tsafe[:, None])[:, 0]
     loss = torch.where(valid, lse - zt, torch.zeros_like(lse))
@@ -221,10 +234,3 @@ def cross_entropy_grad_(logits, targets, ignore_index=-100):
     if z.data_ptr() != logits.data_ptr():
         logits.copy_(z)
     return loss
-
-
-try:  # quantization references (fastft/ops/reference_quant.py) register themselves on import
-    from .reference_quant import *  # noqa: F401,F403
-except ImportError as _e:  # pragma: no cover - only while the module is being written
-    if "reference_quant" not in str(_e):
-        raise

@@ -231,7 +231,7 @@ def check_quant_matmul_args(x, qweight, bias) -> None:
             raise ValueError(f"quant_matmul: bias shape {tuple(bias.shape)} must be (out_features,) = ({out_f},)")
 
 
-class QuantMatmulFunction(torch.autograd.Function):
+class DequantMatmulFunction(torch.autograd.Function):
     """y = x W_deqᵀ + b;  dX = dY W_deq;  db = Σ dY;  W gets no gradient and nothing is saved.
 
     ``dequantize(qweight, dtype)`` makes the transient dense weight (the reference's by default; the
@@ -280,8 +280,8 @@ def quant_matmul_grad_x(grad, qweight):
 def quant_matmul(x, qweight, bias=None):
     """y = x @ dequant(qweight)ᵀ (+ bias); x (..., in) -> (..., out) in the compute dtype."""
     check_quant_matmul_args(x, qweight, bias)
-    return QuantMatmulFunction.apply(x, qweight, bias)
+    return DequantMatmulFunction.apply(x, qweight, bias)
 
 
 __all__ = ["nf4_quantize", "nf4_dequantize", "int4_quantize", "int4_dequantize", "quant_matmul",
-           "QuantMatmulFunction", "check_quant_matmul_args"]
+           "DequantMatmulFunction", "check_quant_matmul_args"]

@@ -1,0 +1,200 @@
+"""The ``triton`` backend: fastft's Triton kernels (``fastft.kernels``) behind the op signatures.
+
+The twin of ``fastft/ops/cpp.py``. ``fastft.kernels`` imports only torch and triton
+(tests/test_layering.py): its functions take tensors and plain descriptions. This module
+
+* converts fastft's objects for them: an ``NF4Weight`` / ``Int4Weight`` becomes a ``QuantMeta``
+  and ``QuantTensors`` (``raw``), and the NF4 codebooks and the double-quantization offset rule come
+  from ``fastft.quant`` (``nf4_quantize``);
+* composes kernels with the dispatcher where an op needs another op: a LoRA layer over a 4-bit base
+  runs the base through ``fastft.ops.quant_matmul`` (``QuantBase``), or, at decode shapes, the quant
+  decode kernel with the LoRA term in its epilogue;
+* picks the kernel within the backend: forward-only attention with a few query rows per KV group
+  runs the split-KV decode kernel;
+* registers the ops, each with the predicate of the calls it does not take (they run the
+  reference, and ``fastft.ops.backend_for(op, device, *args)`` says so):
+
+  ============== ====================================================================
+  quant_matmul   float64 activations (no fp64 kernel)
+  nf4_dequantize double quantization with a nested block size other than 256
+  int4_quantize  group sizes that are not a power of two >= 32 (e.g. 16 or 96)
+  int4_dequantize the same
+  ============== ====================================================================
+
+Importing this module imports triton (the dispatcher loads it on the first CUDA op, or on CPU
+under ``TRITON_INTERPRET=1`` when the triton backend is asked for).
+"""
+from __future__ import annotations
+
+import torch
+
+from fastft.kernels import attention as _attn
+from fastft.kernels import attention_decode as _attn_decode
+from fastft.kernels import lora as _lora
+from fastft.kernels import quant_decode as _qdecode
+from fastft.kernels import quant_matmul as _qmm
+from fastft.kernels import quant_pack as _qpack
+from fastft.kernels.quant_pack import QuantMeta, QuantTensors
+from fastft.quant import codebooks
+from fastft.quant.int4 import Int4Weight, check_int4_args
+from fastft.quant.nf4 import NF4Weight, check_nf4_args, double_quant_offset
+
+from . import dispatch
+from .dispatch import register
+from .reference_quant import check_quant_matmul_args
+
+
+# ----------------------------------------------------------------------------------- quantized weights
+def raw(qweight) -> tuple[QuantMeta, QuantTensors]:
+    """The kernels' view of an NF4Weight / Int4Weight: (QuantMeta, QuantTensors)."""
+    if isinstance(qweight, NF4Weight):
+        N, K = (int(s) for s in qweight.shape)
+        dq = qweight.nested_absmax is not None
+        if dq and int(qweight.nested_blocksize) != _qpack.NESTED_BLOCK:
+            raise ValueError(f"nested_blocksize={qweight.nested_blocksize} is not supported (expected "
+                             f"{_qpack.NESTED_BLOCK})")
+        meta = QuantMeta(0, N, K, int(qweight.blocksize), dq, False, float(qweight.offset) if dq else 0.0)
+        t = QuantTensors(qweight.data, qweight.absmax, qweight.nested_absmax if dq else None,
+                         qweight.nested_quant_map if dq else None, qweight.quant_map)
+    elif isinstance(qweight, Int4Weight):
+        N, K = (int(s) for s in qweight.shape)
+        meta = QuantMeta(1, N, K, int(qweight.group_size), False, qweight.zeros is None)
+        t = QuantTensors(qweight.data, qweight.scales, qweight.zeros, None, None)
+    else:
+        raise TypeError(f"quant_matmul: expected an NF4Weight or Int4Weight, got {type(qweight).__name__}")
+    _qpack.check_meta(meta)
+    return meta, t
+
+
+def decode_eligible(x: torch.Tensor, qweight) -> bool:
+    """Whether ``quant_matmul(x, qweight)`` runs the quant decode kernel (``quant_decode``): at most
+    16 rows of fp16 / bf16 compute over the aligned layout of an NF4 / int4 weight the kernels take."""
+    try:
+        meta = raw(qweight)[0]
+    except (TypeError, ValueError):
+        return False
+    return _qdecode.decode_eligible(x, meta)
+
+
+def quant_matmul_lora(x, qweight, bias, u, lora_B, scaling):
+    """Forward only: x @ dequant(W)ᵀ (+ bias) + scaling · u Bᵀ in one kernel (``kernels/quant_matmul.py``)."""
+    return _qmm.quant_matmul_lora(x, *raw(qweight), bias, u, lora_B, scaling)
+
+
+def _not_float64(x, qweight=None, bias=None) -> bool:
+    return getattr(x, "dtype", None) != torch.float64
+
+
+@register("quant_matmul", "triton", supports=_not_float64)
+def quant_matmul(x, qweight, bias=None):
+    """y = x @ dequant(qweight)ᵀ (+ bias); argument checks shared with the reference backend."""
+    check_quant_matmul_args(x, qweight, bias)
+    return _qmm.quant_matmul(x, *raw(qweight), bias)
+
+
+@register("nf4_quantize", "triton")
+def nf4_quantize(w, blocksize=64, double_quant=True):
+    check_nf4_args(w, blocksize)
+    if not torch.isfinite(w).all():
+        raise ValueError("nf4_quantize: the weight contains inf or NaN; NF4 block scales must be finite")
+    dev = w.device
+    data, absmax = _qpack.nf4_quantize_raw(w, blocksize, codebooks.nf4_midpoints(dev))
+    kw = {}
+    if double_quant:
+        # torch's fp32 mean, as bitsandbytes computes it (summation order decides the last bit), by
+        # the reference's rule (float64 when the fp32 sum overflows).
+        offset = float(double_quant_offset(absmax).item())
+        codes, nested = _qpack.nf4_double_quantize_raw(absmax, offset, codebooks.dynamic_map_midpoints_f64(dev))
+        kw = dict(nested_absmax=nested, nested_quant_map=codebooks.dynamic_map(True, dev), offset=offset)
+        absmax = codes
+    return NF4Weight(data, w.shape, blocksize, w.dtype, codebooks.nf4_code(dev), absmax, **kw)
+
+
+def _nested_block_supported(qweight, dtype=None) -> bool:
+    return not (isinstance(qweight, NF4Weight) and qweight.double_quant
+                and qweight.nested_blocksize != _qpack.NESTED_BLOCK)
+
+
+@register("nf4_dequantize", "triton", supports=_nested_block_supported)
+def nf4_dequantize(qweight, dtype=torch.float32):
+    if not isinstance(qweight, NF4Weight):
+        raise TypeError(f"nf4_dequantize: expected an NF4Weight, got {type(qweight).__name__}")
+    return _qpack.nf4_dequantize_raw(qweight.data, qweight.absmax, qweight.quant_map, qweight.shape,
+                                     qweight.blocksize, dtype, qweight.nested_absmax, qweight.nested_quant_map,
+                                     qweight.offset)
+
+
+def _group_supported(w, group_size=128, symmetric=False) -> bool:
+    return isinstance(group_size, int) and _qpack.int4_supported(group_size)
+
+
+@register("int4_quantize", "triton", supports=_group_supported)
+def int4_quantize(w, group_size=128, symmetric=False):
+    check_int4_args(w, group_size)
+    if not torch.isfinite(w).all():
+        raise ValueError("int4_quantize: the weight contains inf or NaN")
+    data, scales, zeros = _qpack.int4_quantize_raw(w, group_size, symmetric)
+    return Int4Weight(data, scales, zeros, group_size, w.shape, w.dtype)
+
+
+def _weight_group_supported(qweight, dtype=None) -> bool:
+    return not isinstance(qweight, Int4Weight) or _qpack.int4_supported(qweight.group_size)
+
+
+@register("int4_dequantize", "triton", supports=_weight_group_supported)
+def int4_dequantize(qweight, dtype=torch.float32):
+    if not isinstance(qweight, Int4Weight):
+        raise TypeError(f"int4_dequantize: expected an Int4Weight, got {type(qweight).__name__}")
+    return _qpack.int4_dequantize_raw(qweight.data, qweight.scales, qweight.zeros, qweight.shape, qweight.group_size,
+                                      dtype)
+
+
+# ------------------------------------------------------------------------------------------------ LoRA
+class QuantBase:
+    """A 4-bit weight as the frozen base of the LoRA kernels (the interface ``kernels/lora.py``
+    documents): the base product through the dispatched ``quant_matmul`` (its own autograd node),
+    or at decode shapes the quant decode kernel with the low-rank term in its epilogue, dX through
+    the dispatched ``quant_matmul_grad_x``."""
+
+    def __init__(self, qweight):
+        self.qweight = qweight
+        self.shape = tuple(qweight.shape)
+        self.device = qweight.device
+
+    def matmul(self, x, bias):
+        return dispatch.call("quant_matmul", x.device, x, self.qweight, bias)
+
+    def fused(self, x2) -> bool:
+        return decode_eligible(x2, self.qweight)
+
+    def matmul_lora(self, x2, bias, u, lora_B, scaling):
+        return quant_matmul_lora(x2, self.qweight, bias, u, lora_B, scaling)
+
+    def grad_x(self, dy2):
+        return dispatch.call("quant_matmul_grad_x", dy2.device, dy2, self.qweight)
+
+
+@register("lora_linear", "triton")
+def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, generator=None):
+    """The fused LoRA kernels (``kernels/lora.py``); a quantized base through ``QuantBase``."""
+    if not isinstance(weight, torch.Tensor):
+        weight = QuantBase(weight)
+    return _lora.lora_linear(x, weight, lora_A, lora_B, scaling, bias=bias, dropout_p=dropout_p, generator=generator)
+
+
+# ------------------------------------------------------------------------------------------- attention
+@register("attention", "triton")
+def attention(q, k, v, *, causal, scale=None, key_padding_mask=None, dropout_p=0.0, generator=None):
+    """FlashAttention-2 kernels (``kernels/attention.py``); forward-only calls with at most
+    ``DECODE_MAX_ROWS`` query rows per KV group run the split-KV decode kernel
+    (``kernels/attention_decode.py``)."""
+    if _attn_decode.decode_eligible(q, k, v, dropout_p):
+        return _attn_decode.attention_decode(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask)
+    return _attn.attention(q, k, v, causal=causal, scale=scale, key_padding_mask=key_padding_mask,
+                           dropout_p=dropout_p, generator=generator)
+
+
+register("attention_varlen", "triton")(_attn.attention_varlen)
+
+__all__ = ["QuantBase", "attention", "decode_eligible", "int4_dequantize", "int4_quantize", "lora_linear",
+           "nf4_dequantize", "nf4_quantize", "quant_matmul", "quant_matmul_lora", "raw"]
