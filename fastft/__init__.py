@@ -17,6 +17,7 @@ _LAZY = {
     "AdapterConfig": "fastft.peft",
     "get_peft_model": "fastft.peft",
     "load_adapter": "fastft.peft",
+    "export": "fastft.exporting",
     "Trainer": "fastft.train",
     "TrainingArguments": "fastft.train",
     "ops": "fastft.ops",

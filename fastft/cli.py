@@ -1,4 +1,4 @@
-"""The ``fastft`` command line: train | eval | generate | merge | convert | quantize | demo | bench.
+"""The ``fastft`` command line: train | eval | generate | merge | export | convert | quantize | demo | bench.
 
 Every subcommand has ``--help``. ``fastft train`` takes flags or a YAML/JSON config file whose keys
 are the same names as the flags (dashes or underscores); flags given on the command line win.
@@ -88,6 +88,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--adapter", required=True)
     p.add_argument("--out", required=True)
+
+    p = sub.add_parser("export", help="merge an adapter and export a verified HF checkpoint or GGUF file",
+                       description="Merge (fp32, cast once) and export as a merged Hugging Face checkpoint "
+                                   "(sharded safetensors + config, tokenizer, chat template) or as GGUF for "
+                                   "llama.cpp / Ollama / LM Studio; the result is read back and its logits "
+                                   "checked against the merged model.")
+    p.add_argument("--model", required=True, help="base checkpoint directory")
+    p.add_argument("--adapter", help="PEFT LoRA adapter directory to merge")
+    p.add_argument("--quantization", choices=["nf4", "int4"],
+                   help="the base quantization the adapter was trained on (QLoRA: nf4); dequantized for the merge")
+    p.add_argument("--format", required=True, choices=["hf", "gguf"])
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="hf: tensor dtype (default bf16)")
+    p.add_argument("--quant", choices=["f16", "q8_0"], help="gguf: tensor type (default f16)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default: the model's, else the adapter's)")
+    p.add_argument("--max-shard-size", default="5GB", help="hf: largest safetensors shard (default 5GB)")
+    p.add_argument("--name", help="gguf: general.name (default: model and adapter directory names)")
+    p.add_argument("--verify", choices=["full", "fast", "none"], default="full",
+                   help="read the export back and compare logits (default full; gguf 'fast' skips transformers' "
+                        "GGUF loader)")
+    p.add_argument("--out", required=True, help="output directory (hf) or .gguf file (gguf)")
 
     p = sub.add_parser("convert", help="convert a GGUF file to an HF safetensors checkpoint")
     g = p.add_mutually_exclusive_group(required=True)
@@ -268,6 +288,14 @@ def cmd_merge(args):
     print(f"merged model written to {args.out}")
 
 
+def cmd_export(args):
+    from fastft.exporting import export
+
+    export(args.model, args.out, format=args.format, adapter=args.adapter, dtype=args.dtype, quant=args.quant,
+           quantization=args.quantization, tokenizer=args.tokenizer, max_shard_size=args.max_shard_size,
+           verify={"none": False}.get(args.verify, args.verify), name=args.name)
+
+
 def cmd_convert(args):
     from fastft.models import convert
 
@@ -307,7 +335,7 @@ def cmd_bench(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     fn = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "merge": cmd_merge, "convert": cmd_convert,
-          "quantize": cmd_quantize, "demo": cmd_demo, "bench": cmd_bench}[args.cmd]
+          "quantize": cmd_quantize, "demo": cmd_demo, "bench": cmd_bench, "export": cmd_export}[args.cmd]
     try:
         rc = fn(args)
     except (ValueError, TypeError, FileNotFoundError) as e:
