@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.fastft-installed
 export MAX_JOBS ?= 2
 
-.PHONY: venv test demo bench clean
+.PHONY: venv lint test demo bench clean
 
 $(STAMP): setup.py pyproject.toml requirements.txt $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc csrc/*.py)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,7 +19,10 @@ $(STAMP): setup.py pyproject.toml requirements.txt $(wildcard csrc/*.cpp csrc/*.
 
 venv: $(STAMP)
 
-test: venv
+lint: venv
+	$(VENV)/bin/ruff check .
+
+test: venv lint
 	$(PY) -m pytest -q -ra tests
 
 demo: venv

@@ -63,8 +63,8 @@ def run(suite: str) -> list[dict]:
                 wb = nf4_bytes(N, K) if name != "dense_bf16" else 2 * N * K
                 rows.append(common.row(case_g, name, tg, bytes=wb, ceiling="copy", device="cuda", weight_bytes=wb,
                                        **extra))
-            del x
-        del w, w_deq, qw, bnb_q
+            x = None  # free before the next M
+        w = w_deq = qw = bnb_q = None  # noqa: F841 (free before the next shape)
         torch.cuda.empty_cache()
     return rows
 

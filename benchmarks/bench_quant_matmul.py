@@ -92,8 +92,8 @@ def run(suite: str) -> list[dict]:
             if bnb_q:
                 times["bnb_dequant_matmul"] = common.bench(lambda: dy @ F.dequantize_4bit(*bnb_q), device=dev)
             rows += quant_rows(f"quant_matmul bwd_dx M={M} {shape}", times, flops)
-            del dy, x
-        del w, w_deq, qw, bnb_q
+            dy = x = None  # free before the next M
+        w = w_deq = qw = bnb_q = None  # noqa: F841 (free before the next shape)
         torch.cuda.empty_cache()
     return rows
 

@@ -78,7 +78,7 @@ def run(suite: str) -> list[dict]:
         if tb:
             rows.append(common.row(f"dequantize nf4 {shape}", "bitsandbytes", tb, bytes=dq_bytes, ceiling="copy",
                                    device="cuda"))
-        del w, w_deq, qw, bnb_q
+        w = w_deq = qw = bnb_q = None  # noqa: F841 (free before the next shape)
         torch.cuda.empty_cache()
     return rows
 

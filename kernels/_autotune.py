@@ -36,6 +36,8 @@ import types
 import torch
 import triton
 
+from ._common import env_nonnegative
+
 try:  # the kernel toolkit (kernels/_common.py) holds the FASTFT_AUTOTUNE_MAX cap
     from ._common import autotune_max, cap
 except ImportError:  # the layout before kernels/_common.py
@@ -62,16 +64,7 @@ def unvalidated_allowed() -> bool:
 
 def budget_s() -> float:
     """Seconds of autotuning per (kernel, key); ``FASTFT_AUTOTUNE_BUDGET`` (0 = unbounded)."""
-    raw = os.environ.get("FASTFT_AUTOTUNE_BUDGET", "").strip()
-    if not raw:
-        return DEFAULT_BUDGET_S
-    try:
-        v = float(raw)
-    except ValueError:
-        raise ValueError(f"FASTFT_AUTOTUNE_BUDGET must be a number of seconds, got {raw!r}") from None
-    if v < 0:
-        raise ValueError(f"FASTFT_AUTOTUNE_BUDGET must be >= 0, got {raw!r}")
-    return v
+    return env_nonnegative("FASTFT_AUTOTUNE_BUDGET", DEFAULT_BUDGET_S, float, "a number of seconds >= 0")
 
 
 def cache_dir() -> str | None:

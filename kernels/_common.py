@@ -262,16 +262,23 @@ def autotune_max() -> int:
     trial per autotune key, so a cold process pays for the whole list once per kernel variant; the
     time-boxed GPU check (benchmarks/gpu_check.sh) caps it. The cap applies after pruning, so a
     shape still gets the tiles made for it."""
-    raw = os.environ.get("FASTFT_AUTOTUNE_MAX", "").strip()
+    return env_nonnegative("FASTFT_AUTOTUNE_MAX", 0, int, "a non-negative integer")
+
+
+def env_nonnegative(name: str, default, cast, what: str):
+    """The environment variable ``name`` parsed by ``cast`` (``default`` when unset or blank); a
+    value that does not parse or is negative is a ValueError naming the variable and ``what`` it
+    must be."""
+    raw = os.environ.get(name, "").strip()
     if not raw:
-        return 0
+        return default
     try:
-        n = int(raw)
+        v = cast(raw)
     except ValueError:
-        raise ValueError(f"FASTFT_AUTOTUNE_MAX must be a non-negative integer, got {raw!r}") from None
-    if n < 0:
-        raise ValueError(f"FASTFT_AUTOTUNE_MAX must be a non-negative integer, got {raw!r}")
-    return n
+        raise ValueError(f"{name} must be {what}, got {raw!r}") from None
+    if v < 0:
+        raise ValueError(f"{name} must be {what}, got {raw!r}")
+    return v
 
 
 def cap(configs: list) -> list:

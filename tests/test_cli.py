@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fastft.cli import build_parser, main
+from fastft.cli import main
 
 SUBCOMMANDS = ["train", "eval", "generate", "merge", "convert", "quantize", "demo", "bench"]
 
@@ -59,7 +59,6 @@ def test_parser_flags_match_training_arguments():
 
 # --- end to end on a tiny Llama with the real SmolLM2 tokenizer ---------------------------------
 import math  # noqa: E402
-import os  # noqa: E402
 import shutil  # noqa: E402
 
 

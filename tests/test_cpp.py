@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from fastft.ops import dispatch
-from fastft.quant import Int4Weight, NF4Weight
+from fastft.quant import NF4Weight
 from utils import assert_close_to_gold, output_and_grads
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

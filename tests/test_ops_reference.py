@@ -1,12 +1,10 @@
 """The reference ops against independent formulations (torch SDPA, explicit loops) in float64."""
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fastft import ops
-from fastft.ops import reference
 
 
 def _sdpa_gold(q, k, v, causal, kpm=None):
