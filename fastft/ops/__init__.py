@@ -69,9 +69,19 @@ def rms_norm(x, weight, eps):
     return dispatch.call("rms_norm", x.device, x, weight, eps)
 
 
-def rope(x, cos, sin):
-    """Rotary position embedding: x (B, T, H, D), cos / sin (B, T, d), d <= D (tail unrotated)."""
-    return dispatch.call("rope", x.device, x, cos, sin)
+def add_rms_norm(x, residual, weight, eps):
+    """(rms_norm(x + residual, weight, eps), x + residual): the residual add and the RMSNorm after it
+    in one pass (the Triton kernel on CUDA). Returns (normed, sum); gradients flow through both."""
+    return dispatch.call("add_rms_norm", x.device, x, residual, weight, eps)
+
+
+def rope(x, cos, sin, inplace=False):
+    """Rotary position embedding: x (B, T, H, D), cos / sin (B or 1, T, d), d <= D (tail unrotated).
+
+    ``inplace=True`` says the caller no longer needs x: a backend may then write the result into x
+    (the Triton kernel does when autograd allows it); always use the returned tensor.
+    """
+    return dispatch.call("rope", x.device, x, cos, sin, inplace=inplace)
 
 
 def silu_mul(g, u):
@@ -105,6 +115,6 @@ def linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, reduction
 
 
 __all__ = [
-    "linear_cross_entropy", "attention", "cross_entropy_grad_", "rms_norm", "rope", "silu_mul", "attention_varlen", "lora_linear", "quant_matmul", "nf4_quantize", "nf4_dequantize",
+    "linear_cross_entropy", "attention", "cross_entropy_grad_", "rms_norm", "add_rms_norm", "rope", "silu_mul", "attention_varlen", "lora_linear", "quant_matmul", "nf4_quantize", "nf4_dequantize",
     "int4_quantize", "int4_dequantize", "backend_for", "impl", "register", "dispatch",
 ]

@@ -53,7 +53,7 @@ from fastft.quant.codebooks import dynamic_map, nf4_code
 from fastft.quant.int4 import Int4Weight, check_int4_args
 from fastft.quant.nf4 import NESTED_BLOCKSIZE, NF4Weight, check_nf4_args, double_quant_offset
 
-from . import cpu_gemm
+from . import cpu_gemm, dispatch
 from .dispatch import register
 from .reference import _check_attention_inputs, attention_mask_bias
 from .reference_quant import DequantMatmulFunction, _compute_dtype, check_quant_matmul_args
@@ -385,6 +385,15 @@ if AVAILABLE:
         """One fused pass per row (two reductions' worth), saving x and 1/rms; dx likewise."""
         return ops.rmsnorm_fwd(x, weight, float(eps))[0]
 
+    def _add_rms_rows(x, residual, weight, eps) -> bool:
+        return _cpu(x) and _cpu(residual)
+
+    @register("add_rms_norm", "cpp", supports=_add_rms_rows)
+    def add_rms_norm(x, residual, weight, eps):
+        """The residual add, then the dispatched rms_norm (the fused C++ row where it applies)."""
+        h = x + residual
+        return dispatch.call("rms_norm", h.device, h, weight, eps), h
+
     def _silu_rows(g, u) -> bool:
         return _cpu(g, _ROW_DTYPES) and u.dtype == g.dtype and g.shape == u.shape
 
@@ -399,14 +408,15 @@ if AVAILABLE:
             return cos.dtype
         return x.dtype
 
-    def _rope_rows(x, cos, sin) -> bool:
+    def _rope_rows(x, cos, sin, inplace=False) -> bool:
         dt = _rope_dtype(x, cos, sin)
         return (_cpu(x) and dt in _ROW_DTYPES and cos.dtype == dt and sin.dtype == dt and x.dim() == 4
                 and cos.dim() == 3 and cos.shape[-1] % 2 == 0 and not cos.requires_grad and not sin.requires_grad)
 
     @register("rope", "cpp", supports=_rope_rows)
-    def rope(x, cos, sin):
-        """Rotary embedding in one pass (and its transpose in backward); cos / sin get no gradient."""
+    def rope(x, cos, sin, inplace=False):
+        """Rotary embedding in one pass (and its transpose in backward); cos / sin get no gradient.
+        Always a new tensor (``inplace`` is a hint)."""
         return ops.rope(x.to(_rope_dtype(x, cos, sin)), cos, sin, False)
 
     def _grad_rows(grad, qweight) -> bool:

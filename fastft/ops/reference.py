@@ -146,9 +146,10 @@ def _rotate_half(x):
 
 
 @register("rope", "reference")
-def rope(x, cos, sin):
+def rope(x, cos, sin, inplace=False):
     """Rotary embedding (HF's rotate_half form): x (B, T, H, D); cos / sin (B, T, d) with d <= D
-    (partial rotary leaves the tail unrotated)."""
+    (partial rotary leaves the tail unrotated). ``inplace`` is a hint (the caller no longer needs
+    x); this implementation always returns a new tensor."""
     cos, sin = cos[:, :, None], sin[:, :, None]
     d = cos.shape[-1]
     if d == x.shape[-1]:
@@ -164,6 +165,14 @@ def rms_norm(x, weight, eps):
     xf = x.to(torch.float32)
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(dt)
+
+
+@register("add_rms_norm", "reference")
+def add_rms_norm(x, residual, weight, eps):
+    """(rms_norm(x + residual, weight, eps), x + residual): a decoder layer's residual add and the
+    norm that follows it."""
+    h = x + residual
+    return rms_norm(h, weight, eps), h
 
 
 class SiluMul(torch.autograd.Function):

@@ -19,7 +19,16 @@ The twin of ``fastft/ops/cpp.py``. ``fastft.kernels`` imports only torch and tri
   nf4_dequantize double quantization with a nested block size other than 256
   int4_quantize  group sizes that are not a power of two >= 32 (e.g. 16 or 96)
   int4_dequantize the same
+  rms_norm       float64 (or other non-fp16/bf16/fp32) tensors, a weight that is not (N,), N > 65536
+  add_rms_norm   the same, or a residual of another shape
+  rope           float64, cos / sin that need a gradient or are not (B or 1, T, d) with d even <= D
+  silu_mul       float64, g and u of different dtypes or shapes
   ============== ====================================================================
+
+The row-wise ops' launchers (``kernels/rms_norm.py``, ``rope.py``, ``silu_mul.py``) run as the
+``torch.library`` custom ops ``fastft::triton_rms_norm_fwd`` / ``_bwd``, ``triton_rope`` /
+``triton_rope_``, ``triton_silu_mul_fwd`` / ``_bwd``, each with its fake implementation
+(``fastft.ops.library.kernel_op``): their autograd Functions call these.
 
 Importing this module imports triton (the dispatcher loads it on the first CUDA op, or on CPU
 under ``TRITON_INTERPRET=1`` when the triton backend is asked for).
@@ -34,6 +43,9 @@ from fastft.kernels import lora as _lora
 from fastft.kernels import quant_decode as _qdecode
 from fastft.kernels import quant_matmul as _qmm
 from fastft.kernels import quant_pack as _qpack
+from fastft.kernels import rms_norm as _rms
+from fastft.kernels import rope as _rope
+from fastft.kernels import silu_mul as _silu
 from fastft.kernels.quant_pack import QuantMeta, QuantTensors
 from fastft.quant import codebooks
 from fastft.quant.int4 import Int4Weight, check_int4_args
@@ -41,6 +53,7 @@ from fastft.quant.nf4 import NF4Weight, check_nf4_args, double_quant_offset
 
 from . import dispatch
 from .dispatch import register
+from .library import kernel_op
 from .reference_quant import check_quant_matmul_args
 
 
@@ -196,5 +209,51 @@ def attention(q, k, v, *, causal, scale=None, key_padding_mask=None, dropout_p=0
 
 register("attention_varlen", "triton")(_attn.attention_varlen)
 
-__all__ = ["QuantBase", "attention", "decode_eligible", "int4_dequantize", "int4_quantize", "lora_linear",
-           "nf4_dequantize", "nf4_quantize", "quant_matmul", "quant_matmul_lora", "raw"]
+
+# ------------------------------------------------------------------------------------ row-wise ops
+def _bind_row_ops() -> None:
+    """The row kernels' launchers become custom ops with fake implementations; their autograd
+    Functions call those (once per process)."""
+    fwd = kernel_op("triton_rms_norm_fwd", fake=_rms.rms_norm_fwd_fake)(_rms.rms_norm_fwd)
+    bwd = kernel_op("triton_rms_norm_bwd", fake=_rms.rms_norm_bwd_fake)(_rms.rms_norm_bwd)
+    for fn in (_rms.RMSNormFunction, _rms.AddRMSNormFunction):
+        fn.fwd, fn.bwd = staticmethod(fwd), staticmethod(bwd)
+    _rope.RopeFunction.fwd = staticmethod(kernel_op("triton_rope", fake=_rope.rope_fwd_fake)(_rope.rope_fwd))
+    _rope.RopeFunction.fwd_ = staticmethod(kernel_op("triton_rope_", fake=_rope.rope_inplace_fake,
+                                                     mutates_args=("x",))(_rope.rope_))
+    _silu.SiluMulFunction.fwd = staticmethod(kernel_op("triton_silu_mul_fwd", fake=_silu.silu_mul_fwd_fake)(
+        _silu.silu_mul_fwd))
+    _silu.SiluMulFunction.bwd = staticmethod(kernel_op("triton_silu_mul_bwd", fake=_silu.silu_mul_bwd_fake)(
+        _silu.silu_mul_bwd))
+
+
+_bind_row_ops()
+
+
+@register("rms_norm", "triton", supports=lambda x, weight, eps: _rms.supported(x, weight))
+def rms_norm(x, weight, eps):
+    """HF Llama RMSNorm (``kernels/rms_norm.py``), weight gradient included."""
+    return _rms.rms_norm(x, weight, eps)
+
+
+@register("add_rms_norm", "triton",
+          supports=lambda x, residual, weight, eps: _rms.supported(x, weight, residual))
+def add_rms_norm(x, residual, weight, eps):
+    """(rms_norm(x + residual), x + residual) in one pass (``kernels/rms_norm.py``)."""
+    return _rms.add_rms_norm(x, residual, weight, eps)
+
+
+@register("rope", "triton", supports=lambda x, cos, sin, inplace=False: _rope.supported(x, cos, sin))
+def rope(x, cos, sin, inplace=False):
+    """Rotary embedding (``kernels/rope.py``), written into x when ``inplace`` and autograd allows."""
+    return _rope.rope(x, cos, sin, inplace)
+
+
+@register("silu_mul", "triton", supports=_silu.supported)
+def silu_mul(g, u):
+    """silu(g) · u saving g and u (``kernels/silu_mul.py``)."""
+    return _silu.silu_mul(g, u)
+
+__all__ = ["QuantBase", "add_rms_norm", "attention", "decode_eligible", "int4_dequantize", "int4_quantize",
+           "lora_linear", "nf4_dequantize", "nf4_quantize", "quant_matmul", "quant_matmul_lora", "raw", "rms_norm",
+           "rope", "silu_mul"]
