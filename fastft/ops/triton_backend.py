@@ -19,6 +19,8 @@ The twin of ``fastft/ops/cpp.py``. ``fastft.kernels`` imports only torch and tri
   nf4_dequantize double quantization with a nested block size other than 256
   int4_quantize  group sizes that are not a power of two >= 32 (e.g. 16 or 96)
   int4_dequantize the same
+  cross_entropy_grad_ float64 logits, non-unit column stride, malformed shapes (the
+                 reference raises the error)
   ============== ====================================================================
 
 Importing this module imports triton (the dispatcher loads it on the first CUDA op, or on CPU
@@ -30,6 +32,7 @@ import torch
 
 from fastft.kernels import attention as _attn
 from fastft.kernels import attention_decode as _attn_decode
+from fastft.kernels import cross_entropy as _ce
 from fastft.kernels import lora as _lora
 from fastft.kernels import quant_decode as _qdecode
 from fastft.kernels import quant_matmul as _qmm
@@ -40,7 +43,9 @@ from fastft.quant.int4 import Int4Weight, check_int4_args
 from fastft.quant.nf4 import NF4Weight, check_nf4_args, double_quant_offset
 
 from . import dispatch
+from .argcheck import check_targets
 from .dispatch import register
+from .library import kernel_op
 from .reference_quant import check_quant_matmul_args
 
 
@@ -196,5 +201,25 @@ def attention(q, k, v, *, causal, scale=None, key_padding_mask=None, dropout_p=0
 
 register("attention_varlen", "triton")(_attn.attention_varlen)
 
-__all__ = ["QuantBase", "attention", "decode_eligible", "int4_dequantize", "int4_quantize", "lora_linear",
+
+# ---------------------------------------------------------------------------------------- cross-entropy
+def _ce_fake(logits, targets, ignore_index):
+    return logits.new_empty(logits.shape[:1], dtype=torch.float32)
+
+
+@kernel_op("triton_cross_entropy_grad_", fake=_ce_fake, mutates_args=("logits",))
+def _ce_grad_op(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    loss = torch.empty(logits.shape[:1], dtype=torch.float32, device=logits.device)
+    _ce.cross_entropy_grad_(logits, targets, ignore_index, loss)
+    return loss
+
+
+@register("cross_entropy_grad_", "triton", supports=_ce.supported)
+def cross_entropy_grad_(logits, targets, ignore_index=-100):
+    """Per-row losses (fp32), logits ← softmax − onehot in place (``kernels/cross_entropy.py``, one
+    launch); targets checked on the device without a host synchronisation (``check_targets``)."""
+    check_targets(targets, logits.shape[1], int(ignore_index), "cross_entropy_grad_")
+    return _ce_grad_op(logits, targets, int(ignore_index))
+
+__all__ = ["QuantBase", "attention", "cross_entropy_grad_", "decode_eligible", "int4_dequantize", "int4_quantize", "lora_linear",
            "nf4_dequantize", "nf4_quantize", "quant_matmul", "quant_matmul_lora", "raw"]
