@@ -229,3 +229,16 @@ def cross_entropy_grad_(logits, targets, ignore_index=-100):
     if z.data_ptr() != logits.data_ptr():
         logits.copy_(z)
     return loss
+
+
+@register("layer_norm", "reference")
+def layer_norm(x, weight, bias, eps):
+    """LayerNorm over the last dimension as ``nn.LayerNorm`` (HF BERT): (x − mean) / sqrt(var + eps)
+    · weight + bias, biased variance; weight / bias may be None."""
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+@register("gelu", "reference")
+def gelu(x):
+    """GELU, the exact erf form: ½ x (1 + erf(x / √2)) (HF's "gelu")."""
+    return F.gelu(x)

@@ -19,6 +19,8 @@ The twin of ``fastft/ops/cpp.py``. ``fastft.kernels`` imports only torch and tri
   nf4_dequantize double quantization with a nested block size other than 256
   int4_quantize  group sizes that are not a power of two >= 32 (e.g. 16 or 96)
   int4_dequantize the same
+  layer_norm     float64, weight or bias None, rows wider than 65536
+  gelu           float64
   cross_entropy_grad_ float64 logits, non-unit column stride, malformed shapes (the
                  reference raises the error)
   ============== ====================================================================
@@ -33,6 +35,8 @@ import torch
 from fastft.kernels import attention as _attn
 from fastft.kernels import attention_decode as _attn_decode
 from fastft.kernels import cross_entropy as _ce
+from fastft.kernels import gelu as _gelu
+from fastft.kernels import layer_norm as _ln
 from fastft.kernels import lora as _lora
 from fastft.kernels import quant_decode as _qdecode
 from fastft.kernels import quant_matmul as _qmm
@@ -221,5 +225,55 @@ def cross_entropy_grad_(logits, targets, ignore_index=-100):
     check_targets(targets, logits.shape[1], int(ignore_index), "cross_entropy_grad_")
     return _ce_grad_op(logits, targets, int(ignore_index))
 
-__all__ = ["QuantBase", "attention", "cross_entropy_grad_", "decode_eligible", "int4_dequantize", "int4_quantize", "lora_linear",
+# ----------------------------------------------------------------------------------- LayerNorm, GELU
+# The kernels' autograd Functions call their module's LAUNCHERS; these become custom ops with fakes.
+def _ln_fwd_fake(x, weight, bias, eps, out_dtype):
+    M = x.shape[0]
+    f32 = torch.float32
+    return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(M, dtype=f32), x.new_empty(M, dtype=f32)
+
+
+def _ln_bwd_fake(dy, x, weight, mean, rstd):
+    N = x.shape[1]
+    return x.new_empty(x.shape), x.new_empty(N, dtype=torch.float32), x.new_empty(N, dtype=torch.float32)
+
+
+@kernel_op("triton_layer_norm_fwd", fake=_ln_fwd_fake)
+def _ln_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+               out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _ln.layer_norm_fwd(x, weight, bias, eps, out_dtype)
+
+
+@kernel_op("triton_layer_norm_bwd", fake=_ln_bwd_fake)
+def _ln_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+               rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _ln.layer_norm_bwd(dy, x, weight, mean, rstd)
+
+
+@kernel_op("triton_gelu_fwd", fake=lambda x: torch.empty_like(x))
+def _gelu_fwd_op(x: torch.Tensor) -> torch.Tensor:
+    return _gelu.gelu_fwd(x)
+
+
+@kernel_op("triton_gelu_bwd", fake=lambda dy, x: torch.empty_like(x))
+def _gelu_bwd_op(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return _gelu.gelu_bwd(dy, x)
+
+
+_ln.LAUNCHERS.update(fwd=_ln_fwd_op, bwd=_ln_bwd_op)
+_gelu.LAUNCHERS.update(fwd=_gelu_fwd_op, bwd=_gelu_bwd_op)
+
+
+@register("layer_norm", "triton", supports=_ln.supported)
+def layer_norm(x, weight, bias, eps=1e-5):
+    """``kernels/layer_norm.py``; under CUDA autocast the output is fp32, as torch's CUDA autocast
+    runs ``layer_norm`` in fp32 (the kernel reads x in its own dtype; CPU autocast leaves it alone)."""
+    out = torch.float32 if x.device.type == "cuda" and torch.is_autocast_enabled("cuda") else x.dtype
+    return _ln.layer_norm(x, weight, bias, eps, out)
+
+
+gelu = register("gelu", "triton", supports=_gelu.supported)(_gelu.gelu)
+
+
+__all__ = ["QuantBase", "attention", "cross_entropy_grad_", "decode_eligible", "gelu", "layer_norm", "int4_dequantize", "int4_quantize", "lora_linear",
            "nf4_dequantize", "nf4_quantize", "quant_matmul", "quant_matmul_lora", "raw"]
