@@ -20,8 +20,8 @@ __all__ = ["LAUNCHERS", "GeluFunction", "gelu", "gelu_bwd", "gelu_fwd", "support
 
 BLOCK = 2048
 WARPS = 8
-_SQRT1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 # ========================================================================================= kernels
