@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fastft import ops
+from fastft.kernels import _common
 from fastft.ops import dispatch
 from fastft.ops.loss import chunk_rows_for
 from utils import assert_close_to_gold, output_and_grads
@@ -177,6 +178,8 @@ def test_no_host_synchronisation_inside(monkeypatch, ce_backend, reduction):
     each backend CUDA could run, the mean's count, bias and weight gradients) and the causal-LM
     losses on it make no host synchronisation: the CPU path runs the same Python as the CUDA one,
     checked op by op."""
+    if ce_backend == "triton" and not _common.interpreting():
+        pytest.skip("CPU tensors reach the Triton kernels only under TRITON_INTERPRET=1")
     if ce_backend != "auto":
         monkeypatch.setitem(dispatch._IMPLS["cpp"], "cross_entropy_grad_", dispatch.impl("cross_entropy_grad_",
                                                                                         ce_backend))
