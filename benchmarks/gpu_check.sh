@@ -22,7 +22,8 @@
 #              result, -rA and a JUnit XML name every failure; SIGINT at the box so pytest still writes both
 #   unvalidated  configs that never ran on a GPU (FASTFT_UNVALIDATED_CONFIGS=1), in their own process
 #   profile    per-kernel CUDA time of the fused paths (benchmarks/profile_gpu.py)
-#   bench      quick kernel benchmarks (FASTFT_BENCH_QUICK=1): quant matmul / decode / pack, attention (+ decode), lora, ceilings
+#   bench      quick kernel benchmarks (FASTFT_BENCH_QUICK=1): quant matmul / decode / pack, attention (+ decode), lora,
+#              cross-entropy rows, layer_norm, gelu, ceilings
 # Everything lands in one folder ($OUT on the device, else /tmp/fastft_gpu_check[_dry]): rows.jsonl
 # (every benchmark row, streamed), step_*.jsonl, tests.log, junit.xml, failures.txt, <stage>.log,
 # summary.txt; the summary table prints last.
@@ -143,7 +144,7 @@ mapfile -t ALL < <(grep -lE "^def test_[A-Za-z0-9_]+\(([^)]*[ ,])?device\b" test
 FIRST=(); REST=()
 for f in "${ALL[@]}"; do
     case "$f" in
-        tests/test_lean*|tests/test_*rms*|tests/test_*rope*|tests/test_*swiglu*|tests/test_*silu*|tests/test_*cross_entropy*|tests/test_*step_kernels*) FIRST+=("$f") ;;
+        tests/test_lean*|tests/test_*rms*|tests/test_*rope*|tests/test_*swiglu*|tests/test_*silu*|tests/test_*cross_entropy*|tests/test_*layer_norm*|tests/test_*gelu*|tests/test_*step_kernels*) FIRST+=("$f") ;;
         *) REST+=("$f") ;;
     esac
 done
@@ -195,7 +196,7 @@ else
 fi
 
 # ------------------------------------------------------------------------- quick kernel benchmarks
-BENCH_LIST=${BENCHES:-quant_matmul quant_decode quant_pack attention attention_decode lora ceilings}
+BENCH_LIST=${BENCHES:-quant_matmul quant_decode quant_pack attention attention_decode lora cross_entropy layer_norm gelu ceilings}
 if [ $DRY = 1 ]; then
     run_stage bench_imports 60 "$PY" -c "
 import importlib, sys

@@ -317,12 +317,36 @@ def _swiglu_forward(self, x):
     return self.down_proj(ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
+def _layer_norm_forward(self, x):
+    return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+def _gelu_forward(self, x):
+    return ops.gelu(x)
+
+
+def _is_layer_norm(mod) -> bool:
+    """A plain ``nn.LayerNorm`` over the last dimension (HF BERT / RoBERTa / GPT-2's norms): its
+    forward is exactly ``fastft.ops.layer_norm``."""
+    return (type(mod) is nn.LayerNorm and len(mod.normalized_shape) == 1 and mod.elementwise_affine
+            and getattr(mod, "bias", None) is not None)
+
+
+def _is_exact_gelu(act) -> bool:
+    """transformers' ``GELUActivation`` (ACT2FN["gelu"]: F.gelu or its Python erf formula, the same
+    function) or ``nn.GELU()`` in its erf form."""
+    if type(act) is nn.GELU:
+        return act.approximate == "none"
+    return type(act).__name__ == "GELUActivation"
+
+
 def _is_silu(act) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"  # transformers' ACT2FN["silu"]
 
 
 def _patch_block_ops(model) -> int:
-    """Reroute the known RMSNorm and SiLU-gated MLP modules' forward through fastft ops."""
+    """Reroute the known RMSNorm and SiLU-gated MLP modules', the plain LayerNorms' and the exact GELU
+    activations' (BERT family) forward through fastft ops."""
     n = 0
     for mod in model.modules():
         cls = type(mod).__name__
@@ -330,6 +354,10 @@ def _patch_block_ops(model) -> int:
             continue
         if cls in RMSNORM_CLASSES and hasattr(mod, "variance_epsilon") and getattr(mod, "weight", None) is not None:
             fwd = _rmsnorm_forward
+        elif _is_layer_norm(mod):
+            fwd = _layer_norm_forward
+        elif _is_exact_gelu(mod):
+            fwd = _gelu_forward
         elif (cls in SWIGLU_MLP_CLASSES and _is_silu(getattr(mod, "act_fn", None))
               and all(hasattr(mod, a) for a in ("gate_proj", "up_proj", "down_proj"))):
             fwd = _swiglu_forward
@@ -462,7 +490,7 @@ def patch(model, *, quantization=None, attention=True, lora=None, blocksize=64, 
     _load_backends(model)
     n_block = _patch_block_ops(model)
     if n_block:
-        logger.info("fastft.patch: %d RMSNorm / SwiGLU modules now run through fastft.ops", n_block)
+        logger.info("fastft.patch: %d RMSNorm / SwiGLU / LayerNorm / GELU modules now run through fastft.ops", n_block)
     n_lin = _patch_frozen_linears(model)
     if n_lin:
         logger.info("fastft.patch: %d nn.Linear modules now use fastft's frozen-linear path while frozen", n_lin)

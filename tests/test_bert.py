@@ -224,3 +224,27 @@ def test_minilm_mlm_logits_match_bert_for_masked_lm(minilm):
     with torch.no_grad():
         a, b = m(ids).logits, ref(ids).logits
     assert rel_err(a, b) <= TOL
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_norms_and_gelu_run_through_fastft_ops(ckpts, arch, monkeypatch):
+    """Every LayerNorm (embeddings, two per layer, the head) and the erf GELU (intermediate, head)
+    go through ``fastft.ops.layer_norm`` / ``fastft.ops.gelu`` (the Triton kernels on CUDA)."""
+    from fastft.ops import dispatch
+
+    calls = {"layer_norm": 0, "gelu": 0}
+    for op in calls:
+        for backend in ("reference", "cpp", "torch"):
+            fn = dispatch._IMPLS[backend].get(op)
+            if fn is not None:
+                def spy(*a, _fn=fn, _op=op, **k):
+                    calls[_op] += 1
+                    return _fn(*a, **k)
+                monkeypatch.setitem(dispatch._IMPLS[backend], op, spy)
+    model = fastft.from_pretrained(ckpts[arch])
+    assert model.config.hidden_act == "gelu"
+    ids, mask = _padded_batch(model.config.pad_token_id, 100)
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    L = model.config.num_hidden_layers
+    assert calls == {"layer_norm": 2 + 2 * L, "gelu": L + 1}

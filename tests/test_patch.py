@@ -381,3 +381,25 @@ def test_fused_forward_left_out_where_logits_are_modified():
         assert not hasattr(model, "_fastft_orig_forward")
         ids, am, labels = tiny_batch("right")
         assert model(input_ids=ids, attention_mask=am, labels=labels).logits is not None
+
+
+def test_bert_layer_norms_and_gelu_rerouted_to_fastft_ops(attention_calls, monkeypatch):
+    """HF BERT's LayerNorms and its erf GELU activations run through fastft.ops.layer_norm / gelu
+    (the Triton kernels on CUDA) after patching, with unchanged outputs (the CPU reference is torch's)."""
+    model = tiny_model("bert")
+    ids, am, _ = tiny_batch("right")
+    ref = model(input_ids=ids, attention_mask=am).logits.detach()
+    patch(model)
+    norms = [m for m in model.modules() if type(m) is torch.nn.LayerNorm]
+    acts = [m for m in model.modules() if type(m).__name__ == "GELUActivation"]
+    assert norms and acts and all(hasattr(m, "_fastft_orig_forward") for m in norms + acts)
+    from fastft.ops import dispatch
+
+    seen = []
+    for op in ("layer_norm", "gelu"):
+        fn = dispatch.impl(op, "reference")
+        monkeypatch.setitem(dispatch._IMPLS["reference"], op,
+                            lambda *a, _fn=fn, _op=op, **k: seen.append(_op) or _fn(*a, **k))
+    out = model(input_ids=ids, attention_mask=am).logits.detach()
+    assert seen.count("layer_norm") == len(norms) and seen.count("gelu") == len(acts)
+    assert rel_err(out[am.bool()], ref[am.bool()]) <= 1e-6

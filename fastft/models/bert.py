@@ -30,7 +30,8 @@ def _gelu_tanh(x):
     return F.gelu(x, approximate="tanh")
 
 
-ACTIVATIONS = {"gelu": F.gelu, "gelu_new": _gelu_tanh, "gelu_pytorch_tanh": _gelu_tanh, "gelu_fast": _gelu_tanh,
+# "gelu" is the exact erf form: fastft.ops.gelu (Triton on CUDA, F.gelu elsewhere).
+ACTIVATIONS = {"gelu": ops.gelu, "gelu_new": _gelu_tanh, "gelu_pytorch_tanh": _gelu_tanh, "gelu_fast": _gelu_tanh,
                "relu": F.relu, "silu": F.silu, "swish": F.silu}
 
 
@@ -41,6 +42,14 @@ def _act(config, name=None):
     return ACTIVATIONS[a]
 
 
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (same parameters, state dict and isinstance) run through
+    ``fastft.ops.layer_norm`` (Triton on CUDA, F.layer_norm elsewhere)."""
+
+    def forward(self, x):
+        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
 class BertEmbeddings(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -49,7 +58,7 @@ class BertEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size,
                                                 padding_idx=pad if config.model_type == "roberta" else None)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.LayerNorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids, token_type_ids, position_ids):
@@ -90,7 +99,7 @@ class BertSelfOutput(nn.Module):
     def __init__(self, config, d_in):
         super().__init__()
         self.dense = nn.Linear(d_in, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.LayerNorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, h, residual):
@@ -150,7 +159,7 @@ class BertPredictionHeadTransform(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.act = _act(config)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.LayerNorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, x):
         return self.LayerNorm(self.act(self.dense(x)))
@@ -185,13 +194,13 @@ class RobertaLMHead(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.decoder.bias = self.bias
 
     def forward(self, x):
-        return self.decoder(self.layer_norm(F.gelu(self.dense(x))))
+        return self.decoder(self.layer_norm(ops.gelu(self.dense(x))))
 
 
 _EMB_TABLE = ("embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
@@ -419,4 +428,4 @@ class BertForMaskedLM(NativeModel):
         return MaskedLMOutput(loss=loss, logits=logits, hidden_states=states)
 
 
-__all__ = ["BertForMaskedLM", "BertModel"]
+__all__ = ["BertForMaskedLM", "BertModel", "LayerNorm"]

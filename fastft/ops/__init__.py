@@ -114,7 +114,20 @@ def linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, reduction
         hidden, weight, labels, ignore_index=ignore_index, reduction=reduction, bias=bias, chunk_rows=chunk_rows)
 
 
+def layer_norm(x, weight, bias, eps=1e-5):
+    """LayerNorm over the last dimension as ``nn.LayerNorm`` / HF BERT: (x − mean) · rsqrt(var + eps)
+    · weight + bias (biased variance, fp32 inside); y in x's dtype (fp32 under CUDA autocast, as
+    torch's autocast runs layer_norm there). Gradients for x, weight and bias."""
+    return dispatch.call("layer_norm", x.device, x, weight, bias, eps)
+
+
+def gelu(x):
+    """GELU, the exact erf form ½ x (1 + erf(x / √2)) (``F.gelu``, HF's "gelu"); saves x for backward."""
+    return dispatch.call("gelu", x.device, x)
+
+
 __all__ = [
-    "linear_cross_entropy", "attention", "cross_entropy_grad_", "rms_norm", "add_rms_norm", "rope", "silu_mul", "attention_varlen", "lora_linear", "quant_matmul", "nf4_quantize", "nf4_dequantize",
+    "linear_cross_entropy", "attention", "cross_entropy_grad_", "rms_norm", "add_rms_norm", "rope", "silu_mul",
+    "layer_norm", "gelu", "attention_varlen", "lora_linear", "quant_matmul", "nf4_quantize", "nf4_dequantize",
     "int4_quantize", "int4_dequantize", "backend_for", "impl", "register", "dispatch",
 ]

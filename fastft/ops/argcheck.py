@@ -23,15 +23,19 @@ def check_linear_cross_entropy_args(hidden, weight, labels, ignore_index, reduct
 
 
 def check_targets(targets: torch.Tensor, vocab: int, ignore_index: int, op: str) -> None:
-    """Every target is ``ignore_index`` or in [0, vocab): a ValueError on CPU, an asynchronous device
-    assert elsewhere (no host synchronisation in a GPU training step)."""
+    """Every target is ``ignore_index`` or in [0, vocab): an asynchronous device assert
+    (``torch._assert_async``: no host synchronisation in a GPU training step; on CPU it checks at
+    once, and the error is a ValueError). The same code runs on every device, so the CPU tests of
+    "no synchronisation inside the loss" (tests/test_linear_cross_entropy.py) cover the CUDA path."""
     ok = ((targets == ignore_index) | ((targets >= 0) & (targets < vocab))).all()
     msg = f"{op}: a target is outside [0, {vocab}) and is not ignore_index {ignore_index}"
-    if targets.device.type == "cpu":
-        if not ok:
-            raise ValueError(msg)
-    else:
+    if targets.device.type != "cpu":
         torch._assert_async(ok, msg)
+        return
+    try:
+        torch._assert_async(ok, msg)
+    except RuntimeError:
+        raise ValueError(msg) from None
 
 
 __all__ = ["check_linear_cross_entropy_args", "check_targets"]

@@ -27,8 +27,9 @@ def shifted_targets(labels, shape, cu_seqlens):
     targets = F.pad(labels, (0, 1), value=-100)[:, 1:]
     if cu_seqlens is not None and cu_seqlens.numel() > 2:
         # The last token of a document must not learn to predict the next document's first token.
-        ends = cu_seqlens[1:-1].long() - 1
-        ends = ends[ends >= 0]
+        # An empty first document gives index -1: the last position, whose target is already -100
+        # (no boolean mask, so no data-dependent shape and no host synchronisation).
+        ends = cu_seqlens[1:-1].to(device=targets.device, dtype=torch.long) - 1
         targets = targets.clone()
         targets[0, ends] = -100
     return targets

@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .argcheck import check_targets
 from .dispatch import register
 
 
@@ -227,13 +228,7 @@ def cross_entropy_grad_(logits, targets, ignore_index=-100):
     z = logits.to(cdt)
     valid = targets != ignore_index
     tsafe = torch.where(valid, targets, torch.zeros_like(targets))
-    in_range = ((tsafe >= 0) & (tsafe < logits.shape[1])).all()
-    msg = f"cross_entropy_grad_: a target is outside [0, {logits.shape[1]}) and is not ignore_index {ignore_index}"
-    if logits.device.type == "cpu":
-        if not in_range:
-            raise ValueError(msg)
-    else:  # checked on the device, without a host synchronisation
-        torch._assert_async(in_range, msg)
+    check_targets(targets, logits.shape[1], ignore_index, "cross_entropy_grad_")  # no host synchronisation
     lse = torch.logsumexp(z, dim=-1)
     zt = z.gather(1, tsafe[:, None])[:, 0]
     loss = torch.where(valid, lse - zt, torch.zeros_like(lse))
@@ -243,3 +238,16 @@ def cross_entropy_grad_(logits, targets, ignore_index=-100):
     if z.data_ptr() != logits.data_ptr():
         logits.copy_(z)
     return loss
+
+
+@register("layer_norm", "reference")
+def layer_norm(x, weight, bias, eps):
+    """LayerNorm over the last dimension as ``nn.LayerNorm`` (HF BERT): (x − mean) / sqrt(var + eps)
+    · weight + bias, biased variance; weight / bias may be None."""
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+@register("gelu", "reference")
+def gelu(x):
+    """GELU, the exact erf form: ½ x (1 + erf(x / √2)) (HF's "gelu")."""
+    return F.gelu(x)

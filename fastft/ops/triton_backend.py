@@ -23,6 +23,10 @@ The twin of ``fastft/ops/cpp.py``. ``fastft.kernels`` imports only torch and tri
   add_rms_norm   the same, or a residual of another shape
   rope           float64, cos / sin that need a gradient or are not (B or 1, T, d) with d even <= D
   silu_mul       float64, g and u of different dtypes or shapes
+  layer_norm     float64, weight or bias None, rows wider than 65536
+  gelu           float64
+  cross_entropy_grad_ float64 logits, non-unit column stride, malformed shapes (the
+                 reference raises the error)
   ============== ====================================================================
 
 The row-wise ops' launchers (``kernels/rms_norm.py``, ``rope.py``, ``silu_mul.py``) run as the
@@ -39,6 +43,9 @@ import torch
 
 from fastft.kernels import attention as _attn
 from fastft.kernels import attention_decode as _attn_decode
+from fastft.kernels import cross_entropy as _ce
+from fastft.kernels import gelu as _gelu
+from fastft.kernels import layer_norm as _ln
 from fastft.kernels import lora as _lora
 from fastft.kernels import quant_decode as _qdecode
 from fastft.kernels import quant_matmul as _qmm
@@ -52,6 +59,7 @@ from fastft.quant.int4 import Int4Weight, check_int4_args
 from fastft.quant.nf4 import NF4Weight, check_nf4_args, double_quant_offset
 
 from . import dispatch
+from .argcheck import check_targets
 from .dispatch import register
 from .library import kernel_op
 from .reference_quant import check_quant_matmul_args
@@ -254,6 +262,76 @@ def silu_mul(g, u):
     """silu(g) · u saving g and u (``kernels/silu_mul.py``)."""
     return _silu.silu_mul(g, u)
 
-__all__ = ["QuantBase", "add_rms_norm", "attention", "decode_eligible", "int4_dequantize", "int4_quantize",
-           "lora_linear", "nf4_dequantize", "nf4_quantize", "quant_matmul", "quant_matmul_lora", "raw", "rms_norm",
-           "rope", "silu_mul"]
+
+# ---------------------------------------------------------------------------------------- cross-entropy
+def _ce_fake(logits, targets, ignore_index):
+    return logits.new_empty(logits.shape[:1], dtype=torch.float32)
+
+
+@kernel_op("triton_cross_entropy_grad_", fake=_ce_fake, mutates_args=("logits",))
+def _ce_grad_op(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    loss = torch.empty(logits.shape[:1], dtype=torch.float32, device=logits.device)
+    _ce.cross_entropy_grad_(logits, targets, ignore_index, loss)
+    return loss
+
+
+@register("cross_entropy_grad_", "triton", supports=_ce.supported)
+def cross_entropy_grad_(logits, targets, ignore_index=-100):
+    """Per-row losses (fp32), logits ← softmax − onehot in place (``kernels/cross_entropy.py``, one
+    launch); targets checked on the device without a host synchronisation (``check_targets``)."""
+    check_targets(targets, logits.shape[1], int(ignore_index), "cross_entropy_grad_")
+    return _ce_grad_op(logits, targets, int(ignore_index))
+
+# ----------------------------------------------------------------------------------- LayerNorm, GELU
+# The kernels' autograd Functions call their module's LAUNCHERS; these become custom ops with fakes.
+def _ln_fwd_fake(x, weight, bias, eps, out_dtype):
+    M = x.shape[0]
+    f32 = torch.float32
+    return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(M, dtype=f32), x.new_empty(M, dtype=f32)
+
+
+def _ln_bwd_fake(dy, x, weight, mean, rstd):
+    N = x.shape[1]
+    return x.new_empty(x.shape), x.new_empty(N, dtype=torch.float32), x.new_empty(N, dtype=torch.float32)
+
+
+@kernel_op("triton_layer_norm_fwd", fake=_ln_fwd_fake)
+def _ln_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+               out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _ln.layer_norm_fwd(x, weight, bias, eps, out_dtype)
+
+
+@kernel_op("triton_layer_norm_bwd", fake=_ln_bwd_fake)
+def _ln_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+               rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _ln.layer_norm_bwd(dy, x, weight, mean, rstd)
+
+
+@kernel_op("triton_gelu_fwd", fake=lambda x: torch.empty_like(x))
+def _gelu_fwd_op(x: torch.Tensor) -> torch.Tensor:
+    return _gelu.gelu_fwd(x)
+
+
+@kernel_op("triton_gelu_bwd", fake=lambda dy, x: torch.empty_like(x))
+def _gelu_bwd_op(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return _gelu.gelu_bwd(dy, x)
+
+
+_ln.LAUNCHERS.update(fwd=_ln_fwd_op, bwd=_ln_bwd_op)
+_gelu.LAUNCHERS.update(fwd=_gelu_fwd_op, bwd=_gelu_bwd_op)
+
+
+@register("layer_norm", "triton", supports=_ln.supported)
+def layer_norm(x, weight, bias, eps=1e-5):
+    """``kernels/layer_norm.py``; under CUDA autocast the output is fp32, as torch's CUDA autocast
+    runs ``layer_norm`` in fp32 (the kernel reads x in its own dtype; CPU autocast leaves it alone)."""
+    out = torch.float32 if x.device.type == "cuda" and torch.is_autocast_enabled("cuda") else x.dtype
+    return _ln.layer_norm(x, weight, bias, eps, out)
+
+
+gelu = register("gelu", "triton", supports=_gelu.supported)(_gelu.gelu)
+
+
+__all__ = ["QuantBase", "add_rms_norm", "attention", "cross_entropy_grad_", "decode_eligible", "gelu", "int4_dequantize",
+           "int4_quantize", "layer_norm", "lora_linear", "nf4_dequantize", "nf4_quantize", "quant_matmul", "quant_matmul_lora",
+           "raw", "rms_norm", "rope", "silu_mul"]
