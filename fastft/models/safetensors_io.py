@@ -37,8 +37,9 @@ _MAX_HEADER = 100_000_000
 _CHUNK_BYTES = 16 << 20
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file or directory that cannot be loaded; the message names the file and key."""
+# A checkpoint file or directory that cannot be loaded; the message names the file and key
+# (a ValueError, and a fastft user error: the CLI prints it as one line, exit code 3).
+from ..errors import CheckpointError  # noqa: E402
 
 
 class TensorInfo:

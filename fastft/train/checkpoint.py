@@ -19,6 +19,8 @@ temporary directories are removed by the next run (``remove_stale_tmp``).
 """
 from __future__ import annotations
 
+from ..errors import CheckpointError
+
 import json
 import os
 import random
@@ -222,7 +224,7 @@ def save_checkpoint(ckpt_dir: str, *, model, optimizer, scheduler, trainer_state
 def read_trainer_state(ckpt_dir: str) -> dict:
     path = os.path.join(ckpt_dir, TRAINER_STATE)
     if not os.path.isfile(path):
-        raise ValueError(f"{ckpt_dir}: not a fastft checkpoint (no {TRAINER_STATE})")
+        raise CheckpointError(f"{ckpt_dir}: not a fastft checkpoint (no {TRAINER_STATE})")
     return _read_json(path)
 
 
@@ -233,12 +235,12 @@ def load_checkpoint(ckpt_dir: str, *, model, optimizer, scheduler, collator=None
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(saved) != set(params):
         missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
-        raise ValueError(f"{ckpt_dir}: trainable parameters differ from the model's "
+        raise CheckpointError(f"{ckpt_dir}: trainable parameters differ from the model's "
                          f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     with torch.no_grad():
         for n, p in params.items():
             if saved[n].shape != p.shape:
-                raise ValueError(f"{ckpt_dir}: {n} has shape {tuple(saved[n].shape)}, model has {tuple(p.shape)}")
+                raise CheckpointError(f"{ckpt_dir}: {n} has shape {tuple(saved[n].shape)}, model has {tuple(p.shape)}")
             p.copy_(saved[n])
     load_optimizer(optimizer, ckpt_dir)
     scheduler.load_state_dict(_read_json(os.path.join(ckpt_dir, "scheduler.json")))
