@@ -526,18 +526,23 @@ def cmd_merge(args):
 
     validate.check_model_dir(args.model)
     validate.check_adapter_dir(args.adapter)
-    validate.check_output_path(args.out)
+    validate.check_output_path(args.out, empty=True)
+    import shutil
+
     import fastft
+    from fastft.train.checkpoint import atomic_save_dir
 
     model = fastft.from_pretrained(args.model)
     merged = fastft.load_adapter(model, args.adapter).merge_and_unload()
-    merged.save_pretrained(args.out)
     tok_files = [f for f in os.listdir(args.model) if f.startswith(("tokenizer", "special_tokens", "vocab", "merges",
                                                                     "chat_template", "generation_config"))]
-    import shutil
 
-    for f in tok_files:
-        shutil.copy2(os.path.join(args.model, f), os.path.join(args.out, f))
+    def write(tmp):  # all files into a temporary directory, renamed into place once complete
+        merged.save_pretrained(tmp)
+        for f in tok_files:
+            shutil.copy2(os.path.join(args.model, f), os.path.join(tmp, f))
+
+    atomic_save_dir(args.out, write)
     print(f"merged model written to {args.out}")
 
 
@@ -586,13 +591,14 @@ def cmd_quantize(args):
     from fastft import validate
 
     validate.check_model_dir(args.model, tokenizer=False)
-    validate.check_output_path(args.out)
+    validate.check_output_path(args.out, empty=True)
     import fastft
     from fastft.models import save_quantized
+    from fastft.train.checkpoint import atomic_save_dir
 
     model = fastft.from_pretrained(args.model, quantization="nf4", blocksize=args.blocksize,
                                    double_quant=not args.no_double_quant)
-    save_quantized(model, args.out)
+    atomic_save_dir(args.out, lambda tmp: save_quantized(model, tmp))  # no partial output on a full disk
     print(f"NF4 checkpoint (bitsandbytes layout) written to {args.out}")
 
 

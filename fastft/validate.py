@@ -138,11 +138,15 @@ def check_output_dir(path, *, overwrite: bool = False, resume: bool = False) -> 
                               "(resume_from_checkpoint=True) to continue that run")
 
 
-def check_output_path(path, *, kind: str = "directory") -> None:
-    """An output directory (or file) of merge / quantize / export: not the wrong kind, writable."""
+def check_output_path(path, *, kind: str = "directory", empty: bool = False) -> None:
+    """An output directory (or file) of merge / quantize / export: not the wrong kind, writable, and
+    (``empty``) not holding anything that writing it would replace."""
     path = os.fspath(path)
     if kind == "directory" and os.path.exists(path) and not os.path.isdir(path):
         raise OutputError(f"{path}: exists and is not a directory")
+    if empty and os.path.isdir(path) and os.listdir(path):
+        raise OutputError(f"{path}: output directory exists and is not empty; choose a new one (nothing is "
+                          "overwritten)")
     if kind == "file" and os.path.isdir(path):
         raise OutputError(f"{path}: is a directory, expected an output file")
     _probe_writable(path)
