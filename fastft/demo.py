@@ -75,6 +75,7 @@ def run_demo(output_dir="outputs/demo", max_steps=None, quick=False):
     args = TrainingArguments(
         output_dir=output_dir, per_device_train_batch_size=8, gradient_accumulation_steps=1, learning_rate=1e-3,
         max_steps=steps, warmup_ratio=0.1, lr_scheduler_type="cosine", logging_steps=5, save_steps=10**9, seed=0,
+        overwrite_output_dir=True,
     )
     trainer = fastft.Trainer(model, train_ds, args=args, data_collator=default_collator(tok, objective="clm"), tokenizer=tok)
     trainer.train()

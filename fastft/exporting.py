@@ -42,6 +42,8 @@ ever left behind: everything is written under a temporary name and renamed into 
 """
 from __future__ import annotations
 
+from .errors import ModelError, OutputError, UsageError
+
 import contextlib
 import json
 import os
@@ -122,21 +124,21 @@ def rss_mb() -> tuple[float, float]:
 # ----------------------------------------------------------------------------------------------
 def _check_options(fmt, dtype, quant):
     if fmt not in FORMATS:
-        raise ValueError(f"export format {fmt!r} is not supported; supported: {', '.join(FORMATS)}")
+        raise UsageError(f"export format {fmt!r} is not supported; supported: {', '.join(FORMATS)}")
     if fmt == "hf":
         if quant is not None:
-            raise ValueError("quant applies to format='gguf'; for 'hf' choose dtype (bf16, fp16, fp32)")
+            raise UsageError("quant applies to format='gguf'; for 'hf' choose dtype (bf16, fp16, fp32)")
         dtype = dtype or "bf16"
         if dtype not in HF_DTYPES:
-            raise ValueError(f"hf export dtype {dtype!r} is not supported; supported: {', '.join(HF_DTYPES)}")
+            raise UsageError(f"hf export dtype {dtype!r} is not supported; supported: {', '.join(HF_DTYPES)}")
         return dtype, None
     from fastft.export_gguf import QUANTS
 
     if dtype is not None:
-        raise ValueError("dtype applies to format='hf'; for 'gguf' choose quant (f16, q8_0)")
+        raise UsageError("dtype applies to format='hf'; for 'gguf' choose quant (f16, q8_0)")
     quant = quant or "f16"
     if quant not in QUANTS:
-        raise ValueError(f"gguf quantization type {quant!r} is not supported; supported: {', '.join(QUANTS)}")
+        raise UsageError(f"gguf quantization type {quant!r} is not supported; supported: {', '.join(QUANTS)}")
     return None, quant
 
 
@@ -144,17 +146,17 @@ def parse_size(size) -> int:
     """Bytes of "5GB", "500MB", "2GiB" (decimal / binary units, as transformers reads them) or an int."""
     if isinstance(size, int):
         if size <= 0:
-            raise ValueError(f"max_shard_size must be positive, got {size}")
+            raise UsageError(f"max_shard_size must be positive, got {size}")
         return size
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?I?B)?\s*", str(size), flags=re.IGNORECASE)
     if not m:
-        raise ValueError(f"max_shard_size {size!r} is not a size like '5GB', '500MB' or a number of bytes")
+        raise UsageError(f"max_shard_size {size!r} is not a size like '5GB', '500MB' or a number of bytes")
     unit = (m.group(2) or "B").upper()
     mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
     n = int(float(m.group(1)) * mult)
     if n <= 0:
-        raise ValueError(f"max_shard_size must be positive, got {size!r}")
+        raise UsageError(f"max_shard_size must be positive, got {size!r}")
     return n
 
 
@@ -164,16 +166,16 @@ def _check_out(out: str, fmt: str) -> None:
         return
     if fmt == "hf":
         if not os.path.isdir(out):
-            raise ValueError(f"export: {out!r} exists and is not a directory")
+            raise OutputError(f"export: {out!r} exists and is not a directory")
         if os.listdir(out) and not os.path.isfile(os.path.join(out, "config.json")):
-            raise ValueError(f"export: {out!r} exists and is not a checkpoint directory (no config.json); "
+            raise OutputError(f"export: {out!r} exists and is not a checkpoint directory (no config.json); "
                              "refusing to replace it")
     else:
         if not os.path.isfile(out):
-            raise ValueError(f"export: {out!r} exists and is not a file")
+            raise OutputError(f"export: {out!r} exists and is not a file")
         with open(out, "rb") as f:
             if f.read(4) not in (b"GGUF", b""):
-                raise ValueError(f"export: {out!r} exists and is not a GGUF file; refusing to replace it")
+                raise OutputError(f"export: {out!r} exists and is not a GGUF file; refusing to replace it")
 
 
 def _temp_beside(out: str) -> str:
@@ -216,7 +218,7 @@ def _model_type_of(model_dir: str) -> str | None:
 
 def _check_arch(model_type) -> None:
     if model_type not in ARCHITECTURES:
-        raise ValueError(f"export: model_type {model_type!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
+        raise ModelError(f"export: model_type {model_type!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
 
 
 def _has_tokenizer(d) -> bool:

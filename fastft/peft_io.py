@@ -30,6 +30,8 @@ save leaves no partial directory or file. Only safetensors is read or written (n
 """
 from __future__ import annotations
 
+from .errors import ArgumentTypeError, CheckpointError, InputNotFoundError, OutputError
+
 import json
 import os
 import shutil
@@ -67,14 +69,14 @@ def config_to_json(peft_model) -> dict:
 def read_adapter_config(directory) -> dict:
     path = os.path.join(os.fspath(directory), CONFIG_NAME)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {os.fspath(directory)!r}")
+        raise InputNotFoundError(f"no {CONFIG_NAME} in {os.fspath(directory)!r}")
     with open(path, encoding="utf-8") as f:
         try:
             d = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+            raise CheckpointError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(d, dict):
-        raise ValueError(f"{path} must hold a JSON object")
+        raise CheckpointError(f"{path} must hold a JSON object")
     return d
 
 
@@ -111,7 +113,7 @@ def _for_safetensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     seen, res = set(), {}
     for k, v in sd.items():
         if not isinstance(v, torch.Tensor):
-            raise TypeError(f"adapter tensor {k!r} is a {type(v).__name__}, not a tensor")
+            raise ArgumentTypeError(f"adapter tensor {k!r} is a {type(v).__name__}, not a tensor")
         t = v.detach().to("cpu").contiguous()
         ptr = t.untyped_storage().data_ptr()
         if ptr in seen:
@@ -129,7 +131,7 @@ def load_state_dict_into(peft_model, sd: dict[str, torch.Tensor], source: str) -
     wrappers = sorted(peft_model.modules_to_save_wrappers(), key=len, reverse=True)
     bad_prefix = [k for k in sd if not k.startswith(PREFIX)]
     if bad_prefix:
-        raise ValueError(f"{source}: keys without the '{PREFIX}' prefix PEFT writes: {bad_prefix[:5]}")
+        raise CheckpointError(f"{source}: keys without the '{PREFIX}' prefix PEFT writes: {bad_prefix[:5]}")
     plan, unexpected, mismatched = [], [], []
     for key, tensor in sd.items():
         k = key[len(PREFIX):]
@@ -146,7 +148,7 @@ def load_state_dict_into(peft_model, sd: dict[str, torch.Tensor], source: str) -
         else:
             plan.append((target, tensor))
     if unexpected or mismatched:
-        raise ValueError(f"{source}: adapter does not fit the model: unexpected keys {unexpected[:8]}"
+        raise CheckpointError(f"{source}: adapter does not fit the model: unexpected keys {unexpected[:8]}"
                          f"{' ...' if len(unexpected) > 8 else ''}; shape mismatches {mismatched[:8]}")
     required = set()
     for path, layer in peft_model.lora_layers().items():
@@ -157,7 +159,7 @@ def load_state_dict_into(peft_model, sd: dict[str, torch.Tensor], source: str) -
         required |= {f"{path}.modules_to_save.{k}" for k, _ in w.modules_to_save.named_parameters()}
     missing = sorted(required - {t for t, _ in plan})
     if missing:
-        raise ValueError(f"{source}: adapter weights missing from the file: {missing[:8]}"
+        raise CheckpointError(f"{source}: adapter weights missing from the file: {missing[:8]}"
                          f"{' ...' if len(missing) > 8 else ''}")
     with torch.no_grad():
         for target, tensor in plan:
@@ -171,7 +173,7 @@ def load_state_dict_into(peft_model, sd: dict[str, torch.Tensor], source: str) -
 def _atomic_write(save_directory, writers: dict[str, Callable[[str], None]]) -> None:
     target = os.path.abspath(os.fspath(save_directory))
     if os.path.exists(target) and not os.path.isdir(target):
-        raise NotADirectoryError(f"cannot save adapter: {target!r} exists and is not a directory")
+        raise OutputError(f"cannot save adapter: {target!r} exists and is not a directory")
     if os.path.isdir(target):
         tmps = []
         try:
@@ -236,7 +238,7 @@ def read_adapter(adapter_dir) -> tuple[object, dict, dict[str, torch.Tensor]]:
     if not os.path.isfile(weights):
         other = [f for f in ("adapter_model.bin",) if os.path.exists(os.path.join(adapter_dir, f))]
         hint = f" (found {other[0]}: fastft reads safetensors only)" if other else ""
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} in {adapter_dir!r}{hint}")
+        raise InputNotFoundError(f"no {WEIGHTS_NAME} in {adapter_dir!r}{hint}")
     source = os.path.join(adapter_dir, CONFIG_NAME)
     peft_type = d.get("peft_type")
     if peft_type == "LORA":
@@ -246,7 +248,7 @@ def read_adapter(adapter_dir) -> tuple[object, dict, dict[str, torch.Tensor]]:
     elif peft_type == "BOTTLENECK":
         config = adapter_config_from_dict(d, source)
     else:
-        raise ValueError(f"{source}: peft_type {peft_type!r} is not supported (LORA or BOTTLENECK)")
+        raise CheckpointError(f"{source}: peft_type {peft_type!r} is not supported (LORA or BOTTLENECK)")
     return config, d, load_file(weights)
 
 

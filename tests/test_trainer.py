@@ -201,7 +201,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, objective):
     with pytest.raises(KeyboardInterrupt):
         crashing.train()
     out = tmp_path / "crash"
-    assert sorted(os.listdir(out)) == ["checkpoint-3", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == ["checkpoint-3", "fastft_run.json", "metrics.jsonl"]
 
     # A fresh process: different initial weights and RNG state, everything must come from disk.
     torch.manual_seed(1234)
@@ -216,7 +216,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, objective):
         return [{k: v for k, v in json.loads(x).items() if k != "tokens_per_second"} for x in lines]
 
     assert rows(out / "metrics.jsonl") == rows(tmp_path / "full" / "metrics.jsonl")
-    assert sorted(os.listdir(out)) == ["checkpoint-3", "checkpoint-6", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == ["checkpoint-3", "checkpoint-6", "fastft_run.json", "metrics.jsonl"]
 
 
 def test_resume_rejects_other_run_and_missing_checkpoint(tmp_path):
@@ -251,7 +251,7 @@ def test_failed_save_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         t.train()
     out = tmp_path / "run"
-    assert sorted(os.listdir(out)) == ["checkpoint-2", "metrics.jsonl"], "no checkpoint-4, no temp dir"
+    assert sorted(os.listdir(out)) == ["checkpoint-2", "fastft_run.json", "metrics.jsonl"], "no checkpoint-4, no temp dir"
     state = ckpt.read_trainer_state(str(out / "checkpoint-2"))
     assert state["global_step"] == 2 and len(state["losses"]) == 2
     # A hard kill (no except clause runs) would leave the temp dir: the next run clears it.
@@ -260,7 +260,7 @@ def test_failed_save_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt, "save_optimizer", real)
     res = Trainer(tiny_model(seed=5), ds, args=args(tmp_path, save_steps=2, max_steps=6, resume_from_checkpoint=True)).train()
     assert res.global_step == 6
-    assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-4", "checkpoint-6", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-4", "checkpoint-6", "fastft_run.json", "metrics.jsonl"]
 
 
 def test_checkpoint_contents_and_rotation(tmp_path):

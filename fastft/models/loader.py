@@ -18,6 +18,8 @@ Peak host memory is the final model plus one 16 MB copy chunk (measured ~1.09x t
 """
 from __future__ import annotations
 
+from ..errors import ModelError, UsageError
+
 import json
 import os
 import re
@@ -60,7 +62,7 @@ def load_config(path: str):
         raise CheckpointError(f"{cfg_path}: cannot parse config ({e})") from e
     mt = raw.get("model_type") if isinstance(raw, dict) else None
     if mt not in ARCHITECTURES:
-        raise ValueError(
+        raise ModelError(
             f"{cfg_path}: model_type {mt!r} is not supported; supported model types: {', '.join(ARCHITECTURES)}"
         )
     family, cfg_name = ARCHITECTURES[mt]
@@ -291,13 +293,13 @@ def from_pretrained(path, *, quantization=None, dtype=None, device=None, double_
     layer inside the transformer blocks; embeddings, norms and the LM head stay in ``dtype``.
     """
     if quantization not in QUANTIZATIONS:
-        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+        raise UsageError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     if isinstance(dtype, str):
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r}")
+            raise UsageError(f"unknown dtype {dtype!r}")
         dtype = getattr(torch, dtype)
     if dtype is not None and not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+        raise UsageError(f"dtype must be a floating dtype, got {dtype}")
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a checkpoint directory")
@@ -312,7 +314,7 @@ def from_pretrained(path, *, quantization=None, dtype=None, device=None, double_
         prequant = {}
         if bnb is not None:
             if quantization == "int4":
-                raise ValueError(f"{path}: the checkpoint is already NF4-quantized (bitsandbytes); "
+                raise UsageError(f"{path}: the checkpoint is already NF4-quantized (bitsandbytes); "
                                  "load it with quantization=None or 'nf4', not 'int4'")
             prequant = _split_bnb_keys(ckpt)  # checkpoint module prefix -> its weight.* aux keys
         plan, missing_groups = match_checkpoint(cls, config, ckpt)
@@ -380,13 +382,13 @@ def bnb_4bit_settings(config, source) -> dict | None:
     qc = qc if isinstance(qc, dict) else qc.to_dict()
     method = qc.get("quant_method")
     if method != "bitsandbytes":
-        raise ValueError(f"{source}: quantization_config.quant_method {method!r} is not supported "
+        raise ModelError(f"{source}: quantization_config.quant_method {method!r} is not supported "
                          "(fastft reads bitsandbytes 4-bit NF4 checkpoints)")
     if qc.get("load_in_8bit") or not qc.get("load_in_4bit", qc.get("_load_in_4bit")):
-        raise ValueError(f"{source}: only bitsandbytes 4-bit checkpoints are supported (load_in_4bit), "
+        raise ModelError(f"{source}: only bitsandbytes 4-bit checkpoints are supported (load_in_4bit), "
                          f"got load_in_8bit={qc.get('load_in_8bit')}")
     if qc.get("bnb_4bit_quant_type", "fp4") != "nf4":
-        raise ValueError(f"{source}: bnb_4bit_quant_type {qc.get('bnb_4bit_quant_type', 'fp4')!r} is not "
+        raise ModelError(f"{source}: bnb_4bit_quant_type {qc.get('bnb_4bit_quant_type', 'fp4')!r} is not "
                          "supported (NF4 only)")
     return qc
 
@@ -395,7 +397,7 @@ def bnb_quantized_prefixes(keys) -> list[str]:
     """Module paths that carry a bitsandbytes NF4 weight (``<path>.weight.quant_state.bitsandbytes__nf4``)."""
     fp4 = [k for k in keys if k.endswith(".weight.quant_state.bitsandbytes__fp4")]
     if fp4:
-        raise ValueError(f"{fp4[0]}: FP4 weights are not supported (NF4 only)")
+        raise ModelError(f"{fp4[0]}: FP4 weights are not supported (NF4 only)")
     tail = ".weight." + BNB_AUX[-1]
     return sorted(k[:-len(tail)] for k in keys if k.endswith(tail))
 

@@ -37,8 +37,9 @@ _MAX_HEADER = 100_000_000
 _CHUNK_BYTES = 16 << 20
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file or directory that cannot be loaded; the message names the file and key."""
+# A checkpoint file or directory that cannot be loaded; the message names the file and key
+# (a ValueError, and a fastft user error: the CLI prints it as one line, exit code 3).
+from ..errors import CheckpointError  # noqa: E402
 
 
 class TensorInfo:
@@ -99,6 +100,17 @@ class SafetensorsFile:
                     f"but the file has {size} bytes"
                 )
             self.tensors[name] = TensorInfo(name, dt, tuple(shape), begin, end, path)
+        # As the reference reader: the byte ranges tile the data buffer exactly, in order, no gap,
+        # no overlap, nothing after the last tensor (a header that lies about any of it is refused).
+        pos = 0
+        for info in sorted(self.tensors.values(), key=lambda i: (i.begin, i.end)):
+            if info.begin != pos:
+                what = "overlaps the previous tensor" if info.begin < pos else f"leaves a gap at byte {pos}"
+                raise CheckpointError(f"{path}: tensor {info.name!r} [{info.begin}, {info.end}) {what}")
+            pos = info.end
+        if pos != data_len:
+            raise CheckpointError(f"{path}: {data_len - pos} bytes after the last tensor are not described by the "
+                                  "header (corrupt or not a safetensors file)")
         self._mm = None
         self._fh = None
 

@@ -163,7 +163,7 @@ def rope(x, cos, sin, inplace=False):
 def rms_norm(x, weight, eps):
     """y = w · x / sqrt(mean(x²) + eps), normalised in fp32 and cast back before the weight (as HF)."""
     dt = x.dtype
-    xf = x.to(torch.float32)
+    xf = x.to(torch.promote_types(dt, torch.float32))  # float64 stays float64 (found by tests/test_fuzz_ops.py)
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(dt)
 

@@ -9,6 +9,8 @@ Numbers given as strings are converted: YAML 1.1 (PyYAML) reads ``1e-4`` as the 
 """
 from __future__ import annotations
 
+from ..errors import ArgumentTypeError, ConfigError, UsageError
+
 import dataclasses
 import difflib
 import json
@@ -60,6 +62,11 @@ class TrainingArguments:
     plot_loss: bool = True
     # Call model.save_pretrained(output_dir) (or save trainable params) at the end of training.
     save_final_model: bool = True
+    # A fresh run refuses an output_dir holding another run's outputs unless this is True (the old
+    # run's checkpoints and metrics are then removed, so resume can never pick them up).
+    overwrite_output_dir: bool = False
+    # Forward hooks check every module's output; a non-finite one stops training naming the module.
+    detect_anomaly: bool = False
 
     def __post_init__(self):
         self._coerce()
@@ -70,7 +77,7 @@ class TrainingArguments:
     def from_dict(cls, d: dict, *, strict: bool = True, **overrides) -> "TrainingArguments":
         """Build from a mapping; ``strict`` rejects unknown keys (dashes count as underscores)."""
         if not isinstance(d, dict):
-            raise TypeError(f"TrainingArguments.from_dict expects a dict, got {type(d).__name__}")
+            raise ArgumentTypeError(f"TrainingArguments.from_dict expects a dict, got {type(d).__name__}")
         d = {str(k).replace("-", "_"): v for k, v in {**d, **overrides}.items()}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
@@ -79,7 +86,7 @@ class TrainingArguments:
             for k in unknown:
                 close = difflib.get_close_matches(k, names, n=1)
                 hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-            raise ValueError(f"unknown TrainingArguments option(s): {', '.join(hints)}")
+            raise UsageError(f"unknown TrainingArguments option(s): {', '.join(hints)}")
         return cls(**{k: v for k, v in d.items() if k in names})
 
     @classmethod
@@ -87,7 +94,7 @@ class TrainingArguments:
         """Read a YAML (.yaml/.yml) or JSON (.json) file holding a mapping of option: value."""
         path = os.fspath(path)
         if not os.path.isfile(path):
-            raise ValueError(f"TrainingArguments config file {path!r} does not exist")
+            raise ConfigError(f"TrainingArguments config file {path!r} does not exist")
         with open(path, encoding="utf-8") as f:
             text = f.read()
         ext = os.path.splitext(path)[1].lower()
@@ -97,20 +104,20 @@ class TrainingArguments:
             try:
                 data = yaml.safe_load(text)
             except yaml.YAMLError as e:
-                raise ValueError(f"{path}: cannot parse YAML: {e}") from None
+                raise ConfigError(f"{path}: cannot parse YAML: {e}") from None
         elif ext == ".json":
             try:
                 data = json.loads(text)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{e.lineno}: cannot parse JSON: {e.msg}") from None
+                raise ConfigError(f"{path}:{e.lineno}: cannot parse JSON: {e.msg}") from None
         else:
-            raise ValueError(f"{path}: config files must end in .yaml, .yml or .json")
+            raise ConfigError(f"{path}: config files must end in .yaml, .yml or .json")
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: config must be a mapping of option: value, got {type(data).__name__}")
+            raise ConfigError(f"{path}: config must be a mapping of option: value, got {type(data).__name__}")
         try:
             return cls.from_dict(data, strict=strict, **overrides)
         except (ValueError, TypeError) as e:
-            raise ValueError(f"{path}: {e}") from e
+            raise ConfigError(f"{path}: {e}") from e
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -126,26 +133,26 @@ class TrainingArguments:
                 if isinstance(v, str) and v.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
                     v = v.strip().lower() in ("true", "1", "yes")
                 elif not isinstance(v, bool):
-                    raise TypeError(f"TrainingArguments.{f.name} must be a bool, got {v!r}")
+                    raise ArgumentTypeError(f"TrainingArguments.{f.name} must be a bool, got {v!r}")
             elif kind in (int, float):
                 if isinstance(v, bool):
-                    raise TypeError(f"TrainingArguments.{f.name} must be a number, got {v!r}")
+                    raise ArgumentTypeError(f"TrainingArguments.{f.name} must be a number, got {v!r}")
                 if isinstance(v, str):
                     try:
                         v = float(v.strip())
                     except ValueError:
-                        raise TypeError(f"TrainingArguments.{f.name} must be a number, got {v!r}") from None
+                        raise ArgumentTypeError(f"TrainingArguments.{f.name} must be a number, got {v!r}") from None
                 if kind is int:
                     if isinstance(v, float):
                         if not v.is_integer():
-                            raise TypeError(f"TrainingArguments.{f.name} must be an integer, got {v!r}")
+                            raise ArgumentTypeError(f"TrainingArguments.{f.name} must be an integer, got {v!r}")
                         v = int(v)
                     elif not isinstance(v, int):
-                        raise TypeError(f"TrainingArguments.{f.name} must be an integer, got {v!r}")
+                        raise ArgumentTypeError(f"TrainingArguments.{f.name} must be an integer, got {v!r}")
                 elif isinstance(v, (int, float)):
                     v = float(v)
                 else:
-                    raise TypeError(f"TrainingArguments.{f.name} must be a number, got {v!r}")
+                    raise ArgumentTypeError(f"TrainingArguments.{f.name} must be a number, got {v!r}")
             setattr(self, f.name, v)
         if isinstance(self.output_dir, os.PathLike):
             self.output_dir = os.fspath(self.output_dir)
@@ -159,7 +166,7 @@ class TrainingArguments:
 
     def _validate(self):
         def bad(name, why):
-            raise ValueError(f"TrainingArguments.{name}={getattr(self, name)!r}: {why}")
+            raise UsageError(f"TrainingArguments.{name}={getattr(self, name)!r}: {why}")
 
         if not isinstance(self.output_dir, str) or not self.output_dir.strip():
             bad("output_dir", "must be a non-empty path")

@@ -19,6 +19,8 @@ temporary directories are removed by the next run (``remove_stale_tmp``).
 """
 from __future__ import annotations
 
+from ..errors import CheckpointError
+
 import json
 import os
 import random
@@ -28,7 +30,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-fastft-"
@@ -102,8 +104,27 @@ def _write_json(path, obj):
 
 
 def _read_json(path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """A JSON file of a checkpoint; a missing or corrupt one is a CheckpointError naming it."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: missing from the checkpoint (incomplete or not a fastft checkpoint)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt checkpoint file ({e})") from None
+
+
+def _load_tensors(path):
+    """A safetensors file of a checkpoint, read with the strict reader (header, offsets, dtypes checked)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: missing from the checkpoint (incomplete or not a fastft checkpoint)")
+    from ..models.safetensors_io import SafetensorsFile
+
+    f = SafetensorsFile(path)  # raises CheckpointError naming the file on any inconsistency
+    try:
+        return {name: f.read(name) for name in f.tensors}
+    finally:
+        f.close()
 
 
 # --- listing ------------------------------------------------------------------------------------
@@ -154,7 +175,9 @@ def save_optimizer(optimizer, ckpt_dir):
 def load_optimizer(optimizer, ckpt_dir):
     meta = _read_json(os.path.join(ckpt_dir, "optimizer.json"))
     state: dict = {}
-    for key, t in load_file(os.path.join(ckpt_dir, "optimizer.safetensors")).items():
+    for key, t in _load_tensors(os.path.join(ckpt_dir, "optimizer.safetensors")).items():
+        if "." not in key or not key.split(".", 1)[0].isdigit():
+            raise CheckpointError(f"{ckpt_dir}/optimizer.safetensors: unexpected tensor {key!r}")
         idx, k = key.split(".", 1)
         state.setdefault(int(idx), {})[k] = t
     for idx, st in meta["extra_state"].items():
@@ -222,27 +245,27 @@ def save_checkpoint(ckpt_dir: str, *, model, optimizer, scheduler, trainer_state
 def read_trainer_state(ckpt_dir: str) -> dict:
     path = os.path.join(ckpt_dir, TRAINER_STATE)
     if not os.path.isfile(path):
-        raise ValueError(f"{ckpt_dir}: not a fastft checkpoint (no {TRAINER_STATE})")
+        raise CheckpointError(f"{ckpt_dir}: not a fastft checkpoint (no {TRAINER_STATE})")
     return _read_json(path)
 
 
 def load_checkpoint(ckpt_dir: str, *, model, optimizer, scheduler, collator=None) -> dict:
     """Restore model trainables, optimizer, scheduler, RNGs (and collator RNG); returns trainer_state."""
     state = read_trainer_state(ckpt_dir)
-    saved = load_file(os.path.join(ckpt_dir, "trainable_params.safetensors"))
+    saved = _load_tensors(os.path.join(ckpt_dir, "trainable_params.safetensors"))
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(saved) != set(params):
         missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
-        raise ValueError(f"{ckpt_dir}: trainable parameters differ from the model's "
+        raise CheckpointError(f"{ckpt_dir}: trainable parameters differ from the model's "
                          f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     with torch.no_grad():
         for n, p in params.items():
             if saved[n].shape != p.shape:
-                raise ValueError(f"{ckpt_dir}: {n} has shape {tuple(saved[n].shape)}, model has {tuple(p.shape)}")
+                raise CheckpointError(f"{ckpt_dir}: {n} has shape {tuple(saved[n].shape)}, model has {tuple(p.shape)}")
             p.copy_(saved[n])
     load_optimizer(optimizer, ckpt_dir)
     scheduler.load_state_dict(_read_json(os.path.join(ckpt_dir, "scheduler.json")))
-    tensors = load_file(os.path.join(ckpt_dir, "rng_state.safetensors"))
+    tensors = _load_tensors(os.path.join(ckpt_dir, "rng_state.safetensors"))
     set_rng_state(tensors, _read_json(os.path.join(ckpt_dir, "rng_state.json")))
     if collator is not None and hasattr(collator, "load_state_dict"):
         coll = {k[len("collator."):]: v for k, v in tensors.items() if k.startswith("collator.")}

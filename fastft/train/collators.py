@@ -17,6 +17,8 @@ tokens the way the model does (CLM models drop the first label when shifting).
 """
 from __future__ import annotations
 
+from ..errors import DataError, UsageError
+
 from typing import Optional, Sequence
 
 import torch
@@ -37,16 +39,16 @@ def _labels_of(ex, ids, max_length):
     lab = lab.tolist() if isinstance(lab, torch.Tensor) else list(lab)
     lab = lab[:max_length] if max_length is not None else lab
     if len(lab) != len(ids):
-        raise ValueError(f"example has {len(ids)} input_ids but {len(lab)} labels")
+        raise DataError(f"example has {len(ids)} input_ids but {len(lab)} labels")
     return lab
 
 
 def _check_features(features):
     if not features:
-        raise ValueError("cannot collate an empty list of examples")
+        raise UsageError("cannot collate an empty list of examples")
     for ex in features:
         if "input_ids" not in ex or len(ex["input_ids"]) == 0:
-            raise ValueError("every example needs a non-empty 'input_ids'")
+            raise DataError("every example needs a non-empty 'input_ids'")
 
 
 class DataCollatorForCLM:
@@ -55,9 +57,9 @@ class DataCollatorForCLM:
     def __init__(self, pad_token_id: int = 0, *, max_length: Optional[int] = None,
                  pad_to_multiple_of: Optional[int] = None):
         if max_length is not None and max_length < 1:
-            raise ValueError(f"max_length must be >= 1, got {max_length}")
+            raise UsageError(f"max_length must be >= 1, got {max_length}")
         if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
-            raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+            raise UsageError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
         self.pad_token_id = int(pad_token_id)
         self.max_length = max_length
         self.pad_to_multiple_of = pad_to_multiple_of
@@ -85,7 +87,7 @@ class DataCollatorForPacking:
 
     def __init__(self, *, max_length: Optional[int] = None):
         if max_length is not None and max_length < 1:
-            raise ValueError(f"max_length must be >= 1, got {max_length}")
+            raise UsageError(f"max_length must be >= 1, got {max_length}")
         self.max_length = max_length
 
     def __call__(self, features: Sequence[dict]) -> dict:
@@ -123,13 +125,13 @@ class DataCollatorForMLM:
             if special_token_ids is None:
                 special_token_ids = tokenizer.all_special_ids
         if mask_token_id is None:
-            raise ValueError("MLM needs a mask token: the tokenizer has none and mask_token_id was not given")
+            raise UsageError("MLM needs a mask token: the tokenizer has none and mask_token_id was not given")
         if vocab_size is None or vocab_size < 2:
-            raise ValueError(f"MLM needs vocab_size >= 2 (or a tokenizer), got {vocab_size}")
+            raise UsageError(f"MLM needs vocab_size >= 2 (or a tokenizer), got {vocab_size}")
         if not 0.0 < mlm_probability < 1.0:
-            raise ValueError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
+            raise UsageError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
         if seed is not None and generator is not None:
-            raise ValueError("give a seed or a generator, not both")
+            raise UsageError("give a seed or a generator, not both")
         self.mask_token_id = int(mask_token_id)
         self.pad_token_id = int(pad_token_id) if pad_token_id is not None else 0
         self.vocab_size = int(vocab_size)
@@ -193,12 +195,12 @@ def default_collator(tokenizer=None, *, objective: str = "clm", packing: bool = 
     """The collator fastft uses for ``objective`` ("clm" / "mlm"); packing applies to CLM only."""
     if objective == "mlm":
         if packing:
-            raise ValueError("packing is implemented for the clm objective only")
+            raise UsageError("packing is implemented for the clm objective only")
         if tokenizer is None:
-            raise ValueError("the mlm collator needs a tokenizer (for [MASK], pad and special tokens)")
+            raise UsageError("the mlm collator needs a tokenizer (for [MASK], pad and special tokens)")
         return DataCollatorForMLM(tokenizer, seed=seed, max_length=max_length)
     if objective != "clm":
-        raise ValueError(f"objective must be 'clm' or 'mlm', got {objective!r}")
+        raise UsageError(f"objective must be 'clm' or 'mlm', got {objective!r}")
     if packing:
         return DataCollatorForPacking(max_length=max_length)
     return DataCollatorForCLM(_pad_id(tokenizer) if tokenizer is not None else 0, max_length=max_length)

@@ -13,6 +13,8 @@ bad line 90 000 fails in a second with ``path:line`` in the message.
 """
 from __future__ import annotations
 
+from ..errors import DataError, UsageError
+
 import json
 import os
 import random
@@ -28,20 +30,20 @@ def read_records(path: str) -> list[tuple[int, dict]]:
     """Parse and validate a .jsonl/.txt file into (line number, record) pairs; no tokenization."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such data file")
+        raise DataError(f"{path}: no such data file")
     ext = os.path.splitext(path)[1].lower()
     with open(path, encoding="utf-8") as f:
         try:
             text = f.read()
         except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: not UTF-8 text ({e})") from e
+            raise DataError(f"{path}: not UTF-8 text ({e})") from e
     if not text.strip():
-        raise ValueError(f"{path}:1: empty data file")
+        raise DataError(f"{path}:1: empty data file")
     if ext in (".jsonl", ".json"):
         return _read_jsonl(path, text)
     if ext == ".txt":
         return _read_txt(text)
-    raise ValueError(f"{path}: unsupported data file type {ext!r} (use .jsonl or .txt)")
+    raise DataError(f"{path}: unsupported data file type {ext!r} (use .jsonl or .txt)")
 
 
 def _read_jsonl(path, text):
@@ -53,13 +55,13 @@ def _read_jsonl(path, text):
     for i, line in enumerate(lines, 1):
         where = f"{path}:{i}"
         if not line.strip():
-            raise ValueError(f"{where}: empty line")
+            raise DataError(f"{where}: empty line")
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(rec, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
         _check_record(rec, where)
         records.append((i, rec))
     return records
@@ -85,27 +87,27 @@ def _check_record(rec, where):
     if "messages" in rec:
         msgs = rec["messages"]
         if not isinstance(msgs, list) or not msgs:
-            raise ValueError(f"{where}: 'messages' must be a non-empty list")
+            raise DataError(f"{where}: 'messages' must be a non-empty list")
         for j, m in enumerate(msgs):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise ValueError(f"{where}: messages[{j}] must be an object with string 'role' and 'content'")
+                raise DataError(f"{where}: messages[{j}] must be an object with string 'role' and 'content'")
         if not any(m["role"] == "assistant" for m in msgs):
-            raise ValueError(f"{where}: no assistant message, so nothing to train on")
+            raise DataError(f"{where}: no assistant message, so nothing to train on")
     elif "prompt" in rec or "completion" in rec:
         for k in ("prompt", "completion"):
             if k not in rec:
-                raise ValueError(f"{where}: has {'prompt' if k == 'completion' else 'completion'!r} but no {k!r} field")
+                raise DataError(f"{where}: has {'prompt' if k == 'completion' else 'completion'!r} but no {k!r} field")
             if not isinstance(rec[k], str):
-                raise ValueError(f"{where}: {k!r} must be a string, got {type(rec[k]).__name__}")
+                raise DataError(f"{where}: {k!r} must be a string, got {type(rec[k]).__name__}")
         if not rec["completion"]:
-            raise ValueError(f"{where}: empty 'completion'")
+            raise DataError(f"{where}: empty 'completion'")
     elif "text" in rec:
         if not isinstance(rec["text"], str):
-            raise ValueError(f"{where}: 'text' must be a string, got {type(rec['text']).__name__}")
+            raise DataError(f"{where}: 'text' must be a string, got {type(rec['text']).__name__}")
         if not rec["text"].strip():
-            raise ValueError(f"{where}: empty 'text'")
+            raise DataError(f"{where}: empty 'text'")
     else:
-        raise ValueError(f"{where}: missing field: expected 'text', 'prompt'+'completion' or 'messages', "
+        raise DataError(f"{where}: missing field: expected 'text', 'prompt'+'completion' or 'messages', "
                          f"got keys {sorted(rec)}")
 
 
@@ -140,7 +142,7 @@ class _Tokenize:
     def __call__(self, rec, where):
         if self.objective == "mlm":
             if "text" not in rec:
-                raise ValueError(f"{where}: the mlm objective needs 'text' records")
+                raise DataError(f"{where}: the mlm objective needs 'text' records")
             # Keep [CLS] ... [SEP] around a truncated body, as the MLM pre-training data had them.
             room = max(0, self.max_length - len(self.prefix) - len(self.suffix))
             return {"input_ids": self.prefix + _encode(self.tok, rec["text"])[:room] + self.suffix}
@@ -161,13 +163,13 @@ class _Tokenize:
     def _chat(self, messages, where):
         tok = self.tok
         if not getattr(tok, "chat_template", None):
-            raise ValueError(f"{where}: 'messages' records need a tokenizer with a chat template")
+            raise DataError(f"{where}: 'messages' records need a tokenizer with a chat template")
 
         def render(msgs, gen=False):
             try:
                 return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
             except Exception as e:  # jinja2 errors, raise_exception() calls in templates
-                raise ValueError(f"{where}: the chat template failed on this conversation: {e}") from e
+                raise DataError(f"{where}: the chat template failed on this conversation: {e}") from e
 
         full = render(messages)
         # Assistant spans as character ranges: the render of the conversation up to turn i with a
@@ -181,7 +183,7 @@ class _Tokenize:
                 continue
             start_s, end_s = render(messages[:i], gen=True), render(messages[: i + 1])
             if not (full.startswith(start_s) and full.startswith(end_s) and len(start_s) <= len(end_s)):
-                raise ValueError(f"{where}: the chat template does not render conversations append-only; "
+                raise DataError(f"{where}: the chat template does not render conversations append-only; "
                                  f"cannot locate assistant turn {i}")
             spans.append((len(start_s), len(end_s)))
         ids, labels, pos = [], [], 0
@@ -209,19 +211,19 @@ def load_dataset(path, tokenizer, *, objective: str = "clm", max_length: Optiona
     target after truncation (a prompt longer than max_length) are dropped with a warning.
     """
     if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        raise UsageError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 2):
-        raise ValueError(f"max_length must be an integer >= 2 or None, got {max_length!r}")
+        raise UsageError(f"max_length must be an integer >= 2 or None, got {max_length!r}")
     path = os.fspath(path)
     records = read_records(path)
     if objective == "mlm":
         for line, rec in records:
             if "text" not in rec:
-                raise ValueError(f"{path}:{line}: the mlm objective needs 'text' records, got keys {sorted(rec)}")
+                raise DataError(f"{path}:{line}: the mlm objective needs 'text' records, got keys {sorted(rec)}")
     if not getattr(tokenizer, "chat_template", None):
         chat = next((line for line, rec in records if "messages" in rec), None)
         if chat is not None:
-            raise ValueError(f"{path}:{chat}: 'messages' records need a tokenizer with a chat template")
+            raise DataError(f"{path}:{chat}: 'messages' records need a tokenizer with a chat template")
     tokenize = _Tokenize(tokenizer, objective, max_length if max_length is not None else 1 << 62)
     out, dropped = [], 0
     for line, rec in records:
@@ -235,7 +237,7 @@ def load_dataset(path, tokenizer, *, objective: str = "clm", max_length: Optiona
         warnings.warn(f"{path}: dropped {dropped} of {len(records)} examples with no target tokens "
                       f"after truncation to max_length={max_length}", stacklevel=2)
     if not out:
-        raise ValueError(f"{path}: no example has target tokens (max_length={max_length})")
+        raise DataError(f"{path}: no example has target tokens (max_length={max_length})")
     return out
 
 
@@ -243,9 +245,9 @@ def train_eval_split(dataset, eval_fraction: float = 0.1, *, seed: int = 0):
     """Shuffle with ``seed`` and split off ``eval_fraction`` (at least one example each side)."""
     n = len(dataset)
     if not 0.0 < eval_fraction < 1.0:
-        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction!r}")
+        raise UsageError(f"eval_fraction must be in (0, 1), got {eval_fraction!r}")
     if n < 2:
-        raise ValueError(f"need at least 2 examples to split, got {n}")
+        raise DataError(f"need at least 2 examples to split, got {n}")
     n_eval = min(n - 1, max(1, round(n * eval_fraction)))
     idx = list(range(n))
     random.Random(seed).shuffle(idx)

@@ -16,12 +16,19 @@ under a forked, fixed-seed RNG so it neither changes training nor varies between
 """
 from __future__ import annotations
 
+from .. import validate
+from ..errors import ArgumentTypeError, CheckpointError, DataError, NonFiniteError, OutputError, UsageError
+
 import inspect
 import json
 import math
 import os
 import random
+import shutil
+import signal
+import threading
 import time
+import uuid
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Optional
@@ -57,7 +64,7 @@ def lr_lambda(step: int, *, kind: str, warmup: int, total: int) -> float:
         return max(0.0, 1.0 - progress)
     if kind == "cosine":
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
-    raise ValueError(f"unknown lr_scheduler_type {kind!r}")
+    raise UsageError(f"unknown lr_scheduler_type {kind!r}")
 
 
 @dataclass
@@ -100,7 +107,7 @@ class Trainer:
         # Everything that can be wrong is checked here, before output_dir is created.
         self.args = args if args is not None else TrainingArguments()
         if not isinstance(self.args, TrainingArguments):
-            raise TypeError(f"args must be a fastft TrainingArguments, got {type(self.args).__name__}")
+            raise ArgumentTypeError(f"args must be a fastft TrainingArguments, got {type(self.args).__name__}")
         a = self.args
         self.model = model
         self.tokenizer = tokenizer
@@ -108,22 +115,24 @@ class Trainer:
         self.eval_dataset = self._check_dataset(eval_dataset, "eval_dataset") if eval_dataset is not None else None
         self.data_collator = data_collator if data_collator is not None else self._default_collator()
         if not callable(self.data_collator):
-            raise TypeError("data_collator must be callable")
+            raise ArgumentTypeError("data_collator must be callable")
         self.objective = self._objective()
+        self._check_targets(self.train_dataset, "train_dataset")
         if os.path.exists(a.output_dir) and not os.path.isdir(a.output_dir):
-            raise ValueError(f"output_dir {a.output_dir} exists and is not a directory")
+            raise OutputError(f"output_dir {a.output_dir} exists and is not a directory")
+        validate._probe_writable(a.output_dir)
         self.trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not self.trainable:
-            raise ValueError("the model has no trainable parameters (requires_grad=False everywhere)")
+            raise UsageError("the model has no trainable parameters (requires_grad=False everywhere)")
         self.device = _device_of(model)
         if a.bf16 and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ValueError("bf16=True but this GPU does not support bfloat16")
+            raise UsageError("bf16=True but this GPU does not support bfloat16")
         if a.gradient_checkpointing and not hasattr(model, "gradient_checkpointing_enable"):
-            raise ValueError("gradient_checkpointing=True but the model has no gradient_checkpointing_enable()")
+            raise UsageError("gradient_checkpointing=True but the model has no gradient_checkpointing_enable()")
         self._pass_num_items = _accepts_kwarg(model.forward, "num_items_in_batch")
         n_micro = self._micro_batches_per_epoch()
         if n_micro == 0:
-            raise ValueError(f"train_dataset has {len(self.train_dataset)} examples, fewer than one batch of "
+            raise DataError(f"train_dataset has {len(self.train_dataset)} examples, fewer than one batch of "
                              f"{a.per_device_train_batch_size} with dataloader_drop_last=True")
         self.steps_per_epoch = math.ceil(n_micro / a.gradient_accumulation_steps)
         self.total_steps = a.max_steps if a.max_steps > 0 else max(1, math.ceil(a.num_train_epochs * self.steps_per_epoch))
@@ -133,6 +142,9 @@ class Trainer:
         self.scheduler = None
         self.global_step = 0
         self._groups_cache: dict[int, list] = {}
+        self.run_id: Optional[str] = None
+        self._stop_requested = False
+        self._anomaly: Optional[str] = None
 
     # --- setup helpers ----------------------------------------------------------------------------
     @staticmethod
@@ -140,14 +152,26 @@ class Trainer:
         try:
             n = len(ds)
         except TypeError:
-            raise TypeError(f"{name} must be a sized sequence of examples (e.g. a list of dicts)") from None
+            raise ArgumentTypeError(f"{name} must be a sized sequence of examples (e.g. a list of dicts)") from None
         if n == 0:
-            raise ValueError(f"{name} is empty")
+            raise DataError(f"{name} is empty")
         for i in range(n):
             ex = ds[i]
             if not isinstance(ex, dict) or "input_ids" not in ex or len(ex["input_ids"]) == 0:
-                raise ValueError(f"{name}[{i}] must be a dict with a non-empty 'input_ids'")
+                raise DataError(f"{name}[{i}] must be a dict with a non-empty 'input_ids'")
         return ds
+
+    def _check_targets(self, ds, name):
+        """A dataset whose every label is ignore_index would train at loss 0: an error, not a run."""
+        if "labels" not in ds[0]:
+            return
+        skip = 1 if self.objective == "clm" else 0
+        for i in range(len(ds)):
+            labels = ds[i].get("labels")
+            if labels is None or any(int(x) != IGNORE_INDEX for x in list(labels)[skip:]):
+                return
+        raise DataError(f"{name}: no example has a target token (every label is {IGNORE_INDEX}, e.g. prompts "
+                        "without completions, or max_length cutting every completion); training would run at loss 0")
 
     def _default_collator(self):
         a = self.args
@@ -155,7 +179,7 @@ class Trainer:
         # The model family decides; for an unknown model, examples without labels mean MLM.
         objective = self._model_objective() or ("clm" if has_labels else "mlm")
         if objective == "mlm" and self.tokenizer is None:
-            raise ValueError("examples without labels need the mlm collator, which needs a tokenizer: "
+            raise UsageError("examples without labels need the mlm collator, which needs a tokenizer: "
                              "pass tokenizer= or data_collator=")
         return default_collator(self.tokenizer, objective=objective, packing=a.packing, max_length=a.max_length)
 
@@ -170,7 +194,7 @@ class Trainer:
     def _objective(self):
         obj = getattr(self.data_collator, "objective", None) or self._model_objective() or "clm"
         if obj not in ("clm", "mlm"):
-            raise ValueError(f"unknown objective {obj!r}")
+            raise UsageError(f"unknown objective {obj!r}")
         return obj
 
     def _micro_batches_per_epoch(self):
@@ -184,20 +208,25 @@ class Trainer:
         if r is True:
             path = ckpt.latest_checkpoint(self.args.output_dir)
             if path is None:
-                raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir} holds no checkpoint")
+                raise CheckpointError(f"resume_from_checkpoint=True but {self.args.output_dir} holds no checkpoint")
+            marker = read_run_marker(self.args.output_dir)
+            got = ckpt.read_trainer_state(path).get("run_id")
+            if marker and got and marker.get("run_id") != got:
+                raise CheckpointError(f"{path}: belongs to run {got}, but {self.args.output_dir} holds run "
+                                      f"{marker.get('run_id')}; refusing to resume from another run's checkpoint")
         else:
             path = r
             if not os.path.isdir(path):
-                raise ValueError(f"resume_from_checkpoint: {path} is not a directory")
+                raise CheckpointError(f"resume_from_checkpoint: {path} is not a directory")
         state = ckpt.read_trainer_state(path)
         # The data position only means something for the same data order.
         want = self._run_identity()
         got = state.get("run", {})
         diff = [f"{k}: checkpoint {got.get(k)!r} vs now {v!r}" for k, v in want.items() if got.get(k) != v]
         if diff:
-            raise ValueError(f"{path}: cannot resume a different run ({'; '.join(diff)})")
+            raise CheckpointError(f"{path}: cannot resume a different run ({'; '.join(diff)})")
         if state["global_step"] > self.total_steps:
-            raise ValueError(f"{path}: checkpoint is at step {state['global_step']}, past this run's "
+            raise CheckpointError(f"{path}: checkpoint is at step {state['global_step']}, past this run's "
                              f"{self.total_steps} steps")
         return path
 
@@ -206,6 +235,86 @@ class Trainer:
         return {"train_dataset_size": len(self.train_dataset), "per_device_train_batch_size": a.per_device_train_batch_size,
                 "gradient_accumulation_steps": a.gradient_accumulation_steps, "seed": a.seed,
                 "dataloader_drop_last": a.dataloader_drop_last, "trainable_params": len(self.trainable)}
+
+    # --- output directory ownership ---------------------------------------------------------------
+    def _claim_output_dir(self, state: Optional[dict]):
+        """Fresh run: refuse another run's outputs (or remove them with overwrite_output_dir), then
+        write a new run id. Resume: keep the checkpoint's run id (refusing a mismatching directory)."""
+        a = self.args
+        if state is None:
+            found = validate.run_artifacts(a.output_dir)
+            if found and not a.overwrite_output_dir:
+                validate.check_output_dir(a.output_dir)  # raises, naming what it found
+            if found:
+                for name in found:
+                    p = os.path.join(a.output_dir, name)
+                    if name.startswith(ckpt.PREFIX) and os.path.isdir(p):
+                        shutil.rmtree(p)
+                    elif name in ("metrics.jsonl", validate.RUN_MARKER):
+                        os.remove(p)
+            self.run_id = uuid.uuid4().hex
+        else:
+            marker = read_run_marker(a.output_dir)
+            self.run_id = state.get("run_id") or (marker or {}).get("run_id") or uuid.uuid4().hex
+            if marker and marker.get("run_id") != self.run_id:
+                raise CheckpointError(f"{self.resume_dir}: belongs to run {self.run_id}, but {a.output_dir} holds "
+                                      f"run {marker.get('run_id')}; use a fresh output_dir to branch from it")
+        write_run_marker(a.output_dir, {"run_id": self.run_id, "run": self._run_identity()})
+
+    # --- interrupts, anomalies ---------------------------------------------------------------------
+    @contextmanager
+    def _sigint_saves(self):
+        """While training, the first Ctrl-C asks for a clean stop at the end of the current step (a
+        checkpoint is saved there); a second one interrupts at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self._stop_requested:
+                raise KeyboardInterrupt("interrupted twice: stopped without saving")
+            self._stop_requested = True
+
+        old = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, old)
+
+    @contextmanager
+    def _anomaly_hooks(self):
+        if not self.args.detect_anomaly:
+            yield
+            return
+
+        def hook(name):
+            def fn(module, inputs, output):
+                if self._anomaly is not None:
+                    return
+                outs = output if isinstance(output, (tuple, list)) else (getattr(output, "logits", output),)
+                for o in outs:
+                    if isinstance(o, torch.Tensor) and o.is_floating_point() and not bool(torch.isfinite(o).all()):
+                        self._anomaly = name or type(module).__name__
+                        return
+            return fn
+
+        handles = [m.register_forward_hook(hook(n)) for n, m in self.model.named_modules() if n]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _stop_nonfinite(self, what, value, step, idx):
+        examples = sorted(i for batch in idx for i in batch)
+        where = f"; first non-finite module output: {self._anomaly}" if self._anomaly else (
+            "; rerun with detect_anomaly=True (--detect-anomaly) to name the first module with a non-finite output"
+            if not self.args.detect_anomaly else "")
+        last = ckpt.latest_checkpoint(self.args.output_dir)
+        kept = f"; the last good checkpoint is {last}" if last else "; no checkpoint was saved yet"
+        raise NonFiniteError(f"{what} became {value} at step {step + 1} (examples {examples[:16]}"
+                             f"{'...' if len(examples) > 16 else ''}){where}{kept}; stopping (try a lower "
+                             "learning_rate or max_grad_norm)")
 
     def create_optimizer(self):
         a = self.args
@@ -331,7 +440,7 @@ class Trainer:
         """Token-weighted mean loss over the eval set and perplexity = exp(loss)."""
         ds = self._check_dataset(eval_dataset, "eval_dataset") if eval_dataset is not None else self.eval_dataset
         if ds is None:
-            raise ValueError("evaluate() needs an eval_dataset (none was given to the Trainer)")
+            raise UsageError("evaluate() needs an eval_dataset (none was given to the Trainer)")
         bs = self.args.per_device_eval_batch_size
         was_training = self.model.training
         self.model.eval()
@@ -348,7 +457,7 @@ class Trainer:
         finally:
             self.model.train(was_training)
         if count == 0:
-            raise ValueError("eval_dataset has no target tokens")
+            raise DataError("eval_dataset has no target tokens")
         loss = total / count
         ppl = math.exp(loss) if loss < 700 else float("inf")
         return {"eval_loss": loss, "eval_perplexity": ppl, "eval_tokens": count}
@@ -377,8 +486,10 @@ class Trainer:
             state = ckpt.load_checkpoint(self.resume_dir, model=self.model, optimizer=self.optimizer,
                                          scheduler=self.scheduler, collator=self.data_collator)
             start, losses, window = state["global_step"], list(state["losses"]), list(state["log_window"])
+            self._claim_output_dir(state)
             self._truncate_metrics(start)
         else:
+            self._claim_output_dir(None)
             self._truncate_metrics(None)
         self.global_step = start
         eval_metrics = None
@@ -387,42 +498,55 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         bar = tqdm(total=self.total_steps, initial=start, desc="train", disable=a.disable_tqdm, dynamic_ncols=True)
+        self._stop_requested, self._anomaly = False, None
+        last_saved = start if self.resume_dir is not None else None
         try:
-            for step in range(start, self.total_steps):
-                micro = [self.data_collator([self.train_dataset[i] for i in idx]) for idx in self._step_batches(step)]
-                num_items = sum(self.count_targets(b) for b in micro)
-                lr = self.scheduler.get_last_lr()[0]
-                loss = float(self.training_step(micro, max(1, num_items)))
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss} at step {step + 1}; stopping (try a lower "
-                                             "learning_rate or max_grad_norm)")
-                grad_norm = self._grad_norm_and_clip()
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.global_step = gs = step + 1
-                losses.append(loss)
-                window = [window[0] + loss, window[1] + 1]
-                seen_tokens += sum(self._input_tokens(b) for b in micro)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-                if gs % a.logging_steps == 0 or gs == self.total_steps:
-                    now = time.perf_counter()
-                    row = {"step": gs, "epoch": round(gs / self.steps_per_epoch, 4), "loss": window[0] / window[1],
-                           "learning_rate": lr, "grad_norm": grad_norm, "num_target_tokens": num_items,
-                           # Wall-clock figures: the only fields that differ between identical runs.
-                           "tokens_per_second": seen_tokens / max(now - t_window, 1e-9)}
-                    if self.device.type == "cuda":
-                        row["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-                    self._log(row)
-                    window, seen_tokens, t_window = [0.0, 0], 0, now
-                pause = time.perf_counter()
-                if self.eval_dataset is not None and a.eval_steps and gs % a.eval_steps == 0:
-                    eval_metrics = self.evaluate()
-                    self._log({"step": gs, **eval_metrics})
-                if a.save_steps and gs % a.save_steps == 0:
-                    self.save_checkpoint(losses, window)
-                t_window += time.perf_counter() - pause  # throughput counts training time only
+            with self._sigint_saves(), self._anomaly_hooks():
+                for step in range(start, self.total_steps):
+                    idx = self._step_batches(step)
+                    micro = [self.data_collator([self.train_dataset[i] for i in b]) for b in idx]
+                    num_items = sum(self.count_targets(b) for b in micro)
+                    lr = self.scheduler.get_last_lr()[0]
+                    loss = float(self.training_step(micro, max(1, num_items)))
+                    if not math.isfinite(loss) or self._anomaly is not None:
+                        self._stop_nonfinite("loss", loss, step, idx)
+                    grad_norm = self._grad_norm_and_clip()
+                    if not math.isfinite(grad_norm):
+                        self._stop_nonfinite("the gradient norm", grad_norm, step, idx)
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.global_step = gs = step + 1
+                    losses.append(loss)
+                    window = [window[0] + loss, window[1] + 1]
+                    seen_tokens += sum(self._input_tokens(b) for b in micro)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                    if gs % a.logging_steps == 0 or gs == self.total_steps:
+                        now = time.perf_counter()
+                        row = {"step": gs, "epoch": round(gs / self.steps_per_epoch, 4), "loss": window[0] / window[1],
+                               "learning_rate": lr, "grad_norm": grad_norm, "num_target_tokens": num_items,
+                               # Wall-clock figures: the only fields that differ between identical runs.
+                               "tokens_per_second": seen_tokens / max(now - t_window, 1e-9)}
+                        if self.device.type == "cuda":
+                            row["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                        self._log(row)
+                        window, seen_tokens, t_window = [0.0, 0], 0, now
+                    pause = time.perf_counter()
+                    if self.eval_dataset is not None and a.eval_steps and gs % a.eval_steps == 0:
+                        eval_metrics = self.evaluate()
+                        self._log({"step": gs, **eval_metrics})
+                    if a.save_steps and gs % a.save_steps == 0:
+                        self.save_checkpoint(losses, window)
+                        last_saved = gs
+                    t_window += time.perf_counter() - pause  # throughput counts training time only
+                    if self._stop_requested:
+                        path = self.save_checkpoint(losses, window) if last_saved != gs else os.path.join(
+                            a.output_dir, f"{ckpt.PREFIX}{gs}")
+                        raise TrainingInterrupted(
+                            f"interrupted at step {gs}/{self.total_steps}; resumable checkpoint saved to {path}; to "
+                            "resume, rerun the same command with --resume-from-checkpoint latest (Python: "
+                            "trainer.train(resume_from_checkpoint=True))", path)
         finally:
             bar.close()
         if self.eval_dataset is not None and not (a.eval_steps and self.global_step % a.eval_steps == 0):
@@ -447,6 +571,7 @@ class Trainer:
     # --- saving -----------------------------------------------------------------------------------
     def save_checkpoint(self, losses, window) -> str:
         state = {"global_step": self.global_step, "total_steps": self.total_steps, "losses": list(losses),
+                 "run_id": self.run_id,
                  "log_window": list(window), "run": self._run_identity(), "args": _jsonable(self.args.to_dict())}
         path = os.path.join(self.args.output_dir, f"{ckpt.PREFIX}{self.global_step}")
         ckpt.save_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
@@ -463,6 +588,36 @@ class Trainer:
 
             os.makedirs(output_dir, exist_ok=True)
             save_file(ckpt.trainable_state(self.model), os.path.join(output_dir, "model.safetensors"))
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``train()``: raised after the resumable checkpoint ``checkpoint_dir`` was saved."""
+
+    def __init__(self, message, checkpoint_dir=None):
+        super().__init__(message)
+        self.checkpoint_dir = checkpoint_dir
+
+
+def read_run_marker(output_dir) -> Optional[dict]:
+    path = os.path.join(output_dir, validate.RUN_MARKER)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt run marker ({e}); remove it or use --overwrite") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: corrupt run marker (not a JSON object)")
+    return d
+
+
+def write_run_marker(output_dir, d: dict):
+    path = os.path.join(output_dir, validate.RUN_MARKER)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(d, f)
+    os.replace(tmp, path)
 
 
 def _jsonable(d):
