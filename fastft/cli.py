@@ -31,7 +31,7 @@ _TRAIN_FLAGS = {
     "seed": (int, "random seed"),
     "resume_from_checkpoint": (str, "checkpoint directory to resume from"),
 }
-_BOOL_TRAIN_FLAGS = {"bf16": "bf16 autocast where supported", "gradient_checkpointing": "recompute activations in backward"}
+_BOOL_TRAIN_FLAGS = {"bf16": "bf16 autocast where supported"}
 
 
 def _add_model_args(p, adapter=True):
@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--" + name.replace("_", "-"), type=typ, help=hlp)
     for name, hlp in _BOOL_TRAIN_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), action="store_true", default=None, help=hlp)
+    p.add_argument("--gradient-checkpointing", nargs="?", const="on", default=None, choices=["off", "on", "offload"],
+                   help="recompute block activations in backward; 'offload' also keeps the saved block inputs in "
+                        "pinned host memory (a bare --gradient-checkpointing means on)")
 
     p = sub.add_parser("eval", help="loss / perplexity (and exact match) on a data set")
     _add_model_args(p)
@@ -199,7 +202,8 @@ def cmd_train(args):
         model = fastft.get_peft_model(model, cfg)
     elif method == "adapter":
         model = fastft.get_peft_model(model, fastft.AdapterConfig(bottleneck_size=int(o.get("bottleneck_size", 64))))
-    targs = {k: o[k] for k in list(_TRAIN_FLAGS) + list(_BOOL_TRAIN_FLAGS) if o.get(k) is not None}
+    targs = {k: o[k] for k in list(_TRAIN_FLAGS) + list(_BOOL_TRAIN_FLAGS) + ["gradient_checkpointing"]
+             if o.get(k) is not None}
     targs.setdefault("output_dir", "outputs/run")
     targs["packing"] = bool(o.get("packing", False))
     targs["max_length"] = max_length

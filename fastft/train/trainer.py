@@ -366,7 +366,9 @@ class Trainer:
         os.makedirs(a.output_dir, exist_ok=True)
         ckpt.remove_stale_tmp(a.output_dir)
         set_seed(a.seed)
-        if a.gradient_checkpointing:
+        if a.gradient_checkpointing == "offload":
+            self.model.gradient_checkpointing_enable(offload=True)
+        elif a.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.model.train()
         self.create_optimizer()
