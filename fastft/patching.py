@@ -132,8 +132,11 @@ def fastft_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset
         return None
     attention_mask = attention_mask[:, -kv_length:]
     # Dropping an all-ones mask saves the kernel its masking; under torch.compile that data-dependent
-    # check would break the graph, and the mask is exact either way.
-    if attention_mask.shape[1] == kv_length and not torch.compiler.is_compiling() and bool(attention_mask.all()):
+    # check would break the graph, and in a training step on a GPU it would make the host wait for
+    # the device (the mask is exact either way, so those keep it).
+    if (attention_mask.shape[1] == kv_length and not torch.compiler.is_compiling()
+            and (attention_mask.device.type == "cpu" or not torch.is_grad_enabled())
+            and bool(attention_mask.all())):
         return None
     return attention_mask
 

@@ -22,16 +22,32 @@ def check_linear_cross_entropy_args(hidden, weight, labels, ignore_index, reduct
                          f"{weight.dtype}")
 
 
-def check_targets(targets: torch.Tensor, vocab: int, ignore_index: int, op: str) -> None:
-    """Every target is ``ignore_index`` or in [0, vocab): a ValueError on CPU, an asynchronous device
-    assert elsewhere (no host synchronisation in a GPU training step)."""
-    ok = ((targets == ignore_index) | ((targets >= 0) & (targets < vocab))).all()
-    msg = f"{op}: a target is outside [0, {vocab}) and is not ignore_index {ignore_index}"
-    if targets.device.type == "cpu":
-        if not ok:
-            raise ValueError(msg)
+def check_async(ok: torch.Tensor, msg: str, exc: type = ValueError) -> None:
+    """Raise ``exc(msg)`` unless the 0-d bool tensor ``ok`` is true, without reading it on the host:
+    on the CPU ``torch._assert_async`` checks at once (the RuntimeError becomes ``exc``); on a device
+    it queues the check there (a device-side assert), so a training step never waits for it."""
+    if ok.device.type == "cpu":
+        try:
+            torch._assert_async(ok, msg)
+        except RuntimeError:
+            raise exc(msg) from None
     else:
         torch._assert_async(ok, msg)
 
 
-__all__ = ["check_linear_cross_entropy_args", "check_targets"]
+def host_value(t: torch.Tensor):
+    """The Python value of a 0-d / one-element CPU tensor; None for a tensor on another device, whose
+    value reading would synchronise the host with the device (callers then take the device path)."""
+    if t.device.type != "cpu":
+        return None
+    return t.item()
+
+
+def check_targets(targets: torch.Tensor, vocab: int, ignore_index: int, op: str) -> None:
+    """Every target is ``ignore_index`` or in [0, vocab): a ValueError on CPU, an asynchronous device
+    assert elsewhere (no host synchronisation in a GPU training step)."""
+    ok = ((targets == ignore_index) | ((targets >= 0) & (targets < vocab))).all()
+    check_async(ok, f"{op}: a target is outside [0, {vocab}) and is not ignore_index {ignore_index}")
+
+
+__all__ = ["check_async", "check_linear_cross_entropy_args", "check_targets", "host_value"]

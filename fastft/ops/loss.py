@@ -27,10 +27,13 @@ def shifted_targets(labels, shape, cu_seqlens):
     targets = F.pad(labels, (0, 1), value=-100)[:, 1:]
     if cu_seqlens is not None and cu_seqlens.numel() > 2:
         # The last token of a document must not learn to predict the next document's first token.
-        ends = cu_seqlens[1:-1].long() - 1
-        ends = ends[ends >= 0]
-        targets = targets.clone()
-        targets[0, ends] = -100
+        # Marked by a scatter into slot end + 1 (slot 0 takes the "end" -1 of empty leading documents):
+        # no data-dependent shape, so no host synchronisation.
+        T = targets.shape[1]
+        ends = cu_seqlens[1:-1].to(device=targets.device, dtype=torch.long).clamp(0, T)  # end + 1
+        mark = torch.zeros(T + 1, dtype=torch.bool, device=targets.device)
+        mark[ends] = True
+        targets = targets.masked_fill(mark[1:][None], -100)
     return targets
 
 

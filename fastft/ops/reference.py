@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .argcheck import check_async
 from .dispatch import register
 
 
@@ -219,12 +220,9 @@ def cross_entropy_grad_(logits, targets, ignore_index=-100):
     valid = targets != ignore_index
     tsafe = torch.where(valid, targets, torch.zeros_like(targets))
     in_range = ((tsafe >= 0) & (tsafe < logits.shape[1])).all()
-    msg = f"cross_entropy_grad_: a target is outside [0, {logits.shape[1]}) and is not ignore_index {ignore_index}"
-    if logits.device.type == "cpu":
-        if not in_range:
-            raise ValueError(msg)
-    else:  # checked on the device, without a host synchronisation
-        torch._assert_async(in_range, msg)
+    # a ValueError on CPU, checked on the device elsewhere (no host synchronisation)
+    check_async(in_range, f"cross_entropy_grad_: a target is outside [0, {logits.shape[1]}) and is not "
+                          f"ignore_index {ignore_index}")
     lse = torch.logsumexp(z, dim=-1)
     zt = z.gather(1, tsafe[:, None])[:, 0]
     loss = torch.where(valid, lse - zt, torch.zeros_like(lse))

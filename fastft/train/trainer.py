@@ -263,32 +263,57 @@ class Trainer:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
-    def compute_loss(self, batch, num_items: int):
-        """sum of this batch's token losses / num_items."""
+    def compute_loss(self, batch, num_items: int, batch_targets: Optional[int] = None):
+        """sum of this batch's token losses / num_items. ``batch_targets``: the batch's target count
+        when the caller counted it on the host (else it is counted here)."""
         with self._autocast():
             if self._pass_num_items:
                 return self.model(**batch, num_items_in_batch=num_items).loss.float()
             # A model without num_items_in_batch averages over its own targets: rescale that mean.
             loss = self.model(**batch).loss.float()
-        return loss * (self.count_targets(batch) / num_items)
+        n = self.count_targets(batch) if batch_targets is None else batch_targets
+        return loss * (n / num_items)
 
     def training_step(self, micro_batches: list, num_items: int) -> torch.Tensor:
-        """Forward+backward every micro-batch of one optimizer step; returns the step's mean loss."""
+        """Forward+backward every micro-batch of one optimizer step; returns the step's mean loss as a
+        device tensor. Nothing in it reads a device value on the host (counts come from the host batch)."""
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for batch in micro_batches:
-            loss = self.compute_loss(self._to_device(batch), num_items)
+            n = None if self._pass_num_items else self.count_targets(batch)  # on the host batch
+            loss = self.compute_loss(self._to_device(batch), num_items, n)
             loss.backward()
             total += loss.detach()
         return total
 
-    def _grad_norm_and_clip(self):
+    def _grad_norm_and_clip(self) -> torch.Tensor:
+        """The total gradient norm (clipped to max_grad_norm when set), as a device tensor: clipping
+        scales on the device, nothing is read on the host."""
         params = [p for _, p in self.trainable if p.grad is not None]
         if not params:
-            return 0.0
+            return torch.zeros((), device=self.device)
         mgn = self.args.max_grad_norm
         if mgn:
-            return float(torch.nn.utils.clip_grad_norm_(params, mgn))
-        return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+            return torch.nn.utils.clip_grad_norm_(params, mgn)
+        return torch.nn.utils.get_total_norm([p.grad for p in params])
+
+    @staticmethod
+    def _read_pending(pending: list) -> list:
+        """[(step, loss, grad_norm)] as floats: the steps' device values read in one transfer (the
+        loop reads them only when it logs, evaluates, checkpoints or ends, so the steps in between
+        never wait for the device). A non-finite loss stops training, naming its step."""
+        if not pending:
+            return []
+        vals = torch.stack([torch.stack([loss.float().reshape(()), gn.float().reshape(()).to(loss.device)])
+                            for _, loss, gn in pending]).tolist()
+        pending_steps = [st for st, _, _ in pending]
+        pending.clear()
+        out = []
+        for st, (loss, gn) in zip(pending_steps, vals):
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss} at step {st}; stopping (try a lower "
+                                         "learning_rate or max_grad_norm)")
+            out.append((st, loss, gn))
+        return out
 
     # --- metrics ----------------------------------------------------------------------------------
     def _log(self, row: dict):
@@ -389,26 +414,32 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         bar = tqdm(total=self.total_steps, initial=start, desc="train", disable=a.disable_tqdm, dynamic_ncols=True)
+        pending = []  # (step, loss, grad norm) on the device, read at the next log / eval / save
         try:
             for step in range(start, self.total_steps):
                 micro = [self.data_collator([self.train_dataset[i] for i in idx]) for idx in self._step_batches(step)]
                 num_items = sum(self.count_targets(b) for b in micro)
                 lr = self.scheduler.get_last_lr()[0]
-                loss = float(self.training_step(micro, max(1, num_items)))
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss} at step {step + 1}; stopping (try a lower "
-                                             "learning_rate or max_grad_norm)")
-                grad_norm = self._grad_norm_and_clip()
+                loss_t = self.training_step(micro, max(1, num_items))
+                grad_norm_t = self._grad_norm_and_clip()
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.global_step = gs = step + 1
-                losses.append(loss)
-                window = [window[0] + loss, window[1] + 1]
+                pending.append((gs, loss_t.detach(), grad_norm_t.detach()))
                 seen_tokens += sum(self._input_tokens(b) for b in micro)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-                if gs % a.logging_steps == 0 or gs == self.total_steps:
+                log_now = gs % a.logging_steps == 0 or gs == self.total_steps
+                eval_now = self.eval_dataset is not None and a.eval_steps and gs % a.eval_steps == 0
+                save_now = a.save_steps and gs % a.save_steps == 0
+                if not (log_now or eval_now or save_now):
+                    continue
+                grad_norm = None
+                for _, loss, grad_norm in self._read_pending(pending):
+                    losses.append(loss)
+                    window = [window[0] + loss, window[1] + 1]
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
+                if log_now:
                     now = time.perf_counter()
                     row = {"step": gs, "epoch": round(gs / self.steps_per_epoch, 4), "loss": window[0] / window[1],
                            "learning_rate": lr, "grad_norm": grad_norm, "num_target_tokens": num_items,
@@ -419,10 +450,10 @@ class Trainer:
                     self._log(row)
                     window, seen_tokens, t_window = [0.0, 0], 0, now
                 pause = time.perf_counter()
-                if self.eval_dataset is not None and a.eval_steps and gs % a.eval_steps == 0:
+                if eval_now:
                     eval_metrics = self.evaluate()
                     self._log({"step": gs, **eval_metrics})
-                if a.save_steps and gs % a.save_steps == 0:
+                if save_now:
                     self.save_checkpoint(losses, window)
                 t_window += time.perf_counter() - pause  # throughput counts training time only
         finally:
