@@ -124,6 +124,30 @@ def nf4_dequantize(qweight, dtype=torch.float32):
                                      qweight.offset)
 
 
+def dequantize_into(qweight, dtype, workspace) -> torch.Tensor:
+    """The dense ``dtype`` weight written into ``workspace`` (a flat buffer of at least
+    ``workspace_numel(qweight, dtype)`` elements; the result is a view of it). For the transient
+    dense weight of a matmul (``fastft.ops.workspace``)."""
+    if isinstance(qweight, NF4Weight):
+        return _qpack.nf4_dequantize_raw(qweight.data, qweight.absmax, qweight.quant_map, qweight.shape,
+                                         qweight.blocksize, dtype, qweight.nested_absmax, qweight.nested_quant_map,
+                                         qweight.offset, workspace=workspace)
+    if isinstance(qweight, Int4Weight):
+        return _qpack.int4_dequantize_raw(qweight.data, qweight.scales, qweight.zeros, qweight.shape,
+                                          qweight.group_size, dtype, workspace=workspace)
+    raise TypeError(f"dequantize_into: expected an NF4Weight or Int4Weight, got {type(qweight).__name__}")
+
+
+def workspace_numel(qweight, dtype) -> int:
+    return _qpack.nf4_workspace_numel(qweight.shape, dtype)
+
+
+def dequantize_into_supported(qweight, dtype) -> bool:
+    return (dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and (_nested_block_supported(qweight) if isinstance(qweight, NF4Weight)
+                 else isinstance(qweight, Int4Weight) and _weight_group_supported(qweight)))
+
+
 def _group_supported(w, group_size=128, symmetric=False) -> bool:
     return isinstance(group_size, int) and _qpack.int4_supported(group_size)
 
@@ -196,5 +220,6 @@ def attention(q, k, v, *, causal, scale=None, key_padding_mask=None, dropout_p=0
 
 register("attention_varlen", "triton")(_attn.attention_varlen)
 
-__all__ = ["QuantBase", "attention", "decode_eligible", "int4_dequantize", "int4_quantize", "lora_linear",
+__all__ = ["QuantBase", "attention", "decode_eligible", "dequantize_into", "dequantize_into_supported",
+           "workspace_numel", "int4_dequantize", "int4_quantize", "lora_linear",
            "nf4_dequantize", "nf4_quantize", "quant_matmul", "quant_matmul_lora", "raw"]
