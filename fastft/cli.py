@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient-checkpointing", nargs="?", const="on", default=None, choices=["off", "on", "offload"],
                    help="recompute block activations in backward; 'offload' also keeps the saved block inputs in "
                         "pinned host memory (a bare --gradient-checkpointing means on)")
+    p.add_argument("--fused-lora-blocks", choices=["auto", "on", "off"], default=None,
+                   help="fused q/k/v and gate/up+SwiGLU LoRA blocks (dense bases on CUDA); auto: FASTFT_FUSED_LORA, "
+                        "else the measured per-projection path")
 
     p = sub.add_parser("eval", help="loss / perplexity (and exact match) on a data set")
     _add_model_args(p)
@@ -202,7 +205,7 @@ def cmd_train(args):
         model = fastft.get_peft_model(model, cfg)
     elif method == "adapter":
         model = fastft.get_peft_model(model, fastft.AdapterConfig(bottleneck_size=int(o.get("bottleneck_size", 64))))
-    targs = {k: o[k] for k in list(_TRAIN_FLAGS) + list(_BOOL_TRAIN_FLAGS) + ["gradient_checkpointing"]
+    targs = {k: o[k] for k in list(_TRAIN_FLAGS) + list(_BOOL_TRAIN_FLAGS) + ["gradient_checkpointing", "fused_lora_blocks"]
              if o.get(k) is not None}
     targs.setdefault("output_dir", "outputs/run")
     targs["packing"] = bool(o.get("packing", False))

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from fastft import ops
+from fastft.nn import fused_blocks
 from fastft.ops.argcheck import check_async, host_value
 from fastft.ops.loss import causal_lm_loss, chunked_causal_lm_loss
 
@@ -227,11 +228,22 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=o_bias)
 
+    #: fused q/k/v LoRA block switch (``fastft.nn.fused_blocks``); None: the process setting
+    fused_lora_blocks = None
+
+    def _qkv(self, x):
+        if fused_blocks.enabled(self.fused_lora_blocks, x):
+            out = fused_blocks.qkv(self.q_proj, self.k_proj, self.v_proj, x)
+            if out is not None:
+                return out
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
     def forward(self, x, cos, sin, key_padding_mask=None, cache=None, cu_seqlens=None, max_seqlen=None):
         B, T, _ = x.shape
-        q = ops.rope(self.q_proj(x).view(B, T, self.num_heads, self.head_dim), cos, sin)
-        k = ops.rope(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k, v = self._qkv(x)
+        q = ops.rope(q.view(B, T, self.num_heads, self.head_dim), cos, sin)
+        k = ops.rope(k.view(B, T, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
         p = self.attention_dropout if self.training else 0.0
         q, k, v = attention_inputs(q, k, v)
         if cu_seqlens is not None:  # packed: B == 1, (total, H, D) layout
@@ -256,7 +268,14 @@ class LlamaMLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
 
+    #: fused gate/up + SwiGLU LoRA block switch (``fastft.nn.fused_blocks``); None: the process setting
+    fused_lora_blocks = None
+
     def forward(self, x):
+        if fused_blocks.enabled(self.fused_lora_blocks, x):
+            h = fused_blocks.gate_up_swiglu(self.gate_proj, self.up_proj, x)
+            if h is not None:
+                return self.down_proj(h)
         return self.down_proj(ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
@@ -362,6 +381,14 @@ class LlamaForCausalLM(NativeModel):
 
     def init_buffers(self, device):
         self.model.rotary_emb.reset(device)
+
+    def set_fused_lora_blocks(self, value) -> None:
+        """Fused q/k/v and gate/up + SwiGLU LoRA blocks for this model: True, False, "auto" (today's
+        measured path until a GPU measures them) or None (the process setting; ``fastft.nn.fused_blocks``)."""
+        value = fused_blocks.normalise(value)
+        for layer in self.model.layers:
+            layer.self_attn.fused_lora_blocks = value
+            layer.mlp.fused_lora_blocks = value
 
     def tied_aliases(self):
         return {"lm_head.weight": "model.embed_tokens.weight"} if self.tie_word_embeddings else {}

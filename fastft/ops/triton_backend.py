@@ -31,6 +31,7 @@ import torch
 from fastft.kernels import attention as _attn
 from fastft.kernels import attention_decode as _attn_decode
 from fastft.kernels import lora as _lora
+from fastft.kernels import lora_fused as _lora_fused
 from fastft.kernels import quant_decode as _qdecode
 from fastft.kernels import quant_matmul as _qmm
 from fastft.kernels import quant_pack as _qpack
@@ -206,6 +207,18 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, ge
     return _lora.lora_linear(x, weight, lora_A, lora_B, scaling, bias=bias, dropout_p=dropout_p, generator=generator)
 
 
+def lora_qkv(x, weights, lora_As, lora_Bs, scalings, biases=None, dropout_p=0.0, generator=None):
+    """The fused q/k/v LoRA block (``kernels/lora_fused.py``; dense bases), for ``fastft.nn.fused_blocks``."""
+    return _lora_fused.lora_qkv(x, weights, lora_As, lora_Bs, scalings, biases=biases, dropout_p=dropout_p,
+                                generator=generator)
+
+
+def lora_gate_up_swiglu(x, weights, lora_As, lora_Bs, scalings, biases=None, dropout_p=0.0, generator=None):
+    """The fused gate/up + SwiGLU LoRA block (``kernels/lora_fused.py``; dense bases)."""
+    return _lora_fused.lora_gate_up_swiglu(x, weights, lora_As, lora_Bs, scalings, biases=biases,
+                                           dropout_p=dropout_p, generator=generator)
+
+
 # ------------------------------------------------------------------------------------------- attention
 @register("attention", "triton")
 def attention(q, k, v, *, causal, scale=None, key_padding_mask=None, dropout_p=0.0, generator=None):
@@ -221,5 +234,5 @@ def attention(q, k, v, *, causal, scale=None, key_padding_mask=None, dropout_p=0
 register("attention_varlen", "triton")(_attn.attention_varlen)
 
 __all__ = ["QuantBase", "attention", "decode_eligible", "dequantize_into", "dequantize_into_supported",
-           "workspace_numel", "int4_dequantize", "int4_quantize", "lora_linear",
+           "workspace_numel", "lora_qkv", "lora_gate_up_swiglu", "int4_dequantize", "int4_quantize", "lora_linear",
            "nf4_dequantize", "nf4_quantize", "quant_matmul", "quant_matmul_lora", "raw"]

@@ -23,6 +23,12 @@ from fastft.quant.int4 import Int4Weight
 from fastft.quant.nf4 import NF4Weight
 
 _BUFFERS: dict = {}
+_INTO: dict = {}  # device type -> fn(NF4Weight, out (out, in) view) -> out: a backend's dequantize-into
+
+
+def register_into(device_type: str, fn) -> None:
+    """A backend's NF4 dequantize into a given contiguous (out, in) tensor (the C++ one on CPU)."""
+    _INTO[device_type] = fn
 
 
 def _stream_key(device: torch.device):
@@ -68,12 +74,13 @@ def dequantize_transient(qweight, dtype: torch.dtype) -> torch.Tensor:
                 return triton_backend.dequantize_into(qweight, dtype, buf)
         elif dev.type == "cpu" and isinstance(qweight, NF4Weight) and dtype in (torch.float32, torch.bfloat16,
                                                                                    torch.float16):
-            from . import cpp
-
-            if cpp.AVAILABLE and ops.backend_for("nf4_dequantize", dev, qweight, dtype) == "cpp":
+            # backend_for loads the C++ backend, which registers its dequantize-into (no import here:
+            # fastft.ops.cpp imports the lean ops, which import this module)
+            into = _INTO.get("cpu") if ops.backend_for("nf4_dequantize", dev, qweight, dtype) == "cpp" else None
+            if into is not None:
                 n = int(qweight.shape[0]) * int(qweight.shape[1])
                 out = workspace(dev, dtype, n)[:n].view(tuple(qweight.shape))
-                return cpp.nf4_dequantize_into(qweight, out)
+                return into(qweight, out)
     if isinstance(qweight, NF4Weight):
         return ops.nf4_dequantize(qweight, dtype)
     if isinstance(qweight, Int4Weight):
@@ -81,4 +88,4 @@ def dequantize_transient(qweight, dtype: torch.dtype) -> torch.Tensor:
     return qweight.dequantize(dtype)
 
 
-__all__ = ["clear", "dequantize_transient", "workspace"]
+__all__ = ["clear", "dequantize_transient", "register_into", "workspace"]

@@ -50,6 +50,9 @@ class TrainingArguments:
     # False / "off", True / "on", or "offload" (checkpointed block inputs kept in pinned host memory,
     # copied on a side stream): normalised to False, True or "offload".
     gradient_checkpointing: Union[bool, str] = False
+    # Fused q/k/v and gate/up + SwiGLU LoRA blocks in native Llama-family layers (dense bases, CUDA):
+    # True, False or "auto" (FASTFT_FUSED_LORA, else today's measured per-projection path).
+    fused_lora_blocks: Union[bool, str] = "auto"
     seed: int = 42
     # A checkpoint directory, or True for the newest checkpoint-<step> in output_dir.
     resume_from_checkpoint: Optional[Union[str, bool]] = None
@@ -150,6 +153,11 @@ class TrainingArguments:
                     raise TypeError(f"TrainingArguments.{f.name} must be a number, got {v!r}")
             setattr(self, f.name, v)
         self.gradient_checkpointing = _checkpointing_mode(self.gradient_checkpointing)
+        from fastft.nn.fused_blocks import normalise
+
+        self.fused_lora_blocks = normalise(self.fused_lora_blocks, "TrainingArguments.fused_lora_blocks")
+        if self.fused_lora_blocks is None:
+            self.fused_lora_blocks = "auto"
         if isinstance(self.output_dir, os.PathLike):
             self.output_dir = os.fspath(self.output_dir)
         r = self.resume_from_checkpoint

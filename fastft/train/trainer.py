@@ -395,6 +395,11 @@ class Trainer:
             self.model.gradient_checkpointing_enable(offload=True)
         elif a.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
+        if a.fused_lora_blocks != "auto":
+            # explicit True / False: the native layers' switch ("auto" leaves FASTFT_FUSED_LORA to decide)
+            for m in self.model.modules():
+                if hasattr(type(m), "fused_lora_blocks"):
+                    m.fused_lora_blocks = a.fused_lora_blocks
         self.model.train()
         self.create_optimizer()
         losses: list[float] = []
