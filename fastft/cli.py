@@ -205,8 +205,8 @@ def cmd_train(args):
         model = fastft.get_peft_model(model, cfg)
     elif method == "adapter":
         model = fastft.get_peft_model(model, fastft.AdapterConfig(bottleneck_size=int(o.get("bottleneck_size", 64))))
-    targs = {k: o[k] for k in list(_TRAIN_FLAGS) + list(_BOOL_TRAIN_FLAGS) + ["gradient_checkpointing", "fused_lora_blocks"]
-             if o.get(k) is not None}
+    names = list(_TRAIN_FLAGS) + list(_BOOL_TRAIN_FLAGS) + ["gradient_checkpointing", "fused_lora_blocks"]
+    targs = {k: o[k] for k in names if o.get(k) is not None}
     targs.setdefault("output_dir", "outputs/run")
     targs["packing"] = bool(o.get("packing", False))
     targs["max_length"] = max_length

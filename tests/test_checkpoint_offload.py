@@ -162,6 +162,8 @@ def test_cli_flag_spellings():
         assert p.parse_args(base + ["--gradient-checkpointing", v]).gradient_checkpointing == v
     with pytest.raises(SystemExit):
         p.parse_args(base + ["--gradient-checkpointing", "maybe"])
+    assert p.parse_args(base + ["--fused-lora-blocks", "on"]).fused_lora_blocks == "on"
+    assert TrainingArguments(fused_lora_blocks="on").fused_lora_blocks is True
 
 
 def _token_dataset(n, vocab):
@@ -215,6 +217,7 @@ def test_hf_trainer_offload_on_patched_model(tmp_path):
         if gc:
             off = model._fastft_offloader
             assert off is not None and off.stats.packed >= 2 * 2  # two layers, two steps
-            funcs = [m._gradient_checkpointing_func for m in model.modules() if hasattr(m, "_gradient_checkpointing_func")]
+            funcs = [m._gradient_checkpointing_func for m in model.modules()
+                     if hasattr(m, "_gradient_checkpointing_func")]
             assert funcs and all(f.func.offloader is off for f in funcs)
     assert losses[True] == losses[False]

@@ -52,7 +52,8 @@ def test_lean_quant_matmul_reuses_the_workspace_and_matches(dtype):
     for rounds in range(2):
         for qw in weights:
             got = lean_qmm(x, qw)
-            ref = DequantMatmulFunction.apply(x, qw, None, lambda q, d: ops.nf4_dequantize(q, d), torch.nn.functional.linear)
+            ref = DequantMatmulFunction.apply(x, qw, None, lambda q, d: ops.nf4_dequantize(q, d),
+                                              torch.nn.functional.linear)
             torch.testing.assert_close(got, ref, rtol=0, atol=0) if dtype == torch.float32 else \
                 torch.testing.assert_close(got, ref)
             dense = ws.dequantize_transient(qw, dtype)

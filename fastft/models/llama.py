@@ -474,7 +474,8 @@ class LlamaForCausalLM(NativeModel):
                     max_seqlen = T  # an upper bound: the attention kernels only need one
             else:
                 max_seqlen = int(max_seqlen)
-                check_async(lens.max() <= max_seqlen, f"a document of cu_seqlens is longer than max_seqlen={max_seqlen}")
+                check_async(lens.max() <= max_seqlen,
+                            f"a document of cu_seqlens is longer than max_seqlen={max_seqlen}")
             cu_seqlens = cu_seqlens.to(device=dev, dtype=torch.int32, non_blocking=True)
             lens = lens.to(device=dev, non_blocking=True)
             if position_ids is None:
