@@ -37,7 +37,7 @@ class OffloadStats:
     kept: int = 0  # left where they were (small, or already on the host)
     unpacked: int = 0
     prefetched: int = 0
-    stored_devices: list = field(default_factory=list)  # device type of each stored tensor, in pack order
+    stored_devices: dict = field(default_factory=dict)  # device type -> count of the stored tensors
 
     def reset(self):
         self.__init__()
@@ -97,17 +97,17 @@ class ActivationOffloader(torch.autograd.graph.saved_tensors_hooks):
             rec = _Packed(host, t.device, ev, self._last, kept=False)
             st.offloaded += 1
             st.offloaded_bytes += nbytes
-            st.stored_devices.append("cpu")
+            st.stored_devices["cpu"] = st.stored_devices.get("cpu", 0) + 1
         elif t.device.type == "cpu" and self.copy_host and nbytes and nbytes >= self.min_bytes:
             host = t.detach().clone()
             rec = _Packed(host, t.device, None, self._last, kept=False)
             st.offloaded += 1
             st.offloaded_bytes += nbytes
-            st.stored_devices.append("cpu")
+            st.stored_devices["cpu"] = st.stored_devices.get("cpu", 0) + 1
         else:
             rec = _Packed(t, t.device, None, self._last, kept=True)
             st.kept += 1
-            st.stored_devices.append(t.device.type)
+            st.stored_devices[t.device.type] = st.stored_devices.get(t.device.type, 0) + 1
         if not rec.kept:
             self._last = weakref.ref(rec)
         return rec
