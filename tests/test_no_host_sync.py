@@ -5,9 +5,10 @@ On CPU the step runs with every host-read pattern patched to record calls made f
 (``.item()``, ``.tolist()``, ``bool(t)``, ``int(t)``, ``float(t)``, ``.cpu()``, ``.numpy()``,
 ``nonzero``, ``torch.equal``, ``repeat_interleave`` without ``output_size``, ``unique``,
 ``masked_select`` and indexing with a boolean tensor): on a GPU each would make the host wait for the
-device. Two places may read tensors because they only ever read CPU tensors: the C++ CPU backend
-(``fastft/ops/cpp.py``, never used for a device tensor) and ``fastft.ops.argcheck.host_value``
-(None for a non-CPU tensor, checked below). With CUDA the same step runs under
+device. Three places may read tensors (``ALLOWED``): the C++ CPU backend (``fastft/ops/cpp.py``,
+never used for a device tensor), ``fastft.ops.argcheck.host_value`` (None for a non-CPU tensor,
+checked below) and the reference ``attention_varlen`` (the oracle's per-document loop; CUDA runs the
+Triton kernel). With CUDA the same step runs under
 ``torch.cuda.set_sync_debug_mode("error")``.
 """
 import os
@@ -23,7 +24,10 @@ from fastft.train import Trainer, TrainingArguments
 from fastft.train.collators import DataCollatorForCLM, DataCollatorForPacking
 
 ROOTS = tuple(os.path.dirname(m.__file__) + os.sep for m in (fastft, fastft.kernels))
-ALLOWED = {("cpp.py", None), ("argcheck.py", "host_value")}
+# The C++ CPU backend (CPU tensors only), host_value (None for a device tensor), and the reference
+# attention_varlen: the oracle loops over documents (so needs their offsets); on CUDA the triton
+# backend runs varlen attention (kernels/attention.py, checked here through its CPU-offset branch).
+ALLOWED = {("cpp.py", None), ("argcheck.py", "host_value"), ("reference.py", "attention_varlen")}
 
 
 @pytest.fixture(autouse=True)
@@ -163,3 +167,38 @@ def test_training_step_on_cuda_never_synchronises(quant, packed, tmp_path):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss) and gn > 0
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_encoder_training_step_reads_nothing_on_the_host(arch, packed, tmp_path, host_reads):
+    """The native BERT / RoBERTa MLM step (QLoRA), padded and packed: the same rule."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from models_util import tiny_config
+
+    torch.manual_seed(0)
+    m = fastft.from_config(tiny_config(arch), quantization="nf4", seed=1)
+    m = fastft.get_peft_model(m, fastft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules="all-linear"))
+    g = torch.Generator().manual_seed(0)
+    if packed:
+        lens = [5, 9, 4]
+        ids = torch.randint(5, 100, (1, sum(lens)), generator=g)
+        batch = {"input_ids": ids, "labels": ids.masked_fill(torch.rand(ids.shape, generator=g) < 0.7, -100),
+                 "cu_seqlens": torch.tensor([0, 5, 14, 18], dtype=torch.int32), "max_seqlen": 9}
+    else:
+        ids = torch.randint(5, 100, (3, 10), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, 7:] = 0
+        labels = ids.masked_fill((torch.rand(ids.shape, generator=g) < 0.7) | (mask == 0), -100)
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    a = TrainingArguments(output_dir=str(tmp_path), max_steps=1, save_steps=None, plot_loss=False,
+                          save_final_model=False, disable_tqdm=True)
+    tr = Trainer(m.train(), [{"input_ids": [5, 6, 7]}], args=a, data_collator=lambda f: batch)
+    tr.create_optimizer()
+    n = tr.count_targets(batch)
+    host_reads.clear()
+    loss = tr.training_step([batch], n)
+    tr._grad_norm_and_clip()
+    tr.optimizer.step()
+    assert host_reads == [], host_reads
+    assert torch.isfinite(loss)
