@@ -35,7 +35,7 @@ _TRAIN_FLAGS = {
     "resume_from_checkpoint": (str, "checkpoint directory to resume from, or 'latest' for the newest in "
                                     "--output-dir (default: start fresh)"),
 }
-_BOOL_TRAIN_FLAGS = {"bf16": "bf16 autocast where supported", "gradient_checkpointing": "recompute activations in backward",
+_BOOL_TRAIN_FLAGS = {"bf16": "bf16 autocast where supported",
                      "detect_anomaly": "check every module's output and name the first non-finite one (slower)"}
 
 
@@ -118,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--" + name.replace("_", "-"), type=typ, choices=choices, help=hlp)
     for name, hlp in _BOOL_TRAIN_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), action="store_true", default=None, help=hlp + " (default: off)")
+    p.add_argument("--gradient-checkpointing", nargs="?", const="on", default=None, choices=["off", "on", "offload"],
+                   help="recompute block activations in backward; 'offload' also keeps the saved block inputs in "
+                        "pinned host memory (a bare --gradient-checkpointing means on)")
+    p.add_argument("--fused-lora-blocks", choices=["auto", "on", "off"], default=None,
+                   help="fused q/k/v and gate/up+SwiGLU LoRA blocks (dense bases on CUDA); auto: FASTFT_FUSED_LORA, "
+                        "else the measured per-projection path")
 
     p = add("eval", help="loss / perplexity (and exact match) on a data set")
     _add_model_args(p)
@@ -238,6 +244,8 @@ def _coerce_config_value(where, key, value, action):
         if value is True or (isinstance(value, str) and value.strip()):
             return value
         bad("a checkpoint directory or true")
+    if key == "gradient_checkpointing" and isinstance(value, bool):  # `gradient_checkpointing: true` in YAML
+        return "on" if value else "off"
     if key == "target_modules" and isinstance(value, list):
         if not value or not all(isinstance(v, str) and v for v in value):
             bad("a non-empty list of module names")
@@ -358,7 +366,8 @@ def _training_arguments(o):
     from fastft.train import TrainingArguments
 
     method = o.get("method", "lora")
-    targs = {k: o[k] for k in list(_TRAIN_FLAGS) + list(_BOOL_TRAIN_FLAGS) if o.get(k) is not None}
+    names = list(_TRAIN_FLAGS) + list(_BOOL_TRAIN_FLAGS) + ["gradient_checkpointing", "fused_lora_blocks"]
+    targs = {k: o[k] for k in names if o.get(k) is not None}
     targs.setdefault("output_dir", "outputs/run")
     targs.setdefault("learning_rate", DEFAULT_LR[method])
     if targs.get("resume_from_checkpoint") in ("latest", "True", "true"):

@@ -50,6 +50,7 @@ all-ones shortcut while compiling; backends are resolved at patch time, not insi
 """
 from __future__ import annotations
 
+import functools
 import logging
 import types
 
@@ -131,8 +132,11 @@ def fastft_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset
         return None
     attention_mask = attention_mask[:, -kv_length:]
     # Dropping an all-ones mask saves the kernel its masking; under torch.compile that data-dependent
-    # check would break the graph, and the mask is exact either way.
-    if attention_mask.shape[1] == kv_length and not torch.compiler.is_compiling() and bool(attention_mask.all()):
+    # check would break the graph, and in a training step on a GPU it would make the host wait for
+    # the device (the mask is exact either way, so those keep it).
+    if (attention_mask.shape[1] == kv_length and not torch.compiler.is_compiling()
+            and (attention_mask.device.type == "cpu" or not torch.is_grad_enabled())
+            and bool(attention_mask.all())):
         return None
     return attention_mask
 
@@ -470,6 +474,51 @@ def _patch_fused_loss_forward(model) -> bool:
     return True
 
 
+def _fastft_activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
+                                            offload=False, **kwargs):
+    """transformers' ``activation_checkpointing_enable`` (what ``transformers.Trainer(gradient_checkpointing=True)``
+    calls), with ``offload`` (the argument, or an ``"offload"`` key of the kwargs) through fastft's
+    ``ActivationOffloader``: the saved block inputs go to pinned host memory on a side stream, without
+    blocking the host (transformers' own offload copies on the compute stream)."""
+    from fastft.nn.checkpointing import ActivationOffloader, offloading_checkpoint_function
+
+    kw = dict(activation_checkpointing_kwargs or {})
+    offload = kw.pop("offload", offload)
+    type(self).activation_checkpointing_enable(self, kw or None, every_n_layers=every_n_layers, offload=False,
+                                              **kwargs)
+    self._fastft_offloader = None
+    if not offload:
+        return
+    kw = {"use_reentrant": False, **kw}
+    if kw["use_reentrant"]:
+        raise ValueError("activation offload needs use_reentrant=False")
+    offloader = offload if isinstance(offload, ActivationOffloader) else ActivationOffloader()
+    fn = functools.partial(offloading_checkpoint_function(offloader), **kw)
+    for m in self.modules():
+        if hasattr(m, "_gradient_checkpointing_func"):
+            m._gradient_checkpointing_func = fn
+    self._fastft_offloader = offloader
+    if getattr(self, "_fastft_offload_hook", None) is None:
+        # A new forward cuts the prefetch chain of the previous one.
+        self._fastft_offload_hook = self.register_forward_pre_hook(
+            lambda mod, args: mod._fastft_offloader.new_pass() if mod._fastft_offloader is not None else None)
+
+
+def _patch_checkpointing(model) -> bool:
+    """Route a transformers model's activation checkpointing offload through fastft (instance-level)."""
+    target = model
+    while not hasattr(type(target), "_activation_checkpointing_enable"):
+        inner = getattr(target, "base_model", None)
+        inner = getattr(inner, "model", None) if inner is not None and inner is not target else None
+        if inner is None or inner is target:
+            return False
+        target = inner
+    if "activation_checkpointing_enable" in vars(target):
+        return False
+    target.activation_checkpointing_enable = types.MethodType(_fastft_activation_checkpointing_enable, target)
+    return True
+
+
 def patch(model, *, quantization=None, attention=True, lora=None, blocksize=64, double_quant=True, group_size=128,
           loss=True):
     """Patch a transformers (or peft) model in place to run on fastft ops; returns the model
@@ -484,6 +533,7 @@ def patch(model, *, quantization=None, attention=True, lora=None, blocksize=64, 
     if loss and _patch_fused_loss_forward(model):
         logger.info("fastft.patch: training forwards with labels compute the loss with fastft.ops.linear_cross_entropy "
                     "(no full logits)")
+    _patch_checkpointing(model)
     if attention:
         register_attention()
         _set_attn_implementation(model)

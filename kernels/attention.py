@@ -778,18 +778,31 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, *, causal, scale=None, dro
         raise ValueError(f"{what}: cu_seqlens must be a 1-D tensor with at least 2 entries")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{what}: cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
-    cu_host = cu_seqlens.tolist()  # one small sync; validation here saves an out-of-bounds read later
-    lens = [b - a for a, b in zip(cu_host, cu_host[1:])]
-    if cu_host[0] != 0 or cu_host[-1] != q.shape[0] or min(lens) < 0:
-        raise ValueError(f"{what}: cu_seqlens {cu_host} must start at 0, be non-decreasing and end at "
-                         f"total={q.shape[0]}")
-    if max(lens) > max_seqlen:
-        raise ValueError(f"{what}: a document ({max(lens)} tokens) is longer than max_seqlen={max_seqlen}")
+    max_seqlen = int(max_seqlen)
+    if cu_seqlens.device.type == "cpu":
+        # Host offsets: validated here at no cost (a bad offset would read out of bounds later).
+        cu_host = cu_seqlens.tolist()
+        lens = [b - a for a, b in zip(cu_host, cu_host[1:])]
+        if cu_host[0] != 0 or cu_host[-1] != q.shape[0] or min(lens) < 0:
+            raise ValueError(f"{what}: cu_seqlens {cu_host} must start at 0, be non-decreasing and end at "
+                             f"total={q.shape[0]}")
+        if max(lens) > max_seqlen:
+            raise ValueError(f"{what}: a document ({max(lens)} tokens) is longer than max_seqlen={max_seqlen}")
+        max_seqlen = max(lens)
+    else:
+        # Device offsets: checked on the device (no host synchronisation in a training step); the
+        # kernels' grid comes from the caller's max_seqlen (an upper bound is enough).
+        lens = cu_seqlens[1:] - cu_seqlens[:-1]
+        torch._assert_async((cu_seqlens[0] == 0) & (cu_seqlens[-1] == q.shape[0]) & (lens >= 0).all()
+                            & (lens.max() <= max_seqlen),
+                            f"{what}: cu_seqlens must start at 0, be non-decreasing, end at total={q.shape[0]} "
+                            f"and hold no document longer than max_seqlen={max_seqlen}")
+        max_seqlen = min(max_seqlen, q.shape[0])
     if q.shape[0] == 0:  # only empty documents
         return q.clone()
-    cu = cu_seqlens.to(device=q.device, dtype=torch.int32).contiguous()
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32, non_blocking=True).contiguous()
     seed = draw_seed(generator) if dropout_p > 0.0 else 0
-    return AttentionFunction.apply(q, k, v, None, cu, max(lens), causal, scale, float(dropout_p), seed)
+    return AttentionFunction.apply(q, k, v, None, cu, max_seqlen, causal, scale, float(dropout_p), seed)
 
 
 def dropout_keep_mask(seed: int, B: int, H: int, T: int, S: int, dropout_p: float, device) -> torch.Tensor:

@@ -429,9 +429,22 @@ def nf4_double_quantize_raw(absmax: torch.Tensor, offset: float,
     return codes, nested
 
 
+def _workspace_view(workspace, numel: int, dtype, dev, what: str) -> torch.Tensor:
+    """The first ``numel`` elements of a caller's flat workspace (reused between calls, no allocation)."""
+    if (not isinstance(workspace, torch.Tensor) or workspace.dim() != 1 or not workspace.is_contiguous()
+            or workspace.dtype != dtype or workspace.device != dev or workspace.numel() < numel):
+        raise ValueError(f"{what}: workspace must be a contiguous 1-D {dtype} tensor on {dev} with at least {numel} "
+                         f"elements, got {getattr(workspace, 'dtype', None)} "
+                         f"{tuple(getattr(workspace, 'shape', ()))} on {getattr(workspace, 'device', None)}")
+    return workspace[:numel]
+
+
 def nf4_dequantize_raw(data, absmax, quant_map, shape, blocksize, dtype=torch.float32,
-                       nested_absmax=None, nested_quant_map=None, offset=None) -> torch.Tensor:
-    """Dense tensor of ``shape`` and ``dtype`` from NF4 fields (double quant when nested_absmax)."""
+                       nested_absmax=None, nested_quant_map=None, offset=None, workspace=None) -> torch.Tensor:
+    """Dense tensor of ``shape`` and ``dtype`` from NF4 fields (double quant when nested_absmax).
+
+    ``workspace``: a flat contiguous buffer of ``dtype`` on the weight's device with at least
+    ``nf4_workspace_numel(shape, dtype)`` elements; the result is then a view of it (nothing allocated)."""
     if dtype not in IO_DTYPES:
         raise TypeError(f"nf4_dequantize: dtype must be a floating-point dtype, got {dtype}")
     _check_blocksize(blocksize, "nf4_dequantize")
@@ -450,7 +463,11 @@ def nf4_dequantize_raw(data, absmax, quant_map, shape, blocksize, dtype=torch.fl
         raise ValueError(f"nf4_dequantize: absmax has {absmax.numel()} entries, {nblocks} blocks needed")
     pack = dtype != torch.float64
     # Outputs are written in pairs (one word per byte): an odd count gets one padding element.
-    flat = torch.empty(n + (n & 1) if pack else n, dtype=dtype, device=dev)
+    need = n + (n & 1) if pack else n
+    if workspace is None:
+        flat = torch.empty(need, dtype=dtype, device=dev)
+    else:
+        flat = _workspace_view(workspace, need, dtype, dev, "nf4_dequantize")
     out = flat[:n].view(tuple(shape))
     if n == 0:
         return out
@@ -496,8 +513,18 @@ def int4_quantize_raw(w: torch.Tensor, group_size: int = 128, symmetric: bool = 
     return data, scales, zeros
 
 
-def int4_dequantize_raw(data, scales, zeros, shape, group_size, dtype=torch.float32) -> torch.Tensor:
-    """Dense (out, in) ``dtype`` from int4 fields: (q - zero) * scale in fp32, one cast."""
+def nf4_workspace_numel(shape, dtype) -> int:
+    """Elements of the flat workspace ``nf4_dequantize_raw`` writes for ``shape`` / ``dtype`` (the
+    word-pair stores pad an odd count by one)."""
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n + (n & 1) if dtype != torch.float64 else n
+
+
+def int4_dequantize_raw(data, scales, zeros, shape, group_size, dtype=torch.float32, workspace=None) -> torch.Tensor:
+    """Dense (out, in) ``dtype`` from int4 fields: (q - zero) * scale in fp32, one cast.
+    ``workspace``: as for ``nf4_dequantize_raw`` (at least out * in elements)."""
     if dtype not in IO_DTYPES:
         raise TypeError(f"int4_dequantize: dtype must be a floating-point dtype, got {dtype}")
     N, K = (int(s) for s in shape)
@@ -509,7 +536,10 @@ def int4_dequantize_raw(data, scales, zeros, shape, group_size, dtype=torch.floa
     if tuple(data.shape) != (N, K // 2) or tuple(scales.shape) != (N, K // group_size):
         raise ValueError(f"int4_dequantize: data {tuple(data.shape)} / scales {tuple(scales.shape)} do not fit "
                          f"shape ({N}, {K}) with group_size {group_size}")
-    out = torch.empty((N, K), dtype=dtype, device=data.device)
+    if workspace is None:
+        out = torch.empty((N, K), dtype=dtype, device=data.device)
+    else:
+        out = _workspace_view(workspace, N * K, dtype, data.device, "int4_dequantize").view(N, K)
     if N and K:
         rows = rows_per_program(group_size)
         launch(_int4_dequantize_kernel, (triton.cdiv(N, rows), K // group_size), data, scales,
@@ -522,4 +552,5 @@ __all__ = [
     "EXACT_LAUNCH", "NESTED_BLOCK", "SCALE_FLOOR", "QuantMeta", "QuantTensors", "check_meta", "int4_supported",
     "dequant_tile",
     "nf4_quantize_raw", "nf4_double_quantize_raw", "nf4_dequantize_raw", "int4_quantize_raw", "int4_dequantize_raw",
+    "nf4_workspace_numel",
 ]

@@ -120,19 +120,33 @@ class NativeModel(nn.Module):
         raise NotImplementedError
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, every_n_layers: int = 1,
-                                        offload: bool = False):
+                                        offload=False):
         """Recompute block activations in backward (``torch.utils.checkpoint``, non-reentrant).
 
         Same signature as transformers' (which ``transformers.Trainer`` calls): every
-        ``every_n_layers``-th block is checkpointed; ``offload`` keeps the saved block inputs in
-        host memory.
+        ``every_n_layers``-th block is checkpointed; ``offload`` (True, or a
+        ``fastft.nn.checkpointing.ActivationOffloader``) keeps the saved block inputs in pinned host
+        memory, copied on a side stream without blocking the host (``fastft/nn/checkpointing.py``).
         """
+        from fastft.nn.checkpointing import ActivationOffloader
+
         if every_n_layers < 1:
             raise ValueError(f"every_n_layers must be >= 1, got {every_n_layers}")
+        kw = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        if offload and kw["use_reentrant"]:
+            raise ValueError("activation offload needs use_reentrant=False")
         self.gradient_checkpointing = True
-        self._gc_kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        self._gc_kwargs = kw
         self._gc_every = every_n_layers
-        self._gc_offload = offload
+        if isinstance(offload, ActivationOffloader):
+            self._gc_offloader = offload
+        else:
+            self._gc_offloader = ActivationOffloader() if offload else None
+
+    @property
+    def activation_offloader(self):
+        """The ``ActivationOffloader`` of checkpointed blocks (None without offload)."""
+        return getattr(self, "_gc_offloader", None) if self.gradient_checkpointing else None
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None, **kwargs):
         """Alias of :meth:`activation_checkpointing_enable` (the older transformers name)."""
@@ -150,12 +164,12 @@ class NativeModel(nn.Module):
     def _run_block(self, index, block, *args):
         if (self.gradient_checkpointing and self.training and torch.is_grad_enabled()
                 and index % getattr(self, "_gc_every", 1) == 0):
-            from torch.utils.checkpoint import checkpoint
+            from fastft.nn.checkpointing import checkpoint_block
 
-            if getattr(self, "_gc_offload", False):
-                with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
-                    return checkpoint(block, *args, **self._gc_kwargs)
-            return checkpoint(block, *args, **self._gc_kwargs)
+            off = getattr(self, "_gc_offloader", None)
+            if off is not None and index == 0:
+                off.new_pass()
+            return checkpoint_block(block, *args, offload=off, **self._gc_kwargs)
         return block(*args)
 
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastft import ops
+from fastft.ops.argcheck import check_async, host_value
 
 from .base import NativeModel, attention_inputs
 
@@ -354,10 +355,11 @@ class BertForMaskedLM(NativeModel):
         dev = input_ids.device
         roberta = self.base_name == "roberta"
         pad = self.config.pad_token_id
+        derived = position_ids is None
         if position_ids is None:
             if cu_seqlens is not None:
                 lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-                starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lens)
+                starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lens, output_size=T)  # no host sync
                 position_ids = (torch.arange(T, device=dev) - starts)[None]
                 if roberta:
                     position_ids = position_ids + pad + 1
@@ -368,10 +370,17 @@ class BertForMaskedLM(NativeModel):
             else:
                 position_ids = torch.arange(T, device=dev)[None].expand(B, T)
         limit = self.config.max_position_embeddings
-        longest = int(position_ids.max()) + 1 if position_ids.numel() else 0
-        if longest > limit:
+        if derived and T + (pad + 1 if roberta else 0) <= limit:
+            return position_ids  # every derived position is below that host-side bound
+        if not position_ids.numel():
+            return position_ids
+        top = host_value(position_ids.max())  # None on a device: checked there, no host synchronisation
+        if top is None:
+            check_async(position_ids.max() < limit,
+                        f"{self.model_type}: a position id is >= max_position_embeddings={limit}")
+        elif top + 1 > limit:
             raise ValueError(
-                f"{self.model_type}: input needs position {longest - 1} but max_position_embeddings={limit} "
+                f"{self.model_type}: input needs position {top} but max_position_embeddings={limit} "
                 f"(sequence of {T} tokens is too long)"
             )
         return position_ids
@@ -386,14 +395,23 @@ class BertForMaskedLM(NativeModel):
         if cu_seqlens is not None:
             if B != 1:
                 raise ValueError(f"packed batches (cu_seqlens) need input_ids of shape (1, total), got {(B, T)}")
-            cu_seqlens = cu_seqlens.to(device=input_ids.device, dtype=torch.int32)
             if max_seqlen is None:
-                max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+                # the collator's host value normally; else exact from host offsets, or T as the bound
+                top = host_value((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+                max_seqlen = T if top is None else int(top)
+            cu_seqlens = cu_seqlens.to(device=input_ids.device, dtype=torch.int32, non_blocking=True)
         elif attention_mask is not None:
             if attention_mask.shape != (B, T):
                 raise ValueError(f"attention_mask must be {(B, T)}, got {tuple(attention_mask.shape)}")
             am = attention_mask.to(torch.bool)
-            kpm = None if bool(am.all()) else am
+            # dropped when all ones, if that is known without waiting for a device (as in llama.py)
+            if am.device.type == "cpu":
+                all_real = host_value(am.all())
+            elif not torch.is_grad_enabled():
+                all_real = bool(am.all())
+            else:
+                all_real = False
+            kpm = None if all_real else am
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         position_ids = self._positions(input_ids, position_ids, cu_seqlens)

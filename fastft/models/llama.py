@@ -34,6 +34,8 @@ import torch
 from torch import nn
 
 from fastft import ops
+from fastft.nn import fused_blocks
+from fastft.ops.argcheck import check_async, host_value
 from fastft.ops.loss import causal_lm_loss, chunked_causal_lm_loss
 
 from .base import NativeModel, attention_inputs
@@ -226,11 +228,22 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=o_bias)
 
+    #: fused q/k/v LoRA block switch (``fastft.nn.fused_blocks``); None: the process setting
+    fused_lora_blocks = None
+
+    def _qkv(self, x):
+        if fused_blocks.enabled(self.fused_lora_blocks, x):
+            out = fused_blocks.qkv(self.q_proj, self.k_proj, self.v_proj, x)
+            if out is not None:
+                return out
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
     def forward(self, x, cos, sin, key_padding_mask=None, cache=None, cu_seqlens=None, max_seqlen=None):
         B, T, _ = x.shape
-        q = ops.rope(self.q_proj(x).view(B, T, self.num_heads, self.head_dim), cos, sin)
-        k = ops.rope(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k, v = self._qkv(x)
+        q = ops.rope(q.view(B, T, self.num_heads, self.head_dim), cos, sin)
+        k = ops.rope(k.view(B, T, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
         p = self.attention_dropout if self.training else 0.0
         q, k, v = attention_inputs(q, k, v)
         if cu_seqlens is not None:  # packed: B == 1, (total, H, D) layout
@@ -255,7 +268,14 @@ class LlamaMLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
 
+    #: fused gate/up + SwiGLU LoRA block switch (``fastft.nn.fused_blocks``); None: the process setting
+    fused_lora_blocks = None
+
     def forward(self, x):
+        if fused_blocks.enabled(self.fused_lora_blocks, x):
+            h = fused_blocks.gate_up_swiglu(self.gate_proj, self.up_proj, x)
+            if h is not None:
+                return self.down_proj(h)
         return self.down_proj(ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
@@ -362,6 +382,14 @@ class LlamaForCausalLM(NativeModel):
     def init_buffers(self, device):
         self.model.rotary_emb.reset(device)
 
+    def set_fused_lora_blocks(self, value) -> None:
+        """Fused q/k/v and gate/up + SwiGLU LoRA blocks for this model: True, False, "auto" (today's
+        measured path until a GPU measures them) or None (the process setting; ``fastft.nn.fused_blocks``)."""
+        value = fused_blocks.normalise(value)
+        for layer in self.model.layers:
+            layer.self_attn.fused_lora_blocks = value
+            layer.mlp.fused_lora_blocks = value
+
     def tied_aliases(self):
         return {"lm_head.weight": "model.embed_tokens.weight"} if self.tie_word_embeddings else {}
 
@@ -376,15 +404,20 @@ class LlamaForCausalLM(NativeModel):
         return self.lm_head
 
     # --- forward ----------------------------------------------------------------------------------
-    def _check_length(self, total: int, position_ids):
+    def _check_length(self, total: int, position_ids, derived: bool):
+        """Positions < max_position_embeddings. ``derived``: the position ids were made here from the
+        shapes / masks / cu_seqlens (all < ``total``), so the host-side ``total`` decides; the
+        caller's own position ids are checked on their device (no host synchronisation)."""
         limit = self.config.max_position_embeddings
         if self.model.rotary_emb.kind == "dynamic":
             return  # dynamic NTK scaling exists to run past max_position_embeddings
-        longest = total if position_ids is None else int(position_ids.max()) + 1
-        if longest > limit:
+        if total > limit and (derived or position_ids is None):
             raise ValueError(
-                f"{self.model_type}: input of {longest} positions is longer than max_position_embeddings={limit}"
+                f"{self.model_type}: input of {total} positions is longer than max_position_embeddings={limit}"
             )
+        if not derived and position_ids is not None and position_ids.numel():
+            check_async(position_ids.max() < limit,
+                        f"{self.model_type}: a position id is >= max_position_embeddings={limit}")
 
     def _check_window(self, longest: int):
         for i, w in enumerate(self.sliding_windows):
@@ -408,29 +441,48 @@ class LlamaForCausalLM(NativeModel):
         cache = past_key_values if past_key_values is not None else kwargs.get("cache")
         past = cache.length if cache is not None else 0
         kpm = None
+        derived = position_ids is None
         if (cu_seqlens is None and position_ids is not None and B == 1 and cache is None
                 and attention_mask is None and T > 1):
             # transformers' packing convention (DataCollatorWithFlattening): one row whose
-            # position ids restart at 0 at every document start, no cu_seqlens.
+            # position ids restart at 0 at every document start, no cu_seqlens. The document starts
+            # are data (one host synchronisation on a device; fastft's packing collator sends
+            # cu_seqlens and max_seqlen instead, and then nothing here reads the device).
             starts = (position_ids[0] == 0).nonzero()[:, 0]
             if starts.numel() > 1 and int(starts[0]) == 0:
                 cu_seqlens = torch.cat([starts, starts.new_tensor([T])])
         if cu_seqlens is not None:
             if B != 1:
                 raise ValueError(f"packed batches (cu_seqlens) need input_ids of shape (1, total), got {(B, T)}")
-            if attention_mask is not None and not bool(attention_mask.all()):
-                raise ValueError("packed batches (cu_seqlens) cannot also carry padding in attention_mask")
             if cache is not None:
                 raise ValueError("packed batches (cu_seqlens) cannot use a KV cache")
-            cu_seqlens = cu_seqlens.to(device=dev, dtype=torch.int32)
+            if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+                raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
+            # Validated where the tensors live: at once on the CPU, as device asserts on a GPU.
+            if attention_mask is not None:
+                check_async(attention_mask.to(torch.bool).all(),
+                            "packed batches (cu_seqlens) cannot also carry padding in attention_mask")
+            host_cu = cu_seqlens.device.type == "cpu"
             lens = cu_seqlens[1:] - cu_seqlens[:-1]
+            check_async((cu_seqlens[0] == 0) & (cu_seqlens[-1] == T) & (lens >= 0).all(),
+                        f"cu_seqlens must start at 0, be non-decreasing and end at total={T}")
             if max_seqlen is None:
-                max_seqlen = int(lens.max()) if lens.numel() else 0
+                if host_cu or any(w is not None for w in self.sliding_windows):
+                    # host values (free on the CPU; one synchronisation for a device tensor here)
+                    max_seqlen = int(lens.max())
+                else:
+                    max_seqlen = T  # an upper bound: the attention kernels only need one
+            else:
+                max_seqlen = int(max_seqlen)
+                check_async(lens.max() <= max_seqlen,
+                            f"a document of cu_seqlens is longer than max_seqlen={max_seqlen}")
+            cu_seqlens = cu_seqlens.to(device=dev, dtype=torch.int32, non_blocking=True)
+            lens = lens.to(device=dev, non_blocking=True)
             if position_ids is None:
-                # positions restart at 0 in every document
-                starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lens.long())
+                # positions restart at 0 in every document (output_size: no host synchronisation)
+                starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lens.long(), output_size=T)
                 position_ids = (torch.arange(T, device=dev) - starts)[None]
-            self._check_window(int(max_seqlen))
+            self._check_window(max_seqlen)
         else:
             if attention_mask is not None:
                 if attention_mask.shape != (B, past + T):
@@ -439,7 +491,16 @@ class LlamaForCausalLM(NativeModel):
                         f"got {tuple(attention_mask.shape)}"
                     )
                 am = attention_mask.to(torch.bool)
-                if not bool(am.all()):
+                # An all-ones mask is dropped (the kernels skip the masking) when that is known
+                # without waiting for a device: a CPU mask, or inference (one read per call); a
+                # training step on a GPU hands the kernels the mask as it is.
+                if am.device.type == "cpu":
+                    all_real = host_value(am.all())
+                elif not torch.is_grad_enabled():
+                    all_real = bool(am.all())
+                else:
+                    all_real = False
+                if not all_real:
                     kpm = am
                 if position_ids is None:
                     # left padding: real tokens count from 0 wherever they start
@@ -447,7 +508,7 @@ class LlamaForCausalLM(NativeModel):
             if position_ids is None:
                 position_ids = torch.arange(past, past + T, device=dev)[None].expand(B, T)
             self._check_window(past + T)
-        self._check_length(past + T, position_ids)
+        self._check_length(past + T, position_ids, derived)
 
         m = self.model
         h = m.embed_tokens(input_ids)

@@ -82,13 +82,11 @@ def check_attention_varlen_args(q, k, v, cu_seqlens, max_seqlen, causal, scale, 
                          f"{tuple(cu_seqlens.shape)}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise UsageError(f"{op}: max_seqlen must be an int >= 0, got {max_seqlen!r}")
-    if cu_seqlens.device.type == "cpu":
-        cu = cu_seqlens.tolist()
-        if cu[0] != 0 or cu[-1] != q.shape[0] or any(b < a for a, b in zip(cu, cu[1:])):
-            raise UsageError(f"{op}: cu_seqlens must start at 0, be non-decreasing and end at total={q.shape[0]}, "
-                             f"got {cu[:8]}{'...' if len(cu) > 8 else ''}")
-        if max(b - a for a, b in zip(cu, cu[1:])) > max_seqlen:
-            raise UsageError(f"{op}: a document is longer than max_seqlen={max_seqlen}")
+    cu = cu_seqlens
+    lens = cu[1:] - cu[:-1]
+    check_async((cu[0] == 0) & (cu[-1] == q.shape[0]) & (lens >= 0).all(),
+                f"{op}: cu_seqlens must start at 0, be non-decreasing and end at total={q.shape[0]}")
+    check_async((lens <= max_seqlen).all(), f"{op}: a document is longer than max_seqlen={max_seqlen}")
     if not isinstance(causal, bool):
         raise ArgumentTypeError(f"{op}: causal must be a bool, got {causal!r}")
     _scale(op, scale)
@@ -238,22 +236,36 @@ def check_linear_cross_entropy_args(hidden, weight, labels, ignore_index, reduct
     check_targets(labels, weight.shape[0], ignore_index, op)
 
 
+def check_async(ok: torch.Tensor, msg: str, exc: type = UsageError) -> None:
+    """Raise ``exc(msg)`` unless the 0-d bool tensor ``ok`` is true, without reading it on the host:
+    on the CPU ``torch._assert_async`` checks at once (the RuntimeError becomes ``exc``); on a device
+    it queues the check there (a device-side assert), so a training step never waits for it. The same
+    code runs on every device, so the CPU tests of "no synchronisation" cover the CUDA path."""
+    if ok.device.type == "cpu":
+        try:
+            torch._assert_async(ok, msg)
+        except RuntimeError:
+            raise exc(msg) from None
+    else:
+        torch._assert_async(ok, msg)
+
+
+def host_value(t: torch.Tensor):
+    """The Python value of a 0-d / one-element CPU tensor; None for a tensor on another device, whose
+    value reading would synchronise the host with the device (callers then take the device path)."""
+    if t.device.type != "cpu":
+        return None
+    return t.item()
+
+
 def check_targets(targets: torch.Tensor, vocab: int, ignore_index: int, op: str) -> None:
-    """Every target is ``ignore_index`` or in [0, vocab): an asynchronous device assert
-    (``torch._assert_async``: no host synchronisation in a GPU training step; on CPU it checks at
-    once, and the error is a ValueError). The same code runs on every device, so the CPU tests of
-    "no synchronisation inside the loss" (tests/test_linear_cross_entropy.py) cover the CUDA path."""
+    """Every target is ``ignore_index`` or in [0, vocab): a UsageError on CPU, an asynchronous device
+    assert elsewhere (no host synchronisation in a GPU training step)."""
     ok = ((targets == ignore_index) | ((targets >= 0) & (targets < vocab))).all()
-    msg = f"{op}: a target is outside [0, {vocab}) and is not ignore_index {ignore_index}"
-    if targets.device.type != "cpu":
-        torch._assert_async(ok, msg)
-        return
-    try:
-        torch._assert_async(ok, msg)
-    except RuntimeError:
-        raise UsageError(msg) from None
+    check_async(ok, f"{op}: a target is outside [0, {vocab}) and is not ignore_index {ignore_index}")
 
 
-__all__ = ["check_linear_cross_entropy_args", "check_targets", "check_attention_args", "check_attention_varlen_args",
-           "check_lora_linear_args", "check_rms_norm_args", "check_layer_norm_args", "check_gelu_args", "check_rope_args", "check_silu_mul_args",
-           "check_cross_entropy_grad_args", "check_quant_args", "check_dequant_dtype", "check_probability"]
+__all__ = ["check_async", "check_linear_cross_entropy_args", "check_targets", "host_value", "check_attention_args",
+           "check_attention_varlen_args", "check_lora_linear_args", "check_rms_norm_args", "check_layer_norm_args",
+           "check_gelu_args", "check_rope_args", "check_silu_mul_args", "check_cross_entropy_grad_args",
+           "check_quant_args", "check_dequant_dtype", "check_probability"]

@@ -504,6 +504,10 @@ if AVAILABLE:
         ops.nf4_dequantize_out(*nf4_args(qweight), list(qweight.shape), out)
         return out
 
+    from .workspace import register_into
+
+    register_into("cpu", nf4_dequantize_into)  # the lean matmuls' reused dequantize workspace
+
     def isa() -> str:
         """The SIMD kernel table in use: 'avx512', 'avx2' or 'scalar' (FASTFT_CPU_ISA overrides)."""
         return _C.isa()

@@ -104,9 +104,15 @@ class LeanLoraLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, gen_state, keep=None):
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, gen_state, keep=None, cast_to=None):
         from fastft import ops
 
+        # cast_to (autocast): x is computed in that dtype through one shared cast copy (``cast_once``:
+        # q/k/v, or gate/up, reading the same x save one copy between them, not one each); dX is
+        # returned in x's own dtype, so autograd sums the branches' gradients there.
+        ctx.x_dtype = x.dtype
+        if cast_to is not None and x.dtype != cast_to:
+            x = cast_once(x, cast_to)
         x2 = x.reshape(-1, x.shape[-1])
         dense = isinstance(weight, torch.Tensor)
         # Adapters in another dtype (fp32 under bf16 activations, PEFT's default) are cast here, not
@@ -161,11 +167,11 @@ class LeanLoraLinearFunction(torch.autograd.Function):
                     dx.addmm_(du, A)
                 else:  # backward of (x * keep) / (1 - p)
                     dx.add_(torch.mm(du, A).div_(1.0 - p).mul_(keep))
-                dx = dx.view(x.shape)
+                dx = dx.view(x.shape).to(ctx.x_dtype)
         adt, bdt = ctx.adapter_dtypes
         dA = dA if dA is None else dA.to(adt)
         dB = dB if dB is None else dB.to(bdt)
-        return dx, None, db, dA, dB, None, None, None, None
+        return dx, None, db, dA, dB, None, None, None, None, None
 
 
 class FrozenLinearFunction(torch.autograd.Function):
@@ -200,6 +206,26 @@ def frozen_linear(x, weight, bias=None):
     return F.linear(x, weight, bias)
 
 
+_LAST_CAST: list = [None]
+
+
+def cast_once(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.detach().to(dtype)``, reusing the previous call's result when it cast the same, unchanged
+    tensor to the same dtype: the projections that read one activation (q, k, v; gate, up) then
+    save one cast copy between them. Weak references only: nothing is kept alive here."""
+    import weakref
+
+    c = _LAST_CAST[0]
+    if c is not None:
+        src, ver, dt, res, rver = c
+        r = res()
+        if src() is x and ver == x._version and dt == dtype and r is not None and r._version == rver:
+            return r
+    r = x.detach().to(dtype)
+    _LAST_CAST[0] = (weakref.ref(x), x._version, dtype, weakref.ref(r), r._version)
+    return r
+
+
 def _keep_mask(x2, p, gen_state):
     gen = torch.Generator(device=x2.device)
     gen.set_state(gen_state)
@@ -210,18 +236,29 @@ def _apply_keep(x2, keep, p):
     return x2 * keep.to(x2.dtype) / (1.0 - p)  # the reference's order
 
 
+def _default_generator(device: torch.device) -> torch.Generator:
+    if device.type == "cpu":
+        return torch.default_generator
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    gen = torch.Generator(device=device)  # other devices: a fresh generator seeded from the global RNG
+    gen.manual_seed(int(torch.randint(0, 2 ** 62, (1,)).item()))
+    return gen
+
+
 def lora_dropout_state(x, dropout_p, generator):
     """(generator state, keep mask) for dropout on x, or (None, None) without dropout.
 
     The mask is ``torch.rand(x.shape, generator=generator) >= p``, drawn exactly as the reference
     draws it (so the generator advances the same way); the state before the draw is what the
     backward regenerates the mask from. With no generator, one is seeded from the global RNG, so
-    the mask itself never needs storing."""
+    the mask itself never needs storing. With no generator the device's default generator draws it
+    (its state is read on the host: no synchronisation, and ``torch.utils.checkpoint`` restores it for
+    the recompute)."""
     if dropout_p <= 0.0:
         return None, None
     if generator is None:
-        generator = torch.Generator(device=x.device)
-        generator.manual_seed(int(torch.randint(0, 2 ** 62, (1,)).item()))
+        generator = _default_generator(x.device)
     state = generator.get_state()
     keep = torch.rand(x.shape, generator=generator, device=x.device) >= dropout_p
     return state, keep
@@ -261,12 +298,11 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, ge
         # makes itself -- and take the lean path with autocast off.
         adt = torch.get_autocast_dtype(dev)
         with torch.autocast(dev, enabled=False):
-            xc = x.to(adt)
-            gen_state, keep = lora_dropout_state(xc, dropout_p, generator)
+            gen_state, keep = lora_dropout_state(x, dropout_p, generator)
             # The fp32 base goes in as is: the node casts it transiently (autocast would save the
-            # cast copy of every weight for backward).
-            return LeanLoraLinearFunction.apply(xc, weight, None if bias is None else bias.to(adt), lora_A, lora_B,
-                                                float(scaling), float(dropout_p), gen_state, keep)
+            # cast copy of every weight for backward); x is cast inside the node, once per tensor.
+            return LeanLoraLinearFunction.apply(x, weight, None if bias is None else bias.to(adt), lora_A, lora_B,
+                                                float(scaling), float(dropout_p), gen_state, keep, adt)
     from fastft import ops
 
     gen_state, keep = lora_dropout_state(x, dropout_p, generator)
@@ -293,14 +329,11 @@ def _fused_decode(x, qweight) -> bool:
 
 
 def _device_dequantize(qweight, dtype):
-    """The device's dispatched dequantize op (the Triton kernel on CUDA), one pass, dense result."""
-    from fastft import ops
+    """The device's dequantize op (the Triton kernel on CUDA, the C++ one on CPU), one pass, into the
+    reused per-device workspace (``fastft.ops.workspace``): a transient dense weight, no allocation."""
+    from .workspace import dequantize_transient
 
-    if isinstance(qweight, NF4Weight):
-        return ops.nf4_dequantize(qweight, dtype)
-    if isinstance(qweight, Int4Weight):
-        return ops.int4_dequantize(qweight, dtype)
-    return qweight.dequantize(dtype)
+    return dequantize_transient(qweight, dtype)
 
 
 @register("quant_matmul_grad_x", "torch")

@@ -47,6 +47,7 @@ from fastft.kernels import cross_entropy as _ce
 from fastft.kernels import gelu as _gelu
 from fastft.kernels import layer_norm as _ln
 from fastft.kernels import lora as _lora
+from fastft.kernels import lora_fused as _lora_fused
 from fastft.kernels import quant_decode as _qdecode
 from fastft.kernels import quant_matmul as _qmm
 from fastft.kernels import quant_pack as _qpack
@@ -145,6 +146,30 @@ def nf4_dequantize(qweight, dtype=torch.float32):
                                      qweight.offset)
 
 
+def dequantize_into(qweight, dtype, workspace) -> torch.Tensor:
+    """The dense ``dtype`` weight written into ``workspace`` (a flat buffer of at least
+    ``workspace_numel(qweight, dtype)`` elements; the result is a view of it). For the transient
+    dense weight of a matmul (``fastft.ops.workspace``)."""
+    if isinstance(qweight, NF4Weight):
+        return _qpack.nf4_dequantize_raw(qweight.data, qweight.absmax, qweight.quant_map, qweight.shape,
+                                         qweight.blocksize, dtype, qweight.nested_absmax, qweight.nested_quant_map,
+                                         qweight.offset, workspace=workspace)
+    if isinstance(qweight, Int4Weight):
+        return _qpack.int4_dequantize_raw(qweight.data, qweight.scales, qweight.zeros, qweight.shape,
+                                          qweight.group_size, dtype, workspace=workspace)
+    raise TypeError(f"dequantize_into: expected an NF4Weight or Int4Weight, got {type(qweight).__name__}")
+
+
+def workspace_numel(qweight, dtype) -> int:
+    return _qpack.nf4_workspace_numel(qweight.shape, dtype)
+
+
+def dequantize_into_supported(qweight, dtype) -> bool:
+    return (dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and (_nested_block_supported(qweight) if isinstance(qweight, NF4Weight)
+                 else isinstance(qweight, Int4Weight) and _weight_group_supported(qweight)))
+
+
 def _group_supported(w, group_size=128, symmetric=False) -> bool:
     return isinstance(group_size, int) and _qpack.int4_supported(group_size)
 
@@ -201,6 +226,18 @@ def lora_linear(x, weight, lora_A, lora_B, scaling, bias=None, dropout_p=0.0, ge
     if not isinstance(weight, torch.Tensor):
         weight = QuantBase(weight)
     return _lora.lora_linear(x, weight, lora_A, lora_B, scaling, bias=bias, dropout_p=dropout_p, generator=generator)
+
+
+def lora_qkv(x, weights, lora_As, lora_Bs, scalings, biases=None, dropout_p=0.0, generator=None):
+    """The fused q/k/v LoRA block (``kernels/lora_fused.py``; dense bases), for ``fastft.nn.fused_blocks``."""
+    return _lora_fused.lora_qkv(x, weights, lora_As, lora_Bs, scalings, biases=biases, dropout_p=dropout_p,
+                                generator=generator)
+
+
+def lora_gate_up_swiglu(x, weights, lora_As, lora_Bs, scalings, biases=None, dropout_p=0.0, generator=None):
+    """The fused gate/up + SwiGLU LoRA block (``kernels/lora_fused.py``; dense bases)."""
+    return _lora_fused.lora_gate_up_swiglu(x, weights, lora_As, lora_Bs, scalings, biases=biases,
+                                           dropout_p=dropout_p, generator=generator)
 
 
 # ------------------------------------------------------------------------------------------- attention
@@ -332,6 +369,7 @@ def layer_norm(x, weight, bias, eps=1e-5):
 gelu = register("gelu", "triton", supports=_gelu.supported)(_gelu.gelu)
 
 
-__all__ = ["QuantBase", "add_rms_norm", "attention", "cross_entropy_grad_", "decode_eligible", "gelu", "int4_dequantize",
-           "int4_quantize", "layer_norm", "lora_linear", "nf4_dequantize", "nf4_quantize", "quant_matmul", "quant_matmul_lora",
-           "raw", "rms_norm", "rope", "silu_mul"]
+__all__ = ["QuantBase", "add_rms_norm", "attention", "cross_entropy_grad_", "decode_eligible", "dequantize_into",
+           "dequantize_into_supported", "gelu", "int4_dequantize", "int4_quantize", "layer_norm", "lora_gate_up_swiglu",
+           "lora_linear", "lora_qkv", "nf4_dequantize", "nf4_quantize", "quant_matmul", "quant_matmul_lora", "raw",
+           "rms_norm", "rope", "silu_mul", "workspace_numel"]

@@ -49,7 +49,12 @@ class TrainingArguments:
     save_steps: Optional[int] = 500
     save_total_limit: Optional[int] = None
     bf16: bool = False
-    gradient_checkpointing: bool = False
+    # False / "off", True / "on", or "offload" (checkpointed block inputs kept in pinned host memory,
+    # copied on a side stream): normalised to False, True or "offload".
+    gradient_checkpointing: Union[bool, str] = False
+    # Fused q/k/v and gate/up + SwiGLU LoRA blocks in native Llama-family layers (dense bases, CUDA):
+    # True, False or "auto" (FASTFT_FUSED_LORA, else today's measured per-projection path).
+    fused_lora_blocks: Union[bool, str] = "auto"
     seed: int = 42
     # A checkpoint directory, or True for the newest checkpoint-<step> in output_dir.
     resume_from_checkpoint: Optional[Union[str, bool]] = None
@@ -154,6 +159,12 @@ class TrainingArguments:
                 else:
                     raise ArgumentTypeError(f"TrainingArguments.{f.name} must be a number, got {v!r}")
             setattr(self, f.name, v)
+        self.gradient_checkpointing = _checkpointing_mode(self.gradient_checkpointing)
+        from fastft.nn.fused_blocks import normalise
+
+        self.fused_lora_blocks = normalise(self.fused_lora_blocks, "TrainingArguments.fused_lora_blocks")
+        if self.fused_lora_blocks is None:
+            self.fused_lora_blocks = "auto"
         if isinstance(self.output_dir, os.PathLike):
             self.output_dir = os.fspath(self.output_dir)
         r = self.resume_from_checkpoint
@@ -211,10 +222,29 @@ class TrainingArguments:
         return self.warmup_steps if self.warmup_steps > 0 else math.ceil(self.warmup_ratio * total)
 
 
+GRADIENT_CHECKPOINTING = ("off", "on", "offload")
+
+
+def _checkpointing_mode(v):
+    """False / True / "offload" from a bool or one of off|on|offload (also true/false/yes/no/1/0)."""
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str):
+        k = v.strip().lower()
+        if k in ("on", "true", "1", "yes"):
+            return True
+        if k in ("off", "false", "0", "no", ""):
+            return False
+        if k == "offload":
+            return "offload"
+    raise ValueError(f"TrainingArguments.gradient_checkpointing={v!r}: must be a bool or one of "
+                     f"{', '.join(GRADIENT_CHECKPOINTING)}")
+
+
 def _base_kind(tp: Any):
     """int / float / bool / None for a field annotation (given as a string under __future__ annotations)."""
     s = str(tp)
-    if "Union[str, bool]" in s:
+    if "Union[str, bool]" in s or "Union[bool, str]" in s:
         return None
     for kind in (bool, int, float):
         if s in (kind.__name__, f"Optional[{kind.__name__}]"):

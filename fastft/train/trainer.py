@@ -145,6 +145,7 @@ class Trainer:
         self.run_id: Optional[str] = None
         self._stop_requested = False
         self._anomaly: Optional[str] = None
+        self._last_grad_norm: Optional[float] = None  # the latest read gradient norm (logged)
 
     # --- setup helpers ----------------------------------------------------------------------------
     @staticmethod
@@ -372,32 +373,57 @@ class Trainer:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
-    def compute_loss(self, batch, num_items: int):
-        """sum of this batch's token losses / num_items."""
+    def compute_loss(self, batch, num_items: int, batch_targets: Optional[int] = None):
+        """sum of this batch's token losses / num_items. ``batch_targets``: the batch's target count
+        when the caller counted it on the host (else it is counted here)."""
         with self._autocast():
             if self._pass_num_items:
                 return self.model(**batch, num_items_in_batch=num_items).loss.float()
             # A model without num_items_in_batch averages over its own targets: rescale that mean.
             loss = self.model(**batch).loss.float()
-        return loss * (self.count_targets(batch) / num_items)
+        n = self.count_targets(batch) if batch_targets is None else batch_targets
+        return loss * (n / num_items)
 
     def training_step(self, micro_batches: list, num_items: int) -> torch.Tensor:
-        """Forward+backward every micro-batch of one optimizer step; returns the step's mean loss."""
+        """Forward+backward every micro-batch of one optimizer step; returns the step's mean loss as a
+        device tensor. Nothing in it reads a device value on the host (counts come from the host batch)."""
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for batch in micro_batches:
-            loss = self.compute_loss(self._to_device(batch), num_items)
+            n = None if self._pass_num_items else self.count_targets(batch)  # on the host batch
+            loss = self.compute_loss(self._to_device(batch), num_items, n)
             loss.backward()
             total += loss.detach()
         return total
 
-    def _grad_norm_and_clip(self):
+    def _grad_norm_and_clip(self) -> torch.Tensor:
+        """The total gradient norm (clipped to max_grad_norm when set), as a device tensor: clipping
+        scales on the device, nothing is read on the host."""
         params = [p for _, p in self.trainable if p.grad is not None]
         if not params:
-            return 0.0
+            return torch.zeros((), device=self.device)
         mgn = self.args.max_grad_norm
         if mgn:
-            return float(torch.nn.utils.clip_grad_norm_(params, mgn))
-        return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+            return torch.nn.utils.clip_grad_norm_(params, mgn)
+        return torch.nn.utils.get_total_norm([p.grad for p in params])
+
+    def _check_pending(self, pending: list, losses: list, window: list) -> None:
+        """Read the pending steps' losses and gradient norms in one transfer, stop on the first
+        non-finite one (naming its step and examples), and add them to ``losses`` / ``window``."""
+        if not pending:
+            return
+        vals = torch.stack([torch.stack([loss.float().reshape(()), gn.float().reshape(()).to(loss.device)])
+                            for _, loss, gn, _ in pending]).tolist()
+        steps = [(st, idx) for st, _, _, idx in pending]
+        pending.clear()
+        for (st, idx), (loss, gn) in zip(steps, vals):
+            if not math.isfinite(loss) or self._anomaly is not None:
+                self._stop_nonfinite("loss", loss, st, idx)
+            if not math.isfinite(gn):
+                self._stop_nonfinite("the gradient norm", gn, st, idx)
+            losses.append(loss)
+            window[0] += loss
+            window[1] += 1
+            self._last_grad_norm = gn
 
     # --- metrics ----------------------------------------------------------------------------------
     def _log(self, row: dict):
@@ -475,8 +501,15 @@ class Trainer:
         os.makedirs(a.output_dir, exist_ok=True)
         ckpt.remove_stale_tmp(a.output_dir)
         set_seed(a.seed)
-        if a.gradient_checkpointing:
+        if a.gradient_checkpointing == "offload":
+            self.model.gradient_checkpointing_enable(offload=True)
+        elif a.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
+        if a.fused_lora_blocks != "auto":
+            # explicit True / False: the native layers' switch ("auto" leaves FASTFT_FUSED_LORA to decide)
+            for m in self.model.modules():
+                if hasattr(type(m), "fused_lora_blocks"):
+                    m.fused_lora_blocks = a.fused_lora_blocks
         self.model.train()
         self.create_optimizer()
         losses: list[float] = []
@@ -500,6 +533,11 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=start, desc="train", disable=a.disable_tqdm, dynamic_ncols=True)
         self._stop_requested, self._anomaly = False, None
         last_saved = start if self.resume_dir is not None else None
+        # The step's loss and gradient norm stay on the device until the loop logs, evaluates or saves
+        # (one transfer then), so a GPU step never waits for the host. On the CPU reading them costs
+        # nothing, so they are checked before the update: a non-finite gradient is never applied.
+        eager = self.device.type == "cpu"
+        pending = []  # (step index, loss, grad norm, example indices), read at the next log / eval / save
         try:
             with self._sigint_saves(), self._anomaly_hooks():
                 for step in range(start, self.total_steps):
@@ -507,36 +545,39 @@ class Trainer:
                     micro = [self.data_collator([self.train_dataset[i] for i in b]) for b in idx]
                     num_items = sum(self.count_targets(b) for b in micro)
                     lr = self.scheduler.get_last_lr()[0]
-                    loss = float(self.training_step(micro, max(1, num_items)))
-                    if not math.isfinite(loss) or self._anomaly is not None:
-                        self._stop_nonfinite("loss", loss, step, idx)
-                    grad_norm = self._grad_norm_and_clip()
-                    if not math.isfinite(grad_norm):
-                        self._stop_nonfinite("the gradient norm", grad_norm, step, idx)
+                    loss_t = self.training_step(micro, max(1, num_items)).detach()
+                    grad_norm_t = self._grad_norm_and_clip().detach()
+                    pending.append((step, loss_t, grad_norm_t, idx))
+                    if eager or self._anomaly is not None:
+                        self._check_pending(pending, losses, window)
                     self.optimizer.step()
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     self.global_step = gs = step + 1
-                    losses.append(loss)
-                    window = [window[0] + loss, window[1] + 1]
                     seen_tokens += sum(self._input_tokens(b) for b in micro)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-                    if gs % a.logging_steps == 0 or gs == self.total_steps:
+                    log_now = gs % a.logging_steps == 0 or gs == self.total_steps
+                    eval_now = self.eval_dataset is not None and a.eval_steps and gs % a.eval_steps == 0
+                    save_now = a.save_steps and gs % a.save_steps == 0
+                    if log_now or eval_now or save_now or self._stop_requested:
+                        self._check_pending(pending, losses, window)
+                        bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}")
+                    if log_now:
                         now = time.perf_counter()
                         row = {"step": gs, "epoch": round(gs / self.steps_per_epoch, 4), "loss": window[0] / window[1],
-                               "learning_rate": lr, "grad_norm": grad_norm, "num_target_tokens": num_items,
+                               "learning_rate": lr, "grad_norm": self._last_grad_norm, "num_target_tokens": num_items,
                                # Wall-clock figures: the only fields that differ between identical runs.
                                "tokens_per_second": seen_tokens / max(now - t_window, 1e-9)}
                         if self.device.type == "cuda":
                             row["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                         self._log(row)
-                        window, seen_tokens, t_window = [0.0, 0], 0, now
+                        window[:] = [0.0, 0]
+                        seen_tokens, t_window = 0, now
                     pause = time.perf_counter()
-                    if self.eval_dataset is not None and a.eval_steps and gs % a.eval_steps == 0:
+                    if eval_now:
                         eval_metrics = self.evaluate()
                         self._log({"step": gs, **eval_metrics})
-                    if a.save_steps and gs % a.save_steps == 0:
+                    if save_now:
                         self.save_checkpoint(losses, window)
                         last_saved = gs
                     t_window += time.perf_counter() - pause  # throughput counts training time only
