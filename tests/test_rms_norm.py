@@ -151,3 +151,36 @@ def test_kernel_ops_trace_on_fake_tensors():
     with FakeTensorMode():
         x = torch.empty(4, 96, dtype=torch.bfloat16, device="cuda")
         assert _impl("rms_norm")(x, torch.empty(96, dtype=torch.bfloat16, device="cuda"), EPS).device.type == "cuda"
+
+
+def test_native_llama_step_on_the_triton_row_kernels(monkeypatch, device, triton_usable):
+    """The native decoder layer's residual add + post-attention norm runs as one add_rms_norm (and
+    the q / k rotation in place): an fp32 loss and every gradient on the Triton backend match the
+    reference backend."""
+    from fastft.models.llama import LlamaForCausalLM
+    from tests.models_util import tiny_config
+    from tests.utils import rel_err
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config("llama", num_hidden_layers=2)).to(device).train()
+    for n, p in model.named_parameters():
+        if n.endswith("norm.weight"):
+            p.data.uniform_(0.5, 1.5)
+    ids = torch.randint(3, 128, (2, 9), device=device)
+
+    def step(backend):
+        monkeypatch.setenv("FASTFT_BACKEND", backend)
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref_loss, ref = step("reference")
+    with _common.count_launches() as launches:
+        loss, got = step("triton")
+    layers = model.config.num_hidden_layers
+    assert launches["_rms_norm_fwd_kernel"] == 2 * layers + 1  # input norm, add + norm, final norm
+    assert launches["_rope_kernel"] == 4 * layers
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
+    for n in ref:
+        assert rel_err(got[n], ref[n]) <= 1e-4, n
