@@ -22,7 +22,8 @@
 #              result, -rA and a JUnit XML name every failure; SIGINT at the box so pytest still writes both
 #   unvalidated  configs that never ran on a GPU (FASTFT_UNVALIDATED_CONFIGS=1), in their own process
 #   profile    per-kernel CUDA time of the fused paths (benchmarks/profile_gpu.py)
-#   bench      quick kernel benchmarks (FASTFT_BENCH_QUICK=1): quant matmul / decode / pack, attention (+ decode), lora, ceilings
+#   bench      quick kernel benchmarks (FASTFT_BENCH_QUICK=1): quant matmul / decode / pack, attention (+ decode), lora,
+#              the row ops (rms_norm + add_rms_norm, rope, silu_mul; vs torch and Liger when it imports), ceilings
 # Everything lands in one folder ($OUT on the device, else /tmp/fastft_gpu_check[_dry]): rows.jsonl
 # (every benchmark row, streamed), step_*.jsonl, tests.log, junit.xml, failures.txt, <stage>.log,
 # summary.txt; the summary table prints last.
@@ -195,7 +196,7 @@ else
 fi
 
 # ------------------------------------------------------------------------- quick kernel benchmarks
-BENCH_LIST=${BENCHES:-quant_matmul quant_decode quant_pack attention attention_decode lora ceilings}
+BENCH_LIST=${BENCHES:-quant_matmul quant_decode quant_pack attention attention_decode lora rms_norm rope silu_mul ceilings}
 if [ $DRY = 1 ]; then
     run_stage bench_imports 60 "$PY" -c "
 import importlib, sys

@@ -42,9 +42,9 @@ def _check(fn_triton, fn_ref, inputs, out_shapes, names):
     got = _run(fn_triton, inputs, grads)
     lowp = _run(fn_ref, inputs, grads)
     gold = _run(fn_ref, [t.double() for t in inputs], grads)
-    for g, r, l, name in zip(got, gold, lowp, names):
-        assert g.dtype == l.dtype, f"{name}: dtype {g.dtype}, torch gives {l.dtype}"
-        assert_close_to_gold(g, r.to(torch.float64), l, name=name)
+    for g, r, lp, name in zip(got, gold, lowp, names):
+        assert g.dtype == lp.dtype, f"{name}: dtype {g.dtype}, torch gives {lp.dtype}"
+        assert_close_to_gold(g, r.to(torch.float64), lp, name=name)
     return got
 
 
