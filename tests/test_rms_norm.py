@@ -185,3 +185,20 @@ def test_native_llama_step_on_the_triton_row_kernels(monkeypatch, device, triton
     assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
     for n in ref:
         assert rel_err(got[n], ref[n]) <= 1e-4, n
+
+
+def test_custom_ops_pass_opcheck(device, triton_usable):
+    """The launches' torch.library registrations (schema, fake implementation, no undeclared
+    mutation or aliasing) hold up under torch.library.opcheck."""
+    from fastft.ops.library import registered
+
+    _impl("rms_norm")
+    ops_ = registered()
+    x, r, dy = (torch.randn(3, 40, device=device) for _ in range(3))
+    w = torch.rand(40, device=device) + 0.5
+    _, h, rstd = ops_["triton_rms_norm_fwd"](x, w, r, EPS)
+    for args in ((x, w, None, EPS), (x, w, r, EPS)):
+        torch.library.opcheck(ops_["triton_rms_norm_fwd"], args)
+    for args in ((dy, h, w, rstd, dy, torch.float32, None, True), (dy, h, w, rstd, None, torch.float32, torch.float16,
+                                                                    False)):
+        torch.library.opcheck(ops_["triton_rms_norm_bwd"], args)

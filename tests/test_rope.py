@@ -178,3 +178,15 @@ def test_patched_hf_attention_rotates_with_the_triton_kernel(monkeypatch, device
         assert rel_err(grads[n], ref_grads[n]) <= 1e-4, n
     monkeypatch.setenv("FASTFT_BACKEND", "reference")
     assert torch.equal(other(input_ids=ids).logits.detach(), other_logits) and not calls[4:]
+
+
+def test_custom_ops_pass_opcheck(device, triton_usable):
+    """``fastft::triton_rope`` (out of place) and ``triton_rope_`` (declares its mutation of x)
+    under torch.library.opcheck."""
+    from fastft.ops.library import registered
+
+    dispatch.impl("rope", "triton")
+    ops_ = registered()
+    x, cs = torch.randn(1, 3, 2, 16, device=device), torch.randn(1, 3, 16, device=device)
+    torch.library.opcheck(ops_["triton_rope"], (x, cs, cs, False, torch.float32))
+    torch.library.opcheck(ops_["triton_rope_"], (x, cs, cs))

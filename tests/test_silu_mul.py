@@ -84,3 +84,13 @@ def test_kernel_ops_trace_on_fake_tensors():
         y.sum().backward()
         assert y.shape == g.shape and g.grad.shape == u.grad.shape == g.shape
     assert not launches
+
+
+def test_custom_ops_pass_opcheck(device, triton_usable):
+    from fastft.ops.library import registered
+
+    dispatch.impl("silu_mul", "triton")
+    ops_ = registered()
+    g, u, dy = (torch.randn(3, 7, device=device) for _ in range(3))
+    torch.library.opcheck(ops_["triton_silu_mul_fwd"], (g, u))
+    torch.library.opcheck(ops_["triton_silu_mul_bwd"], (dy, g, u))
