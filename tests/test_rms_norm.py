@@ -202,3 +202,15 @@ def test_custom_ops_pass_opcheck(device, triton_usable):
     for args in ((dy, h, w, rstd, dy, torch.float32, None, True), (dy, h, w, rstd, None, torch.float32, torch.float16,
                                                                     False)):
         torch.library.opcheck(ops_["triton_rms_norm_bwd"], args)
+
+
+def test_benchmark_needs_cuda_and_its_gpu_path_runs(monkeypatch, capsys, triton_usable):
+    """benchmarks/bench_rms_norm.py: on CPU one 'needs CUDA' line and no rows; its GPU code path
+    (fastft, torch; Liger when installed) runs on tiny shapes under the interpreter."""
+    from benchmarks import bench_rms_norm
+    from tests.utils import smoke_gpu_bench
+
+    assert bench_rms_norm.run("cpu") == [] and "needs CUDA" in capsys.readouterr().out
+    rows = smoke_gpu_bench(monkeypatch, bench_rms_norm, TOKENS=(3,), HIDDEN=(40,))
+    assert {r["impl"] for r in rows} >= {"fastft", "torch"} and all(r["gbps"] >= 0 for r in rows)
+    assert {r["case"] for r in rows} >= {"rms_norm M=3 N=40 bf16 fwd+bwd", "add_rms_norm M=3 N=40 bf16 fwd"}

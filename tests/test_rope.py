@@ -190,3 +190,12 @@ def test_custom_ops_pass_opcheck(device, triton_usable):
     x, cs = torch.randn(1, 3, 2, 16, device=device), torch.randn(1, 3, 16, device=device)
     torch.library.opcheck(ops_["triton_rope"], (x, cs, cs, False, torch.float32))
     torch.library.opcheck(ops_["triton_rope_"], (x, cs, cs))
+
+
+def test_benchmark_needs_cuda_and_its_gpu_path_runs(monkeypatch, capsys, triton_usable):
+    from benchmarks import bench_rope
+    from tests.utils import smoke_gpu_bench
+
+    assert bench_rope.run("cpu") == [] and "needs CUDA" in capsys.readouterr().out
+    rows = smoke_gpu_bench(monkeypatch, bench_rope, SHAPES=((2, 3),), HQ=4, HKV=2, D=16)
+    assert {r["impl"] for r in rows} >= {"fastft", "torch"} and len(rows) >= 4
