@@ -58,3 +58,6 @@ def test_rms_norm_kernels_compile_without_spills(arch):
                            num_stages=1)
         report(f"rms_norm_bwd N={N} res={res}", r)
         assert_no_spills(r, f"rms_norm_bwd N={N} res={res}")
+        if N == 8192:
+            ops = sass_ops(r)
+            assert "LDG.E.128" in ops and "STG.E.128" in ops, f"bwd N={N}: not 128-bit accesses"
