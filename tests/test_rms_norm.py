@@ -214,3 +214,28 @@ def test_benchmark_needs_cuda_and_its_gpu_path_runs(monkeypatch, capsys, triton_
     rows = smoke_gpu_bench(monkeypatch, bench_rms_norm, TOKENS=(3,), HIDDEN=(40,))
     assert {r["impl"] for r in rows} >= {"fastft", "torch"} and all(r["gbps"] >= 0 for r in rows)
     assert {r["case"] for r in rows} >= {"rms_norm M=3 N=40 bf16 fwd+bwd", "add_rms_norm M=3 N=40 bf16 fwd"}
+
+
+def test_row_ops_compile_into_one_graph(device, triton_usable):
+    """torch.compile(fullgraph=True) traces add_rms_norm, rms_norm, the in-place rope and silu_mul
+    (each launch one custom-op node, the autograd Functions included) without a graph break, and the
+    compiled step computes what the eager one does."""
+    add_rms, rms = _impl("add_rms_norm"), _impl("rms_norm")
+    rope, silu = _impl("rope"), _impl("silu_mul")
+
+    def step(x, w, wq, cos, sin):
+        n, h = add_rms(x, x * 2, w, EPS)
+        q = rope(((rms(h, w, EPS) + n) @ wq).view(2, 3, 2, 8), cos, sin, inplace=True)
+        return silu(q, q * 1.5).sum()
+
+    gen = torch.Generator().manual_seed(0)
+    x, w, wq = (torch.randn(s, generator=gen).to(device).requires_grad_() for s in ((2, 3, 16), (16,), (16, 16)))
+    cos, sin = (torch.randn(2, 3, 8, generator=gen).to(device) for _ in range(2))
+    ref = step(x, w, wq, cos, sin)
+    ref_grads = torch.autograd.grad(ref, (x, w, wq))
+    torch._dynamo.reset()
+    out = torch.compile(step, fullgraph=True, backend="aot_eager")(x, w, wq, cos, sin)
+    grads = torch.autograd.grad(out, (x, w, wq))
+    assert torch.allclose(out, ref, rtol=1e-6, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, rtol=1e-5, atol=1e-6)
