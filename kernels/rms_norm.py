@@ -119,9 +119,11 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
 
 
-def _settings(N: int) -> tuple[int, int, int]:
+def _settings(N: int, backward: bool = False) -> tuple[int, int, int]:
+    """(BLOCK, ROWS, num_warps): whole rows, ~4K elements per program; the backward (four row-sized
+    fp32 values live per element) ~2K, which keeps narrow rows under ~100 registers per thread."""
     block, warps = row_settings(N)
-    return block, rows_per_program(block), warps
+    return block, rows_per_program(block, 2048 if backward else 4096), warps
 
 
 def rms_norm_fwd_fake(x, weight, residual, eps):
@@ -172,7 +174,7 @@ def rms_norm_bwd(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rstd: 
     if M == 0:
         return dx, dr, dw.zero_()
     dhi = _rows(dh_in) if dh_in is not None else None
-    block, rows, warps = _settings(N)
+    block, rows, warps = _settings(N, backward=True)
     # Persistent: about 16 warps per SM in one wave (the backward holds ~80-130 registers per thread
     # at these tiles, tests/test_aot_rms_norm.py), each program keeping one fp32 dw partial.
     progs = max(1, min(triton.cdiv(M, rows), num_sms(h.device) * max(1, 16 // warps)))
