@@ -204,6 +204,10 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         return ops.rms_norm(x, self.weight, self.variance_epsilon)
 
+    def add(self, x, residual):
+        """(norm(x + residual), x + residual) in one pass (``fastft.ops.add_rms_norm``)."""
+        return ops.add_rms_norm(x, residual, self.weight, self.variance_epsilon)
+
 
 class LlamaAttention(nn.Module):
     def __init__(self, config, layer_idx: int):
@@ -228,8 +232,9 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x, cos, sin, key_padding_mask=None, cache=None, cu_seqlens=None, max_seqlen=None):
         B, T, _ = x.shape
-        q = ops.rope(self.q_proj(x).view(B, T, self.num_heads, self.head_dim), cos, sin)
-        k = ops.rope(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim), cos, sin)
+        # The projections are dead after the rotation: a backend may rotate them in place.
+        q = ops.rope(self.q_proj(x).view(B, T, self.num_heads, self.head_dim), cos, sin, inplace=True)
+        k = ops.rope(self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim), cos, sin, inplace=True)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         p = self.attention_dropout if self.training else 0.0
         q, k, v = attention_inputs(q, k, v)
@@ -268,8 +273,9 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, key_padding_mask=None, cache=None, cu_seqlens=None, max_seqlen=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, key_padding_mask, cache, cu_seqlens, max_seqlen)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        a = self.self_attn(self.input_layernorm(x), cos, sin, key_padding_mask, cache, cu_seqlens, max_seqlen)
+        normed, x = self.post_attention_layernorm.add(a, x)  # residual add + norm in one pass
+        return x + self.mlp(normed)
 
 
 class LlamaModel(nn.Module):
