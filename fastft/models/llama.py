@@ -201,11 +201,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden))
         self.variance_epsilon = eps
 
-    def forward(self, x):
-        return ops.rms_norm(x, self.weight, self.variance_epsilon)
-
-    def add(self, x, residual):
-        """(norm(x + residual), x + residual) in one pass (``fastft.ops.add_rms_norm``)."""
+    def forward(self, x, residual=None):
+        """norm(x); with ``residual``, (norm(x + residual), x + residual) in one pass
+        (``fastft.ops.add_rms_norm``). Both go through the module call, so hooks see the weight."""
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.variance_epsilon)
         return ops.add_rms_norm(x, residual, self.weight, self.variance_epsilon)
 
 
@@ -274,7 +274,7 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, key_padding_mask=None, cache=None, cu_seqlens=None, max_seqlen=None):
         a = self.self_attn(self.input_layernorm(x), cos, sin, key_padding_mask, cache, cu_seqlens, max_seqlen)
-        normed, x = self.post_attention_layernorm.add(a, x)  # residual add + norm in one pass
+        normed, x = self.post_attention_layernorm(a, x)  # residual add + norm in one pass
         return x + self.mlp(normed)
 
 
