@@ -23,8 +23,9 @@
 #   unvalidated  configs that never ran on a GPU (FASTFT_UNVALIDATED_CONFIGS=1), in their own process
 #   profile    per-kernel CUDA time of the fused paths (benchmarks/profile_gpu.py)
 #   bench      quick kernel benchmarks (FASTFT_BENCH_QUICK=1): quant matmul / decode / pack, attention (+ decode), lora,
-#              lora_fused (fused q/k/v and gate/up+SwiGLU blocks vs the per-projection default), cross-entropy rows,
-#              layer_norm, gelu, ceilings
+#              lora_fused (fused q/k/v and gate/up+SwiGLU blocks vs the per-projection default), the row ops
+#              (rms_norm + add_rms_norm, rope, silu_mul; vs torch and Liger when it imports), cross-entropy
+#              rows, layer_norm, gelu, ceilings
 # Everything lands in one folder ($OUT on the device, else /tmp/fastft_gpu_check[_dry]): rows.jsonl
 # (every benchmark row, streamed), step_*.jsonl, tests.log, junit.xml, failures.txt, <stage>.log,
 # summary.txt; the summary table prints last.
@@ -197,7 +198,7 @@ else
 fi
 
 # ------------------------------------------------------------------------- quick kernel benchmarks
-BENCH_LIST=${BENCHES:-quant_matmul quant_decode quant_pack attention attention_decode lora lora_fused cross_entropy layer_norm gelu ceilings}
+BENCH_LIST=${BENCHES:-quant_matmul quant_decode quant_pack attention attention_decode lora lora_fused rms_norm rope silu_mul cross_entropy layer_norm gelu ceilings}
 if [ $DRY = 1 ]; then
     run_stage bench_imports 60 "$PY" -c "
 import importlib, sys

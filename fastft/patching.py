@@ -23,7 +23,10 @@
   linears stay ``nn.Linear`` (a dense GEMM is already what fastft would run).
 * **block ops** -- the RMSNorm and SiLU-gated MLP modules of the Llama / Mistral / Qwen2 / Qwen3
   classes (``RMSNORM_CLASSES``, ``SWIGLU_MLP_CLASSES``, whose forwards are exactly these ops) run
-  through ``fastft.ops.rms_norm`` / ``fastft.ops.silu_mul``: the fused C++ rows on CPU.
+  through ``fastft.ops.rms_norm`` / ``fastft.ops.silu_mul``, and their attention modules
+  (``ROPE_ATTENTION_CLASSES``) rotate q / k through ``fastft.ops.rope`` (transformers' own forward,
+  a per-instance copy whose ``apply_rotary_pos_emb`` is fastft's; no global monkey-patch): the
+  fused C++ rows on CPU, the Triton kernels on CUDA.
 * **loss** -- a causal LM that would use transformers' ``ForCausalLMLoss`` gets fastft's
   ``fastft.ops.loss.hf_causal_lm_loss`` as its ``loss_function`` (same signature and value; the fused cross-entropy
   rows, one bf16 / fp32 copy of the logits in place of HF's fp32 upcast, log_softmax and onehot).
@@ -51,6 +54,7 @@ all-ones shortcut while compiling; backends are resolved at patch time, not insi
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import types
 
@@ -348,9 +352,78 @@ def _is_silu(act) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"  # transformers' ACT2FN["silu"]
 
 
+# transformers attention classes whose forward rotates q / k with their module's rotate-half
+# ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)`` (checked against transformers 5.x)
+ROPE_ATTENTION_CLASSES = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention")
+_HF_ROPE_PARAMS = ("q", "k", "cos", "sin", "unsqueeze_dim")
+
+
+def _fastft_rotary(orig):
+    """transformers' ``apply_rotary_pos_emb`` on ``fastft.ops.rope``: q / k (B, H, T, D) are rotated
+    as (B, T, H, D) views (no copy), in place where the backend and autograd allow (the projections
+    are dead after the rotation); other call forms run ``orig``."""
+
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        if unsqueeze_dim != 1 or q.dim() != 4 or k.dim() != 4 or cos.dim() != 3:
+            return orig(q, k, cos, sin, unsqueeze_dim)
+        q = ops.rope(q.transpose(1, 2), cos, sin, inplace=True).transpose(1, 2)
+        k = ops.rope(k.transpose(1, 2), cos, sin, inplace=True).transpose(1, 2)
+        return q, k
+
+    apply_rotary_pos_emb._fastft_orig = orig
+    return apply_rotary_pos_emb
+
+
+def _with_globals(fn, replace: dict):
+    """A copy of ``fn`` whose module globals read ``replace`` first; a decorator chain
+    (``__wrapped__`` held in a closure cell) is copied down to the innermost function. None when
+    the chain cannot be followed."""
+    inner = getattr(fn, "__wrapped__", None)
+    if inner is None:
+        if not isinstance(fn, types.FunctionType) or not all(k in fn.__globals__ for k in replace):
+            return None
+        g = dict(fn.__globals__)
+        g.update(replace)
+        closure = fn.__closure__
+    else:
+        new_inner = _with_globals(inner, replace)
+        cells = fn.__closure__ or ()
+        if new_inner is None or not isinstance(fn, types.FunctionType) or \
+                not any(c.cell_contents is inner for c in cells):
+            return None
+        g = fn.__globals__
+        closure = tuple(types.CellType(new_inner) if c.cell_contents is inner else c for c in cells)
+    out = types.FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, closure)
+    out.__kwdefaults__, out.__qualname__, out.__module__ = fn.__kwdefaults__, fn.__qualname__, fn.__module__
+    out.__dict__.update(fn.__dict__)
+    if inner is not None:
+        out.__wrapped__ = new_inner
+    return out
+
+
+_ROTARY_FORWARDS: dict = {}
+
+
+def _rotary_forward(cls):
+    """``cls.forward`` seeing fastft's ``apply_rotary_pos_emb`` (one copy per class), or None when
+    its module's function is not the rotate-half form fastft implements."""
+    if cls not in _ROTARY_FORWARDS:
+        fwd = None
+        orig = getattr(inspect.unwrap(cls.forward), "__globals__", {}).get("apply_rotary_pos_emb")
+        try:
+            params = tuple(inspect.signature(orig).parameters) if callable(orig) else ()
+        except (TypeError, ValueError):
+            params = ()
+        if params == _HF_ROPE_PARAMS:
+            fwd = _with_globals(cls.forward, {"apply_rotary_pos_emb": _fastft_rotary(orig)})
+        _ROTARY_FORWARDS[cls] = fwd
+    return _ROTARY_FORWARDS[cls]
+
+
 def _patch_block_ops(model) -> int:
-    """Reroute the known RMSNorm and SiLU-gated MLP modules', the plain LayerNorms' and the exact GELU
-    activations' (BERT family) forward through fastft ops."""
+    """Reroute the known RMSNorm, SiLU-gated MLP and rotary attention modules (the attention modules keep
+    transformers' forward, which now rotates q / k with ``ops.rope``), the plain LayerNorms and the exact
+    GELU activations (BERT family) through fastft ops."""
     n = 0
     for mod in model.modules():
         cls = type(mod).__name__
@@ -365,6 +438,8 @@ def _patch_block_ops(model) -> int:
         elif (cls in SWIGLU_MLP_CLASSES and _is_silu(getattr(mod, "act_fn", None))
               and all(hasattr(mod, a) for a in ("gate_proj", "up_proj", "down_proj"))):
             fwd = _swiglu_forward
+        elif cls in ROPE_ATTENTION_CLASSES and _rotary_forward(type(mod)) is not None:
+            fwd = _rotary_forward(type(mod))
         else:
             continue
         mod._fastft_orig_forward = mod.forward
@@ -540,7 +615,8 @@ def patch(model, *, quantization=None, attention=True, lora=None, blocksize=64, 
     _load_backends(model)
     n_block = _patch_block_ops(model)
     if n_block:
-        logger.info("fastft.patch: %d RMSNorm / SwiGLU / LayerNorm / GELU modules now run through fastft.ops", n_block)
+        logger.info("fastft.patch: %d RMSNorm / SwiGLU / rotary attention / LayerNorm / GELU modules now run "
+                    "through fastft.ops", n_block)
     n_lin = _patch_frozen_linears(model)
     if n_lin:
         logger.info("fastft.patch: %d nn.Linear modules now use fastft's frozen-linear path while frozen", n_lin)

@@ -17,7 +17,7 @@ autograd; dh_in is the gradient reaching ``h`` from the residual stream in add_r
 Layout: the rows of ``x`` (..., N) are flattened to (M, N) with a row stride (unit column stride).
 Forward: one program per ``ROWS`` rows holding whole rows in registers (``_common.row_settings``,
 ``rows_per_program``: about 4K elements per program, so narrow rows pack several to a program).
-Backward: a persistent grid (a few programs per SM) walking row tiles, each program keeping its
+Backward: a persistent grid (one wave, ~16 warps per SM) walking row tiles, each program keeping its
 own fp32 partial of dw; the partials are summed afterwards (deterministic, no atomics). Saved for
 backward: the normalised input (x, or h for add_rms_norm, which the caller keeps anyway as the
 residual stream) and rstd (M fp32).
@@ -119,9 +119,11 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 or t2.shape[-1] == 1 else t2.contiguous()
 
 
-def _settings(N: int) -> tuple[int, int, int]:
+def _settings(N: int, backward: bool = False) -> tuple[int, int, int]:
+    """(BLOCK, ROWS, num_warps): whole rows, ~4K elements per program; the backward (four row-sized
+    fp32 values live per element) ~2K, which keeps narrow rows under ~100 registers per thread."""
     block, warps = row_settings(N)
-    return block, rows_per_program(block), warps
+    return block, rows_per_program(block, 2048 if backward else 4096), warps
 
 
 def rms_norm_fwd_fake(x, weight, residual, eps):
@@ -172,8 +174,10 @@ def rms_norm_bwd(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, rstd: 
     if M == 0:
         return dx, dr, dw.zero_()
     dhi = _rows(dh_in) if dh_in is not None else None
-    block, rows, warps = _settings(N)
-    progs = max(1, min(triton.cdiv(M, rows), 4 * num_sms(h.device)))
+    block, rows, warps = _settings(N, backward=True)
+    # Persistent: about 16 warps per SM in one wave (the backward holds ~80-130 registers per thread
+    # at these tiles, tests/test_aot_rms_norm.py), each program keeping one fp32 dw partial.
+    progs = max(1, min(triton.cdiv(M, rows), num_sms(h.device) * max(1, 16 // warps)))
     dwp = torch.empty((progs, N) if need_dw else (1,), dtype=torch.float32, device=h.device)
     has_dr = dr.numel() > 0
     launch(_rms_norm_bwd_kernel, (progs,), dy2, h, weight, rstd, dhi if dhi is not None else dy2, dx,

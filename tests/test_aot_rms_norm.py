@@ -53,8 +53,12 @@ def test_rms_norm_kernels_compile_without_spills(arch):
             assert "LDG.E.128" in ops and "STG.E.128" in ops, f"N={N}: the row is not moved in 128-bit accesses"
             continue
         k = rms_norm._rms_norm_bwd_kernel  # the residual's incoming gradient and the weight gradient
+        block, rows, warps = rms_norm._settings(N, backward=True)
         cx = dict(ROWS=rows, BLOCK=block, HAS_DHI=res, HAS_DR=False, HAS_DW=True, UPCAST=False)
         r = compile_kernel(k, {n: t for n, t in _sig(k, "bf16").items() if n not in cx}, cx, arch, num_warps=warps,
                            num_stages=1)
         report(f"rms_norm_bwd N={N} res={res}", r)
         assert_no_spills(r, f"rms_norm_bwd N={N} res={res}")
+        if N == 8192:
+            ops = sass_ops(r)
+            assert "LDG.E.128" in ops and "STG.E.128" in ops, f"bwd N={N}: not 128-bit accesses"

@@ -5,7 +5,7 @@ the launcher's tile for Llama's head dim.
 import pytest
 
 from fastft.kernels import rope
-from tests.aot import assert_no_spills, compile_kernel, pristine_triton_language, report  # noqa: F401 (fixture)
+from tests.aot import assert_no_spills, compile_kernel, pristine_triton_language, report, sass_ops  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("pristine_triton_language")
 
@@ -39,3 +39,6 @@ def test_rope_kernel_compiles_without_spills(arch):
         what = f"rope D={D} d={d} backward={backward} tail={copy_tail}"
         report(what, r)
         assert_no_spills(r, what)
+        if d == D:  # each head's halves are 128-byte runs: 128-bit loads and stores
+            ops = sass_ops(r)
+            assert "LDG.E.128" in ops and "STG.E.128" in ops, f"{what}: not 128-bit accesses"

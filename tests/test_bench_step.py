@@ -149,7 +149,7 @@ def test_gpu_check_dry_run(tmp_path):
     stages = {ln.split("\t")[0]: ln.split("\t") for ln in lines}
     for st in ("install", "env", "step_8b", "step_1b", "tests", "unvalidated", "bench_quant_matmul", "bench_quant_decode",
                "bench_quant_pack", "bench_attention", "bench_attention_decode", "profile",
-               "bench_lora", "bench_ceilings"):
+               "bench_lora", "bench_rms_norm", "bench_rope", "bench_silu_mul", "bench_ceilings"):
         assert st in stages, (st, lines)
         status, detail = stages[st][1], stages[st][3]
         assert status == "ok" or (status == "skipped" and detail), (st, stages[st], out[-3000:])

@@ -18,9 +18,10 @@ pytestmark = pytest.mark.interpreter
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 EPS = 1e-5
-# (shape, weight dtype or None = x's): hidden sizes off the power-of-two block, one row, rows that
-# pack several to a program with a partial last tile, and one wide row per program
-SHAPES = [(1, 40), (3, 5, 96), (2, 7, 1000), (6, 4096), (13, 1)]
+# hidden sizes off the power-of-two block, one row, rows that pack several to a program with a
+# partial last tile, and one wide row per program with more rows than backward programs (8 on the
+# interpreter's 4 "SMs": a program walks several rows and sums its dw partial over them)
+SHAPES = [(1, 40), (3, 5, 96), (2, 7, 1000), (13, 1), (11, 4096)]
 
 
 def _impl(op):
@@ -42,9 +43,9 @@ def _check(fn_triton, fn_ref, inputs, out_shapes, names):
     got = _run(fn_triton, inputs, grads)
     lowp = _run(fn_ref, inputs, grads)
     gold = _run(fn_ref, [t.double() for t in inputs], grads)
-    for g, r, l, name in zip(got, gold, lowp, names):
-        assert g.dtype == l.dtype, f"{name}: dtype {g.dtype}, torch gives {l.dtype}"
-        assert_close_to_gold(g, r.to(torch.float64), l, name=name)
+    for g, r, lp, name in zip(got, gold, lowp, names):
+        assert g.dtype == lp.dtype, f"{name}: dtype {g.dtype}, torch gives {lp.dtype}"
+        assert_close_to_gold(g, r.to(torch.float64), lp, name=name)
     return got
 
 
@@ -151,3 +152,90 @@ def test_kernel_ops_trace_on_fake_tensors():
     with FakeTensorMode():
         x = torch.empty(4, 96, dtype=torch.bfloat16, device="cuda")
         assert _impl("rms_norm")(x, torch.empty(96, dtype=torch.bfloat16, device="cuda"), EPS).device.type == "cuda"
+
+
+def test_native_llama_step_on_the_triton_row_kernels(monkeypatch, device, triton_usable):
+    """The native decoder layer's residual add + post-attention norm runs as one add_rms_norm (and
+    the q / k rotation in place): an fp32 loss and every gradient on the Triton backend match the
+    reference backend."""
+    from fastft.models.llama import LlamaForCausalLM
+    from tests.models_util import tiny_config
+    from tests.utils import rel_err
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config("llama", num_hidden_layers=2)).to(device).train()
+    for n, p in model.named_parameters():
+        if n.endswith("norm.weight"):
+            p.data.uniform_(0.5, 1.5)
+    ids = torch.randint(3, 128, (2, 9), device=device)
+
+    def step(backend):
+        monkeypatch.setenv("FASTFT_BACKEND", backend)
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref_loss, ref = step("reference")
+    with _common.count_launches() as launches:
+        loss, got = step("triton")
+    layers = model.config.num_hidden_layers
+    assert launches["_rms_norm_fwd_kernel"] == 2 * layers + 1  # input norm, add + norm, final norm
+    assert launches["_rope_kernel"] == 4 * layers
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
+    for n in ref:
+        assert rel_err(got[n], ref[n]) <= 1e-4, n
+
+
+def test_custom_ops_pass_opcheck(device, triton_usable):
+    """The launches' torch.library registrations (schema, fake implementation, no undeclared
+    mutation or aliasing) hold up under torch.library.opcheck."""
+    from fastft.ops.library import registered
+
+    _impl("rms_norm")
+    ops_ = registered()
+    x, r, dy = (torch.randn(3, 40, device=device) for _ in range(3))
+    w = torch.rand(40, device=device) + 0.5
+    _, h, rstd = ops_["triton_rms_norm_fwd"](x, w, r, EPS)
+    for args in ((x, w, None, EPS), (x, w, r, EPS)):
+        torch.library.opcheck(ops_["triton_rms_norm_fwd"], args)
+    for args in ((dy, h, w, rstd, dy, torch.float32, None, True), (dy, h, w, rstd, None, torch.float32, torch.float16,
+                                                                    False)):
+        torch.library.opcheck(ops_["triton_rms_norm_bwd"], args)
+
+
+def test_benchmark_needs_cuda_and_its_gpu_path_runs(monkeypatch, capsys, triton_usable):
+    """benchmarks/bench_rms_norm.py: on CPU one 'needs CUDA' line and no rows; its GPU code path
+    (fastft, torch; Liger when installed) runs on tiny shapes under the interpreter."""
+    from benchmarks import bench_rms_norm
+    from tests.utils import smoke_gpu_bench
+
+    assert bench_rms_norm.run("cpu") == [] and "needs CUDA" in capsys.readouterr().out
+    rows = smoke_gpu_bench(monkeypatch, bench_rms_norm, TOKENS=(3,), HIDDEN=(40,))
+    assert {r["impl"] for r in rows} >= {"fastft", "torch"} and all(r["gbps"] >= 0 for r in rows)
+    assert {r["case"] for r in rows} >= {"rms_norm M=3 N=40 bf16 fwd+bwd", "add_rms_norm M=3 N=40 bf16 fwd"}
+
+
+def test_row_ops_compile_into_one_graph(device, triton_usable):
+    """torch.compile(fullgraph=True) traces add_rms_norm, rms_norm, the in-place rope and silu_mul
+    (each launch one custom-op node, the autograd Functions included) without a graph break, and the
+    compiled step computes what the eager one does."""
+    add_rms, rms = _impl("add_rms_norm"), _impl("rms_norm")
+    rope, silu = _impl("rope"), _impl("silu_mul")
+
+    def step(x, w, wq, cos, sin):
+        n, h = add_rms(x, x * 2, w, EPS)
+        q = rope(((rms(h, w, EPS) + n) @ wq).view(2, 3, 2, 8), cos, sin, inplace=True)
+        return silu(q, q * 1.5).sum()
+
+    gen = torch.Generator().manual_seed(0)
+    x, w, wq = (torch.randn(s, generator=gen).to(device).requires_grad_() for s in ((2, 3, 16), (16,), (16, 16)))
+    cos, sin = (torch.randn(2, 3, 8, generator=gen).to(device) for _ in range(2))
+    ref = step(x, w, wq, cos, sin)
+    ref_grads = torch.autograd.grad(ref, (x, w, wq))
+    torch._dynamo.reset()
+    out = torch.compile(step, fullgraph=True, backend="aot_eager")(x, w, wq, cos, sin)
+    grads = torch.autograd.grad(out, (x, w, wq))
+    assert torch.allclose(out, ref, rtol=1e-6, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, rtol=1e-5, atol=1e-6)

@@ -139,3 +139,63 @@ def test_kernel_ops_trace_on_fake_tensors():
         y.sum().backward()
         assert y.shape == x.shape and x.grad.dtype == torch.float16
     assert not launches
+
+
+# --------------------------------------------------------------------------- model integration
+def _hf_loss_and_grads(model, ids, am, labels):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, attention_mask=am, labels=labels)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_patched_hf_attention_rotates_with_the_triton_kernel(monkeypatch, device, triton_usable):
+    """fastft.patch routes transformers' apply_rotary_pos_emb to ops.rope (per instance, no global
+    patch): fp32 loss and every gradient of the patched model on the Triton backend (rope in place
+    into the q / k projections, RMSNorm, silu_mul, attention kernels) match the unpatched model."""
+    from fastft.patching import patch
+    from tests.hf_tiny import tiny_batch, tiny_model
+    from tests.utils import rel_err
+
+    model = tiny_model("llama").to(device).train()
+    other = tiny_model("llama").to(device)  # an unpatched model of the same class stays untouched
+    ids, am, labels = (t.to(device) for t in tiny_batch("right", batch=3, length=11))
+    ref_loss, ref_grads = _hf_loss_and_grads(model, ids, am, labels)
+    other_logits = other(input_ids=ids).logits.detach()
+    monkeypatch.setenv("FASTFT_BACKEND", "triton")
+    patch(model)
+    calls = []
+    real = ops.rope
+    monkeypatch.setattr(ops, "rope", lambda *a, **kw: calls.append(kw.get("inplace")) or real(*a, **kw))
+    with _common.count_launches() as launches:
+        loss, grads = _hf_loss_and_grads(model, ids, am, labels)
+    assert calls == [True, True] * model.config.num_hidden_layers
+    assert launches["_rope_kernel"] == 4 * model.config.num_hidden_layers  # q and k, forward and backward
+    assert launches["_rms_norm_fwd_kernel"] and launches["_silu_mul_bwd_kernel"]
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
+    assert grads.keys() == ref_grads.keys()
+    for n in ref_grads:
+        assert rel_err(grads[n], ref_grads[n]) <= 1e-4, n
+    monkeypatch.setenv("FASTFT_BACKEND", "reference")
+    assert torch.equal(other(input_ids=ids).logits.detach(), other_logits) and not calls[4:]
+
+
+def test_custom_ops_pass_opcheck(device, triton_usable):
+    """``fastft::triton_rope`` (out of place) and ``triton_rope_`` (declares its mutation of x)
+    under torch.library.opcheck."""
+    from fastft.ops.library import registered
+
+    dispatch.impl("rope", "triton")
+    ops_ = registered()
+    x, cs = torch.randn(1, 3, 2, 16, device=device), torch.randn(1, 3, 16, device=device)
+    torch.library.opcheck(ops_["triton_rope"], (x, cs, cs, False, torch.float32))
+    torch.library.opcheck(ops_["triton_rope_"], (x, cs, cs))
+
+
+def test_benchmark_needs_cuda_and_its_gpu_path_runs(monkeypatch, capsys, triton_usable):
+    from benchmarks import bench_rope
+    from tests.utils import smoke_gpu_bench
+
+    assert bench_rope.run("cpu") == [] and "needs CUDA" in capsys.readouterr().out
+    rows = smoke_gpu_bench(monkeypatch, bench_rope, SHAPES=((2, 3),), HQ=4, HKV=2, D=16)
+    assert {r["impl"] for r in rows} >= {"fastft", "torch"} and len(rows) >= 4

@@ -84,3 +84,22 @@ def test_kernel_ops_trace_on_fake_tensors():
         y.sum().backward()
         assert y.shape == g.shape and g.grad.shape == u.grad.shape == g.shape
     assert not launches
+
+
+def test_custom_ops_pass_opcheck(device, triton_usable):
+    from fastft.ops.library import registered
+
+    dispatch.impl("silu_mul", "triton")
+    ops_ = registered()
+    g, u, dy = (torch.randn(3, 7, device=device) for _ in range(3))
+    torch.library.opcheck(ops_["triton_silu_mul_fwd"], (g, u))
+    torch.library.opcheck(ops_["triton_silu_mul_bwd"], (dy, g, u))
+
+
+def test_benchmark_needs_cuda_and_its_gpu_path_runs(monkeypatch, capsys, triton_usable):
+    from benchmarks import bench_silu_mul
+    from tests.utils import smoke_gpu_bench
+
+    assert bench_silu_mul.run("cpu") == [] and "needs CUDA" in capsys.readouterr().out
+    rows = smoke_gpu_bench(monkeypatch, bench_silu_mul, TOKENS=(3,), INTERMEDIATE=(37,))
+    assert {r["impl"] for r in rows} >= {"fastft", "torch"} and len(rows) >= 4

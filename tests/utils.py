@@ -53,3 +53,28 @@ def output_and_grads(fn, inputs, grad_seed=1):
     out.backward(g.to(out.dtype))
     return [out] + [t.grad for t in ts]
 
+
+
+def smoke_gpu_bench(monkeypatch, module, **shapes):
+    """Run a row-op benchmark module's GPU code path on CPU tensors under the Triton interpreter
+    (tiny ``shapes`` set as module attributes, each timing a single call, ceilings stubbed), so a
+    broken benchmark is caught here rather than on a lent GPU (with --device cuda the benchmark
+    itself runs in the GPU check: skipped). Returns its rows."""
+    import os
+
+    import pytest
+
+    from benchmarks import bench_rms_norm, common
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the CPU smoke run of a GPU benchmark needs the Triton interpreter")
+
+    for name, value in shapes.items():
+        monkeypatch.setattr(module, name, value)
+    monkeypatch.setattr(common, "bench", lambda fn, device=None, **kw: (fn(), 1e-3)[1])
+    monkeypatch.setattr(common, "device_for", lambda suite: torch.device("cpu"))
+    monkeypatch.setattr(common, "ceiling_value", lambda ceiling, device: (1000.0, "gbps"))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(module, "needs_cuda", lambda suite, name: False)
+    monkeypatch.setattr(bench_rms_norm, "needs_cuda", lambda suite, name: False)
+    return module.run("gpu")

@@ -203,8 +203,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden))
         self.variance_epsilon = eps
 
-    def forward(self, x):
-        return ops.rms_norm(x, self.weight, self.variance_epsilon)
+    def forward(self, x, residual=None):
+        """norm(x); with ``residual``, (norm(x + residual), x + residual) in one pass
+        (``fastft.ops.add_rms_norm``). Both go through the module call, so hooks see the weight."""
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.variance_epsilon)
+        return ops.add_rms_norm(x, residual, self.weight, self.variance_epsilon)
 
 
 class LlamaAttention(nn.Module):
@@ -241,8 +245,9 @@ class LlamaAttention(nn.Module):
     def forward(self, x, cos, sin, key_padding_mask=None, cache=None, cu_seqlens=None, max_seqlen=None):
         B, T, _ = x.shape
         q, k, v = self._qkv(x)
-        q = ops.rope(q.view(B, T, self.num_heads, self.head_dim), cos, sin)
-        k = ops.rope(k.view(B, T, self.num_kv_heads, self.head_dim), cos, sin)
+        # The projections are dead after the rotation: a backend may rotate them in place.
+        q = ops.rope(q.view(B, T, self.num_heads, self.head_dim), cos, sin, inplace=True)
+        k = ops.rope(k.view(B, T, self.num_kv_heads, self.head_dim), cos, sin, inplace=True)
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
         p = self.attention_dropout if self.training else 0.0
         q, k, v = attention_inputs(q, k, v)
@@ -288,8 +293,9 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, key_padding_mask=None, cache=None, cu_seqlens=None, max_seqlen=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, key_padding_mask, cache, cu_seqlens, max_seqlen)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        a = self.self_attn(self.input_layernorm(x), cos, sin, key_padding_mask, cache, cu_seqlens, max_seqlen)
+        normed, x = self.post_attention_layernorm(a, x)  # residual add + norm in one pass
+        return x + self.mlp(normed)
 
 
 class LlamaModel(nn.Module):

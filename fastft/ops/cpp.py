@@ -411,12 +411,15 @@ if AVAILABLE:
     def _rope_rows(x, cos, sin, inplace=False) -> bool:
         dt = _rope_dtype(x, cos, sin)
         return (_cpu(x) and dt in _ROW_DTYPES and cos.dtype == dt and sin.dtype == dt and x.dim() == 4
-                and cos.dim() == 3 and cos.shape[-1] % 2 == 0 and not cos.requires_grad and not sin.requires_grad)
+                and cos.dim() == 3 and cos.shape[-1] % 2 == 0 and not cos.requires_grad and not sin.requires_grad
+                and cos.shape == sin.shape and cos.shape[0] in (1, x.shape[0]) and cos.shape[1] == x.shape[1])
 
     @register("rope", "cpp", supports=_rope_rows)
     def rope(x, cos, sin, inplace=False):
         """Rotary embedding in one pass (and its transpose in backward); cos / sin get no gradient.
         Always a new tensor (``inplace`` is a hint)."""
+        if cos.shape[0] != x.shape[0]:  # one table for the batch (transformers' rotary): the kernel reads (B, T, d)
+            cos, sin = (t.expand(x.shape[0], -1, -1).contiguous() for t in (cos, sin))
         return ops.rope(x.to(_rope_dtype(x, cos, sin)), cos, sin, False)
 
     def _grad_rows(grad, qweight) -> bool:

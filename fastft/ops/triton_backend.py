@@ -256,20 +256,27 @@ register("attention_varlen", "triton")(_attn.attention_varlen)
 
 
 # ------------------------------------------------------------------------------------ row-wise ops
+def _kernel_op(name, fn, fake, **kw):
+    """``fn`` registered as ``fastft::<name>``; returned as ``torch.ops.fastft.<name>`` (the form
+    torch.compile traces as one node, where the Python ``CustomOpDef`` object is opaque to it)."""
+    kernel_op(name, fake=fake, **kw)(fn)
+    return getattr(torch.ops.fastft, name)
+
+
 def _bind_row_ops() -> None:
     """The row kernels' launchers become custom ops with fake implementations; their autograd
     Functions call those (once per process)."""
-    fwd = kernel_op("triton_rms_norm_fwd", fake=_rms.rms_norm_fwd_fake)(_rms.rms_norm_fwd)
-    bwd = kernel_op("triton_rms_norm_bwd", fake=_rms.rms_norm_bwd_fake)(_rms.rms_norm_bwd)
+    fwd = _kernel_op("triton_rms_norm_fwd", _rms.rms_norm_fwd, _rms.rms_norm_fwd_fake)
+    bwd = _kernel_op("triton_rms_norm_bwd", _rms.rms_norm_bwd, _rms.rms_norm_bwd_fake)
     for fn in (_rms.RMSNormFunction, _rms.AddRMSNormFunction):
         fn.fwd, fn.bwd = staticmethod(fwd), staticmethod(bwd)
-    _rope.RopeFunction.fwd = staticmethod(kernel_op("triton_rope", fake=_rope.rope_fwd_fake)(_rope.rope_fwd))
-    _rope.RopeFunction.fwd_ = staticmethod(kernel_op("triton_rope_", fake=_rope.rope_inplace_fake,
-                                                     mutates_args=("x",))(_rope.rope_))
-    _silu.SiluMulFunction.fwd = staticmethod(kernel_op("triton_silu_mul_fwd", fake=_silu.silu_mul_fwd_fake)(
-        _silu.silu_mul_fwd))
-    _silu.SiluMulFunction.bwd = staticmethod(kernel_op("triton_silu_mul_bwd", fake=_silu.silu_mul_bwd_fake)(
-        _silu.silu_mul_bwd))
+    _rope.RopeFunction.fwd = staticmethod(_kernel_op("triton_rope", _rope.rope_fwd, _rope.rope_fwd_fake))
+    _rope.RopeFunction.fwd_ = staticmethod(_kernel_op("triton_rope_", _rope.rope_, _rope.rope_inplace_fake,
+                                                      mutates_args=("x",)))
+    _silu.SiluMulFunction.fwd = staticmethod(_kernel_op("triton_silu_mul_fwd", _silu.silu_mul_fwd,
+                                                        _silu.silu_mul_fwd_fake))
+    _silu.SiluMulFunction.bwd = staticmethod(_kernel_op("triton_silu_mul_bwd", _silu.silu_mul_bwd,
+                                                        _silu.silu_mul_bwd_fake))
 
 
 _bind_row_ops()
