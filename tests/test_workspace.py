@@ -152,3 +152,26 @@ def test_cuda_lean_quant_matmul_reuses_the_workspace(device):
         ptrs.add(ws.dequantize_transient(qw, dt).untyped_storage().data_ptr())
     assert len(ptrs) <= 2  # the first buffer, then the grown one
     assert ws.dequantize_transient(weights[0], dt).data_ptr() == ws.workspace(x.device, dt, 1).data_ptr()
+
+
+def test_qlora_model_keeps_nothing_frozen_in_fp32():
+    """A bf16 QLoRA model: every frozen parameter is bf16; the only fp32 tensors are the rotary
+    frequencies and the NF4 format's own statistics (16 + 256-entry codebooks and one scale per 256
+    blocks per layer), never a weight-sized or activation-sized tensor."""
+    import fastft
+    from fastft.nn.quant_linear import QuantLinear
+
+    m = fastft.from_config("tiny-llama", quantization="nf4", dtype="bfloat16", seed=1)
+    m = fastft.get_peft_model(m, fastft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    frozen = [(n, p) for n, p in m.named_parameters() if not p.requires_grad]
+    assert frozen and all(p.dtype == torch.bfloat16 for _, p in frozen), \
+        [n for n, p in frozen if p.dtype != torch.bfloat16]
+    assert {n.rsplit(".", 1)[-1] for n, b in m.named_buffers() if b.dtype == torch.float32} <= {"inv_freq"}
+    layers = [mod for mod in m.modules() if isinstance(mod, QuantLinear)]
+    assert layers
+    for mod in layers:
+        fp32 = {k: t for k, t in mod.weight._tensors().items()
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32}
+        assert set(fp32) <= {"quant_map", "nested_quant_map", "nested_absmax"}, set(fp32)
+        n = mod.in_features * mod.out_features
+        assert sum(t.numel() * 4 for t in fp32.values()) <= (16 + 256) * 4 + 4 * -(-n // (64 * 256))
