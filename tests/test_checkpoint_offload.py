@@ -114,8 +114,10 @@ def test_default_offloader_on_cpu_copies_nothing():
         checkpoint_block(lin, x, offload=off, use_reentrant=True)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_offload_on_cuda_stores_pinned_host_copies_and_matches():
+def test_offload_on_cuda_stores_pinned_host_copies_and_matches(device):
+    """(``device``: the GPU check selects files whose tests take it and runs them with --device cuda.)"""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
     torch.manual_seed(0)
     layer = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.GELU(), torch.nn.Linear(512, 512)).cuda()
     x = torch.randn(1024, 512, device="cuda", requires_grad=True)

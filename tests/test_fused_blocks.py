@@ -25,6 +25,15 @@ def _reset_switch(monkeypatch):
 
 
 @pytest.fixture
+def interpreted():
+    """CPU tensors through the Triton kernels: only under the interpreter (a --device cuda run skips)."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the kernels on CPU tensors: needs TRITON_INTERPRET=1")
+
+
+@pytest.fixture
 def calls(monkeypatch):
     seen = []
     for name in ("lora_qkv", "lora_gate_up_swiglu"):
@@ -77,11 +86,11 @@ def _inputs(dtype, B=2, T=7, seed=1):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_fused_decoder_layer_matches_the_unfused_path(bias, calls):
-    layer32 = _layer(torch.float32, bias)
-    layer64 = _layer(torch.float64, bias)
+def test_fused_decoder_layer_matches_the_unfused_path(bias, calls, device, triton_usable):
+    layer32 = _layer(torch.float32, bias).to(device)
+    layer64 = _layer(torch.float64, bias).to(device)
     layer64.load_state_dict({k: v.double() for k, v in layer32.state_dict().items()})
-    x, cos, sin = _inputs(torch.float32)
+    x, cos, sin = (t.to(device) for t in _inputs(torch.float32))
     gold = _run(layer64, x.double(), cos.double(), sin.double(), False)
     off = _run(layer32, x, cos, sin, False)
     assert calls == []
@@ -94,7 +103,7 @@ def test_fused_decoder_layer_matches_the_unfused_path(bias, calls):
         assert_close_to_gold(on[2][n], gold[2][n], off[2][n], name=n)
 
 
-def test_switch_resolution(monkeypatch, calls):
+def test_switch_resolution(monkeypatch, calls, interpreted):
     layer = _layer(torch.float32)
     x, cos, sin = _inputs(torch.float32, B=1, T=3)
     _run(layer, x, cos, sin, None)  # default "auto": today's path
@@ -116,7 +125,7 @@ def test_switch_resolution(monkeypatch, calls):
         _run(layer, x, cos, sin, None)
 
 
-def test_not_fusable_blocks_keep_the_per_projection_path(calls):
+def test_not_fusable_blocks_keep_the_per_projection_path(calls, interpreted):
     layer = _layer(torch.float32, dropout=0.1)
     layer.self_attn.k_proj.lora_dropout = 0.2  # q/k/v dropout differs: q/k/v not fused; gate/up still are
     x, cos, sin = _inputs(torch.float32, B=1, T=3)
@@ -148,7 +157,7 @@ def test_qlora_model_is_not_fused_and_trainer_sets_the_switch(tmp_path, calls):
         TrainingArguments(output_dir=str(tmp_path), fused_lora_blocks="fast")
 
 
-def test_native_model_switch_runs_a_dense_lora_step(calls):
+def test_native_model_switch_runs_a_dense_lora_step(calls, interpreted):
     m = fastft.from_config("tiny-llama", seed=1)
     m = fastft.get_peft_model(m, fastft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                    init_lora_weights=False)).train()
@@ -164,7 +173,7 @@ def test_native_model_switch_runs_a_dense_lora_step(calls):
     torch.testing.assert_close(losses[1], losses[0])
 
 
-def test_benchmark_rows_run_on_tiny_widths(monkeypatch):
+def test_benchmark_rows_run_on_tiny_widths(monkeypatch, interpreted):
     """benchmarks/bench_lora_fused.py (the GPU check's rows comparing both paths) runs end to end on
     tiny widths under the interpreter: every variant gives a row, the fused ones name the baseline."""
     from fastft.benchmarks import bench_lora_fused as blf

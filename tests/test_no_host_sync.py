@@ -152,10 +152,12 @@ def test_training_step_reads_nothing_on_the_host(quant, packed, gc, tmp_path, ho
     assert torch.isfinite(loss) and gn > 0  # (read after the check)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch.cuda.set_sync_debug_mode)")
 @pytest.mark.parametrize("quant", [None, "nf4"], ids=["lora", "qlora"])
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_training_step_on_cuda_never_synchronises(quant, packed, tmp_path):
+def test_training_step_on_cuda_never_synchronises(quant, packed, tmp_path, device):
+    """(``device``: the GPU check selects files whose tests take it and runs them with --device cuda.)"""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA (torch.cuda.set_sync_debug_mode)")
     tr, coll = _trainer(_model(quant, "cuda"), packed, tmp_path, gc="offload")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         _step(tr, coll)  # warm-up: autotuning and first-call allocations may synchronise

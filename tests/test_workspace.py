@@ -72,18 +72,19 @@ def test_lean_quant_matmul_reuses_the_workspace_and_matches(dtype):
 
 @pytest.mark.parametrize("kind", ["nf4", "nf4-odd", "nf4-nodq", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_triton_dequantize_into_a_workspace(kind, dtype):
+def test_triton_dequantize_into_a_workspace(kind, dtype, device, triton_usable):
     from fastft.ops import reference_quant, triton_backend
 
     g = torch.Generator().manual_seed(3)
     if kind == "int4":
-        qw = Int4Weight.from_float(torch.randn(8, 64, generator=g), group_size=32)
+        qw = Int4Weight.from_float(torch.randn(8, 64, generator=g).to(device), group_size=32)
     else:
         shape = (7, 9 * 7) if kind == "nf4-odd" else (8, 128)  # 441 elements: an odd count
-        qw = NF4Weight.from_float(torch.randn(shape, generator=g), blocksize=64, double_quant=kind != "nf4-nodq")
+        qw = NF4Weight.from_float(torch.randn(shape, generator=g).to(device), blocksize=64,
+                                  double_quant=kind != "nf4-nodq")
     assert triton_backend.dequantize_into_supported(qw, dtype)
     n = triton_backend.workspace_numel(qw, dtype)
-    buf = torch.full((n + 5,), float("nan"), dtype=dtype)
+    buf = torch.full((n + 5,), float("nan"), dtype=dtype, device=device)
     for _ in range(2):
         got = triton_backend.dequantize_into(qw, dtype, buf)
         assert got.data_ptr() == buf.data_ptr() and tuple(got.shape) == tuple(qw.shape)
@@ -127,3 +128,50 @@ def test_autocast_projections_save_one_cast_copy_of_their_input():
         ref += torch.autograd.grad(y.float().square().sum(), xi)[0]
     torch.testing.assert_close(gx, ref)  # fp32 sums of the same bf16 branch gradients (order may differ)
     assert gx.dtype == torch.float32
+
+
+def test_cuda_lean_quant_matmul_reuses_the_workspace(device):
+    """On CUDA (the GPU check runs this with --device cuda): the Triton dequantize writes into the one
+    workspace, and the lean quant-matmul (forward and dX) equals the allocating path bit for bit."""
+    if device != "cuda" or not torch.cuda.is_available():
+        pytest.skip("needs --device cuda")
+    lean_qmm = dispatch.impl("quant_matmul", "torch")
+    dt = torch.bfloat16
+    weights = [NF4Weight.from_float(torch.randn(s, device="cuda"), blocksize=64, double_quant=True)
+               for s in ((256, 512), (1024, 512), (256, 512))]
+    x = torch.randn(64, 512, device="cuda", dtype=dt, requires_grad=True)
+    ptrs = set()
+    for qw in weights:
+        got = lean_qmm(x, qw)
+        ref = DequantMatmulFunction.apply(x, qw, None, lambda q, d: ops.nf4_dequantize(q, d),
+                                          torch.nn.functional.linear)
+        assert torch.equal(got, ref)
+        gx, = torch.autograd.grad(got.float().sum(), x)
+        rx, = torch.autograd.grad(ref.float().sum(), x)
+        assert torch.equal(gx, rx)
+        ptrs.add(ws.dequantize_transient(qw, dt).untyped_storage().data_ptr())
+    assert len(ptrs) <= 2  # the first buffer, then the grown one
+    assert ws.dequantize_transient(weights[0], dt).data_ptr() == ws.workspace(x.device, dt, 1).data_ptr()
+
+
+def test_qlora_model_keeps_nothing_frozen_in_fp32():
+    """A bf16 QLoRA model: every frozen parameter is bf16; the only fp32 tensors are the rotary
+    frequencies and the NF4 format's own statistics (16 + 256-entry codebooks and one scale per 256
+    blocks per layer), never a weight-sized or activation-sized tensor."""
+    import fastft
+    from fastft.nn.quant_linear import QuantLinear
+
+    m = fastft.from_config("tiny-llama", quantization="nf4", dtype="bfloat16", seed=1)
+    m = fastft.get_peft_model(m, fastft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    frozen = [(n, p) for n, p in m.named_parameters() if not p.requires_grad]
+    assert frozen and all(p.dtype == torch.bfloat16 for _, p in frozen), \
+        [n for n, p in frozen if p.dtype != torch.bfloat16]
+    assert {n.rsplit(".", 1)[-1] for n, b in m.named_buffers() if b.dtype == torch.float32} <= {"inv_freq"}
+    layers = [mod for mod in m.modules() if isinstance(mod, QuantLinear)]
+    assert layers
+    for mod in layers:
+        fp32 = {k: t for k, t in mod.weight._tensors().items()
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32}
+        assert set(fp32) <= {"quant_map", "nested_quant_map", "nested_absmax"}, set(fp32)
+        n = mod.in_features * mod.out_features
+        assert sum(t.numel() * 4 for t in fp32.values()) <= (16 + 256) * 4 + 4 * -(-n // (64 * 256))

@@ -468,16 +468,14 @@ class LlamaForCausalLM(NativeModel):
             if attention_mask is not None:
                 check_async(attention_mask.to(torch.bool).all(),
                             "packed batches (cu_seqlens) cannot also carry padding in attention_mask")
-            host_cu = cu_seqlens.device.type == "cpu"
             lens = cu_seqlens[1:] - cu_seqlens[:-1]
             check_async((cu_seqlens[0] == 0) & (cu_seqlens[-1] == T) & (lens >= 0).all(),
                         f"cu_seqlens must start at 0, be non-decreasing and end at total={T}")
-            if max_seqlen is None:
-                if host_cu or any(w is not None for w in self.sliding_windows):
-                    # host values (free on the CPU; one synchronisation for a device tensor here)
-                    max_seqlen = int(lens.max())
-                else:
-                    max_seqlen = T  # an upper bound: the attention kernels only need one
+            if max_seqlen is None:  # (fastft's packing collator sends it, computed on the host)
+                top = host_value(lens.max())  # host offsets: free
+                if top is None and any(w is not None for w in self.sliding_windows):
+                    top = int(lens.max())  # the window check needs the exact value: one synchronisation
+                max_seqlen = T if top is None else int(top)  # T: an upper bound is all the kernels need
             else:
                 max_seqlen = int(max_seqlen)
                 check_async(lens.max() <= max_seqlen,

@@ -240,7 +240,8 @@ def _default_generator(device: torch.device) -> torch.Generator:
     if device.type == "cpu":
         return torch.default_generator
     if device.type == "cuda" and torch.cuda.is_available():
-        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.default_generators[idx]
     gen = torch.Generator(device=device)  # other devices: a fresh generator seeded from the global RNG
     gen.manual_seed(int(torch.randint(0, 2 ** 62, (1,)).item()))
     return gen
@@ -251,10 +252,9 @@ def lora_dropout_state(x, dropout_p, generator):
 
     The mask is ``torch.rand(x.shape, generator=generator) >= p``, drawn exactly as the reference
     draws it (so the generator advances the same way); the state before the draw is what the
-    backward regenerates the mask from. With no generator, one is seeded from the global RNG, so
-    the mask itself never needs storing. With no generator the device's default generator draws it
-    (its state is read on the host: no synchronisation, and ``torch.utils.checkpoint`` restores it for
-    the recompute)."""
+    backward regenerates the mask from, so the mask itself never needs storing. With no generator
+    the device's default generator draws it (its state is read on the host: no synchronisation, and
+    ``torch.utils.checkpoint`` restores it for the recompute)."""
     if dropout_p <= 0.0:
         return None, None
     if generator is None:
