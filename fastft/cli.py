@@ -120,10 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--" + name.replace("_", "-"), action="store_true", default=None, help=hlp + " (default: off)")
     p.add_argument("--gradient-checkpointing", nargs="?", const="on", default=None, choices=["off", "on", "offload"],
                    help="recompute block activations in backward; 'offload' also keeps the saved block inputs in "
-                        "pinned host memory (a bare --gradient-checkpointing means on)")
+                        "pinned host memory; a bare --gradient-checkpointing means on (default: off)")
     p.add_argument("--fused-lora-blocks", choices=["auto", "on", "off"], default=None,
                    help="fused q/k/v and gate/up+SwiGLU LoRA blocks (dense bases on CUDA); auto: FASTFT_FUSED_LORA, "
-                        "else the measured per-projection path")
+                        "else the measured per-projection path (default: auto)")
 
     p = add("eval", help="loss / perplexity (and exact match) on a data set")
     _add_model_args(p)
