@@ -30,7 +30,10 @@ _TRAIN_FLAGS = {
     "save_steps": (int, "checkpoint every N steps"),
     "seed": (int, "random seed"),
     "resume_from_checkpoint": (str, "checkpoint directory to resume from"),
+    "ddp_timeout": (int, "seconds before a collective operation gives up (distributed runs)"),
 }
+# Launcher options (torchrun's): they start the workers and are not TrainingArguments.
+_LAUNCH_FLAGS = ("nproc", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_id", "max_restarts")
 _BOOL_TRAIN_FLAGS = {"bf16": "bf16 autocast where supported", "gradient_checkpointing": "recompute activations in backward"}
 
 
@@ -66,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--" + name.replace("_", "-"), type=typ, help=hlp)
     for name, hlp in _BOOL_TRAIN_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), action="store_true", default=None, help=hlp)
+    g = p.add_argument_group("several processes (torchrun's launcher; see docs/distributed.md)")
+    g.add_argument("--nproc", type=int, help="worker processes on this machine (one per GPU); > 1 launches them")
+    g.add_argument("--strategy", choices=["ddp", "fsdp"],
+                   help="ddp (replicated model) or fsdp (FSDP2-sharded; default for a quantized base)")
+    g.add_argument("--nnodes", type=int, help="machines in the job (default 1); with --rdzv-endpoint")
+    g.add_argument("--node-rank", type=int, help="this machine's rank (static rendezvous; optional with c10d)")
+    g.add_argument("--rdzv-endpoint", help="host:port every machine reaches (several machines)")
+    g.add_argument("--rdzv-id", help="job id shared by the machines (default: fastft)")
+    g.add_argument("--max-restarts", type=int, help="worker group restarts on failure (default 0)")
 
     p = sub.add_parser("eval", help="loss / perplexity (and exact match) on a data set")
     _add_model_args(p)
@@ -174,17 +186,97 @@ def _tokenizer(path):
     return AutoTokenizer.from_pretrained(path)
 
 
-def cmd_train(args):
+def _training_arguments(o):
+    from fastft.train import TrainingArguments
+
+    targs = {k: o[k] for k in list(_TRAIN_FLAGS) + list(_BOOL_TRAIN_FLAGS) if o.get(k) is not None}
+    targs.setdefault("output_dir", "outputs/run")
+    targs["packing"] = bool(o.get("packing", False))
+    targs["max_length"] = int(o.get("max_length", 512))
+    if o.get("strategy"):
+        targs["distributed_strategy"] = o["strategy"]
+    return TrainingArguments(**targs)
+
+
+def _check_before_launch(o):
+    """Everything that can be wrong with the options, checked before any worker starts."""
+    method = o.get("method", "lora")
+    if method == "full" and o.get("quantization"):
+        raise SystemExit("fastft train: full fine-tuning cannot train a quantized base; drop --quantization")
+    for key in ("nproc", "nnodes"):
+        if o.get(key) is not None and int(o[key]) < 1:
+            raise SystemExit(f"fastft train: --{key} must be >= 1, got {o[key]}")
+    if int(o.get("nnodes") or 1) > 1 and not o.get("rdzv_endpoint"):
+        raise SystemExit("fastft train: --nnodes > 1 needs --rdzv-endpoint host:port (reachable by every machine)")
+    if not os.path.isdir(o["model"]) or not os.path.isfile(os.path.join(o["model"], "config.json")):
+        raise SystemExit(f"fastft train: --model {o['model']!r} is not a checkpoint directory (no config.json)")
+    for key in ("data", "eval_data"):
+        if o.get(key) and not os.path.isfile(o[key]):
+            raise SystemExit(f"fastft train: --{key.replace('_', '-')} {o[key]!r} does not exist")
+    _training_arguments(o)  # raises on bad values (ValueError / TypeError: one clear line)
+
+
+def _launch(o, argv):
+    """Start the workers with torchrun's launcher; each runs ``python -m fastft train <argv>``
+    (the same options: inside a worker WORLD_SIZE is set, so it trains instead of launching)."""
+    from torch.distributed.run import get_args_parser, run
+
+    nnodes = int(o.get("nnodes") or 1)
+    la = ["--nproc-per-node", str(int(o.get("nproc") or 1)), "--max-restarts", str(int(o.get("max_restarts") or 0))]
+    if nnodes == 1 and not o.get("rdzv_endpoint"):
+        la += ["--standalone"]  # a local rendezvous on a free port
+    else:
+        la += ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", o["rdzv_endpoint"],
+               "--rdzv-id", str(o.get("rdzv_id") or "fastft")]
+        if o.get("node_rank") is not None:
+            la += ["--node-rank", str(o["node_rank"])]
+    la += ["-m", "fastft", "train", *argv]
+    try:
+        run(get_args_parser().parse_args(la))
+    except Exception as e:  # ChildFailedError: torchrun's summary names the failed rank and its error
+        print(f"fastft train: the distributed job failed:\n{e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_train(args, argv=None):
     o = _merged_train_options(args)  # validate options before anything heavy is imported or loaded
+    from fastft.train import distributed as dist_util
+
+    in_worker = dist_util.env_world_size() > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+    if not in_worker and (int(o.get("nproc") or 1) > 1 or int(o.get("nnodes") or 1) > 1):
+        _check_before_launch(o)
+        return _launch(o, list(sys.argv[2:] if argv is None else argv[1:]))
+    if in_worker:
+        dist_util.init_from_env(float(o.get("ddp_timeout") or 1800))
+    try:
+        return _train(o)
+    except BaseException as e:
+        if dist_util.is_distributed() and not isinstance(e, (SystemExit, KeyboardInterrupt)):
+            # One line naming this rank and the cause; torchrun then stops the other workers.
+            print(f"fastft train: {dist_util.describe_failure(e, float(o.get('ddp_timeout') or 1800))}",
+                  file=sys.stderr)
+        raise
+
+
+def _train(o):
     import fastft
-    from fastft.train import TrainingArguments, default_collator, load_dataset
+    from fastft.train import TrainingArguments, default_collator, load_dataset, set_seed
+    from fastft.train import distributed as dist_util
 
     method = o.get("method", "lora")
     quant = o.get("quantization") or ("nf4" if method == "qlora" else None)
     if method == "full" and quant:
         raise SystemExit("fastft train: full fine-tuning cannot train a quantized base; drop --quantization")
+    # A worker of a multi-GPU job trains on its own GPU (LOCAL_RANK); otherwise the CPU, as before.
+    device = None
+    if dist_util.is_distributed() and torch_cuda_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     tok = _tokenizer(o["model"])
-    model = fastft.from_pretrained(o["model"], quantization=quant)
+    # The seed reaches everything random from here on: the LoRA / adapter initialisation below (drawn
+    # from torch's global RNG when the layers are built), dropout and the data order in the Trainer.
+    set_seed(int(o.get("seed", TrainingArguments.seed)))
+    model = fastft.from_pretrained(o["model"], quantization=quant, device=device)
     family_mlm = getattr(model, "objective", None) == "mlm"
     objective = o.get("objective") or ("mlm" if family_mlm else "clm")
     max_length = int(o.get("max_length", 512))
@@ -199,15 +291,22 @@ def cmd_train(args):
         model = fastft.get_peft_model(model, cfg)
     elif method == "adapter":
         model = fastft.get_peft_model(model, fastft.AdapterConfig(bottleneck_size=int(o.get("bottleneck_size", 64))))
-    targs = {k: o[k] for k in list(_TRAIN_FLAGS) + list(_BOOL_TRAIN_FLAGS) if o.get(k) is not None}
-    targs.setdefault("output_dir", "outputs/run")
-    targs["packing"] = bool(o.get("packing", False))
-    targs["max_length"] = max_length
-    ta = TrainingArguments(**targs)
+    ta = _training_arguments(o)
     collator = default_collator(tok, objective=objective, packing=ta.packing)
     trainer = fastft.Trainer(model, train_ds, args=ta, eval_dataset=eval_ds, data_collator=collator, tokenizer=tok)
     result = trainer.train()
-    print(json.dumps({"output_dir": ta.output_dir, **_jsonable(result)}, indent=1))
+    if trainer.is_main:
+        print(json.dumps({"output_dir": ta.output_dir, **_jsonable(result)}, indent=1))
+    if dist_util.is_distributed():
+        import torch.distributed
+
+        torch.distributed.destroy_process_group()
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _targets(t):
@@ -334,8 +433,12 @@ def cmd_bench(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.cmd == "train":
+        fn = {"train": lambda a: cmd_train(a, argv)}
+    else:
+        fn = {}
     fn = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "merge": cmd_merge, "convert": cmd_convert,
-          "quantize": cmd_quantize, "demo": cmd_demo, "bench": cmd_bench, "export": cmd_export}[args.cmd]
+          "quantize": cmd_quantize, "demo": cmd_demo, "bench": cmd_bench, "export": cmd_export, **fn}[args.cmd]
     try:
         rc = fn(args)
     except (ValueError, TypeError, FileNotFoundError) as e:

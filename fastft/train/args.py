@@ -60,6 +60,11 @@ class TrainingArguments:
     plot_loss: bool = True
     # Call model.save_pretrained(output_dir) (or save trainable params) at the end of training.
     save_final_model: bool = True
+    # Under torchrun (an initialised process group with > 1 ranks): "ddp" or "fsdp" (FSDP2
+    # fully_shard); None picks FSDP for a quantized base (QLoRA), DDP otherwise.
+    distributed_strategy: Optional[str] = None
+    # Seconds before a collective (all-reduce, all-gather, barrier) gives up (HF's name).
+    ddp_timeout: int = 1800
 
     def __post_init__(self):
         self._coerce()
@@ -195,6 +200,10 @@ class TrainingArguments:
             bad("warmup_steps", "must be >= 0")
         if self.lr_scheduler_type not in SCHEDULERS:
             bad("lr_scheduler_type", f"must be one of {', '.join(SCHEDULERS)}")
+        if self.distributed_strategy not in (None, "ddp", "fsdp"):
+            bad("distributed_strategy", "must be 'ddp', 'fsdp' or None (automatic)")
+        if self.ddp_timeout < 1:
+            bad("ddp_timeout", "must be >= 1 second")
         r = self.resume_from_checkpoint
         if r is not None and r is not True and not (isinstance(r, str) and r.strip()):
             bad("resume_from_checkpoint", "must be a checkpoint directory, True (latest in output_dir) or None")
