@@ -138,6 +138,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
 
+    p = sub.add_parser("plan", help="per-device memory of a LoRA / QLoRA run on 1..N devices (before it starts)",
+                       description="Per-device bytes of weights, scales, LoRA, gradients, optimizer, FSDP "
+                                   "all-gather buffers and activations (with and without gradient checkpointing) "
+                                   "for a model directory or a named shape (8B, 70B, ...). See fastft/plan.py.")
+    p.add_argument("--model", required=True, help="checkpoint directory (its config.json) or a shape name: 8B, 70B, ...")
+    p.add_argument("--method", choices=["lora", "qlora"], default="qlora")
+    p.add_argument("--devices", default="1,2,4,8", help="comma-separated device counts (default 1,2,4,8)")
+    p.add_argument("--strategy", choices=["ddp", "fsdp"], help="default: fsdp for qlora on > 1 device, else ddp")
+    p.add_argument("--r", type=int, default=16, help="LoRA rank (all-linear targets)")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=1, help="per-device micro-batch")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="base weights / activations")
+    p.add_argument("--capacity", default="24,80", help="device sizes in GB to check against (default 24,80)")
+    p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+
     p = sub.add_parser("bench", help="run the benchmark suite")
     p.add_argument("--suite", choices=["cpu", "gpu"], default="cpu")
     p.add_argument("--only", action="append", default=[], metavar="NAME",
@@ -230,9 +245,11 @@ def _launch(o, argv):
                "--rdzv-id", str(o.get("rdzv_id") or "fastft")]
         if o.get("node_rank") is not None:
             la += ["--node-rank", str(o["node_rank"])]
-    la += ["-m", "fastft", "train", *argv]
+    ns = get_args_parser().parse_args([*la, "-m", "fastft"])
+    # Set, not parsed: torchrun's parser would read train flags like --r or --nproc as its own.
+    ns.training_script_args = ["train", *argv]
     try:
-        run(get_args_parser().parse_args(la))
+        run(ns)
     except Exception as e:  # ChildFailedError: torchrun's summary names the failed rank and its error
         print(f"fastft train: the distributed job failed:\n{e}", file=sys.stderr)
         return 1
@@ -423,6 +440,26 @@ def cmd_demo(args):
     run_demo(output_dir=args.output_dir, max_steps=args.max_steps, quick=args.quick)
 
 
+def cmd_plan(args):
+    from fastft.plan import format_table, plan
+
+    try:
+        devices = [int(x) for x in str(args.devices).split(",") if x.strip()]
+        caps = [float(x) for x in str(args.capacity).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--devices / --capacity must be comma-separated numbers, got {args.devices!r} / "
+                         f"{args.capacity!r}") from None
+    nbytes = {"bf16": 2, "fp16": 2, "fp32": 4}[args.dtype]
+    rows = [plan(args.model, method=args.method, devices=n, strategy=args.strategy, r=args.r, dtype_bytes=nbytes,
+                 seq_len=args.seq_len, batch=args.batch) for n in devices]
+    if args.json:
+        print("\n".join(json.dumps(r) for r in rows))
+    else:
+        print(f"per-device memory, GB (1e9 bytes); r={args.r}, seq_len={args.seq_len}, batch={args.batch}, "
+              f"{args.dtype}; 'fits' = total with checkpointing <= 90% of the device")
+        print(format_table(rows, [int(c) if c.is_integer() else c for c in caps]))
+
+
 def cmd_bench(args):
     # The benchmarks ship inside the package as fastft.benchmarks (setup.py maps benchmarks/ there).
     from fastft.benchmarks.run import main as bench_main
@@ -438,7 +475,7 @@ def main(argv=None):
     else:
         fn = {}
     fn = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "merge": cmd_merge, "convert": cmd_convert,
-          "quantize": cmd_quantize, "demo": cmd_demo, "bench": cmd_bench, "export": cmd_export, **fn}[args.cmd]
+          "quantize": cmd_quantize, "demo": cmd_demo, "bench": cmd_bench, "plan": cmd_plan, "export": cmd_export, **fn}[args.cmd]
     try:
         rc = fn(args)
     except (ValueError, TypeError, FileNotFoundError) as e:

@@ -55,11 +55,9 @@ def run_job(job) -> dict:
                     g = D.full_tensor(p.grad) if p.grad is not None else None
                     stats[n] = None if g is None else [bool(torch.isfinite(g).all()), float(g.norm())]
                 self.grad_stats = stats
+                # after a few steps: parameters, gradients and optimizer state all exist
+                self.held_bytes = D.local_tensor_bytes(self.model, self.optimizer)
             return super()._grad_norm_and_clip()
-
-        def save_model(self, output_dir):
-            self.held_bytes = D.local_tensor_bytes(self.model, self.optimizer)
-            super().save_model(output_dir)
 
     model = build_model(job)
     ds = token_dataset(job.get("n_examples", 25))

@@ -291,3 +291,34 @@ def test_two_nodes_kill_one_rank(cli_dir, tmp_path, capsys):
     assert res["global_step"] == step + 1
     if step + 1 in logged:  # the killed run got past the checkpoint: the resumed step is the same step
         assert abs(res["final_loss"] - logged[step + 1]) <= 1e-5 * abs(logged[step + 1])
+
+
+# --- fastft plan ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,quant,devices", [("ref-None", None, 1), ("ref-nf4", "nf4", 1),
+                                                ("fsdp-lora", None, 2), ("fsdp-qlora", "nf4", 2)])
+def test_plan_matches_measured_bytes(runs, tiny_dir, name, quant, devices):
+    """The plan's static parts equal the tensor bytes each rank of the tiny runs held (measured at the
+    last step: local parameter shards, buffers, gradients, AdamW state) within 10 %. Tensor bytes,
+    not RSS: a CPU process's RSS is ~500 MB of interpreter and libraries around ~0.5 MB of tensors."""
+    from fastft.plan import plan
+
+    _root, ref, got = runs
+    res = ref[quant] if devices == 1 else got[name]
+    p = plan(tiny_dir, method="qlora" if quant else "lora", devices=devices, strategy="fsdp", r=4, dtype_bytes=4)
+    for held in res["held_bytes_per_rank"]:
+        pairs = {"frozen": (held["params_frozen"] + held["buffers"], p["weights"] + p["scales"]),
+                 "lora": (held["params_trainable"], p["lora"]), "grads": (held["grads"], p["grads"]),
+                 "optimizer": (held["optimizer"], p["optimizer"])}
+        for k, (measured, planned) in pairs.items():
+            assert measured > 0 and abs(planned - measured) <= 0.10 * measured, (k, measured, planned)
+
+
+def test_plan_cli_named_shapes(capsys):
+    assert main(["plan", "--model", "70B", "--devices", "1,2,4,8"]) in (0, None)
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| 70B")]
+    assert len(rows) == 4
+    w = [float(r.split("|")[5]) for r in rows]  # weights shrink with the device count (sharded)
+    assert w[0] > 35 and abs(w[1] - w[0] / 2) < 0.01 * w[0] and abs(w[3] - w[0] / 8) < 0.01 * w[0]
+    assert main(["plan", "--model", "71B"]) == 2
+    assert "unknown model '71B'" in capsys.readouterr().err

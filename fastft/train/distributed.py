@@ -161,6 +161,15 @@ def local_tensor_bytes(model: nn.Module, optimizer=None) -> dict:
         out["params_trainable" if p.requires_grad else "params_frozen"] += nbytes(p)
         if p.grad is not None:
             out["grads"] += nbytes(p.grad)
+    from fastft.nn.quant_linear import QuantLinear
+    from fastft.nn.sharded_quant_linear import ShardableNF4Linear
+
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and not isinstance(m, ShardableNF4Linear):
+            # A QuantLinear's weight is not a Parameter: its codes and block scales count as
+            # frozen parameters (as they are once sharded), the code books as buffers.
+            for k, t in m.weight._tensors().items():
+                out["params_frozen" if k in ("data", "absmax", "scales", "zeros") else "buffers"] += nbytes(t)
     seen = set()
     for b in model.buffers():
         if id(b) not in seen:
