@@ -36,6 +36,17 @@ def build_model(job):
     from fastft.train import set_seed
 
     set_seed(job.get("seed", 0))
+    if job.get("hf"):
+        # The Hugging Face path: a transformers model patched by fastft (NF4 QuantLinear layers) with
+        # PEFT's LoRA on top; under FSDP the Trainer converts the NF4 layers (make_shardable) and
+        # shards each LlamaDecoderLayer, as accelerate's FSDP2 plugin would on GPUs.
+        import peft
+
+        import transformers
+
+        model = transformers.AutoModelForCausalLM.from_pretrained(job["model_dir"])
+        cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
+        return fastft.patch(peft.get_peft_model(model, cfg), quantization=job.get("quantization"))
     model = fastft.from_pretrained(job["model_dir"], quantization=job.get("quantization"))
     cfg = fastft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
     return fastft.get_peft_model(model, cfg)

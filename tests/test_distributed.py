@@ -52,9 +52,9 @@ def tiny_dir(tmp_path_factory):
 
 
 def _job(tiny_dir, out, quant=None, strategy=None, batch=2, **kw):
-    return dict(model_dir=tiny_dir, quantization=quant, strategy=strategy, per_device_train_batch_size=batch,
-                gradient_accumulation_steps=2, max_steps=STEPS, save_steps=5, learning_rate=LR,
-                output_dir=str(out), **kw)
+    return {**dict(model_dir=tiny_dir, quantization=quant, strategy=strategy, per_device_train_batch_size=batch,
+                   gradient_accumulation_steps=2, max_steps=STEPS, save_steps=5, learning_rate=LR,
+                   output_dir=str(out)), **kw}
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +64,15 @@ def runs(tiny_dir, tmp_path_factory):
     25 examples: the last global micro-batch of an epoch has one example, so one rank has none."""
     root = tmp_path_factory.mktemp("dist-runs")
     ref = {q: run_job(_job(tiny_dir, root / f"ref-{q}", q, batch=4)) for q in (None, "nf4")}
+    ref["hf"] = run_job(_job(tiny_dir, root / "ref-hf", "nf4", batch=4, hf=True, max_steps=4, save_steps=None))
     jobs = [_job(tiny_dir, root / "ddp-lora", None, "ddp"), _job(tiny_dir, root / "fsdp-lora", None, "fsdp"),
             _job(tiny_dir, root / "fsdp-qlora", "nf4", "fsdp"),
-            _job(tiny_dir, root / "fsdp-qlora-resumed", "nf4", "fsdp", resume=str(root / "ref-nf4" / "checkpoint-5"))]
+            _job(tiny_dir, root / "fsdp-qlora-resumed", "nf4", "fsdp", resume=str(root / "ref-nf4" / "checkpoint-5")),
+            _job(tiny_dir, root / "hf-fsdp-qlora", "nf4", "fsdp", hf=True, max_steps=4, save_steps=None)]
     (root / "jobs.json").write_text(json.dumps(jobs))
     _torchrun([os.path.join(HERE, "dist_worker.py"), str(root / "jobs.json")])
     got = {name: json.loads((root / name / "result.json").read_text())
-           for name in ("ddp-lora", "fsdp-lora", "fsdp-qlora", "fsdp-qlora-resumed")}
+           for name in ("ddp-lora", "fsdp-lora", "fsdp-qlora", "fsdp-qlora-resumed", "hf-fsdp-qlora")}
     return root, ref, got
 
 
@@ -113,6 +115,22 @@ def test_fsdp_matches_one_process(runs, name, quant):
     assert stats and all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in stats)
     for k, (finite, norm) in stats.items():
         assert finite and norm > 0, k
+
+
+def test_hf_patched_qlora_under_fsdp2(runs):
+    """The HF path: transformers Llama + PEFT LoRA + fastft.patch(quantization="nf4"), NF4 layers made
+    shardable and each LlamaDecoderLayer one fully_shard unit (what accelerate's FSDP2 plugin does on
+    GPUs): the same losses as one process, finite non-zero LoRA gradients, a PEFT adapter on disk."""
+    root, ref, got = runs
+    r = got["hf-fsdp-qlora"]
+    assert r["strategy"] == "fsdp" and min(r["losses"]) > 1.0
+    torch.testing.assert_close(torch.tensor(r["losses"], dtype=torch.float64),
+                               torch.tensor(ref["hf"]["losses"], dtype=torch.float64), rtol=1e-5, atol=0)
+    assert r["grad_stats"] and all(f and n > 0 for f, n in r["grad_stats"].values())
+    a = load_file(str(root / "hf-fsdp-qlora" / "adapter_model.safetensors"))
+    b = load_file(str(root / "ref-hf" / "adapter_model.safetensors"))
+    assert set(a) == set(b) and all(a[k].shape == b[k].shape for k in a)
+    assert json.loads((root / "hf-fsdp-qlora" / "adapter_config.json").read_text())["r"] == 4
 
 
 def test_fsdp_qlora_shards_the_4bit_weights(runs):
@@ -322,3 +340,42 @@ def test_plan_cli_named_shapes(capsys):
     assert w[0] > 35 and abs(w[1] - w[0] / 2) < 0.01 * w[0] and abs(w[3] - w[0] / 8) < 0.01 * w[0]
     assert main(["plan", "--model", "71B"]) == 2
     assert "unknown model '71B'" in capsys.readouterr().err
+
+
+def test_failure_messages_and_defaults(tiny_dir):
+    """Collective failures and timeouts read as such; strategy defaults; bad values fail early."""
+    from fastft.train import TrainingArguments
+    from fastft.train import distributed as D
+
+    err = getattr(torch.distributed, "DistBackendError", RuntimeError)("[gloo] Timed out waiting 60000ms for recv")
+    msg = D.describe_failure(err, 60)
+    assert "a collective operation failed" in msg and "Timed out" in msg and "60s" in msg and "--ddp-timeout" in msg
+    assert D.describe_failure(ValueError("bad data row 3"), 60) == "rank 0/1 failed: ValueError: bad data row 3"
+    import fastft
+
+    assert D.default_strategy(fastft.from_pretrained(tiny_dir)) == "ddp"
+    assert D.default_strategy(fastft.from_pretrained(tiny_dir, quantization="nf4")) == "fsdp"
+    with pytest.raises(ValueError, match="distributed_strategy"):
+        TrainingArguments(distributed_strategy="zero3")
+    with pytest.raises(ValueError, match="ddp_timeout"):
+        TrainingArguments(ddp_timeout=0)
+
+
+def test_shardable_nf4_linear_is_the_same_layer():
+    """ShardableNF4Linear computes exactly what the QuantLinear it replaces did, saves the same
+    bitsandbytes keys, and lays its bytes out one quantization block per dim-0 row."""
+    from fastft.nn import QuantLinear
+    from fastft.nn.sharded_quant_linear import ShardableNF4Linear
+
+    torch.manual_seed(0)
+    for dq in (True, False):
+        ql = QuantLinear.from_linear(torch.nn.Linear(128, 48, bias=True), "nf4", double_quant=dq)
+        sl = ShardableNF4Linear.from_quant_linear(ql)
+        x = torch.randn(3, 5, 128)
+        assert torch.equal(sl(x), ql(x))
+        assert sl.qdata.shape == (48 * 128 // 64, 32) and sl.qabsmax.shape == (96, 1 if dq else 4)
+        assert all(not p.requires_grad for p in sl.parameters() if p is not sl.bias)
+        a, b = ql.state_dict(), sl.state_dict()
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="multiple of the block size"):
+        ShardableNF4Linear.from_quant_linear(QuantLinear.from_linear(torch.nn.Linear(33, 3), "nf4"))

@@ -567,6 +567,9 @@ class Trainer:
                     from fastft.peft_io import save_adapter
 
                     save_adapter(self.model, output_dir, tensors=adapter)
+                elif hasattr(self.model, "peft_config") and hasattr(self.model, "save_pretrained"):
+                    # a peft.PeftModel: it saves the given (gathered) state dict in its own format
+                    self.model.save_pretrained(output_dir, state_dict=params)
                 else:
                     os.makedirs(output_dir, exist_ok=True)
                     save_file(params, os.path.join(output_dir, "model.safetensors"))
