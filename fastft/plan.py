@@ -12,13 +12,15 @@ name) and a layout (N devices, DDP or FSDP2), it counts, per device:
   root unit (embeddings, final norm, head; kept gathered through the step) and two layers (the
   current one and the prefetched next);
 * activations -- saved for backward at ``seq_len`` x ``batch`` tokens, with and without gradient
-  checkpointing (an estimate, see ``activation_bytes``).
+  checkpointing (counted per saved tensor, see ``activation_bytes``).
 
 Under FSDP2 each parameter is cut on dim 0 into N padded chunks, exactly as ``fully_shard`` does,
 and the NF4 storage is laid out one row per quantization block (``ShardableNF4Linear``), so the
 static parts are exact byte counts; ``tests/test_distributed.py`` checks them against the bytes the
-ranks of a real run hold. Activations are an estimate of the native Llama's saved tensors (bf16),
-not measured: allocator overhead, fragmentation and the CUDA context (~0.5-1 GB) come on top.
+ranks of a real run hold. Activations count the tensors the native Llama's blocks save (checked
+against ``saved_tensors_hooks`` on the tiny model, fp32); on GPUs in bf16 a few of them (norm
+statistics, log-sum-exp) are fp32, and allocator overhead, fragmentation and the CUDA context
+(~0.5-1 GB) come on top.
 """
 from __future__ import annotations
 
@@ -77,23 +79,26 @@ def linear_shapes(cfg) -> list[tuple[int, int]]:
 
 
 def activation_bytes(cfg, tokens: int, checkpointing: bool, act_bytes: int = 2, r: int = 16) -> int:
-    """Estimated bytes autograd saves for ``tokens`` tokens (batch x seq_len).
+    """Bytes autograd saves for ``tokens`` tokens (batch x seq_len) in fastft's native Llama.
 
-    Per layer and token the native block keeps about: norm inputs/outputs (4h), q, k, v before and
-    after RoPE and the attention output (3q + 4kv), the MLP's gate, up, act(gate) and product (4i),
-    and the LoRA branches' rank-r intermediates (7r). With checkpointing only each block's input (h)
-    is kept, plus one block's full set during its recomputation. The final norm's output feeds the
-    chunked loss (no (tokens, vocab) logits are formed).
+    Counted from the tensors its blocks save (``tests/test_distributed.py`` measures them with
+    ``saved_tensors_hooks``): per layer and token 5 hidden-size tensors (norm inputs and outputs,
+    attention output), q and the attention output in q-size (2q), k and v (2kv), the MLP's gate, up
+    and their product (3i), the seven LoRA branches' rank-r intermediates (7r) and the attention's
+    log-sum-exp (one per head); once per token the final hidden state and RoPE's cos/sin. The loss
+    is chunked (no (tokens, vocab) logits). With checkpointing each block keeps only its input (h),
+    the final norm its input and output,
+    and one block's full set exists while it is recomputed in backward.
     """
-    h, i = cfg["hidden_size"], cfg["intermediate_size"]
-    q, kv = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
-    per_layer = (4 * h + 3 * q + 4 * kv + 4 * i + 7 * r) * act_bytes
+    h, i, nh, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"], cfg["head_dim"]
+    q, kv = nh * hd, cfg["num_key_value_heads"] * hd
+    per_layer = (5 * h + 2 * q + 2 * kv + 3 * i + 7 * r + nh) * act_bytes
     layers = cfg["num_hidden_layers"]
+    once = (h + 2 * hd) * act_bytes
     if checkpointing:
-        total = layers * h * act_bytes + per_layer
-    else:
-        total = layers * per_layer
-    return tokens * (total + 2 * h * act_bytes)
+        # block inputs, plus the final norm's input and output outside the checkpointed blocks
+        return tokens * (layers * h * act_bytes + h * act_bytes + once + per_layer)
+    return tokens * (layers * per_layer + once)
 
 
 def plan(model: str, *, method: str = "qlora", devices: int = 1, strategy: str | None = None, r: int = 16,

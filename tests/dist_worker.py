@@ -78,7 +78,7 @@ def run_job(job) -> dict:
         learning_rate=job.get("learning_rate", 2e-3), lr_scheduler_type="constant", logging_steps=1,
         save_steps=job.get("save_steps"), disable_tqdm=True, plot_loss=False, seed=job.get("seed", 0),
         distributed_strategy=job.get("strategy"), resume_from_checkpoint=job.get("resume"),
-        max_grad_norm=job.get("max_grad_norm", 1.0))
+        max_grad_norm=job.get("max_grad_norm", 1.0), gradient_checkpointing=job.get("gradient_checkpointing", False))
     t = Probe(model, ds, args=args)
     res = t.train()
     out = {"losses": res.losses, "grad_stats": getattr(t, "grad_stats", None), "world_size": t.world_size,

@@ -60,13 +60,14 @@ def _job(tiny_dir, out, quant=None, strategy=None, batch=2, **kw):
 @pytest.fixture(scope="module")
 def runs(tiny_dir, tmp_path_factory):
     """One process with batch 4 (the references) and one 2-rank torchrun job with batch 2 per rank:
-    DDP LoRA, FSDP LoRA, FSDP QLoRA, and FSDP QLoRA resumed from the 1-process checkpoint at step 5.
+    DDP LoRA, FSDP LoRA, FSDP QLoRA (with gradient checkpointing: recomputation under FSDP's hooks),
+    FSDP QLoRA resumed from the 1-process checkpoint at step 5, and the HF path (4 steps).
     25 examples: the last global micro-batch of an epoch has one example, so one rank has none."""
     root = tmp_path_factory.mktemp("dist-runs")
     ref = {q: run_job(_job(tiny_dir, root / f"ref-{q}", q, batch=4)) for q in (None, "nf4")}
     ref["hf"] = run_job(_job(tiny_dir, root / "ref-hf", "nf4", batch=4, hf=True, max_steps=4, save_steps=None))
     jobs = [_job(tiny_dir, root / "ddp-lora", None, "ddp"), _job(tiny_dir, root / "fsdp-lora", None, "fsdp"),
-            _job(tiny_dir, root / "fsdp-qlora", "nf4", "fsdp"),
+            _job(tiny_dir, root / "fsdp-qlora", "nf4", "fsdp", gradient_checkpointing=True),
             _job(tiny_dir, root / "fsdp-qlora-resumed", "nf4", "fsdp", resume=str(root / "ref-nf4" / "checkpoint-5")),
             _job(tiny_dir, root / "hf-fsdp-qlora", "nf4", "fsdp", hf=True, max_steps=4, save_steps=None)]
     (root / "jobs.json").write_text(json.dumps(jobs))
@@ -379,3 +380,42 @@ def test_shardable_nf4_linear_is_the_same_layer():
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="multiple of the block size"):
         ShardableNF4Linear.from_quant_linear(QuantLinear.from_linear(torch.nn.Linear(33, 3), "nf4"))
+
+
+@pytest.mark.parametrize("quant", [None, "nf4"])
+def test_plan_activations_match_saved_tensors(tiny_dir, quant):
+    """The activation estimate against the bytes autograd really saves (saved_tensors_hooks, unique
+    storages that are not parameters), fp32 tiny Llama, batch 2 x 48 tokens: without checkpointing
+    all of it; with checkpointing what the forward keeps plus one block's share of the full set
+    (the block being recomputed in backward). Within 10 %."""
+    from dist_worker import build_model
+
+    from fastft.plan import activation_bytes, load_shape
+
+    cfg = load_shape(tiny_dir)
+    ids = torch.randint(3, 128, (2, 48), generator=torch.Generator().manual_seed(0))
+
+    def saved(checkpointing):
+        model = build_model(dict(model_dir=tiny_dir, quantization=quant)).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        seen = {}
+
+        def pack(t):
+            st = t.untyped_storage()
+            if st.data_ptr() not in params:
+                seen[st.data_ptr()] = st.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=ids, labels=ids).loss.backward()
+        return sum(seen.values())
+
+    full, kept = saved(False), saved(True)
+    print(f"saved bytes: full {full}, checkpointed {kept}")
+    est_full = activation_bytes(cfg, ids.numel(), False, act_bytes=4, r=4)
+    est_ckpt = activation_bytes(cfg, ids.numel(), True, act_bytes=4, r=4)
+    assert abs(est_full - full) <= 0.10 * full, (est_full, full)
+    peak_ckpt = kept + full / cfg["num_hidden_layers"]
+    assert abs(est_ckpt - peak_ckpt) <= 0.10 * peak_ckpt, (est_ckpt, peak_ckpt)
