@@ -70,6 +70,20 @@ def run_job(job) -> dict:
                 self.held_bytes = D.local_tensor_bytes(self.model, self.optimizer)
             return super()._grad_norm_and_clip()
 
+        def _setup_distributed(self):
+            super()._setup_distributed()
+            if self.strategy == "ddp":
+                # Count DDP's gradient reductions (to check there is none on accumulation micro-steps).
+                from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+                self.reductions = 0
+
+                def hook(state, bucket):
+                    self.reductions += 1
+                    return allreduce_hook(state, bucket)
+
+                self._wrapped.register_comm_hook(None, hook)
+
     model = build_model(job)
     ds = token_dataset(job.get("n_examples", 25))
     args = TrainingArguments(
@@ -82,7 +96,8 @@ def run_job(job) -> dict:
     t = Probe(model, ds, args=args)
     res = t.train()
     out = {"losses": res.losses, "grad_stats": getattr(t, "grad_stats", None), "world_size": t.world_size,
-           "strategy": t.strategy, "held_bytes": getattr(t, "held_bytes", None)}
+           "strategy": t.strategy, "held_bytes": getattr(t, "held_bytes", None),
+           "reductions": getattr(t, "reductions", None)}
     # Every rank reports its own bytes (the plan is per device); rank 0 collects them.
     if t.world_size > 1:
         gathered = [None] * t.world_size

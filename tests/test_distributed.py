@@ -101,6 +101,9 @@ def test_ddp_lora_matches_one_process(runs):
     assert got["ddp-lora"]["strategy"] == "ddp" and got["ddp-lora"]["world_size"] == 2
     _assert_losses_equal(got["ddp-lora"]["losses"], ref[None]["losses"])
     _assert_adapters_equal(root / "ddp-lora", root / "ref-None")
+    # One gradient reduction per optimizer step (the tiny model's LoRA grads fill one bucket), not
+    # one per micro-step: no sync on the gradient-accumulation micro-steps.
+    assert got["ddp-lora"]["reductions"] == STEPS
 
 
 @pytest.mark.parametrize("name,quant", [("fsdp-lora", None), ("fsdp-qlora", "nf4")])
@@ -201,7 +204,8 @@ def _cli_train(capsys, argv):
 def test_seed_reaches_lora_init(cli_dir, tmp_path, capsys):
     """Two identical runs are identical (losses and adapters); another seed is not."""
     model, data = cli_dir
-    common = ["--model", model, "--data", data, "--r", "4", "--max-steps", "4", "--learning-rate", "0.01",
+    # (before the fix, step 1 agreed -- B = 0 hides A -- and step 2 differed)
+    common = ["--model", model, "--data", data, "--r", "4", "--max-steps", "2", "--learning-rate", "0.01",
               "--per-device-train-batch-size", "4", "--lora-dropout", "0.1"]
     runs = {}
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
