@@ -34,7 +34,10 @@ _TRAIN_FLAGS = {
     "seed": (int, "random seed of the data order, dropout and the adapter's initialisation"),
     "resume_from_checkpoint": (str, "checkpoint directory to resume from, or 'latest' for the newest in "
                                     "--output-dir (default: start fresh)"),
+    "ddp_timeout": (int, "seconds before a collective operation gives up (distributed runs)"),
 }
+# Launcher options (torchrun's): they start the workers and are not TrainingArguments.
+_LAUNCH_FLAGS = ("nproc", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_id", "max_restarts")
 _BOOL_TRAIN_FLAGS = {"bf16": "bf16 autocast where supported",
                      "detect_anomaly": "check every module's output and name the first non-finite one (slower)"}
 
@@ -63,7 +66,7 @@ class _Formatter(argparse.HelpFormatter):
 _TRAIN_DEFAULTS = {"per_device_train_batch_size": 8, "per_device_eval_batch_size": 8, "gradient_accumulation_steps": 1,
                    "weight_decay": 0.0, "num_train_epochs": 3.0, "max_steps": -1, "warmup_ratio": 0.0,
                    "lr_scheduler_type": "linear", "max_grad_norm": 1.0, "logging_steps": 10, "save_steps": 500,
-                   "seed": 42}
+                   "seed": 42, "ddp_timeout": 1800}
 
 
 def _train_default(name):
@@ -124,6 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fused-lora-blocks", choices=["auto", "on", "off"], default=None,
                    help="fused q/k/v and gate/up+SwiGLU LoRA blocks (dense bases on CUDA); auto: FASTFT_FUSED_LORA, "
                         "else the measured per-projection path (default: auto)")
+    g = p.add_argument_group("several processes (torchrun's launcher; see docs/distributed.md)")
+    g.add_argument("--nproc", type=int, help="worker processes on this machine (one per GPU); > 1 launches them "
+                   "(default: 1)")
+    g.add_argument("--strategy", choices=["ddp", "fsdp"],
+                   help="ddp (replicated model) or fsdp (FSDP2-sharded) (default: fsdp for a quantized base, else ddp)")
+    g.add_argument("--nnodes", type=int, help="machines in the job, with --rdzv-endpoint (default: 1)")
+    g.add_argument("--node-rank", type=int, help="this machine's rank (static rendezvous; optional with c10d) "
+                   "(default: none)")
+    g.add_argument("--rdzv-endpoint", help="host:port every machine reaches, several machines (default: none)")
+    g.add_argument("--rdzv-id", help="job id shared by the machines (default: fastft)")
+    g.add_argument("--max-restarts", type=int, help="worker group restarts on failure (default: 0)")
 
     p = add("eval", help="loss / perplexity (and exact match) on a data set")
     _add_model_args(p)
@@ -185,6 +199,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="outputs/demo", help="where the demo run writes")
     p.add_argument("--max-steps", type=int, default=None, help="training steps (default: 60, or 3 with --quick)")
     p.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
+
+    p = add("plan", help="per-device memory of a LoRA / QLoRA run on 1..N devices (before it starts)",
+            description="Per-device bytes of weights, scales, LoRA, gradients, optimizer, FSDP "
+                        "all-gather buffers and activations (with and without gradient checkpointing) "
+                        "for a model directory or a named shape (8B, 70B, ...). See fastft/plan.py.")
+    p.add_argument("--model", required=True, help="checkpoint directory (its config.json) or a shape name: 8B, 70B, ...")
+    p.add_argument("--method", choices=["lora", "qlora"], default="qlora", help="fine-tuning method")
+    p.add_argument("--devices", default="1,2,4,8", help="comma-separated device counts")
+    p.add_argument("--strategy", choices=["ddp", "fsdp"], help="default: fsdp for qlora on > 1 device, else ddp")
+    p.add_argument("--r", type=int, default=16, help="LoRA rank (all-linear targets)")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence")
+    p.add_argument("--batch", type=int, default=1, help="per-device micro-batch")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="base weights / activations")
+    p.add_argument("--capacity", default="24,80", help="device sizes in GB to check against")
+    p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
 
     p = add("bench", help="run the benchmark suite")
     p.add_argument("--suite", choices=["cpu", "gpu"], default="cpu", help="which suite")
@@ -375,14 +404,17 @@ def _training_arguments(o):
     targs["overwrite_output_dir"] = bool(o.get("overwrite", False))
     targs["packing"] = bool(o.get("packing", False))
     targs["max_length"] = int(o.get("max_length", 512))
+    if o.get("strategy"):
+        targs["distributed_strategy"] = o["strategy"]
     return TrainingArguments(**targs)
 
 
-def cmd_train(args):
+def cmd_train(args, argv=None):
     from fastft.errors import UsageError
     from fastft import validate
 
-    # Everything the user gave is checked before anything heavy is imported or loaded.
+    # Everything the user gave is checked before anything heavy is imported or loaded, and before
+    # any worker of a distributed job starts.
     o = _merged_train_options(args)
     method = o.get("method", "lora")
     quant = o.get("quantization") or ("nf4" if method == "qlora" else None)
@@ -394,6 +426,11 @@ def cmd_train(args):
         raise UsageError(f"--bottleneck-size must be >= 1, got {o['bottleneck_size']}")
     if int(o.get("max_length", 512)) < 2:
         raise UsageError(f"--max-length must be >= 2, got {o.get('max_length')}")
+    for key in ("nproc", "nnodes"):
+        if o.get(key) is not None and int(o[key]) < 1:
+            raise UsageError(f"--{key} must be >= 1, got {o[key]}")
+    if int(o.get("nnodes") or 1) > 1 and not o.get("rdzv_endpoint"):
+        raise UsageError("--nnodes > 1 needs --rdzv-endpoint host:port (reachable by every machine)")
     lora_kw = _lora_options(o) if method in ("lora", "qlora") else None
     ta = _training_arguments(o)
     validate.check_model_dir(o["model"])
@@ -409,13 +446,62 @@ def cmd_train(args):
 
             raise InputNotFoundError(f"{resume}: checkpoint directory does not exist")
         ckpt.read_trainer_state(resume)
-    validate.check_output_dir(ta.output_dir, overwrite=ta.overwrite_output_dir, resume=resume is not None)
 
+    from fastft.train import distributed as dist_util
+
+    in_worker = dist_util.env_world_size() > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+    if not in_worker or int(os.environ.get("RANK", "0")) == 0:  # rank 0 alone owns output_dir
+        validate.check_output_dir(ta.output_dir, overwrite=ta.overwrite_output_dir, resume=resume is not None)
+    if not in_worker and (int(o.get("nproc") or 1) > 1 or int(o.get("nnodes") or 1) > 1):
+        return _launch(o, list(sys.argv[2:] if argv is None else argv[1:]))
+    if in_worker:
+        dist_util.init_from_env(float(ta.ddp_timeout))
+    try:
+        return _train(o, ta, method, quant, lora_kw)
+    except BaseException as e:
+        if dist_util.is_distributed() and not isinstance(e, (SystemExit, KeyboardInterrupt)):
+            # One line naming this rank and the cause; torchrun then stops the other workers.
+            print(f"fastft train: {dist_util.describe_failure(e, float(ta.ddp_timeout))}", file=sys.stderr)
+        raise
+
+
+def _launch(o, argv):
+    """Start the workers with torchrun's launcher; each runs ``python -m fastft train <argv>``
+    (the same options: inside a worker WORLD_SIZE is set, so it trains instead of launching)."""
+    from torch.distributed.run import get_args_parser, run
+
+    nnodes = int(o.get("nnodes") or 1)
+    la = ["--nproc-per-node", str(int(o.get("nproc") or 1)), "--max-restarts", str(int(o.get("max_restarts") or 0))]
+    if nnodes == 1 and not o.get("rdzv_endpoint"):
+        la += ["--standalone"]  # a local rendezvous on a free port
+    else:
+        la += ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", o["rdzv_endpoint"],
+               "--rdzv-id", str(o.get("rdzv_id") or "fastft")]
+        if o.get("node_rank") is not None:
+            la += ["--node-rank", str(o["node_rank"])]
+    ns = get_args_parser().parse_args([*la, "-m", "fastft"])
+    # Set, not parsed: torchrun's parser would read train flags like --r or --nproc as its own.
+    ns.training_script_args = ["train", *argv]
+    try:
+        run(ns)
+    except Exception as e:  # ChildFailedError: torchrun's summary names the failed rank and its error
+        print(f"fastft train: the distributed job failed:\n{e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _train(o, ta, method, quant, lora_kw):
     import fastft
     from fastft.train import default_collator, load_dataset, set_seed
+    from fastft.train import distributed as dist_util
 
+    # A worker of a multi-GPU job trains on its own GPU (LOCAL_RANK); otherwise the CPU, as before.
+    device = None
+    if dist_util.is_distributed() and torch_cuda_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     tok = _tokenizer(o["model"])
-    model = fastft.from_pretrained(o["model"], quantization=quant)
+    set_seed(ta.seed)
+    model = fastft.from_pretrained(o["model"], quantization=quant, device=device)
     family_mlm = getattr(model, "objective", None) == "mlm"
     objective = o.get("objective") or ("mlm" if family_mlm else "clm")
     max_length = ta.max_length
@@ -429,7 +515,18 @@ def cmd_train(args):
     collator = default_collator(tok, objective=objective, packing=ta.packing)
     trainer = fastft.Trainer(model, train_ds, args=ta, eval_dataset=eval_ds, data_collator=collator, tokenizer=tok)
     result = trainer.train()
-    print(json.dumps({"output_dir": ta.output_dir, **_jsonable(result)}, indent=1))
+    if trainer.is_main:
+        print(json.dumps({"output_dir": ta.output_dir, **_jsonable(result)}, indent=1))
+    if dist_util.is_distributed():
+        import torch.distributed
+
+        torch.distributed.destroy_process_group()
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _targets(t):
@@ -618,6 +715,27 @@ def cmd_demo(args):
     run_demo(output_dir=args.output_dir, max_steps=args.max_steps, quick=args.quick)
 
 
+def cmd_plan(args):
+    from fastft.errors import UsageError
+    from fastft.plan import format_table, plan
+
+    try:
+        devices = [int(x) for x in str(args.devices).split(",") if x.strip()]
+        caps = [float(x) for x in str(args.capacity).split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--devices / --capacity must be comma-separated numbers, got {args.devices!r} / "
+                         f"{args.capacity!r}") from None
+    nbytes = {"bf16": 2, "fp16": 2, "fp32": 4}[args.dtype]
+    rows = [plan(args.model, method=args.method, devices=n, strategy=args.strategy, r=args.r, dtype_bytes=nbytes,
+                 seq_len=args.seq_len, batch=args.batch) for n in devices]
+    if args.json:
+        print("\n".join(json.dumps(r) for r in rows))
+    else:
+        print(f"per-device memory, GB (1e9 bytes); r={args.r}, seq_len={args.seq_len}, batch={args.batch}, "
+              f"{args.dtype}; 'fits' = total with checkpointing <= 90% of the device")
+        print(format_table(rows, [int(c) if c.is_integer() else c for c in caps]))
+
+
 def cmd_bench(args):
     # The benchmarks ship inside the package as fastft.benchmarks (setup.py maps benchmarks/ there).
     from fastft.benchmarks.run import main as bench_main
@@ -627,7 +745,7 @@ def cmd_bench(args):
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "merge": cmd_merge, "convert": cmd_convert,
-            "quantize": cmd_quantize, "demo": cmd_demo, "bench": cmd_bench, "export": cmd_export}
+            "quantize": cmd_quantize, "demo": cmd_demo, "bench": cmd_bench, "export": cmd_export, "plan": cmd_plan}
 
 # OS errors that mean "the output location is unusable", not a bug: reported as exit code 4.
 _OUTPUT_ERRNOS = {"ENOSPC", "EDQUOT", "EACCES", "EROFS", "EPERM", "EFBIG", "ENOTDIR", "EISDIR"}
@@ -645,7 +763,7 @@ def main(argv=None):
     debug = bool(getattr(args, "debug", False) or os.environ.get("FASTFT_DEBUG"))
     prog = f"fastft {args.cmd}"
     try:
-        rc = COMMANDS[args.cmd](args)
+        rc = cmd_train(args, argv) if args.cmd == "train" else COMMANDS[args.cmd](args)
     except FastftUserError as e:
         if debug:
             traceback.print_exc()

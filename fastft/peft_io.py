@@ -206,12 +206,15 @@ def _atomic_write(save_directory, writers: dict[str, Callable[[str], None]]) -> 
         raise
 
 
-def save_adapter(peft_model, save_directory) -> None:
-    """Write the adapter of ``peft_model`` (a FastPeftModel) to ``save_directory`` (see module doc)."""
+def save_adapter(peft_model, save_directory, tensors=None) -> None:
+    """Write the adapter of ``peft_model`` (a FastPeftModel) to ``save_directory`` (see module doc).
+
+    ``tensors``: the adapter's tensors, keyed as ``adapter_state_dict`` keys them, to write instead
+    of reading the model's (a sharded FSDP model's, gathered to full tensors beforehand)."""
     from safetensors.torch import save_file
 
     # Everything that can fail on bad input happens before the first file-system change.
-    tensors = _for_safetensors(adapter_state_dict(peft_model))
+    tensors = _for_safetensors(adapter_state_dict(peft_model) if tensors is None else tensors)
     text = json.dumps(config_to_json(peft_model), indent=2, sort_keys=True)
 
     def write_config(path):

@@ -72,6 +72,11 @@ class TrainingArguments:
     overwrite_output_dir: bool = False
     # Forward hooks check every module's output; a non-finite one stops training naming the module.
     detect_anomaly: bool = False
+    # Under torchrun (an initialised process group with > 1 ranks): "ddp" or "fsdp" (FSDP2
+    # fully_shard); None picks FSDP for a quantized base (QLoRA), DDP otherwise.
+    distributed_strategy: Optional[str] = None
+    # Seconds before a collective (all-reduce, all-gather, barrier) gives up (HF's name).
+    ddp_timeout: int = 1800
 
     def __post_init__(self):
         self._coerce()
@@ -213,6 +218,10 @@ class TrainingArguments:
             bad("warmup_steps", "must be >= 0")
         if self.lr_scheduler_type not in SCHEDULERS:
             bad("lr_scheduler_type", f"must be one of {', '.join(SCHEDULERS)}")
+        if self.distributed_strategy not in (None, "ddp", "fsdp"):
+            bad("distributed_strategy", "must be 'ddp', 'fsdp' or None (automatic)")
+        if self.ddp_timeout < 1:
+            bad("ddp_timeout", "must be >= 1 second")
         r = self.resume_from_checkpoint
         if r is not None and r is not True and not (isinstance(r, str) and r.strip()):
             bad("resume_from_checkpoint", "must be a checkpoint directory, True (latest in output_dir) or None")

@@ -10,6 +10,11 @@ A checkpoint directory ``output_dir/checkpoint-<step>/`` holds:
 - ``trainer_state.json``: global step (the data-order position: batches are a pure function of
   seed, epoch and step), loss history and the run's identity (dataset size, batch size, ...).
 
+Distributed runs write the same files: under FSDP the sharded parameters and optimizer state are
+gathered to full tensors first (``optimizer_state_full``; every rank joins, rank 0 writes), and
+loading hands each rank its own shard of the full tensors (``distributed.load_full_into``), so a
+checkpoint written by N ranks resumes on any other N.
+
 No pickle anywhere: tensors go to safetensors, the rest to JSON, so loading runs no code.
 
 Atomicity: everything is written into a hidden temporary directory next to the target, each file
@@ -159,8 +164,17 @@ def trainable_state(model) -> dict:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_optimizer(optimizer, ckpt_dir):
+def optimizer_state_full(optimizer, to_full) -> dict:
+    """``optimizer.state_dict()`` with every state tensor passed through ``to_full`` (FSDP: the
+    all-gather of a sharded DTensor, a collective every rank must join) and moved to the CPU."""
     sd = optimizer.state_dict()
+    state = {idx: {k: (to_full(v).detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
+             for idx, st in sd["state"].items()}
+    return {"state": state, "param_groups": sd["param_groups"]}
+
+
+def save_optimizer(optimizer, ckpt_dir, sd=None):
+    sd = optimizer.state_dict() if sd is None else sd
     tensors, extra = {}, {}
     for idx, st in sd["state"].items():
         for k, v in st.items():
@@ -188,6 +202,15 @@ def load_optimizer(optimizer, ckpt_dir):
         for k, v in g.items():
             if isinstance(v, list) and k != "params":
                 g[k] = tuple(v)
+    # Sharded (FSDP) parameters take their shard of each full, parameter-shaped state tensor.
+    from .distributed import like_param
+
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for idx, st in state.items():
+        if idx < len(params):
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(params[idx].shape) and v.dim() > 0:
+                    st[k] = like_param(v, params[idx])
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
@@ -219,16 +242,26 @@ def _is_peft(model) -> bool:
     return hasattr(model, "peft_config") or type(model).__name__ == "FastPeftModel"
 
 
-def save_checkpoint(ckpt_dir: str, *, model, optimizer, scheduler, trainer_state: dict, collator=None) -> str:
-    """Write a complete checkpoint atomically to ``ckpt_dir``."""
+def save_checkpoint(ckpt_dir: str, *, model, optimizer, scheduler, trainer_state: dict, collator=None,
+                    params=None, optimizer_state=None, adapter_tensors=None) -> str:
+    """Write a complete checkpoint atomically to ``ckpt_dir``. ``params`` / ``optimizer_state`` /
+    ``adapter_tensors``: full tensors gathered beforehand (FSDP), instead of reading the model's."""
 
     def write(tmp):
-        save_file(trainable_state(model), os.path.join(tmp, "trainable_params.safetensors"))
-        if _is_peft(model) and hasattr(model, "save_pretrained"):
+        save_file(trainable_state(model) if params is None else params,
+                  os.path.join(tmp, "trainable_params.safetensors"))
+        if adapter_tensors is not None:
+            from fastft.peft_io import save_adapter
+
+            save_adapter(model, tmp, tensors=adapter_tensors)
+        elif _is_peft(model) and hasattr(model, "save_pretrained"):
             # At the top level, as transformers.Trainer does, so PeftModel.from_pretrained(base,
             # "checkpoint-<step>") and fastft.load_adapter work on a checkpoint directly.
             model.save_pretrained(tmp)
-        save_optimizer(optimizer, tmp)
+        if optimizer_state is None:
+            save_optimizer(optimizer, tmp)
+        else:
+            save_optimizer(optimizer, tmp, optimizer_state)
         _write_json(os.path.join(tmp, "scheduler.json"), scheduler.state_dict())
         tensors, meta = rng_state()
         if collator is not None and hasattr(collator, "state_dict"):
@@ -258,11 +291,13 @@ def load_checkpoint(ckpt_dir: str, *, model, optimizer, scheduler, collator=None
         missing, unexpected = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
         raise CheckpointError(f"{ckpt_dir}: trainable parameters differ from the model's "
                          f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    from .distributed import load_full_into
+
     with torch.no_grad():
         for n, p in params.items():
             if saved[n].shape != p.shape:
                 raise CheckpointError(f"{ckpt_dir}: {n} has shape {tuple(saved[n].shape)}, model has {tuple(p.shape)}")
-            p.copy_(saved[n])
+            load_full_into(p, saved[n])
     load_optimizer(optimizer, ckpt_dir)
     scheduler.load_state_dict(_read_json(os.path.join(ckpt_dir, "scheduler.json")))
     tensors = _load_tensors(os.path.join(ckpt_dir, "rng_state.safetensors"))

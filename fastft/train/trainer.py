@@ -13,6 +13,16 @@ epoch, cut into micro-batches, grouped into optimizer steps. The global step is 
 whole data position, and a checkpoint (checkpoint.py) with weights, optimizer, scheduler and RNG
 states lets ``resume_from_checkpoint`` continue the run bit for bit (CPU, fp32). Evaluation runs
 under a forked, fixed-seed RNG so it neither changes training nor varies between evaluations.
+
+Several processes (torchrun; see docs/distributed.md). When a process group with N > 1 ranks is
+initialised, the same permutation is cut into *global* micro-batches of N x B examples and rank r
+takes the r-th slice of each, so every optimizer step sees exactly the examples of one process with
+batch N x B. The target count N is all-reduced and every rank's loss is its own token-loss sum over
+that global count; DDP / FSDP average gradients over ranks, so the backward runs on N x loss and the
+summed gradient is that of the one big batch (no gradient sync on accumulation micro-steps:
+DDP's ``no_sync`` / FSDP2's ``set_requires_gradient_sync``). Metrics are all-reduced; rank 0 alone
+writes logs, the plot, checkpoints and the adapter. Checkpoints hold full (unsharded) tensors in
+the single-process layout, so a run resumes on any N with the same global batch.
 """
 from __future__ import annotations
 
@@ -37,6 +47,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from . import distributed as dist_util
 from .args import TrainingArguments
 from .collators import default_collator
 from .data import IGNORE_INDEX
@@ -125,6 +136,14 @@ class Trainer:
         if not self.trainable:
             raise UsageError("the model has no trainable parameters (requires_grad=False everywhere)")
         self.device = _device_of(model)
+        # Distributed: an initialised process group with more than one rank (torchrun).
+        self.rank, self.world_size = dist_util.rank(), dist_util.world_size()
+        self.is_main = self.rank == 0
+        self.strategy = None
+        if self.world_size > 1:
+            self.strategy = a.distributed_strategy or dist_util.default_strategy(model)
+        self._wrapped = model  # what forward() is called on: the DDP wrapper under DDP
+        self._dist_ready = False
         if a.bf16 and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise UsageError("bf16=True but this GPU does not support bfloat16")
         if a.gradient_checkpointing and not hasattr(model, "gradient_checkpointing_enable"):
@@ -199,7 +218,7 @@ class Trainer:
         return obj
 
     def _micro_batches_per_epoch(self):
-        n, b = len(self.train_dataset), self.args.per_device_train_batch_size
+        n, b = len(self.train_dataset), self.args.per_device_train_batch_size * self.world_size
         return n // b if self.args.dataloader_drop_last else math.ceil(n / b)
 
     def _resolve_resume(self, r=None):
@@ -222,8 +241,11 @@ class Trainer:
         state = ckpt.read_trainer_state(path)
         # The data position only means something for the same data order.
         want = self._run_identity()
-        got = state.get("run", {})
-        diff = [f"{k}: checkpoint {got.get(k)!r} vs now {v!r}" for k, v in want.items() if got.get(k) != v]
+        got = dict(state.get("run", {}))
+        if "global_micro_batch_size" not in got and "per_device_train_batch_size" in got:
+            got["global_micro_batch_size"] = got["per_device_train_batch_size"]  # single-process checkpoints
+        label = {"global_micro_batch_size": "global_micro_batch_size (per_device_train_batch_size x ranks)"}
+        diff = [f"{label.get(k, k)}: checkpoint {got.get(k)!r} vs now {v!r}" for k, v in want.items() if got.get(k) != v]
         if diff:
             raise CheckpointError(f"{path}: cannot resume a different run ({'; '.join(diff)})")
         if state["global_step"] > self.total_steps:
@@ -233,7 +255,9 @@ class Trainer:
 
     def _run_identity(self):
         a = self.args
-        return {"train_dataset_size": len(self.train_dataset), "per_device_train_batch_size": a.per_device_train_batch_size,
+        # The global micro-batch (ranks x per-device batch) fixes the data order, not how it is split.
+        return {"train_dataset_size": len(self.train_dataset),
+                "global_micro_batch_size": a.per_device_train_batch_size * self.world_size,
                 "gradient_accumulation_steps": a.gradient_accumulation_steps, "seed": a.seed,
                 "dataloader_drop_last": a.dataloader_drop_last, "trainable_params": len(self.trainable)}
 
@@ -338,15 +362,33 @@ class Trainer:
     def _step_groups(self, epoch):
         if epoch not in self._groups_cache:
             a = self.args
-            n, b = len(self.train_dataset), a.per_device_train_batch_size
+            n, b = len(self.train_dataset), a.per_device_train_batch_size * self.world_size
             g = torch.Generator().manual_seed(a.seed * 1_000_003 + epoch)
             perm = torch.randperm(n, generator=g).tolist()
             batches = [perm[i : i + b] for i in range(0, n, b)]
             if a.dataloader_drop_last and len(batches[-1]) < b:
                 batches.pop()
+            if self.world_size > 1:
+                batches = [self._rank_slice(gb) for gb in batches]
             ga = a.gradient_accumulation_steps
             self._groups_cache = {epoch: [batches[i : i + ga] for i in range(0, len(batches), ga)]}
         return self._groups_cache[epoch]
+
+    def _rank_slice(self, global_batch):
+        """This rank's contiguous share of a global micro-batch: B examples each when it is full; a
+        short last batch is split as evenly as possible (a rank may get none: see _collate)."""
+        n, w, r = len(global_batch), self.world_size, self.rank
+        lo = r * (n // w) + min(r, n % w)
+        return global_batch[lo : lo + n // w + (1 if r < n % w else 0)]
+
+    def _collate(self, idx):
+        if idx:
+            return self.data_collator([self.train_dataset[i] for i in idx])
+        # A rank without examples in a short last micro-batch still runs forward/backward (every
+        # rank must join the gradient reduction): one example with every label ignored adds 0.
+        batch = self.data_collator([self.train_dataset[0]])
+        batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+        return batch
 
     def _step_batches(self, step):
         """Index lists of the micro-batches of optimizer step ``step`` (0-based)."""
@@ -378,9 +420,9 @@ class Trainer:
         when the caller counted it on the host (else it is counted here)."""
         with self._autocast():
             if self._pass_num_items:
-                return self.model(**batch, num_items_in_batch=num_items).loss.float()
+                return self._wrapped(**batch, num_items_in_batch=num_items).loss.float()
             # A model without num_items_in_batch averages over its own targets: rescale that mean.
-            loss = self.model(**batch).loss.float()
+            loss = self._wrapped(**batch).loss.float()
         n = self.count_targets(batch) if batch_targets is None else batch_targets
         return loss * (n / num_items)
 
@@ -388,23 +430,38 @@ class Trainer:
         """Forward+backward every micro-batch of one optimizer step; returns the step's mean loss as a
         device tensor. Nothing in it reads a device value on the host (counts come from the host batch)."""
         total = torch.zeros((), dtype=torch.float32, device=self.device)
-        for batch in micro_batches:
+        for i, batch in enumerate(micro_batches):
             n = None if self._pass_num_items else self.count_targets(batch)  # on the host batch
-            loss = self.compute_loss(self._to_device(batch), num_items, n)
-            loss.backward()
+            with self._grad_sync(i == len(micro_batches) - 1):
+                loss = self.compute_loss(self._to_device(batch), num_items, n)
+                # DDP/FSDP average the ranks' gradients; each rank's loss is already over the global
+                # target count, so scale by N to get their sum (N is a power of two in practice: exact).
+                (loss * self.world_size if self.world_size > 1 else loss).backward()
             total += loss.detach()
+        if self.world_size > 1:
+            torch.distributed.all_reduce(total)
         return total
+
+    def _grad_sync(self, last: bool):
+        """No gradient reduction on accumulation micro-steps, only on the last one."""
+        if self.strategy == "ddp" and not last:
+            return self._wrapped.no_sync()
+        if self.strategy == "fsdp":
+            self.model.set_requires_gradient_sync(last)
+        return nullcontext()
 
     def _grad_norm_and_clip(self) -> torch.Tensor:
         """The total gradient norm (clipped to max_grad_norm when set), as a device tensor: clipping
-        scales on the device, nothing is read on the host."""
+        scales on the device, nothing is read on the host (FSDP: the norm over every rank's shards)."""
         params = [p for _, p in self.trainable if p.grad is not None]
         if not params:
             return torch.zeros((), device=self.device)
         mgn = self.args.max_grad_norm
         if mgn:
-            return torch.nn.utils.clip_grad_norm_(params, mgn)
-        return torch.nn.utils.get_total_norm([p.grad for p in params])
+            norm = torch.nn.utils.clip_grad_norm_(params, mgn)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        return dist_util.full_tensor(norm)
 
     def _check_pending(self, pending: list, losses: list, window: list) -> None:
         """Read the pending steps' losses and gradient norms in one transfer, stop on the first
@@ -427,11 +484,15 @@ class Trainer:
 
     # --- metrics ----------------------------------------------------------------------------------
     def _log(self, row: dict):
+        if not self.is_main:
+            return
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
     def _truncate_metrics(self, upto_step: Optional[int]):
         """Fresh run: empty the file. Resume: keep rows up to the checkpoint's step."""
+        if not self.is_main:
+            return
         keep = []
         if upto_step is not None and os.path.isfile(self.metrics_path):
             with open(self.metrics_path, encoding="utf-8") as f:
@@ -499,7 +560,8 @@ class Trainer:
             self.resume_dir = self._resolve_resume(resume_from_checkpoint)
         t0 = time.time()
         os.makedirs(a.output_dir, exist_ok=True)
-        ckpt.remove_stale_tmp(a.output_dir)
+        if self.is_main:
+            ckpt.remove_stale_tmp(a.output_dir)
         set_seed(a.seed)
         if a.gradient_checkpointing == "offload":
             self.model.gradient_checkpointing_enable(offload=True)
@@ -511,6 +573,7 @@ class Trainer:
                 if hasattr(type(m), "fused_lora_blocks"):
                     m.fused_lora_blocks = a.fused_lora_blocks
         self.model.train()
+        self._setup_distributed()
         self.create_optimizer()
         losses: list[float] = []
         window = [0.0, 0]  # loss sum and step count since the last log row
@@ -530,7 +593,8 @@ class Trainer:
         seen_tokens, t_window = 0, time.perf_counter()  # input tokens (pads excluded) for throughput
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        bar = tqdm(total=self.total_steps, initial=start, desc="train", disable=a.disable_tqdm, dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, initial=start, desc="train", disable=a.disable_tqdm or not self.is_main,
+                   dynamic_ncols=True)
         self._stop_requested, self._anomaly = False, None
         last_saved = start if self.resume_dir is not None else None
         # The step's loss and gradient norm stay on the device until the loop logs, evaluates or saves
@@ -542,8 +606,12 @@ class Trainer:
             with self._sigint_saves(), self._anomaly_hooks():
                 for step in range(start, self.total_steps):
                     idx = self._step_batches(step)
-                    micro = [self.data_collator([self.train_dataset[i] for i in b]) for b in idx]
+                    micro = [self._collate(b) for b in idx]
                     num_items = sum(self.count_targets(b) for b in micro)
+                    n_input = sum(self._input_tokens(b) for b in micro)
+                    if self.world_size > 1:  # the step's global target count normalises every rank's loss
+                        num_items, n_input = (int(v) for v in dist_util.all_reduce_sum([num_items, n_input],
+                                                                                        self.device))
                     lr = self.scheduler.get_last_lr()[0]
                     loss_t = self.training_step(micro, max(1, num_items)).detach()
                     grad_norm_t = self._grad_norm_and_clip().detach()
@@ -554,7 +622,7 @@ class Trainer:
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     self.global_step = gs = step + 1
-                    seen_tokens += sum(self._input_tokens(b) for b in micro)
+                    seen_tokens += n_input
                     bar.update(1)
                     log_now = gs % a.logging_steps == 0 or gs == self.total_steps
                     eval_now = self.eval_dataset is not None and a.eval_steps and gs % a.eval_steps == 0
@@ -594,12 +662,13 @@ class Trainer:
             eval_metrics = self.evaluate()
             self._log({"step": self.global_step, **eval_metrics})
         plot_path = None
-        if a.plot_loss:
+        if a.plot_loss and self.is_main:
             from .plot import plot_loss_curve
 
             plot_path = plot_loss_curve(self.metrics_path, os.path.join(a.output_dir, "loss.png"), step_losses=losses)
         if a.save_final_model:
             self.save_model(a.output_dir)
+        dist_util.barrier()  # every rank returns once rank 0 has written everything
         return TrainResult(
             global_step=self.global_step, final_loss=losses[-1] if losses else float("nan"),
             train_loss=sum(losses) / len(losses) if losses else float("nan"), metrics_path=self.metrics_path,
@@ -615,13 +684,65 @@ class Trainer:
                  "run_id": self.run_id,
                  "log_window": list(window), "run": self._run_identity(), "args": _jsonable(self.args.to_dict())}
         path = os.path.join(self.args.output_dir, f"{ckpt.PREFIX}{self.global_step}")
-        ckpt.save_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                             trainer_state=state, collator=self.data_collator)
-        ckpt.rotate_checkpoints(self.args.output_dir, self.args.save_total_limit)
+        if self.strategy == "fsdp":
+            # Every rank joins the all-gathers of the shards; rank 0 writes the full tensors.
+            full = {"params": {n: dist_util.full_tensor(p).detach().cpu() for n, p in self.trainable},
+                    "optimizer_state": ckpt.optimizer_state_full(self.optimizer, dist_util.full_tensor),
+                    "adapter_tensors": self._full_adapter_tensors()}
+        else:
+            full = {}
+        if self.is_main:
+            ckpt.save_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                 trainer_state=state, collator=self.data_collator, **full)
+            ckpt.rotate_checkpoints(self.args.output_dir, self.args.save_total_limit)
+        dist_util.barrier()
         return path
 
+    def _full_adapter_tensors(self):
+        if not ckpt._is_peft(self.model) or not hasattr(self.model, "adapter_config"):
+            return None
+        from fastft.peft_io import adapter_state_dict
+
+        return {k: dist_util.full_tensor(v).detach().cpu() for k, v in adapter_state_dict(self.model).items()}
+
+    def _setup_distributed(self):
+        """Wrap the model for the strategy, once: DDP around it, or FSDP2 shards in place."""
+        if self.world_size == 1 or self._dist_ready:
+            return
+        if self.strategy == "ddp":
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self._wrapped = DDP(self.model, device_ids=ids)
+        else:
+            dist_util.setup_fsdp(self.model, param_dtype=torch.bfloat16 if self.args.bf16 else None)
+            # fully_shard replaced the parameters by sharded DTensors (same names).
+            self.trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self._dist_ready = True
+
     def save_model(self, output_dir: str):
-        """model.save_pretrained(output_dir) when the model has it, else its trainable params."""
+        """model.save_pretrained(output_dir) when the model has it, else its trainable params.
+        Distributed: rank 0 writes (under FSDP from the gathered full tensors)."""
+        if self.strategy == "fsdp":
+            adapter = self._full_adapter_tensors()
+            params = None if adapter is not None else {n: dist_util.full_tensor(p).detach().cpu()
+                                                       for n, p in self.trainable}
+            if self.is_main:
+                from safetensors.torch import save_file
+
+                if adapter is not None:
+                    from fastft.peft_io import save_adapter
+
+                    save_adapter(self.model, output_dir, tensors=adapter)
+                elif hasattr(self.model, "peft_config") and hasattr(self.model, "save_pretrained"):
+                    # a peft.PeftModel: it saves the given (gathered) state dict in its own format
+                    self.model.save_pretrained(output_dir, state_dict=params)
+                else:
+                    os.makedirs(output_dir, exist_ok=True)
+                    save_file(params, os.path.join(output_dir, "model.safetensors"))
+            return
+        if not self.is_main:
+            return
         if hasattr(self.model, "save_pretrained"):
             self.model.save_pretrained(output_dir)
         else:
