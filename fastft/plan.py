@@ -28,6 +28,8 @@ import json
 import math
 import os
 
+from .errors import UsageError
+
 GB = 1e9
 
 # meta-llama/Llama-3.1-70B's published config (numbers only).
@@ -44,7 +46,7 @@ def load_shape(model: str) -> dict:
     if os.path.isdir(model):
         path = os.path.join(model, "config.json")
         if not os.path.isfile(path):
-            raise ValueError(f"{model}: no config.json")
+            raise UsageError(f"{model}: no config.json")
         with open(path, encoding="utf-8") as f:
             cfg = json.load(f)
     else:
@@ -53,13 +55,13 @@ def load_shape(model: str) -> dict:
         name = _ALIASES.get(model.lower(), model.lower())
         shapes = {**SHAPES, **_EXTRA_SHAPES}
         if name not in shapes:
-            raise ValueError(f"unknown model {model!r}: not a directory nor one of "
+            raise UsageError(f"unknown model {model!r}: not a directory nor one of "
                              f"{', '.join(sorted(list(_ALIASES) + list(shapes)))}")
         cfg = dict(shapes[name])
     need = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     missing = [k for k in need if k not in cfg]
     if missing:
-        raise ValueError(f"{model}: config lacks {missing} (fastft plan knows decoder-only Llama-style models)")
+        raise UsageError(f"{model}: config lacks {missing} (fastft plan knows decoder-only Llama-style models)")
     cfg.setdefault("num_key_value_heads", cfg["num_attention_heads"])
     cfg.setdefault("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
     cfg.setdefault("tie_word_embeddings", False)
@@ -106,13 +108,13 @@ def plan(model: str, *, method: str = "qlora", devices: int = 1, strategy: str |
          double_quant: bool = True) -> dict:
     """Per-device bytes of each component (see the module docstring)."""
     if method not in ("lora", "qlora"):
-        raise ValueError(f"method must be 'lora' or 'qlora', got {method!r}")
+        raise UsageError(f"method must be 'lora' or 'qlora', got {method!r}")
     if devices < 1:
-        raise ValueError(f"devices must be >= 1, got {devices}")
+        raise UsageError(f"devices must be >= 1, got {devices}")
     cfg = load_shape(model)
     strategy = strategy or ("fsdp" if method == "qlora" and devices > 1 else "ddp")
     if strategy not in ("ddp", "fsdp"):
-        raise ValueError(f"strategy must be 'ddp' or 'fsdp', got {strategy!r}")
+        raise UsageError(f"strategy must be 'ddp' or 'fsdp', got {strategy!r}")
     n, sh = devices, strategy == "fsdp" and devices > 1
     h, V, L = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
     weights = scales = lora = 0

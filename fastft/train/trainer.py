@@ -264,8 +264,12 @@ class Trainer:
     # --- output directory ownership ---------------------------------------------------------------
     def _claim_output_dir(self, state: Optional[dict]):
         """Fresh run: refuse another run's outputs (or remove them with overwrite_output_dir), then
-        write a new run id. Resume: keep the checkpoint's run id (refusing a mismatching directory)."""
+        write a new run id. Resume: keep the checkpoint's run id (refusing a mismatching directory).
+        Rank 0 alone owns output_dir in a distributed run (the others wait for it at a barrier)."""
         a = self.args
+        if not self.is_main:
+            self.run_id = (state or {}).get("run_id")
+            return
         if state is None:
             found = validate.run_artifacts(a.output_dir)
             if found and not a.overwrite_output_dir:
@@ -587,6 +591,7 @@ class Trainer:
         else:
             self._claim_output_dir(None)
             self._truncate_metrics(None)
+        dist_util.barrier()  # rank 0 has claimed output_dir (a refusal there stops the job)
         self.global_step = start
         eval_metrics = None
         self.optimizer.zero_grad(set_to_none=True)
