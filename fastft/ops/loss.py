@@ -160,16 +160,18 @@ def linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, reduction
     return total / (t != ignore_index).sum()  # torch's mean: NaN when every target is ignored
 
 
-def chunked_causal_lm_loss(h, weight, labels, num_items_in_batch=None, cu_seqlens=None, chunk_rows=None):
-    """``causal_lm_loss(F.linear(h, weight), ...)`` without materialising the logits.
+def chunked_causal_lm_loss(h, weight, labels, num_items_in_batch=None, cu_seqlens=None, chunk_rows=None, bias=None):
+    """``causal_lm_loss(F.linear(h, weight, bias), ...)`` without materialising the logits.
 
-    h (B, T, H) final hidden states, weight (V, H) the lm_head. Same value and gradients as the
-    unchunked loss (up to summation order): ``fastft.ops.linear_cross_entropy`` on the shifted targets.
+    h (B, T, H) final hidden states, weight (V, H) the lm_head (bias (V,) or None). Same value and
+    gradients as the unchunked loss (up to summation order): ``fastft.ops.linear_cross_entropy`` on
+    the shifted targets.
     """
     from fastft import ops
 
     targets = shifted_targets(labels, h.shape[:2], cu_seqlens)
-    total = ops.linear_cross_entropy(h, weight, targets.to(h.device), reduction="sum", chunk_rows=chunk_rows)
+    total = ops.linear_cross_entropy(h, weight, targets.to(h.device), reduction="sum", bias=bias,
+                                     chunk_rows=chunk_rows)
     return normalise_loss(total, targets, num_items_in_batch)
 
 
