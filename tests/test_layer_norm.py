@@ -110,3 +110,19 @@ def test_cuda_default_predicates_and_fake():
     assert y.shape == xm.shape and y.dtype == torch.bfloat16
     y.sum().backward()
     assert xm.grad.shape == xm.shape and wm.grad.dtype == torch.float32 and bm.grad.shape == (64,)
+
+
+def test_half_activations_with_fp32_weight_and_bias(device):
+    """Mixed precision BERT: half x, fp32 LayerNorm parameters (torch accepts the mix): y and dx in
+    x's dtype, dw and db in fp32, each within 2x torch's own error."""
+    gen = torch.Generator().manual_seed(11)
+    x = (torch.randn(9, 200, generator=gen) * 3).to(device=device, dtype=torch.float16)
+    w = (1 + 0.2 * torch.randn(200, generator=gen)).to(device)
+    b = (0.1 * torch.randn(200, generator=gen)).to(device)
+    got = output_and_grads(lambda *a: dispatch.impl("layer_norm", "triton")(*a, 1e-5), [x, w, b])
+    gold = output_and_grads(_torch_ln, [t.double() for t in (x, w, b)])
+    lowp = output_and_grads(_torch_ln, [x, w, b])
+    for name, g, r, lp, dt in zip(["y", "dx", "dw", "db"], got, gold, lowp,
+                                  [torch.float16, torch.float16, torch.float32, torch.float32]):
+        assert g.dtype == dt == lp.dtype, name
+        assert_close_to_gold(g, r, lp, name=name)
