@@ -153,7 +153,9 @@ def linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, reduction
     h = hidden.reshape(-1, hidden.shape[-1])
     t = labels.reshape(-1).to(device=h.device, dtype=torch.int64)
     check_targets(t, weight.shape[0], ignore_index, "linear_cross_entropy")
-    rows = int(chunk_rows) if chunk_rows else chunk_rows_for(h.shape[0], weight.shape[0], h.device)
+    # the chunk's logits are in the matmul dtype (softmax − onehot is written over them in place)
+    esize = torch.finfo(_matmul_dtype(h)).bits // 8
+    rows = int(chunk_rows) if chunk_rows else chunk_rows_for(h.shape[0], weight.shape[0], h.device, esize)
     total = LinearCrossEntropyFunction.apply(h, weight, bias, t, int(ignore_index), rows)
     if reduction == "sum":
         return total
