@@ -18,6 +18,12 @@ its DRAM traffic can be up to 1.5x that. ``pct_of_ceiling`` is against the measu
 ``speedup`` is over ``torch`` (fastft) and fastft's time / Liger's is in ``vs_liger``. Target
 (issue 15): ≥ 85 % of copy and ≥ 1.0x Liger. The CPU suite has nothing to time (Triton on CUDA only;
 tests/test_cross_entropy.py checks the kernel under the interpreter).
+
+Predictions (offline reasoning; no GPU has run this kernel yet): at 8 warps and ~80 registers about
+3 rows per SM are in flight, ~400 on an H100/H200; at V = 128256 that is ~100 MB of rows, twice the
+L2, so the second pass reads DRAM again: ~55-62 % of copy on this metric (~85-90 % of the real
+traffic). At V = 32000 / 49152 the rows in flight fit in L2: ~70-85 %. Liger runs the same two-pass
+algorithm: ~0.9-1.1x. The PyTorch composition moves ~8x the bytes: fastft ≥ 4x faster.
 """
 from __future__ import annotations
 
