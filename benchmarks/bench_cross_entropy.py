@@ -5,6 +5,9 @@ GPU suite, bf16 logits, (rows, vocab) in {(4096, 128256), (8192, 49152), (4096, 
 the first). Rows:
 
 * ``fastft``          -- the Triton backend's op (one launch, online softmax, gradient in place);
+* ``fastft_persistent_{1,2}x`` -- the same kernel on a grid of 1 or 2 programs per SM (fewer rows
+                         in flight: their second pass may stay in L2); ``speedup`` is over ``fastft``,
+                         to decide the default on a GPU;
 * ``torch``           -- the same contract as a PyTorch composition (fastft's reference backend:
                          fp32 copy, logsumexp, gather, exp, scatter_add, copy back);
 * ``torch_autograd``  -- what a model's loss usually runs: F.cross_entropy on the fp32-upcast
@@ -47,6 +50,7 @@ def run(suite: str) -> list[dict]:
     if suite == "cpu" or not torch.cuda.is_available():
         print("bench_cross_entropy: needs CUDA (the Triton kernel runs on GPUs only); no rows")
         return []
+    from fastft.kernels import cross_entropy as kce
     from fastft.ops import reference, triton_backend
 
     dev = common.device_for(suite)
@@ -74,6 +78,12 @@ def run(suite: str) -> list[dict]:
             return torch.autograd.grad(F.cross_entropy(zf, t), zf)
 
         t_ag = common.bench(autograd_ce, device=dev)
+        # the persistent grid (1 or 2 programs per SM): fewer rows in flight, so that a row's second
+        # pass can hit L2 (kernels/cross_entropy.py); the default is one program per row
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        loss_buf = torch.empty(n, dtype=torch.float32, device=dev)
+        t_pers = {k: common.bench(lambda: kce.cross_entropy_grad_(work, t, -100, loss_buf, programs=k * sms),
+                                  device=dev) for k in (1, 2)}
         t_lg = None
         if liger is not None:
             try:
@@ -85,6 +95,9 @@ def run(suite: str) -> list[dict]:
         extra = {"vs_liger": round(t_lg / t_ff, 3)} if t_lg else {}
         rows.append(common.row(case, "fastft", t_ff, bytes=nbytes, ceiling="copy", device="cuda", baseline="torch",
                                baseline_s=t_ref, **extra))
+        for k, tp in t_pers.items():
+            rows.append(common.row(case, f"fastft_persistent_{k}x", tp, bytes=nbytes, ceiling="copy", device="cuda",
+                                   baseline="fastft", baseline_s=t_ff))
         rows.append(common.row(case, "torch", t_ref, bytes=nbytes, ceiling="copy", device="cuda"))
         rows.append(common.row(case, "torch_autograd", t_ag, bytes=nbytes, ceiling="copy", device="cuda"))
         if t_lg:
