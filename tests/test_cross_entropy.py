@@ -140,3 +140,12 @@ def test_fake_implementation_traces_on_meta_tensors():
     t = torch.empty(7, device="meta", dtype=torch.long)
     loss = dispatch.impl("cross_entropy_grad_", "triton")(z, t, -100)
     assert loss.shape == (7,) and loss.dtype == torch.float32 and loss.device.type == "meta"
+
+
+def test_compiles_as_one_graph(device):
+    """torch.compile (fullgraph) traces the op: the target check and the in-place custom op."""
+    f = dispatch.impl("cross_entropy_grad_", "triton")
+    cf = torch.compile(lambda z, t: f(z, t, -100), backend="aot_eager", fullgraph=True)
+    z, t = torch.randn(3, 10, device=device), torch.tensor([1, -100, 9], device=device)
+    za, zb = z.clone(), z.clone()
+    assert torch.equal(cf(za, t), f(zb, t)) and torch.equal(za, zb)

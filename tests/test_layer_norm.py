@@ -153,3 +153,15 @@ def test_custom_op_only_where_tracing_needs_it():
         assert bool(used) == custom, (device, used)
         if custom:
             assert any("fwd" in n for n in used) and any("bwd" in n for n in used)
+
+
+def test_compiles_as_one_graph(device):
+    """torch.compile (fullgraph) traces forward and backward through the custom ops."""
+    f = dispatch.impl("layer_norm", "triton")
+    cf = torch.compile(lambda x, w, b: f(x, w, b, 1e-5), backend="aot_eager", fullgraph=True)
+    x = torch.randn(4, 32, device=device, requires_grad=True)
+    w, b = torch.randn(32, device=device, requires_grad=True), torch.randn(32, device=device, requires_grad=True)
+    got = output_and_grads(cf, [x, w, b])
+    want = output_and_grads(lambda *a: f(*a, 1e-5), [x, w, b])
+    for g, r in zip(got, want):
+        assert torch.equal(g, r)

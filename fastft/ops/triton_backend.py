@@ -217,6 +217,13 @@ def _eager(args) -> bool:
                for t in args if isinstance(t, torch.Tensor))
 
 
+def _traced_op(name, fn, fake, **kw):
+    """``fn`` registered as the custom op ``fastft::<name>`` with ``fake``; returned as
+    ``torch.ops.fastft.<name>`` (the form torch.compile traces as one node)."""
+    kernel_op(name, fake=fake, **kw)(fn)
+    return getattr(torch.ops.fastft, name)
+
+
 def _dual(op, raw):
     """``raw(*args)`` on the eager path, the custom op ``op(*args)`` otherwise (``_eager``)."""
 
@@ -238,7 +245,7 @@ def _ce_grad_raw(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int)
     return loss
 
 
-_ce_grad = _dual(kernel_op("triton_cross_entropy_grad_", fake=_ce_fake, mutates_args=("logits",))(_ce_grad_raw),
+_ce_grad = _dual(_traced_op("triton_cross_entropy_grad_", _ce_grad_raw, _ce_fake, mutates_args=("logits",)),
                  _ce_grad_raw)
 
 
@@ -248,6 +255,7 @@ def cross_entropy_grad_(logits, targets, ignore_index=-100):
     launch); targets checked on the device without a host synchronisation (``check_targets``)."""
     check_targets(targets, logits.shape[1], int(ignore_index), "cross_entropy_grad_")
     return _ce_grad(logits, targets, int(ignore_index))
+
 
 # ----------------------------------------------------------------------------------- LayerNorm, GELU
 # The kernels' autograd Functions call their module's LAUNCHERS; these become custom ops with fakes
@@ -263,30 +271,14 @@ def _ln_bwd_fake(dy, x, weight, mean, rstd):
     return x.new_empty(x.shape), x.new_empty(N, dtype=torch.float32), x.new_empty(N, dtype=torch.float32)
 
 
-@kernel_op("triton_layer_norm_fwd", fake=_ln_fwd_fake)
-def _ln_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-               out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _ln.layer_norm_fwd(x, weight, bias, eps, out_dtype)
-
-
-@kernel_op("triton_layer_norm_bwd", fake=_ln_bwd_fake)
-def _ln_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-               rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _ln.layer_norm_bwd(dy, x, weight, mean, rstd)
-
-
-@kernel_op("triton_gelu_fwd", fake=lambda x: torch.empty_like(x))
-def _gelu_fwd_op(x: torch.Tensor) -> torch.Tensor:
-    return _gelu.gelu_fwd(x)
-
-
-@kernel_op("triton_gelu_bwd", fake=lambda dy, x: torch.empty_like(x))
-def _gelu_bwd_op(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return _gelu.gelu_bwd(dy, x)
-
-
-_ln.LAUNCHERS.update(fwd=_dual(_ln_fwd_op, _ln.layer_norm_fwd), bwd=_dual(_ln_bwd_op, _ln.layer_norm_bwd))
-_gelu.LAUNCHERS.update(fwd=_dual(_gelu_fwd_op, _gelu.gelu_fwd), bwd=_dual(_gelu_bwd_op, _gelu.gelu_bwd))
+_ln.LAUNCHERS.update(fwd=_dual(_traced_op("triton_layer_norm_fwd", _ln.layer_norm_fwd, _ln_fwd_fake),
+                                _ln.layer_norm_fwd),
+                     bwd=_dual(_traced_op("triton_layer_norm_bwd", _ln.layer_norm_bwd, _ln_bwd_fake),
+                                _ln.layer_norm_bwd))
+_gelu.LAUNCHERS.update(fwd=_dual(_traced_op("triton_gelu_fwd", _gelu.gelu_fwd, lambda x: torch.empty_like(x)),
+                                  _gelu.gelu_fwd),
+                       bwd=_dual(_traced_op("triton_gelu_bwd", _gelu.gelu_bwd, lambda dy, x: torch.empty_like(x)),
+                                  _gelu.gelu_bwd))
 
 
 @register("layer_norm", "triton", supports=_ln.supported)
