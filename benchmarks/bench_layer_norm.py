@@ -12,6 +12,11 @@ accumulates between calls) of ``fastft`` (the Triton backend's op), ``torch`` (F
 per-row statistics are small. ``pct_of_ceiling`` is against the measured copy bandwidth, ``speedup``
 over torch, ``vs_liger`` = Liger's time / fastft's. Target (issue 15): ≥ 85 % of copy, ≥ 1.0x Liger.
 The CPU suite has nothing to time (Triton on CUDA only; tests/test_layer_norm.py).
+
+Predictions (offline reasoning; no GPU has run these kernels yet): the forward moves 50 MB at
+16384 x 768 (~15 µs), so launch latency and the last wave weigh: ~65-80 % of copy; forward +
+backward (the backward's per-program partials and their sum are a few hundred KB) ~60-75 %. torch's
+LayerNorm is a tuned CUDA kernel: ~1.0-1.3x it, ~1.0x Liger.
 """
 from __future__ import annotations
 

@@ -304,7 +304,8 @@ def _load_backends(model) -> None:
     for dev in devices:
         if dev.type == "meta":
             continue
-        for op in ("attention", "attention_varlen", "lora_linear", "quant_matmul"):
+        for op in ("attention", "attention_varlen", "lora_linear", "quant_matmul", "layer_norm", "gelu",
+                   "linear_cross_entropy", "cross_entropy_grad_"):
             try:
                 dispatch.backend_for(op, dev)
             except NotImplementedError:

@@ -29,37 +29,39 @@ __all__ = ["cross_entropy_grad_", "ce_settings", "supported"]
 
 # ========================================================================================= kernels
 @triton.jit
-def _ce_grad_kernel(Z, T, LOSS, stride_z, V, ignore_index, BLOCK: tl.constexpr):
-    """Row ``program_id``: LOSS[row] = lse(z) − z[t] and z ← softmax(z) − onehot(t) (zeros and loss 0
-    where t == ignore_index)."""
-    row = tl.program_id(0).to(tl.int64)
-    zp = Z + row * stride_z
-    t = tl.load(T + row).to(tl.int64)
+def _ce_grad_kernel(Z, T, LOSS, stride_z, n_rows, V, ignore_index, BLOCK: tl.constexpr):
+    """Rows ``program_id``, + ``num_programs``, ...: LOSS[row] = lse(z) − z[t] and z ← softmax(z) −
+    onehot(t) (zeros and loss 0 where t == ignore_index). The default grid is one program per row;
+    a smaller (persistent) grid bounds the rows in flight, so that their second pass can hit L2."""
     cols = tl.arange(0, BLOCK)
-    if t == ignore_index:
-        zero = tl.zeros((BLOCK,), dtype=tl.float32).to(Z.dtype.element_ty)
-        for c0 in range(0, V, BLOCK):
-            tl.store(zp + c0 + cols, zero, mask=c0 + cols < V)
-        tl.store(LOSS + row, 0.0)
-    else:
-        in_range = (t >= 0) & (t < V)
-        zt = tl.load(zp + t, mask=in_range, other=0.0).to(tl.float32)
-        m = -float("inf")
-        s = 0.0
-        for c0 in range(0, V, BLOCK):
-            z = tl.load(zp + c0 + cols, mask=c0 + cols < V, other=-float("inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(z, axis=0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
-            m = m_new
-        # softmax = exp(z − m) / s, not exp(z − lse): z − m is exact near the maximum, where z − lse
-        # would carry lse's rounding (an ulp of |lse|) into every probability of large logits.
-        inv_s = 1.0 / s
-        for c0 in range(0, V, BLOCK):
-            c = c0 + cols
-            z = tl.load(zp + c, mask=c < V, other=0.0).to(tl.float32)
-            g = tl.exp(z - m) * inv_s - tl.where(c == t, 1.0, 0.0)
-            tl.store(zp + c, g.to(Z.dtype.element_ty), mask=c < V)
-        tl.store(LOSS + row, (m - zt) + tl.log(s))
+    for r in range(tl.program_id(0), n_rows, tl.num_programs(0)):
+        row = tl.cast(r, tl.int64)
+        zp = Z + row * stride_z
+        t = tl.load(T + row).to(tl.int64)
+        if t == ignore_index:
+            zero = tl.zeros((BLOCK,), dtype=tl.float32).to(Z.dtype.element_ty)
+            for c0 in range(0, V, BLOCK):
+                tl.store(zp + c0 + cols, zero, mask=c0 + cols < V)
+            tl.store(LOSS + row, 0.0)
+        else:
+            in_range = (t >= 0) & (t < V)
+            zt = tl.load(zp + t, mask=in_range, other=0.0).to(tl.float32)
+            m = -float("inf")
+            s = 0.0
+            for c0 in range(0, V, BLOCK):
+                z = tl.load(zp + c0 + cols, mask=c0 + cols < V, other=-float("inf")).to(tl.float32)
+                m_new = tl.maximum(m, tl.max(z, axis=0))
+                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+                m = m_new
+            # softmax = exp(z − m) / s, not exp(z − lse): z − m is exact near the maximum, where z − lse
+            # would carry lse's rounding (an ulp of |lse|) into every probability of large logits.
+            inv_s = 1.0 / s
+            for c0 in range(0, V, BLOCK):
+                c = c0 + cols
+                z = tl.load(zp + c, mask=c < V, other=0.0).to(tl.float32)
+                g = tl.exp(z - m) * inv_s - tl.where(c == t, 1.0, 0.0)
+                tl.store(zp + c, g.to(Z.dtype.element_ty), mask=c < V)
+            tl.store(LOSS + row, (m - zt) + tl.log(s))
 
 
 # ======================================================================================= launchers
@@ -82,9 +84,11 @@ def supported(logits, targets, ignore_index=-100) -> bool:
 
 
 def cross_entropy_grad_(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, loss: torch.Tensor,
-                        block: int | None = None) -> None:
+                        block: int | None = None, programs: int | None = None) -> None:
     """Fill ``loss`` (n,) fp32 with the rows' losses and overwrite ``logits`` (n, V) with
-    softmax − onehot (module docstring). ``block`` overrides the column block (tests)."""
+    softmax − onehot (module docstring). ``block`` overrides the column block (tests); ``programs``
+    caps the grid (a persistent launch; default one program per row -- benchmarks/bench_cross_entropy.py
+    times both on a GPU)."""
     check_device(logits.device, "cross_entropy_grad_")
     n, V = logits.shape
     if n == 0:
@@ -92,5 +96,6 @@ def cross_entropy_grad_(logits: torch.Tensor, targets: torch.Tensor, ignore_inde
     BLOCK, warps = ce_settings(V, logits.dtype)
     if block is not None:
         BLOCK = int(block)
-    launch(_ce_grad_kernel, (n,), logits, targets, loss, logits.stride(0), V, int(ignore_index), BLOCK=BLOCK,
+    grid = n if programs is None else max(1, min(n, int(programs)))
+    launch(_ce_grad_kernel, (grid,), logits, targets, loss, logits.stride(0), n, V, int(ignore_index), BLOCK=BLOCK,
            num_warps=warps)

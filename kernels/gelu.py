@@ -77,6 +77,7 @@ class GeluFunction(torch.autograd.Function):
         return LAUNCHERS["fwd"](xc)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         (x,) = ctx.saved_tensors
         return LAUNCHERS["bwd"](dy.contiguous(), x)

@@ -84,9 +84,11 @@ def _ln_bwd_kernel(DY, X, W, MEAN, RSTD, DX, DWP, DBP, stride_dy, stride_x, stri
 # ======================================================================================= launchers
 def settings(N: int) -> tuple[int, int, int]:
     """(ROWS, BLOCK, num_warps) of both kernels: whole rows padded to a power of two, about 4096
-    elements per program."""
+    elements per program, at least 8 warps for such a tile (16 fp32 values per thread: the backward
+    holds x, dy and x̂ of each; at 4 warps it needs ~168 registers, a third of the SM's warps)."""
     block, warps = row_settings(N)
-    return rows_per_program(block), block, warps
+    rows = rows_per_program(block)
+    return rows, block, max(warps, min(8, rows * block // 512))
 
 
 def bwd_programs(n_tiles: int, device: torch.device) -> int:
@@ -146,6 +148,7 @@ class LayerNormFunction(torch.autograd.Function):
         return y.view(x.shape)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x2, weight, mean, rstd = ctx.saved_tensors
         dx, dw, db = LAUNCHERS["bwd"](_rows(dy), x2, weight, mean, rstd)

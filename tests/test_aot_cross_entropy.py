@@ -16,7 +16,8 @@ def test_ce_rows_compile_without_spills(arch):
     for V, dt in ((128256, torch.bfloat16), (128256, torch.float32), (49152, torch.float16), (1007, torch.float32)):
         block, warps = kce.ce_settings(V, dt)
         r = compile_kernel(kce._ce_grad_kernel, {"Z": TYPES[dt] + ":16", "T": "*i64", "LOSS": "*fp32",
-                                                 "stride_z": "i32:16", "V": "i32", "ignore_index": "i32"},
+                                                 "stride_z": "i32:16", "n_rows": "i32", "V": "i32",
+                                                 "ignore_index": "i32"},
                            {"BLOCK": block}, arch, num_warps=warps)
         what = f"ce_grad V={V} {dt} BLOCK={block} warps={warps}"
         report(what, r)

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models_util import one_thread, save_tiny_checkpoint  # noqa: F401
-from utils import rel_err
+from utils import ANALYTICALLY_ZERO, is_noise, rel_err
 
 import fastft
 
@@ -248,3 +248,44 @@ def test_norms_and_gelu_run_through_fastft_ops(ckpts, arch, monkeypatch):
         model(ids, attention_mask=mask)
     L = model.config.num_hidden_layers
     assert calls == {"layer_norm": 2 + 2 * L, "gelu": L + 1}
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_training_mlm_loss_never_builds_logits(ckpts, arch):
+    """A training forward with labels computes the MLM loss with fastft.ops.linear_cross_entropy
+    (``.logits`` None, no vocabulary-wide activation saved for backward); loss and every gradient
+    equal the full-logits path's (eval mode, dropout off in both)."""
+    m = fastft.from_pretrained(ckpts[arch])
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+        if hasattr(mod, "dropout_p"):
+            mod.dropout_p = 0.0
+    ids = torch.randint(3, 100, (2, 12))
+    labels = torch.full_like(ids, -100)
+    labels[0, 2], labels[1, 5], labels[1, 9] = 7, 11, 40
+    V = m.config.vocab_size
+
+    def run(train):
+        m.train(train)
+        m.zero_grad(set_to_none=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            out = m(ids, labels=labels)
+        out.loss.backward()
+        return out, saved, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    fused, saved, grads = run(True)
+    full, _, ref = run(False)
+    assert fused.logits is None and full.logits is not None
+    params = {tuple(p.shape) for p in m.parameters()}  # dW / db of the tied decoder are parameter-sized
+    assert not any(V in s and s not in params for s in saved), [s for s in saved if V in s]
+    assert any(V in s and s not in params for s in run(False)[1])  # the full path does save logits
+    assert abs(fused.loss.item() - full.loss.item()) <= 1e-5 * full.loss.item()
+    assert grads.keys() == ref.keys()
+    scale = max(float(g.abs().max()) for g in ref.values())
+    for n in ref:
+        if n.endswith(ANALYTICALLY_ZERO):  # zero in exact arithmetic: noise on both sides
+            assert is_noise(grads[n], scale) and is_noise(ref[n], scale), n
+        elif ref[n].norm() > 0:
+            assert rel_err(grads[n], ref[n]) <= TOL, n

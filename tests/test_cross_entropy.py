@@ -29,14 +29,14 @@ def _torch_rows(z, t, ignore_index):
     return loss.detach(), z.grad
 
 
-def _check(z0, t, ignore_index=-100, block=None):
+def _check(z0, t, ignore_index=-100, block=None, programs=None):
     """Run the kernel on a copy of z0 (any dtype) and compare with the gold and torch."""
     g = z0.clone()
     loss = torch.empty(z0.shape[0], dtype=torch.float32, device=z0.device)
-    if block is None:
+    if block is None and programs is None:
         loss = dispatch.impl("cross_entropy_grad_", "triton")(g, t, ignore_index)
     else:
-        kce.cross_entropy_grad_(g, t, ignore_index, loss, block=block)
+        kce.cross_entropy_grad_(g, t, ignore_index, loss, block=block, programs=programs)
     gold_loss, gold_grad = _torch_rows(z0.double(), t, ignore_index)
     lp_loss, lp_grad = _torch_rows(z0, t, ignore_index)
     assert loss.dtype == torch.float32 and g.dtype == z0.dtype
@@ -67,6 +67,15 @@ def test_rows_match_float64_gold(device, n, V, block, frac):
         if frac == 1.0:
             t.fill_(-100)
         _check(z, t, block=block)
+
+
+def test_persistent_grid(device):
+    """A grid of fewer programs than rows (each program walks rows pid, pid + P, ...), with ignored
+    rows among them: the same results."""
+    gen = torch.Generator().manual_seed(9)
+    z = (torch.randn(7, 300, generator=gen) * 3).to(device)
+    t = torch.tensor([3, -100, 299, 0, -100, 150, 7], device=device)
+    _check(z, t, block=128, programs=3)
 
 
 def test_large_logits_int32_targets_custom_ignore_index_and_strided_rows(device):
@@ -131,3 +140,12 @@ def test_fake_implementation_traces_on_meta_tensors():
     t = torch.empty(7, device="meta", dtype=torch.long)
     loss = dispatch.impl("cross_entropy_grad_", "triton")(z, t, -100)
     assert loss.shape == (7,) and loss.dtype == torch.float32 and loss.device.type == "meta"
+
+
+def test_compiles_as_one_graph(device):
+    """torch.compile (fullgraph) traces the op: the target check and the in-place custom op."""
+    f = dispatch.impl("cross_entropy_grad_", "triton")
+    cf = torch.compile(lambda z, t: f(z, t, -100), backend="aot_eager", fullgraph=True)
+    z, t = torch.randn(3, 10, device=device), torch.tensor([1, -100, 9], device=device)
+    za, zb = z.clone(), z.clone()
+    assert torch.equal(cf(za, t), f(zb, t)) and torch.equal(za, zb)

@@ -61,3 +61,12 @@ def test_cuda_default_predicates_and_fake():
     y = dispatch.impl("gelu", "triton")(xm)
     y.sum().backward()
     assert y.shape == xm.shape and xm.grad.shape == xm.shape and xm.grad.dtype == torch.bfloat16
+
+
+def test_double_backward_is_refused(device):
+    """The backward kernels are not differentiable: a second-order gradient raises instead of being
+    silently disconnected."""
+    x = torch.randn(5, device=device, requires_grad=True)
+    (g,) = torch.autograd.grad(dispatch.impl("gelu", "triton")(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()

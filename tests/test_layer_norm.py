@@ -110,3 +110,58 @@ def test_cuda_default_predicates_and_fake():
     assert y.shape == xm.shape and y.dtype == torch.bfloat16
     y.sum().backward()
     assert xm.grad.shape == xm.shape and wm.grad.dtype == torch.float32 and bm.grad.shape == (64,)
+
+
+def test_half_activations_with_fp32_weight_and_bias(device):
+    """Mixed precision BERT: half x, fp32 LayerNorm parameters (torch accepts the mix): y and dx in
+    x's dtype, dw and db in fp32, each within 2x torch's own error."""
+    gen = torch.Generator().manual_seed(11)
+    x = (torch.randn(9, 200, generator=gen) * 3).to(device=device, dtype=torch.float16)
+    w = (1 + 0.2 * torch.randn(200, generator=gen)).to(device)
+    b = (0.1 * torch.randn(200, generator=gen)).to(device)
+    got = output_and_grads(lambda *a: dispatch.impl("layer_norm", "triton")(*a, 1e-5), [x, w, b])
+    gold = output_and_grads(_torch_ln, [t.double() for t in (x, w, b)])
+    lowp = output_and_grads(_torch_ln, [x, w, b])
+    for name, g, r, lp, dt in zip(["y", "dx", "dw", "db"], got, gold, lowp,
+                                  [torch.float16, torch.float16, torch.float32, torch.float32]):
+        assert g.dtype == dt == lp.dtype, name
+        assert_close_to_gold(g, r, lp, name=name)
+
+
+def test_custom_op_only_where_tracing_needs_it():
+    """Real tensors launch the kernels directly (a Python custom op's dispatch costs more than a
+    BERT-sized LayerNorm on a GPU); meta / fake tensors go through the ``fastft::triton_layer_norm_*``
+    custom ops and their fakes."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    for device, custom in (("meta", True),) + ((("cpu", False),) if _common.interpreting() else ()):
+        x = torch.randn(3, 16, device=device, requires_grad=True)
+        w = torch.ones(16, device=device, requires_grad=True)
+        b = torch.zeros(16, device=device, requires_grad=True)
+        with Record() as rec:
+            dispatch.impl("layer_norm", "triton")(x, w, b, 1e-5).sum().backward()
+        used = [n for n in rec.names if "triton_layer_norm" in n]
+        assert bool(used) == custom, (device, used)
+        if custom:
+            assert any("fwd" in n for n in used) and any("bwd" in n for n in used)
+
+
+def test_compiles_as_one_graph(device):
+    """torch.compile (fullgraph) traces forward and backward through the custom ops."""
+    f = dispatch.impl("layer_norm", "triton")
+    cf = torch.compile(lambda x, w, b: f(x, w, b, 1e-5), backend="aot_eager", fullgraph=True)
+    x = torch.randn(4, 32, device=device, requires_grad=True)
+    w, b = torch.randn(32, device=device, requires_grad=True), torch.randn(32, device=device, requires_grad=True)
+    got = output_and_grads(cf, [x, w, b])
+    want = output_and_grads(lambda *a: f(*a, 1e-5), [x, w, b])
+    for g, r in zip(got, want):
+        assert torch.equal(g, r)

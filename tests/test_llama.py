@@ -306,3 +306,26 @@ def test_state_dict_omits_tied_alias_and_round_trips(ckpts):
     assert not res.missing_keys and not res.unexpected_keys
     assert torch.equal(wrapper.inner.model.norm.weight, m.model.norm.weight)
     assert wrapper.inner.lm_head.weight is wrapper.inner.model.embed_tokens.weight
+
+
+def test_training_loss_chunked_for_a_dense_head_full_logits_for_a_lora_head(ckpts):
+    """A training forward with labels takes the fused linear + cross-entropy (``.logits`` None) when
+    the LM head is a dense linear; a LoRA-adapted head keeps the full logits, so its adapter counts.
+    Both losses equal the eval-mode (full logits) loss."""
+    d = ckpts[next(iter(VARIANTS))]
+    ids = torch.randint(3, 100, (2, 9))
+    m = fastft.from_pretrained(d).train()
+    with torch.no_grad():
+        ref = m.eval()(ids, labels=ids).loss
+    out = m.train()(ids, labels=ids)
+    assert out.logits is None and torch.allclose(out.loss, ref, rtol=1e-5, atol=0)
+    pm = fastft.get_peft_model(fastft.from_pretrained(d), fastft.LoraConfig(r=4, target_modules=["lm_head"]))
+    head = pm.get_output_embeddings() if hasattr(pm, "get_output_embeddings") else None
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_()  # a non-zero adapter, so a dropped one would show
+        ref = pm.eval()(ids, labels=ids).loss
+    out = pm.train()(ids, labels=ids)
+    assert head is None or type(head) is not torch.nn.Linear
+    assert out.logits is not None and torch.allclose(out.loss, ref, rtol=1e-5, atol=0)

@@ -176,8 +176,12 @@ class BertLMPredictionHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.decoder.bias = self.bias
 
+    def features(self, x):
+        """The decoder's input."""
+        return self.transform(x)
+
     def forward(self, x):
-        return self.decoder(self.transform(x))
+        return self.decoder(self.features(x))
 
 
 class BertOnlyMLMHead(nn.Module):
@@ -200,8 +204,12 @@ class RobertaLMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.decoder.bias = self.bias
 
+    def features(self, x):
+        """The decoder's input."""
+        return self.layer_norm(ops.gelu(self.dense(x)))
+
     def forward(self, x):
-        return self.decoder(self.layer_norm(ops.gelu(self.dense(x))))
+        return self.decoder(self.features(x))
 
 
 _EMB_TABLE = ("embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
@@ -427,17 +435,24 @@ class BertForMaskedLM(NativeModel):
                 max_seqlen=None, num_items_in_batch=None, token_type_ids=None, output_hidden_states=False, **kwargs):
         from transformers.modeling_outputs import MaskedLMOutput
 
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} does not match input_ids {tuple(input_ids.shape)}")
         h, states = self.encode(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen,
                                 output_hidden_states)
-        logits = self.head(h)
+        decoder = self.head.decoder
+        if labels is not None and self.training and torch.is_grad_enabled() and type(decoder) is nn.Linear:
+            # Training with labels: the decoder and its cross-entropy in chunks
+            # (fastft.ops.linear_cross_entropy); the (B, T, V) logits are never formed, `.logits` is None.
+            logits = None
+            total = ops.linear_cross_entropy(self.head.features(h), decoder.weight, labels.to(h.device),
+                                             reduction="sum", bias=decoder.bias)
+        else:
+            logits = self.head(h)
         loss = None
         if labels is not None:
-            if labels.shape != input_ids.shape:
-                raise ValueError(
-                    f"labels shape {tuple(labels.shape)} does not match input_ids {tuple(input_ids.shape)}"
-                )
-            total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                    ignore_index=-100, reduction="sum")
+            if logits is not None:
+                total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                        ignore_index=-100, reduction="sum")
             denom = num_items_in_batch if num_items_in_batch is not None else (labels != -100).sum()
             if isinstance(denom, torch.Tensor):
                 loss = total / denom.to(total.device).clamp_min(1)

@@ -528,11 +528,13 @@ class LlamaForCausalLM(NativeModel):
         h = m.norm(h)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        if (labels is not None and self.training and torch.is_grad_enabled() and not logits_to_keep
-                and self.lm_head.bias is None):
-            # Training with labels: the loss is computed chunk by chunk from h and the lm_head weight;
-            # the full (B, T, V) logits are never formed, and `.logits` is None.
-            loss = chunked_causal_lm_loss(h, self.lm_head.weight, labels, num_items_in_batch, cu_seqlens)
+        head = self.lm_head
+        dense_head = type(getattr(head, "modules_to_save", head)) is nn.Linear  # (a LoRA'd head: full logits)
+        if labels is not None and self.training and torch.is_grad_enabled() and not logits_to_keep and dense_head:
+            # Training with labels: the loss is computed chunk by chunk from h and the lm_head weight
+            # (and bias); the full (B, T, V) logits are never formed, and `.logits` is None.
+            loss = chunked_causal_lm_loss(h, self.lm_head.weight, labels, num_items_in_batch, cu_seqlens,
+                                          bias=self.lm_head.bias)
             return CausalLMOutputWithPast(loss=loss, logits=None)
         logits = self.lm_head(h)
 

@@ -153,23 +153,27 @@ def linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, reduction
     h = hidden.reshape(-1, hidden.shape[-1])
     t = labels.reshape(-1).to(device=h.device, dtype=torch.int64)
     check_targets(t, weight.shape[0], ignore_index, "linear_cross_entropy")
-    rows = int(chunk_rows) if chunk_rows else chunk_rows_for(h.shape[0], weight.shape[0], h.device)
+    # the chunk's logits are in the matmul dtype (softmax − onehot is written over them in place)
+    esize = torch.finfo(_matmul_dtype(h)).bits // 8
+    rows = int(chunk_rows) if chunk_rows else chunk_rows_for(h.shape[0], weight.shape[0], h.device, esize)
     total = LinearCrossEntropyFunction.apply(h, weight, bias, t, int(ignore_index), rows)
     if reduction == "sum":
         return total
     return total / (t != ignore_index).sum()  # torch's mean: NaN when every target is ignored
 
 
-def chunked_causal_lm_loss(h, weight, labels, num_items_in_batch=None, cu_seqlens=None, chunk_rows=None):
-    """``causal_lm_loss(F.linear(h, weight), ...)`` without materialising the logits.
+def chunked_causal_lm_loss(h, weight, labels, num_items_in_batch=None, cu_seqlens=None, chunk_rows=None, bias=None):
+    """``causal_lm_loss(F.linear(h, weight, bias), ...)`` without materialising the logits.
 
-    h (B, T, H) final hidden states, weight (V, H) the lm_head. Same value and gradients as the
-    unchunked loss (up to summation order): ``fastft.ops.linear_cross_entropy`` on the shifted targets.
+    h (B, T, H) final hidden states, weight (V, H) the lm_head (bias (V,) or None). Same value and
+    gradients as the unchunked loss (up to summation order): ``fastft.ops.linear_cross_entropy`` on
+    the shifted targets.
     """
     from fastft import ops
 
     targets = shifted_targets(labels, h.shape[:2], cu_seqlens)
-    total = ops.linear_cross_entropy(h, weight, targets.to(h.device), reduction="sum", chunk_rows=chunk_rows)
+    total = ops.linear_cross_entropy(h, weight, targets.to(h.device), reduction="sum", bias=bias,
+                                     chunk_rows=chunk_rows)
     return normalise_loss(total, targets, num_items_in_batch)
 
 

@@ -255,12 +255,32 @@ def attention(q, k, v, *, causal, scale=None, key_padding_mask=None, dropout_p=0
 register("attention_varlen", "triton")(_attn.attention_varlen)
 
 
-# ------------------------------------------------------------------------------------ row-wise ops
+# ------------------------------------------------------------------ custom ops (row-wise ops, CE, norms)
+def _eager(args) -> bool:
+    """Real tensors outside ``torch.compile``: the launcher runs directly. Python custom ops cost
+    tens of microseconds of dispatch per call (more than a BERT-sized LayerNorm takes on a GPU);
+    fake / meta tensors (memory estimates) and compiled code go through the custom op and its fake."""
+    if torch.compiler.is_compiling():
+        return False
+    return all(t.__class__ in (torch.Tensor, torch.nn.Parameter) and not t.is_meta
+               for t in args if isinstance(t, torch.Tensor))
+
+
 def _kernel_op(name, fn, fake, **kw):
     """``fn`` registered as ``fastft::<name>``; returned as ``torch.ops.fastft.<name>`` (the form
     torch.compile traces as one node, where the Python ``CustomOpDef`` object is opaque to it)."""
     kernel_op(name, fake=fake, **kw)(fn)
     return getattr(torch.ops.fastft, name)
+
+
+def _dual(op, raw):
+    """``raw(*args)`` on the eager path, the custom op ``op(*args)`` otherwise (``_eager``)."""
+
+    def call(*args):
+        return raw(*args) if _eager(args) else op(*args)
+
+    call.op, call.raw = op, raw
+    return call
 
 
 def _bind_row_ops() -> None:
@@ -312,11 +332,14 @@ def _ce_fake(logits, targets, ignore_index):
     return logits.new_empty(logits.shape[:1], dtype=torch.float32)
 
 
-@kernel_op("triton_cross_entropy_grad_", fake=_ce_fake, mutates_args=("logits",))
-def _ce_grad_op(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+def _ce_grad_raw(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
     loss = torch.empty(logits.shape[:1], dtype=torch.float32, device=logits.device)
     _ce.cross_entropy_grad_(logits, targets, ignore_index, loss)
     return loss
+
+
+_ce_grad = _dual(_kernel_op("triton_cross_entropy_grad_", _ce_grad_raw, _ce_fake, mutates_args=("logits",)),
+                 _ce_grad_raw)
 
 
 @register("cross_entropy_grad_", "triton", supports=_ce.supported)
@@ -324,10 +347,12 @@ def cross_entropy_grad_(logits, targets, ignore_index=-100):
     """Per-row losses (fp32), logits ← softmax − onehot in place (``kernels/cross_entropy.py``, one
     launch); targets checked on the device without a host synchronisation (``check_targets``)."""
     check_targets(targets, logits.shape[1], int(ignore_index), "cross_entropy_grad_")
-    return _ce_grad_op(logits, targets, int(ignore_index))
+    return _ce_grad(logits, targets, int(ignore_index))
+
 
 # ----------------------------------------------------------------------------------- LayerNorm, GELU
-# The kernels' autograd Functions call their module's LAUNCHERS; these become custom ops with fakes.
+# The kernels' autograd Functions call their module's LAUNCHERS; these become custom ops with fakes
+# (taken on fake / meta tensors and under torch.compile, ``_dual``).
 def _ln_fwd_fake(x, weight, bias, eps, out_dtype):
     M = x.shape[0]
     f32 = torch.float32
@@ -339,30 +364,14 @@ def _ln_bwd_fake(dy, x, weight, mean, rstd):
     return x.new_empty(x.shape), x.new_empty(N, dtype=torch.float32), x.new_empty(N, dtype=torch.float32)
 
 
-@kernel_op("triton_layer_norm_fwd", fake=_ln_fwd_fake)
-def _ln_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-               out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _ln.layer_norm_fwd(x, weight, bias, eps, out_dtype)
-
-
-@kernel_op("triton_layer_norm_bwd", fake=_ln_bwd_fake)
-def _ln_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-               rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _ln.layer_norm_bwd(dy, x, weight, mean, rstd)
-
-
-@kernel_op("triton_gelu_fwd", fake=lambda x: torch.empty_like(x))
-def _gelu_fwd_op(x: torch.Tensor) -> torch.Tensor:
-    return _gelu.gelu_fwd(x)
-
-
-@kernel_op("triton_gelu_bwd", fake=lambda dy, x: torch.empty_like(x))
-def _gelu_bwd_op(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return _gelu.gelu_bwd(dy, x)
-
-
-_ln.LAUNCHERS.update(fwd=_ln_fwd_op, bwd=_ln_bwd_op)
-_gelu.LAUNCHERS.update(fwd=_gelu_fwd_op, bwd=_gelu_bwd_op)
+_ln.LAUNCHERS.update(fwd=_dual(_kernel_op("triton_layer_norm_fwd", _ln.layer_norm_fwd, _ln_fwd_fake),
+                                _ln.layer_norm_fwd),
+                     bwd=_dual(_kernel_op("triton_layer_norm_bwd", _ln.layer_norm_bwd, _ln_bwd_fake),
+                                _ln.layer_norm_bwd))
+_gelu.LAUNCHERS.update(fwd=_dual(_kernel_op("triton_gelu_fwd", _gelu.gelu_fwd, lambda x: torch.empty_like(x)),
+                                  _gelu.gelu_fwd),
+                       bwd=_dual(_kernel_op("triton_gelu_bwd", _gelu.gelu_bwd, lambda dy, x: torch.empty_like(x)),
+                                  _gelu.gelu_bwd))
 
 
 @register("layer_norm", "triton", supports=_ln.supported)
