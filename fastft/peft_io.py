@@ -30,7 +30,8 @@ save leaves no partial directory or file. Only safetensors is read or written (n
 """
 from __future__ import annotations
 
-from .errors import ArgumentTypeError, CheckpointError, InputNotFoundError, OutputError
+from .fsutil import user_mode
+from .errors import ArgumentTypeError, CheckpointError, InputNotFoundError, OutputNotADirectoryError
 
 import json
 import os
@@ -173,7 +174,7 @@ def load_state_dict_into(peft_model, sd: dict[str, torch.Tensor], source: str) -
 def _atomic_write(save_directory, writers: dict[str, Callable[[str], None]]) -> None:
     target = os.path.abspath(os.fspath(save_directory))
     if os.path.exists(target) and not os.path.isdir(target):
-        raise OutputError(f"cannot save adapter: {target!r} exists and is not a directory")
+        raise OutputNotADirectoryError(f"cannot save adapter: {target!r} exists and is not a directory")
     if os.path.isdir(target):
         tmps = []
         try:
@@ -182,6 +183,7 @@ def _atomic_write(save_directory, writers: dict[str, Callable[[str], None]]) -> 
                 os.close(fd)
                 tmps.append((tmp, name))
                 write(tmp)
+                user_mode(tmp)
             for tmp, name in tmps:
                 os.replace(tmp, os.path.join(target, name))
         finally:
@@ -198,6 +200,7 @@ def _atomic_write(save_directory, writers: dict[str, Callable[[str], None]]) -> 
     try:
         for name, write in writers.items():
             write(os.path.join(tmpdir, name))
+        user_mode(tmpdir)
         os.rename(tmpdir, target)
     except BaseException:
         shutil.rmtree(tmpdir, ignore_errors=True)

@@ -102,6 +102,8 @@ def check_data_file(path, what: str = "data file") -> None:
 def _probe_writable(path):
     """Create and remove a file in the nearest existing ancestor of ``path``."""
     probe = os.path.abspath(path)
+    if os.path.isfile(probe):  # an existing output file is replaced: its directory must be writable
+        probe = os.path.dirname(probe)
     while not os.path.exists(probe):
         parent = os.path.dirname(probe)
         if parent == probe:
