@@ -48,10 +48,20 @@ from fastft.peft_config import (ADAPTER_SITES, CONFIG_NAME, PREFIX, WEIGHTS_NAME
 # Configs
 
 
+def base_quantization(model) -> str | None:
+    """"nf4" / "int4" when the model's linear layers hold quantized weights, else None."""
+    for m in model.modules():
+        kind = type(getattr(m, "weight", None)).__name__
+        if kind in ("NF4Weight", "Int4Weight"):
+            return kind[:-len("Weight")].lower()
+    return None
+
+
 def config_to_json(peft_model) -> dict:
     cfg = peft_model.adapter_config
     if isinstance(cfg, LoraConfig):
         return {
+            "fastft_base_quantization": base_quantization(peft_model.base_model.model),
             "peft_type": "LORA", "task_type": cfg.task_type, "r": cfg.r, "lora_alpha": cfg.lora_alpha,
             "lora_dropout": cfg.lora_dropout, "target_modules": cfg.target_modules, "bias": cfg.bias,
             "use_rslora": cfg.use_rslora, "modules_to_save": cfg.modules_to_save,
