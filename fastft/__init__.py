@@ -23,6 +23,7 @@ _LAZY = {
     "ops": "fastft.ops",
     "quant": "fastft.quant",
     "nn": "fastft.nn",
+    "data": "fastft.data",
 }
 
 

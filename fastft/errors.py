@@ -85,6 +85,17 @@ class OutputError(FastftUserError, OSError):
     exit_code = EXIT_OUTPUT
 
 
+class OutputConflictError(FastftUserError, ValueError):
+    """An output path holding something that writing it would wrongly replace (another run, a non-GGUF
+    file, a non-checkpoint directory)."""
+
+    exit_code = EXIT_OUTPUT
+
+
+class OutputNotADirectoryError(OutputError, NotADirectoryError):
+    """An output path that must be a directory but is a file."""
+
+
 class NonFiniteError(FastftUserError, FloatingPointError):
     """Training produced a NaN/inf loss or gradient (names step and batch)."""
 
@@ -101,6 +112,6 @@ def exit_code_for(exc: BaseException) -> int:
 
 __all__ = [
     "FastftUserError", "UsageError", "ArgumentTypeError", "ConfigError", "InputError", "InputNotFoundError",
-    "DataError", "ModelError", "CheckpointError", "OutputError", "NonFiniteError", "exit_code_for", "EXIT_CODES",
+    "DataError", "ModelError", "CheckpointError", "OutputError", "OutputNotADirectoryError", "OutputConflictError", "NonFiniteError", "exit_code_for", "EXIT_CODES",
     "EXIT_OK", "EXIT_INTERNAL", "EXIT_USAGE", "EXIT_INPUT", "EXIT_OUTPUT", "EXIT_DIVERGED", "EXIT_INTERRUPTED",
 ]

@@ -42,7 +42,7 @@ ever left behind: everything is written under a temporary name and renamed into 
 """
 from __future__ import annotations
 
-from .errors import ModelError, OutputError, UsageError
+from .errors import ModelError, OutputConflictError, UsageError
 
 import contextlib
 import json
@@ -166,16 +166,16 @@ def _check_out(out: str, fmt: str) -> None:
         return
     if fmt == "hf":
         if not os.path.isdir(out):
-            raise OutputError(f"export: {out!r} exists and is not a directory")
+            raise OutputConflictError(f"export: {out!r} exists and is not a directory")
         if os.listdir(out) and not os.path.isfile(os.path.join(out, "config.json")):
-            raise OutputError(f"export: {out!r} exists and is not a checkpoint directory (no config.json); "
+            raise OutputConflictError(f"export: {out!r} exists and is not a checkpoint directory (no config.json); "
                              "refusing to replace it")
     else:
         if not os.path.isfile(out):
-            raise OutputError(f"export: {out!r} exists and is not a file")
+            raise OutputConflictError(f"export: {out!r} exists and is not a file")
         with open(out, "rb") as f:
             if f.read(4) not in (b"GGUF", b""):
-                raise OutputError(f"export: {out!r} exists and is not a GGUF file; refusing to replace it")
+                raise OutputConflictError(f"export: {out!r} exists and is not a GGUF file; refusing to replace it")
 
 
 def _temp_beside(out: str) -> str:

@@ -461,7 +461,25 @@ def load_adapter(model: nn.Module, adapter_dir, *, is_trainable: bool = False):
     if not is_trainable:
         for p in peft_model.parameters():
             p.requires_grad_(False)
+    _warn_on_other_base(d, model, source)
     return peft_model
+
+
+def _warn_on_other_base(d: dict, model: nn.Module, source: str) -> None:
+    """The adapter records its base (path, quantization): applying it to another one is allowed but
+    changes what it computes, so it is said once, with both sides."""
+    import warnings
+
+    from fastft.peft_io import base_quantization
+
+    if "fastft_base_quantization" in d:
+        was, now = d["fastft_base_quantization"], base_quantization(model)
+        if was != now:
+            warnings.warn(f"{source}: adapter trained on a {was or 'unquantized'} base, applied to a "
+                          f"{now or 'unquantized'} one: its outputs differ from training's", stacklevel=3)
+    rec, cur = d.get("base_model_name_or_path"), _name_or_path(model)
+    if rec and cur and os.path.basename(os.path.normpath(rec)) != os.path.basename(os.path.normpath(cur)):
+        warnings.warn(f"{source}: adapter trained on base {rec!r}, applied to {cur!r}", stacklevel=3)
 
 
 def _replace(model: nn.Module, path: str, new: nn.Module) -> None:

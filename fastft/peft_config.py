@@ -23,7 +23,9 @@ PREFIX = "base_model.model."
 
 # adapter_config.json fields that carry no semantics for fastft (bookkeeping written by PEFT).
 _PEFT_METADATA = {"peft_version", "auto_mapping", "revision", "inference_mode", "base_model_name_or_path",
-                  "megatron_core", "qalora_group_size", "fan_in_fan_out"}
+                  "megatron_core", "qalora_group_size", "fan_in_fan_out",
+                  # written by fastft: the base's quantization at training time (load_adapter warns on a mismatch)
+                  "fastft_base_quantization"}
 _LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora", "modules_to_save",
                 "task_type", "init_lora_weights")
 

@@ -30,7 +30,8 @@ save leaves no partial directory or file. Only safetensors is read or written (n
 """
 from __future__ import annotations
 
-from .errors import ArgumentTypeError, CheckpointError, InputNotFoundError, OutputError
+from .fsutil import user_mode
+from .errors import ArgumentTypeError, CheckpointError, InputNotFoundError, OutputNotADirectoryError
 
 import json
 import os
@@ -47,10 +48,20 @@ from fastft.peft_config import (ADAPTER_SITES, CONFIG_NAME, PREFIX, WEIGHTS_NAME
 # Configs
 
 
+def base_quantization(model) -> str | None:
+    """"nf4" / "int4" when the model's linear layers hold quantized weights, else None."""
+    for m in model.modules():
+        kind = type(getattr(m, "weight", None)).__name__
+        if kind in ("NF4Weight", "Int4Weight"):
+            return kind[:-len("Weight")].lower()
+    return None
+
+
 def config_to_json(peft_model) -> dict:
     cfg = peft_model.adapter_config
     if isinstance(cfg, LoraConfig):
         return {
+            "fastft_base_quantization": base_quantization(peft_model.base_model.model),
             "peft_type": "LORA", "task_type": cfg.task_type, "r": cfg.r, "lora_alpha": cfg.lora_alpha,
             "lora_dropout": cfg.lora_dropout, "target_modules": cfg.target_modules, "bias": cfg.bias,
             "use_rslora": cfg.use_rslora, "modules_to_save": cfg.modules_to_save,
@@ -173,7 +184,7 @@ def load_state_dict_into(peft_model, sd: dict[str, torch.Tensor], source: str) -
 def _atomic_write(save_directory, writers: dict[str, Callable[[str], None]]) -> None:
     target = os.path.abspath(os.fspath(save_directory))
     if os.path.exists(target) and not os.path.isdir(target):
-        raise OutputError(f"cannot save adapter: {target!r} exists and is not a directory")
+        raise OutputNotADirectoryError(f"cannot save adapter: {target!r} exists and is not a directory")
     if os.path.isdir(target):
         tmps = []
         try:
@@ -182,6 +193,7 @@ def _atomic_write(save_directory, writers: dict[str, Callable[[str], None]]) -> 
                 os.close(fd)
                 tmps.append((tmp, name))
                 write(tmp)
+                user_mode(tmp)
             for tmp, name in tmps:
                 os.replace(tmp, os.path.join(target, name))
         finally:
@@ -198,6 +210,7 @@ def _atomic_write(save_directory, writers: dict[str, Callable[[str], None]]) -> 
     try:
         for name, write in writers.items():
             write(os.path.join(tmpdir, name))
+        user_mode(tmpdir)
         os.rename(tmpdir, target)
     except BaseException:
         shutil.rmtree(tmpdir, ignore_errors=True)

@@ -14,7 +14,9 @@ from utils import ANALYTICALLY_ZERO, is_noise, rel_err
 
 import fastft
 
-TOL = 1e-4
+# fp32 parity: 2-4x the fp32 noise measured on this suite's comparisons (max 7.7e-7 on the tiny variants);
+# a bug of a few 1e-6 relative (a wrong norm epsilon on unit-scale activations) fails it.
+TOL = 3e-6
 
 
 def _hf(d, head=True, arch="bert"):

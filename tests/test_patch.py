@@ -14,6 +14,10 @@ from hf_tiny import CAUSAL, TABLE, tiny_batch, tiny_config, tiny_model
 from utils import ANALYTICALLY_ZERO, is_noise, rel_err
 
 
+# fp32 parity: ~3x the largest fp32 noise measured on these comparisons (gradients 9e-7, logits 2.8e-7).
+TOL = 3e-6
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny models: one intra-op thread is fastest, and it keeps shared CPUs from oversubscription."""
@@ -60,7 +64,7 @@ def _assert_grads_match(got, ref, tol):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_patched_logits_and_grads_match_unpatched(arch, attention_calls):
-    """fp32: logits of real tokens (left and right padding) and every gradient within 1e-4 relative."""
+    """fp32: logits of real tokens (left and right padding) and every gradient within TOL relative."""
     model = tiny_model(arch)
     model.set_attn_implementation("eager")
     ids_l, am_l, _ = tiny_batch("left")
@@ -81,10 +85,10 @@ def test_patched_logits_and_grads_match_unpatched(arch, attention_calls):
     assert len(attention_calls) == model.config.num_hidden_layers
     logits, loss, grads = _loss_and_grads(model, ids, am, labels)
 
-    assert rel_err(out_left[am_l.bool()], ref_left[am_l.bool()]) <= 1e-4
-    assert rel_err(logits[am.bool()], ref_logits[am.bool()]) <= 1e-4
-    assert abs(loss.item() - ref_loss.item()) <= 1e-4 * abs(ref_loss.item())
-    _assert_grads_match(grads, ref_grads, 1e-4)
+    assert rel_err(out_left[am_l.bool()], ref_left[am_l.bool()]) <= TOL
+    assert rel_err(logits[am.bool()], ref_logits[am.bool()]) <= TOL
+    assert abs(loss.item() - ref_loss.item()) <= TOL * abs(ref_loss.item())
+    _assert_grads_match(grads, ref_grads, TOL)
 
 
 def _dequantized_reference(model, quantization):
@@ -116,10 +120,10 @@ def test_patched_quantized_matches_dequantized_reference(arch, quantization, att
     quant = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     assert quant and linears == [n for n, m in model.named_modules() if m is model.get_output_embeddings()]
     logits, _, grads = _loss_and_grads(model, ids, am, labels)
-    assert rel_err(logits[am.bool()], ref_logits[am.bool()]) <= 1e-4
+    assert rel_err(logits[am.bool()], ref_logits[am.bool()]) <= TOL
     # Quantized weights and their (frozen) biases get no gradient; everything else matches.
     ref_grads = {n: g for n, g in ref_grads.items() if n in grads}
-    _assert_grads_match(grads, ref_grads, 1e-4)
+    _assert_grads_match(grads, ref_grads, TOL)
 
 
 class ScaledLinear(torch.nn.Module):
@@ -154,7 +158,7 @@ def test_unsupported_module_left_alone_with_one_log_line(caplog):
     assert [layer.mlp.down_proj for layer in model.model.layers] == custom
     assert isinstance(model.model.layers[0].mlp.up_proj, QuantLinear)
     logits = model(input_ids=ids, attention_mask=am).logits
-    assert rel_err(logits[am.bool()], ref_logits[am.bool()]) <= 1e-4
+    assert rel_err(logits[am.bool()], ref_logits[am.bool()]) <= TOL
 
 
 def test_softcapped_attention_left_to_transformers(caplog):

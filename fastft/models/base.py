@@ -7,6 +7,8 @@ use: loading is strict against it, saving writes exactly it.
 """
 from __future__ import annotations
 
+from ..fsutil import user_mode
+
 import json
 import os
 import tempfile
@@ -244,6 +246,7 @@ class NativeModel(nn.Module):
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=save_directory)
         with os.fdopen(fd, "w") as f:
             json.dump(cfg, f, indent=2, sort_keys=True)
+        user_mode(tmp)
         os.replace(tmp, os.path.join(save_directory, "config.json"))
         # A stale shard index from an earlier save would point transformers at other files.
         stale = os.path.join(save_directory, "model.safetensors.index.json")

@@ -88,6 +88,9 @@ def convert_gguf(gguf_file, out_dir, dtype=torch.float32, overwrite=False) -> st
             raise RuntimeError(f"conversion of {gguf_file} wrote an incomplete directory: {sorted(os.listdir(tmp))}")
         if overwrite and os.path.exists(out_dir):
             shutil.rmtree(out_dir)
+        from ..fsutil import user_mode
+
+        user_mode(tmp)  # mkdtemp makes it 0700
         os.rename(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -364,6 +364,7 @@ def from_pretrained(path, *, quantization=None, dtype=None, device=None, double_
     if left:  # the table and the model disagree: a fastft bug, not a user error
         raise RuntimeError(f"fastft loader left tensors unmaterialised: {left[:10]}")
     model.eval()
+    model.name_or_path = path  # adapters record their base (adapter_config.json base_model_name_or_path)
     return model
 
 

@@ -14,6 +14,8 @@ Only little-endian hosts are supported (as by safetensors itself).
 """
 from __future__ import annotations
 
+from ..fsutil import user_mode
+
 import json
 import math
 import mmap
@@ -173,6 +175,7 @@ def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str, metadat
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
                   metadata=metadata or {"format": "pt"})
+        user_mode(tmp)  # the temp file is 0600; the result gets the user's normal permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

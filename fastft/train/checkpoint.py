@@ -25,6 +25,7 @@ temporary directories are removed by the next run (``remove_stale_tmp``).
 from __future__ import annotations
 
 from ..errors import CheckpointError
+from ..fsutil import user_mode
 
 import json
 import os
@@ -77,6 +78,7 @@ def atomic_save_dir(final_dir: str, write_fn) -> str:
     os.makedirs(tmp)
     try:
         write_fn(tmp)
+        user_mode(tmp)  # safetensors and mkstemp create 0600 files
         _fsync_tree(tmp)
         if os.path.exists(final_dir):
             # os.replace cannot overwrite a non-empty directory: move the old one aside first. A
