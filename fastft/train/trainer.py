@@ -36,6 +36,9 @@ from .data import IGNORE_INDEX
 
 # When neither the collator nor the model names its objective, config.model_type decides: these
 # families are masked LMs (unshifted labels), every other model with a config is taken as causal.
+# Task collators (fastft.tasks.data) name these: targets are class labels != -100 (classify, ner,
+# unshifted) or queries (embed, one per row of input_ids).
+TASK_OBJECTIVES = ("classify", "ner", "embed")
 _MLM_MODEL_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "albert", "deberta", "deberta-v2",
                     "camembert", "mpnet", "modernbert"}
 
@@ -121,6 +124,10 @@ class Trainer:
         if a.gradient_checkpointing and not hasattr(model, "gradient_checkpointing_enable"):
             raise ValueError("gradient_checkpointing=True but the model has no gradient_checkpointing_enable()")
         self._pass_num_items = _accepts_kwarg(model.forward, "num_items_in_batch")
+        if self.objective in TASK_OBJECTIVES and not getattr(model, "fastft_task", False):
+            # transformers' task heads take **kwargs but average their loss over their own batch:
+            # rescale that mean instead (compute_loss).
+            self._pass_num_items = False
         n_micro = self._micro_batches_per_epoch()
         if n_micro == 0:
             raise ValueError(f"train_dataset has {len(self.train_dataset)} examples, fewer than one batch of "
@@ -169,7 +176,7 @@ class Trainer:
 
     def _objective(self):
         obj = getattr(self.data_collator, "objective", None) or self._model_objective() or "clm"
-        if obj not in ("clm", "mlm"):
+        if obj not in ("clm", "mlm") + TASK_OBJECTIVES:
             raise ValueError(f"unknown objective {obj!r}")
         return obj
 
@@ -245,6 +252,8 @@ class Trainer:
 
     # --- one step ---------------------------------------------------------------------------------
     def count_targets(self, batch) -> int:
+        if self.objective == "embed":
+            return int(batch["input_ids"].shape[0])
         labels = batch["labels"]
         if self.objective == "clm":
             labels = labels[..., 1:]
