@@ -11,6 +11,9 @@ import os
 import sys
 
 METHODS = ("lora", "qlora", "full", "adapter")
+TASKS = ("classify", "ner", "embed")
+PEFT_TASK_TYPES = {"classify": "SEQ_CLS", "ner": "TOKEN_CLS", "embed": "FEATURE_EXTRACTION"}
+TASK_INFO = "task.json"  # written beside a task run's model / adapter: task, labels, pooling, base model
 
 # TrainingArguments fields exposed as flags: name -> (type, help)
 _TRAIN_FLAGS = {
@@ -62,14 +65,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bottleneck-size", type=int, help="adapter bottleneck size (method adapter)")
     p.add_argument("--max-length", type=int, help="truncate examples to this many tokens (default 512)")
     p.add_argument("--packing", action="store_true", default=None, help="pack documents (no cross-attention)")
+    p.add_argument("--task", choices=TASKS, help='train a task head: classify ({"text","label"}), ner '
+                   '({"tokens","tags"} BIO) or embed ({"query","positive"[,"negative"]}) (BERT family; '
+                   "classify also Llama)")
+    p.add_argument("--labels", help="comma-separated label names (default: those of the training data)")
+    p.add_argument("--pooling", choices=["cls", "mean"], help="classify, BERT family: pooling (default cls)")
+    p.add_argument("--forgetting-report", action=argparse.BooleanOptionalAction, default=None,
+                   help="base vs fine-tuned reference perplexity / masked-token accuracy at the end (default on)")
+    p.add_argument("--forgetting-steps", type=int, help="also measure forgetting every N steps")
     for name, (typ, hlp) in _TRAIN_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=typ, help=hlp)
     for name, hlp in _BOOL_TRAIN_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), action="store_true", default=None, help=hlp)
 
-    p = sub.add_parser("eval", help="loss / perplexity (and exact match) on a data set")
+    p = sub.add_parser("eval", help="loss / perplexity (and exact match), task metrics, forgetting")
     _add_model_args(p)
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", help="data to score (required unless --forgetting alone)")
+    p.add_argument("--task", choices=TASKS, help="task metrics (default: the task the model was trained for)")
+    p.add_argument("--labels", help="comma-separated label names (default: the model's / task.json's)")
+    p.add_argument("--forgetting", action="store_true",
+                   help="base vs this model on the reference text set (base: --base-model, else the run's "
+                        "task.json, else --model when --adapter is given)")
+    p.add_argument("--base-model", help="base checkpoint for --forgetting (full fine-tunes)")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--exact-match", action="store_true", help="for {prompt,completion} data: greedy-generate and compare")
@@ -183,31 +200,88 @@ def cmd_train(args):
     quant = o.get("quantization") or ("nf4" if method == "qlora" else None)
     if method == "full" and quant:
         raise SystemExit("fastft train: full fine-tuning cannot train a quantized base; drop --quantization")
+    task = o.get("task")
+    if (o.get("labels") or o.get("pooling")) and not task:
+        raise SystemExit("fastft train: --labels / --pooling need --task")
     tok = _tokenizer(o["model"])
-    model = fastft.from_pretrained(o["model"], quantization=quant)
-    family_mlm = getattr(model, "objective", None) == "mlm"
-    objective = o.get("objective") or ("mlm" if family_mlm else "clm")
-    max_length = int(o.get("max_length", 512))
-    train_ds = load_dataset(o["data"], tok, objective=objective, max_length=max_length)
-    eval_ds = load_dataset(o["eval_data"], tok, objective=objective, max_length=max_length) if o.get("eval_data") else None
+    max_length = int(o.get("max_length", 512 if not task else 128))
+    labels, task_eval, task_metric = None, None, None
+    if task:
+        from fastft.models.heads import default_modules_to_save
+        from fastft.tasks.data import labels_of, load_task_dataset, read_task_records, task_collator, tokenize_task
+        from fastft.tasks.evaluate import PRIMARY, evaluate_task
+
+        records = read_task_records(o["data"], task)
+        if task != "embed":
+            labels = _split(o["labels"]) if o.get("labels") else labels_of(records, task)
+        model = fastft.from_pretrained(o["model"], quantization=quant, task=task, labels=labels,
+                                       pooling=o.get("pooling"))
+        if getattr(model.config, "pad_token_id", None) is None and task == "classify":
+            # the last non-pad token is classified: the pad id must be known (and saved with the model)
+            model.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        train_ds = tokenize_task(records, tok, task, labels=labels, max_length=max_length, source=o["data"])
+        eval_ds = (load_task_dataset(o["eval_data"], tok, task, labels=labels, max_length=max_length)[0]
+                   if o.get("eval_data") else None)
+        mts = default_modules_to_save(model) or None
+        collator = task_collator(task, tok)
+        if eval_ds is not None:
+            task_metric = PRIMARY[task]
+
+            def task_eval(m, _ds=eval_ds):
+                return evaluate_task(m, _ds, task, labels=labels, tokenizer=tok)
+    else:
+        model = fastft.from_pretrained(o["model"], quantization=quant)
+        family_mlm = getattr(model, "objective", None) == "mlm"
+        objective = o.get("objective") or ("mlm" if family_mlm else "clm")
+        train_ds = load_dataset(o["data"], tok, objective=objective, max_length=max_length)
+        eval_ds = (load_dataset(o["eval_data"], tok, objective=objective, max_length=max_length)
+                   if o.get("eval_data") else None)
+        mts = None
+    peft_task = PEFT_TASK_TYPES.get(task)
     if method in ("lora", "qlora"):
         r = int(o.get("r", 16))
         cfg = fastft.LoraConfig(
             r=r, lora_alpha=float(o.get("lora_alpha", 2 * r)), lora_dropout=float(o.get("lora_dropout", 0.05)),
             target_modules=_targets(o.get("target_modules", "all-linear")), use_rslora=bool(o.get("use_rslora", False)),
+            modules_to_save=mts, task_type=peft_task,
         )
         model = fastft.get_peft_model(model, cfg)
     elif method == "adapter":
-        model = fastft.get_peft_model(model, fastft.AdapterConfig(bottleneck_size=int(o.get("bottleneck_size", 64))))
+        model = fastft.get_peft_model(model, fastft.AdapterConfig(bottleneck_size=int(o.get("bottleneck_size", 64)),
+                                                                  modules_to_save=mts, task_type=peft_task))
     targs = {k: o[k] for k in list(_TRAIN_FLAGS) + list(_BOOL_TRAIN_FLAGS) if o.get(k) is not None}
     targs.setdefault("output_dir", "outputs/run")
     targs["packing"] = bool(o.get("packing", False))
     targs["max_length"] = max_length
+    forgetting = o.get("forgetting_report")
+    targs["forgetting_report"] = True if forgetting is None else bool(forgetting)
+    if o.get("forgetting_steps"):
+        targs["forgetting_steps"] = int(o["forgetting_steps"])
     ta = TrainingArguments(**targs)
-    collator = default_collator(tok, objective=objective, packing=ta.packing)
-    trainer = fastft.Trainer(model, train_ds, args=ta, eval_dataset=eval_ds, data_collator=collator, tokenizer=tok)
+    if not task:
+        collator = default_collator(tok, objective=objective, packing=ta.packing)
+    trainer = fastft.Trainer(model, train_ds, args=ta, eval_dataset=eval_ds, data_collator=collator, tokenizer=tok,
+                             task_eval=task_eval, task_metric=task_metric, forgetting_base_path=o["model"])
     result = trainer.train()
-    print(json.dumps({"output_dir": ta.output_dir, **_jsonable(result)}, indent=1))
+    extra = {}
+    if task:
+        info = {"task": task, "labels": labels, "pooling": o.get("pooling"), "base_model": os.path.abspath(o["model"]),
+                "method": method, "quantization": quant}
+        with open(os.path.join(ta.output_dir, TASK_INFO), "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=1)
+        if method == "full":
+            tok.save_pretrained(ta.output_dir)  # `fastft eval --model <output_dir>` finds its tokenizer
+        if task_eval is not None:
+            extra["task_metrics"] = task_eval(trainer.model)
+    if result.forgetting_table:
+        print(result.forgetting_table)
+    if result.forgetting:
+        extra["forgetting"] = result.forgetting
+    print(json.dumps({"output_dir": ta.output_dir, **_jsonable(result), **extra}, indent=1))
+
+
+def _split(s):
+    return [x.strip() for x in (s if isinstance(s, (list, tuple)) else str(s).split(",")) if str(x).strip()]
 
 
 def _targets(t):
@@ -224,38 +298,94 @@ def _jsonable(result):
     return {k: v for k, v in vars(result).items() if isinstance(v, (int, float, str, bool, type(None)))}
 
 
-def _load_for_inference(args):
+def _load_for_inference(args, task=None, labels=None, pooling=None):
     import fastft
 
     model = fastft.from_pretrained(args.model, quantization=getattr(args, "quantization", None),
-                                   allow_pickle=getattr(args, "allow_pickle", False))
+                                   allow_pickle=getattr(args, "allow_pickle", False), task=task, labels=labels,
+                                   pooling=pooling)
     if getattr(args, "adapter", None):
         model = fastft.load_adapter(model, args.adapter)
     model.eval()
     return model, _tokenizer(args.model)
 
 
+def _task_info(args) -> dict:
+    """task.json of the run being evaluated (adapter directory first, then the model directory)."""
+    for d in (getattr(args, "adapter", None), args.model):
+        p = os.path.join(d, TASK_INFO) if d else None
+        if p and os.path.isfile(p):
+            with open(p, encoding="utf-8") as f:
+                return json.load(f)
+    return {}
+
+
 def cmd_eval(args):
     import math
 
     import torch
-    from fastft.train import load_dataset, default_collator
-    from fastft.demo import exact_match
 
-    model, tok = _load_for_inference(args)
-    objective = "mlm" if getattr(model, "objective", None) == "mlm" else "clm"
-    ds = load_dataset(args.data, tok, objective=objective, max_length=args.max_length)
-    collate = default_collator(tok, objective=objective, packing=False)
-    tot, n = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(ds), args.batch_size):
-            batch = collate(ds[i : i + args.batch_size])
-            k = int((batch["labels"][..., 1:] != -100).sum()) if objective == "clm" else int((batch["labels"] != -100).sum())
-            out = model(**batch)
-            tot, n = tot + float(out.loss) * k, n + k
-    res = {"loss": tot / max(n, 1), "perplexity": math.exp(tot / max(n, 1)), "tokens": n}
-    if args.exact_match:
-        res["exact_match"] = exact_match(model, tok, args.data)
+    info = _task_info(args)
+    task = args.task or info.get("task")
+    labels = _split(args.labels) if args.labels else info.get("labels")
+    if not args.data and not args.forgetting:
+        raise SystemExit("fastft eval: --data is required (or --forgetting)")
+    if args.adapter and task:
+        # the adapter's head sits on a base loaded with that head
+        model, tok = _load_for_inference(args, task=task, labels=labels, pooling=info.get("pooling"))
+    else:
+        model, tok = _load_for_inference(args)
+        if task and getattr(model, "task", None) not in (None, task):
+            raise ValueError(f"--task {task} but the model is a {getattr(model, 'task')!r} model")
+        task = task or getattr(model, "task", None)
+        if task and task != "embed" and labels is None and hasattr(model.config, "id2label"):
+            labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    res = {}
+    if args.data and task:
+        from fastft.tasks.data import load_task_dataset
+        from fastft.tasks.evaluate import evaluate_task
+
+        ds, labels = load_task_dataset(args.data, tok, task, labels=labels, max_length=args.max_length)
+        res.update(evaluate_task(model, ds, task, labels=labels, tokenizer=tok, batch_size=args.batch_size))
+    elif args.data:
+        from fastft.demo import exact_match
+        from fastft.train import default_collator, load_dataset
+
+        objective = "mlm" if getattr(model, "objective", None) == "mlm" else "clm"
+        ds = load_dataset(args.data, tok, objective=objective, max_length=args.max_length)
+        collate = default_collator(tok, objective=objective, packing=False)
+        tot, n = 0.0, 0
+        with torch.no_grad():
+            for i in range(0, len(ds), args.batch_size):
+                batch = collate(ds[i : i + args.batch_size])
+                k = (int((batch["labels"][..., 1:] != -100).sum()) if objective == "clm"
+                     else int((batch["labels"] != -100).sum()))
+                out = model(**batch)
+                tot, n = tot + float(out.loss) * k, n + k
+        res = {"loss": tot / max(n, 1), "perplexity": math.exp(tot / max(n, 1)), "tokens": n}
+        if args.exact_match:
+            res["exact_match"] = exact_match(model, tok, args.data)
+    if args.forgetting:
+        import fastft
+        from fastft.tasks.forgetting import ForgettingProbe, report
+
+        base_path = args.base_model or info.get("base_model") or (args.model if args.adapter else None)
+        if not base_path:
+            raise SystemExit("fastft eval --forgetting: which base? pass --base-model (a full fine-tune's base)")
+        base = fastft.from_pretrained(base_path, quantization=args.quantization,
+                                      **({"task": task, "labels": labels, "pooling": info.get("pooling")}
+                                         if task else {})).eval()
+        probe = ForgettingProbe.build(base, tok, base_path=base_path)
+        b, t = probe.measure(base), probe.measure(model)
+        task_b = task_t = metric = None
+        if args.data and task:
+            from fastft.tasks.evaluate import PRIMARY
+
+            metric, task_t = PRIMARY[task], res
+            task_b = evaluate_task(base, ds, task, labels=labels, tokenizer=tok, batch_size=args.batch_size)
+        rep, table = report(b, t, task_b, task_t, metric)
+        print(table)
+        res["forgetting"] = rep
     print(json.dumps(res, indent=1))
 
 

@@ -394,6 +394,7 @@ def from_pretrained(path, *, quantization=None, dtype=None, device=None, double_
     if left:  # the table and the model disagree: a fastft bug, not a user error
         raise RuntimeError(f"fastft loader left tensors unmaterialised: {left[:10]}")
     model.eval()
+    model.source_path = os.path.abspath(path)  # the checkpoint directory (the forgetting report's base)
     return model
 
 

@@ -163,7 +163,7 @@ def tokenize_task(records, tokenizer, task: str, *, labels: Optional[Sequence[st
                                               max_length)
             out.append({"input_ids": prefix + ids + suffix,
                         "labels": [IGNORE_INDEX] * len(prefix) + labs + [IGNORE_INDEX] * len(suffix),
-                        "words_kept": kept, "num_words": len(r["tokens"])})
+                        "word_labels": [lab2id[t] for t in r["tags"]], "words_kept": kept})
         else:
             ex = {"input_ids": enc(r["query"]), "positive_input_ids": enc(r["positive"])}
             if "negative" in r:
