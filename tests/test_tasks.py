@@ -122,7 +122,8 @@ def test_mean_pooling_classifier_roundtrips_in_fastft(ckpts, tmp_path):
         h, _ = m.encode(ids, am)
         want = m.classifier(mean_pool(h, am))
     assert torch.allclose(_logits(m, ids, am), want)
-    m.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="transformers"):
+        m.save_pretrained(tmp_path)
     again = fastft.from_pretrained(tmp_path)
     assert again.pooling == "mean" and torch.equal(_logits(again, ids, am), _logits(m, ids, am))
 
@@ -178,25 +179,33 @@ def test_llama_lora_classifier_loads_with_peft(ckpts, tmp_path):
 
 
 # --- QLoRA and bottleneck adapters: trained, saved, reloaded by fastft -----------------------------------------
-@pytest.mark.parametrize("method", ["qlora", "adapter"])
-def test_quantized_and_adapter_heads_train_and_reload(ckpts, method, tmp_path):
+@pytest.mark.parametrize("method,task", [("qlora", "classify"), ("adapter", "classify"), ("qlora", "ner"),
+                                         ("adapter", "embed")])
+def test_quantized_and_adapter_heads_train_and_reload(ckpts, method, task, tmp_path):
     quant = "nf4" if method == "qlora" else None
-    kw = dict(task="classify", labels=LABELS, quantization=quant)
+    kw = dict(task=task, labels=None if task == "embed" else LABELS, quantization=quant)
     m = fastft.from_pretrained(ckpts["bert"], **kw)
-    mts = default_modules_to_save(m)
+    mts = default_modules_to_save(m) or None
     cfg = (fastft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", modules_to_save=mts)
            if method == "qlora" else fastft.AdapterConfig(bottleneck_size=8, modules_to_save=mts))
     pm = fastft.get_peft_model(m, cfg)
     trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
-    assert any(".classifier.modules_to_save." in n for n in trainable)
+    if task != "embed":
+        assert any(".classifier.modules_to_save." in n for n in trainable)
     assert not any("word_embeddings" in n for n in trainable)
     ids, am = _batch(0)
-    y = torch.tensor([0, 2, 1])
+    batch = {"input_ids": ids, "attention_mask": am}
+    if task == "classify":
+        batch["labels"] = torch.tensor([0, 2, 1])
+    elif task == "ner":
+        batch["labels"] = torch.where(am.bool(), ids % 3, -100)
+    else:
+        batch["positive_input_ids"], batch["positive_attention_mask"] = _batch(0, seed=5)
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
-    pm.train()
+    pm.eval()  # no dropout: six steps on one batch must lower its loss
     losses = []
     for _ in range(6):
-        loss = pm(input_ids=ids, attention_mask=am, labels=y).loss
+        loss = pm(**batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -204,7 +213,10 @@ def test_quantized_and_adapter_heads_train_and_reload(ckpts, method, tmp_path):
     assert losses[-1] < losses[0]
     pm.eval().save_pretrained(tmp_path)
     again = fastft.load_adapter(fastft.from_pretrained(ckpts["bert"], **kw), tmp_path).eval()
-    assert torch.equal(_logits(pm, ids, am), _logits(again, ids, am))
+    with torch.no_grad():
+        a, b = pm(input_ids=ids, attention_mask=am), again(input_ids=ids, attention_mask=am)
+    key = "embeddings" if task == "embed" else "logits"
+    assert torch.equal(getattr(a, key), getattr(b, key))
 
 
 def test_patched_transformers_classifier_trains_with_fastft(ckpts, tmp_path):

@@ -199,6 +199,15 @@ class BertForSequenceClassification(_BertTask):
             for m in mods:
                 _normal_linear(m, std, device, dtype)
 
+    def save_pretrained(self, save_directory, **kwargs):
+        if self.pooling == "mean":
+            import warnings
+
+            warnings.warn("a mean-pooled classifier is saved with fastft_pooling='mean': fastft.from_pretrained "
+                          "reads it back; transformers' BertForSequenceClassification would pool with [CLS] "
+                          "instead and predict differently", stacklevel=2)
+        return super().save_pretrained(save_directory, **kwargs)
+
     def pooled(self, h, attention_mask):
         if self.pooling == "mean":
             return mean_pool(h, attention_mask)
