@@ -17,10 +17,15 @@ trained fully (``modules_to_save``). Each configuration runs in its own process 
 process's ``ru_maxrss``: model, optimizer, activations and the Python/torch runtime). The base
 model's task and reference metrics are measured once per model.
 
+Budget (a prediction, not yet measured end to end): bench_step's recorded SmolLM2-135M LoRA step on
+this 2-core CPU runs ~465 tokens/s (benchmarks/results/cpu.md), so 60 steps of 8 x ~30 tokens take
+about 30-60 s per method, the reference perplexity (48 x 128 tokens, forward only) about 5-10 s;
+all-MiniLM-L6-v2 (22M parameters, ~12-token requests) is several times cheaper: about 10 min in all.
+
 Outputs: ``benchmarks/results/study.jsonl`` (one row per run, appended), ``study.md`` (the latest
 run as a table) and ``study.png`` (task gain against forgetting).
 
-    make study                                 # the full study (CPU; sized for < 20 min on 2 cores)
+    make study                                 # the full study (CPU; sized for < 20 min on 2 cores, see below)
     python -m benchmarks.study_forgetting --quick --out /tmp/s   # tiny models, a few steps (tests)
 """
 from __future__ import annotations
@@ -39,8 +44,8 @@ import torch
 METHODS = [("full", None), ("lora", 8), ("lora", 16), ("lora", 32), ("qlora", 16), ("adapter", None)]
 # per model: optimizer steps, batch, learning rates per method kind, reference docs / length
 SETTINGS = {
-    "encoder": dict(steps=60, batch=16, lr={"full": 1e-4, "peft": 1e-3}, max_length=32, docs=48, ref_len=128),
-    "generative": dict(steps=30, batch=8, lr={"full": 5e-5, "peft": 1e-3}, max_length=48, docs=32, ref_len=128),
+    "encoder": dict(steps=100, batch=16, lr={"full": 1e-4, "peft": 1e-3}, max_length=32, docs=48, ref_len=128),
+    "generative": dict(steps=60, batch=8, lr={"full": 5e-5, "peft": 1e-3}, max_length=48, docs=48, ref_len=128),
 }
 QUICK = {
     "encoder": dict(steps=2, batch=8, lr={"full": 1e-3, "peft": 1e-2}, max_length=24, docs=6, ref_len=32),

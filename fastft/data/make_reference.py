@@ -61,6 +61,10 @@ def _docs(modname):
         if inspect.isclass(obj):
             yield f"{modname}.{name}", inspect.getdoc(obj)
             for mname, m in sorted(vars(obj).items()):
+                # methods other libraries attach at import time (transformers adds Logger.info_once)
+                # are not the standard library's
+                if getattr(m, "__module__", mod.__name__) != mod.__name__:
+                    continue
                 if not mname.startswith("_") and (inspect.isfunction(m) or inspect.ismethoddescriptor(m)):
                     yield f"{modname}.{name}.{mname}", inspect.getdoc(m)
         elif inspect.isfunction(obj):
