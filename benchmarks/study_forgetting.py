@@ -17,10 +17,10 @@ trained fully (``modules_to_save``). Each configuration runs in its own process 
 process's ``ru_maxrss``: model, optimizer, activations and the Python/torch runtime). The base
 model's task and reference metrics are measured once per model.
 
-Budget (a prediction, not yet measured end to end): bench_step's recorded SmolLM2-135M LoRA step on
-this 2-core CPU runs ~465 tokens/s (benchmarks/results/cpu.md), so 60 steps of 8 x ~30 tokens take
-about 30-60 s per method, the reference perplexity (48 x 128 tokens, forward only) about 5-10 s;
-all-MiniLM-L6-v2 (22M parameters, ~12-token requests) is several times cheaper: about 10 min in all.
+Budget: the encoder half took 430 s with one thread per run on a shared, overloaded 2-core machine
+(benchmarks/results/study.md). The generative half is predicted (not measured) at 10-15 min on 2
+quiet cores: a SmolLM2 step is ~12x an all-MiniLM-L6-v2 step (parameters x tokens). ``--threads 1``
+is faster than the default (all cores) when other jobs share the CPU.
 
 Outputs: ``benchmarks/results/study.jsonl`` (one row per run, appended), ``study.md`` (the latest
 run as a table) and ``study.png`` (task gain against forgetting).
@@ -51,6 +51,7 @@ QUICK = {
     "encoder": dict(steps=2, batch=8, lr={"full": 1e-3, "peft": 1e-2}, max_length=24, docs=6, ref_len=32),
     "generative": dict(steps=2, batch=4, lr={"full": 1e-3, "peft": 1e-2}, max_length=40, docs=4, ref_len=32),
 }
+MODEL_NAMES = {"encoder": "all-MiniLM-L6-v2", "generative": "SmolLM2-135M-Instruct"}
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -226,7 +227,7 @@ def run_one(kind, path, method, r, quick, base):
         forgetting = ref["value"] / base["ref_value"] - 1.0  # relative perplexity increase
     else:
         forgetting = base["ref_value"] - ref["value"]  # MRR / accuracy points lost
-    return {"kind": kind, "model": os.path.basename(os.path.normpath(path)), "method": method, "r": r,
+    return {"kind": kind, "model": MODEL_NAMES[kind] if not quick else f"tiny {kind}", "method": method, "r": r,
             "trainable_params": trainable, "total_params": total, "steps": s["steps"], "batch": s["batch"],
             "task_before": base["task_metric"], "task_after": after, "task_gain": after - base["task_metric"],
             "ref_metric": ref["metric"], "ref_base": base["ref_value"], "ref_tuned": ref["value"],
@@ -291,11 +292,13 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="tiny random models, 2 steps (a smoke test, in-process)")
     ap.add_argument("--only", choices=["encoder", "generative"], action="append", default=None)
     ap.add_argument("--out", default=RESULTS, help="results directory (default benchmarks/results)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads per run (default: all cores; 1 is faster on a machine shared with other jobs)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
         p = json.loads(a.child)
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        torch.set_num_threads(p.get("threads") or max(1, os.cpu_count() or 1))
         row = (run_base(p["kind"], p["path"], p["quick"]) if p["method"] == "base"
                else run_one(p["kind"], p["path"], p["method"], p["r"], p["quick"], p["base"]))
         print(json.dumps(row))
@@ -310,12 +313,15 @@ def main(argv=None):
         go = (lambda pl: (run_base(pl["kind"], pl["path"], True) if pl["method"] == "base" else
                           run_one(pl["kind"], pl["path"], pl["method"], pl["r"], True, pl["base"]))) \
             if a.quick else _child
-        base = go({"kind": kind, "path": paths[kind], "method": "base", "r": None, "quick": a.quick})
+        base = go({"kind": kind, "path": paths[kind], "method": "base", "r": None, "quick": a.quick,
+                   "threads": a.threads})
         print(f"[{time.time() - t0:6.0f}s] {kind} base: task {base['task_metric']:.3f}, "
               f"{base['ref_metric']} {base['ref_value']:.4g}", flush=True)
         for method, r in METHODS:
-            row = go({"kind": kind, "path": paths[kind], "method": method, "r": r, "quick": a.quick, "base": base})
-            row.update({"date": stamp, "quick": a.quick, "base_eval_s": base["eval_s"]})
+            row = go({"kind": kind, "path": paths[kind], "method": method, "r": r, "quick": a.quick, "base": base,
+                      "threads": a.threads})
+            row.update({"date": stamp, "quick": a.quick, "base_eval_s": base["eval_s"],
+                        "threads": a.threads or os.cpu_count()})
             rows.append(row)
             print(f"[{time.time() - t0:6.0f}s] {kind} {label(row)}: task {row['task_before']:.3f} -> "
                   f"{row['task_after']:.3f}, {row['ref_metric']} {row['ref_base']:.4g} -> {row['ref_tuned']:.4g}, "
@@ -326,6 +332,8 @@ def main(argv=None):
             f.write(json.dumps(r) + "\n")
     md = (f"# Forgetting study ({stamp}{', --quick (tiny random models)' if a.quick else ''}; "
           f"{time.time() - t0:.0f} s in all)\n\n"
+          f"Models run: {', '.join(kinds)}; torch threads per run: {a.threads or os.cpu_count()}; "
+          f"machine: {os.cpu_count()} CPUs. One seed; held-out sets of 64 examples.\n\n"
           "Task metric: encoder = held-out intent accuracy, generative = held-out exact match (teacher-forced). "
           "Forgetting: reference retrieval MRR lost (encoder), relative reference-perplexity increase "
           "(generative); > 0 means forgotten. See benchmarks/study_forgetting.py.\n\n" + table(rows) + "\n")
