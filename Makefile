@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.fastft-installed
 export MAX_JOBS ?= 2
 
-.PHONY: venv lint test demo bench clean
+.PHONY: venv lint test demo bench study clean
 
 $(STAMP): setup.py pyproject.toml requirements.txt $(wildcard csrc/*.cpp csrc/*.h csrc/*.inc csrc/*.py)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,6 +30,11 @@ demo: venv
 
 bench: venv
 	$(PY) -m benchmarks.run --suite cpu
+
+# full FT vs LoRA r=8/16/32 vs QLoRA vs adapters on all-MiniLM-L6-v2 and SmolLM2-135M: task gained,
+# forgetting, params, memory, time -> benchmarks/results/study.{md,jsonl,png} (docs/encoders.md)
+study: venv
+	$(PY) -m benchmarks.study_forgetting
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -13,6 +13,9 @@ import sys
 METHODS = ("lora", "qlora", "full", "adapter")
 # Peak learning rate when none is given: adapters train well at 10x what full fine-tuning tolerates.
 DEFAULT_LR = {"lora": 2e-4, "qlora": 2e-4, "adapter": 1e-4, "full": 2e-5}
+TASKS = ("classify", "ner", "embed")
+PEFT_TASK_TYPES = {"classify": "SEQ_CLS", "ner": "TOKEN_CLS", "embed": "FEATURE_EXTRACTION"}
+TASK_INFO = "task.json"  # written beside a task run's model / adapter: task, labels, pooling, base model
 
 # TrainingArguments fields exposed as flags: name -> (type, help). Defaults come from TrainingArguments.
 _TRAIN_FLAGS = {
@@ -114,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pack documents, no cross-attention (default: pad)")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace the outputs of an earlier run in --output-dir (default: refuse)")
+    p.add_argument("--task", choices=TASKS, help='train a task head: classify ({"text","label"}), ner '
+                   '({"tokens","tags"} BIO) or embed ({"query","positive"[,"negative"]}) (BERT family; '
+                   "classify also Llama) (default: none, language modelling)")
+    p.add_argument("--labels", help="comma-separated label names (default: those of the training data)")
+    p.add_argument("--pooling", choices=["cls", "mean"], help="classify, BERT family: pooling (default: cls)")
+    p.add_argument("--forgetting-report", action=argparse.BooleanOptionalAction, default=None,
+                   help="base vs fine-tuned reference perplexity / masked-token accuracy at the end (default: on)")
+    p.add_argument("--forgetting-steps", type=int, help="also measure forgetting every N steps (default: off)")
     for name, (typ, hlp) in _TRAIN_FLAGS.items():
         if "default" not in hlp:
             hlp = f"{hlp} (default: {_train_default(name)})"
@@ -139,9 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rdzv-id", help="job id shared by the machines (default: fastft)")
     g.add_argument("--max-restarts", type=int, help="worker group restarts on failure (default: 0)")
 
-    p = add("eval", help="loss / perplexity (and exact match) on a data set")
+    p = add("eval", help="loss / perplexity (and exact match), task metrics, forgetting")
     _add_model_args(p)
-    p.add_argument("--data", required=True, help="data file (.jsonl or .txt)")
+    p.add_argument("--data", help="data file (.jsonl or .txt) to score (required unless --forgetting alone)")
+    p.add_argument("--task", choices=TASKS, help="task metrics (default: the task the model was trained for)")
+    p.add_argument("--labels", help="comma-separated label names (default: the model's / task.json's)")
+    p.add_argument("--forgetting", action="store_true",
+                   help="base vs this model on the reference text set (base: --base-model, else the run's "
+                        "task.json, else --model when --adapter is given)")
+    p.add_argument("--base-model", help="base checkpoint for --forgetting (full fine-tunes) (default: none)")
     p.add_argument("--max-length", type=int, default=512, help="truncate examples to this many tokens")
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass")
     p.add_argument("--exact-match", action="store_true", help="for {prompt,completion} data: greedy-generate and compare")
@@ -403,7 +420,11 @@ def _training_arguments(o):
         targs["resume_from_checkpoint"] = True
     targs["overwrite_output_dir"] = bool(o.get("overwrite", False))
     targs["packing"] = bool(o.get("packing", False))
-    targs["max_length"] = int(o.get("max_length", 512))
+    targs["max_length"] = int(o.get("max_length", 512 if not o.get("task") else 128))
+    forgetting = o.get("forgetting_report")
+    targs["forgetting_report"] = True if forgetting is None else bool(forgetting)
+    if o.get("forgetting_steps"):
+        targs["forgetting_steps"] = int(o["forgetting_steps"])
     if o.get("strategy"):
         targs["distributed_strategy"] = o["strategy"]
     return TrainingArguments(**targs)
@@ -426,6 +447,8 @@ def cmd_train(args, argv=None):
         raise UsageError(f"--bottleneck-size must be >= 1, got {o['bottleneck_size']}")
     if int(o.get("max_length", 512)) < 2:
         raise UsageError(f"--max-length must be >= 2, got {o.get('max_length')}")
+    if (o.get("labels") or o.get("pooling")) and not o.get("task"):
+        raise UsageError("--labels / --pooling need --task")
     for key in ("nproc", "nnodes"):
         if o.get(key) is not None and int(o[key]) < 1:
             raise UsageError(f"--{key} must be >= 1, got {o[key]}")
@@ -500,27 +523,75 @@ def _train(o, ta, method, quant, lora_kw):
     if dist_util.is_distributed() and torch_cuda_available():
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     tok = _tokenizer(o["model"])
-    set_seed(ta.seed)
-    model = fastft.from_pretrained(o["model"], quantization=quant, device=device)
-    family_mlm = getattr(model, "objective", None) == "mlm"
-    objective = o.get("objective") or ("mlm" if family_mlm else "clm")
+    task = o.get("task")
     max_length = ta.max_length
-    train_ds = load_dataset(o["data"], tok, objective=objective, max_length=max_length)
-    eval_ds = load_dataset(o["eval_data"], tok, objective=objective, max_length=max_length) if o.get("eval_data") else None
+    labels, task_eval, task_metric, mts = None, None, None, None
+    set_seed(ta.seed)
+    if task:
+        from fastft.models.heads import default_modules_to_save
+        from fastft.tasks.data import labels_of, load_task_dataset, read_task_records, task_collator, tokenize_task
+        from fastft.tasks.evaluate import PRIMARY, evaluate_task
+
+        records = read_task_records(o["data"], task)
+        if task != "embed":
+            labels = _split(o["labels"]) if o.get("labels") else labels_of(records, task)
+        model = fastft.from_pretrained(o["model"], quantization=quant, task=task, labels=labels,
+                                       pooling=o.get("pooling"), device=device)
+        if getattr(model.config, "pad_token_id", None) is None and task == "classify":
+            # the last non-pad token is classified: the pad id must be known (and saved with the model)
+            model.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        train_ds = tokenize_task(records, tok, task, labels=labels, max_length=max_length, source=o["data"])
+        eval_ds = (load_task_dataset(o["eval_data"], tok, task, labels=labels, max_length=max_length)[0]
+                   if o.get("eval_data") else None)
+        mts = default_modules_to_save(model) or None
+        collator = task_collator(task, tok)
+        if eval_ds is not None:
+            task_metric = PRIMARY[task]
+
+            def task_eval(m, _ds=eval_ds):
+                return evaluate_task(m, _ds, task, labels=labels, tokenizer=tok)
+    else:
+        model = fastft.from_pretrained(o["model"], quantization=quant, device=device)
+        family_mlm = getattr(model, "objective", None) == "mlm"
+        objective = o.get("objective") or ("mlm" if family_mlm else "clm")
+        train_ds = load_dataset(o["data"], tok, objective=objective, max_length=max_length)
+        eval_ds = (load_dataset(o["eval_data"], tok, objective=objective, max_length=max_length)
+                   if o.get("eval_data") else None)
+        collator = default_collator(tok, objective=objective, packing=ta.packing)
+    peft_task = PEFT_TASK_TYPES.get(task)
     set_seed(ta.seed)  # the adapter's initialisation follows --seed: the same command gives the same run
     if lora_kw is not None:
-        model = fastft.get_peft_model(model, fastft.LoraConfig(**lora_kw))
+        model = fastft.get_peft_model(model, fastft.LoraConfig(**lora_kw, modules_to_save=mts, task_type=peft_task))
     elif method == "adapter":
-        model = fastft.get_peft_model(model, fastft.AdapterConfig(bottleneck_size=int(o.get("bottleneck_size", 64))))
-    collator = default_collator(tok, objective=objective, packing=ta.packing)
-    trainer = fastft.Trainer(model, train_ds, args=ta, eval_dataset=eval_ds, data_collator=collator, tokenizer=tok)
+        model = fastft.get_peft_model(model, fastft.AdapterConfig(bottleneck_size=int(o.get("bottleneck_size", 64)),
+                                                                  modules_to_save=mts, task_type=peft_task))
+    trainer = fastft.Trainer(model, train_ds, args=ta, eval_dataset=eval_ds, data_collator=collator, tokenizer=tok,
+                             task_eval=task_eval, task_metric=task_metric, forgetting_base_path=o["model"])
     result = trainer.train()
+    extra = {}
+    if task and trainer.is_main:
+        info = {"task": task, "labels": labels, "pooling": o.get("pooling"), "base_model": os.path.abspath(o["model"]),
+                "method": method, "quantization": quant}
+        with open(os.path.join(ta.output_dir, TASK_INFO), "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=1)
+        if method == "full":
+            tok.save_pretrained(ta.output_dir)  # `fastft eval --model <output_dir>` finds its tokenizer
+        if task_eval is not None:
+            extra["task_metrics"] = task_eval(trainer.model)
     if trainer.is_main:
-        print(json.dumps({"output_dir": ta.output_dir, **_jsonable(result)}, indent=1))
+        if result.forgetting_table:
+            print(result.forgetting_table)
+        if result.forgetting:
+            extra["forgetting"] = result.forgetting
+        print(json.dumps({"output_dir": ta.output_dir, **_jsonable(result), **extra}, indent=1))
     if dist_util.is_distributed():
         import torch.distributed
 
         torch.distributed.destroy_process_group()
+
+
+def _split(s):
+    return [x.strip() for x in (s if isinstance(s, (list, tuple)) else str(s).split(",")) if str(x).strip()]
 
 
 def torch_cuda_available() -> bool:
@@ -543,7 +614,7 @@ def _jsonable(result):
     return {k: v for k, v in vars(result).items() if isinstance(v, (int, float, str, bool, type(None)))}
 
 
-def _load_for_inference(args):
+def _load_for_inference(args, task=None, labels=None, pooling=None):
     from fastft import validate
 
     validate.check_model_dir(args.model, allow_pickle=getattr(args, "allow_pickle", False))
@@ -552,7 +623,8 @@ def _load_for_inference(args):
     import fastft
 
     model = fastft.from_pretrained(args.model, quantization=getattr(args, "quantization", None),
-                                   allow_pickle=getattr(args, "allow_pickle", False))
+                                   allow_pickle=getattr(args, "allow_pickle", False), task=task, labels=labels,
+                                   pooling=pooling)
     if getattr(args, "adapter", None):
         model = fastft.load_adapter(model, args.adapter)
     model.eval()
@@ -566,35 +638,90 @@ def _positive(name, v):
         raise UsageError(f"--{name} must be >= 1, got {v}")
 
 
+def _task_info(args) -> dict:
+    """task.json of the run being evaluated (adapter directory first, then the model directory)."""
+    for d in (getattr(args, "adapter", None), args.model):
+        p = os.path.join(d, TASK_INFO) if d else None
+        if p and os.path.isfile(p):
+            with open(p, encoding="utf-8") as f:
+                return json.load(f)
+    return {}
+
+
 def cmd_eval(args):
     import math
 
     from fastft import validate
+    from fastft.errors import UsageError
 
     _positive("batch-size", args.batch_size)
     if args.max_length < 2:
-        from fastft.errors import UsageError
-
         raise UsageError(f"--max-length must be >= 2, got {args.max_length}")
-    validate.check_data_file(args.data)
+    if not args.data and not args.forgetting:
+        raise UsageError("--data is required (or --forgetting)")
+    if args.data:
+        validate.check_data_file(args.data)
     import torch
-    from fastft.train import load_dataset, default_collator
-    from fastft.demo import exact_match
 
-    model, tok = _load_for_inference(args)
-    objective = "mlm" if getattr(model, "objective", None) == "mlm" else "clm"
-    ds = load_dataset(args.data, tok, objective=objective, max_length=args.max_length)
-    collate = default_collator(tok, objective=objective, packing=False)
-    tot, n = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(ds), args.batch_size):
-            batch = collate(ds[i : i + args.batch_size])
-            k = int((batch["labels"][..., 1:] != -100).sum()) if objective == "clm" else int((batch["labels"] != -100).sum())
-            out = model(**batch)
-            tot, n = tot + float(out.loss) * k, n + k
-    res = {"loss": tot / max(n, 1), "perplexity": math.exp(tot / max(n, 1)), "tokens": n}
-    if args.exact_match:
-        res["exact_match"] = exact_match(model, tok, args.data)
+    info = _task_info(args)
+    task = args.task or info.get("task")
+    labels = _split(args.labels) if args.labels else info.get("labels")
+    if args.adapter and task:
+        # the adapter's head sits on a base loaded with that head
+        model, tok = _load_for_inference(args, task=task, labels=labels, pooling=info.get("pooling"))
+    else:
+        model, tok = _load_for_inference(args)
+        if task and getattr(model, "task", None) not in (None, task):
+            raise UsageError(f"--task {task} but the model is a {getattr(model, 'task')!r} model")
+        task = task or getattr(model, "task", None)
+        if task and task != "embed" and labels is None and hasattr(model.config, "id2label"):
+            labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    res = {}
+    if args.data and task:
+        from fastft.tasks.data import load_task_dataset
+        from fastft.tasks.evaluate import evaluate_task
+
+        ds, labels = load_task_dataset(args.data, tok, task, labels=labels, max_length=args.max_length)
+        res.update(evaluate_task(model, ds, task, labels=labels, tokenizer=tok, batch_size=args.batch_size))
+    elif args.data:
+        from fastft.demo import exact_match
+        from fastft.train import default_collator, load_dataset
+
+        objective = "mlm" if getattr(model, "objective", None) == "mlm" else "clm"
+        ds = load_dataset(args.data, tok, objective=objective, max_length=args.max_length)
+        collate = default_collator(tok, objective=objective, packing=False)
+        tot, n = 0.0, 0
+        with torch.no_grad():
+            for i in range(0, len(ds), args.batch_size):
+                batch = collate(ds[i : i + args.batch_size])
+                k = (int((batch["labels"][..., 1:] != -100).sum()) if objective == "clm"
+                     else int((batch["labels"] != -100).sum()))
+                out = model(**batch)
+                tot, n = tot + float(out.loss) * k, n + k
+        res = {"loss": tot / max(n, 1), "perplexity": math.exp(tot / max(n, 1)), "tokens": n}
+        if args.exact_match:
+            res["exact_match"] = exact_match(model, tok, args.data)
+    if args.forgetting:
+        import fastft
+        from fastft.tasks.forgetting import ForgettingProbe, report
+
+        base_path = args.base_model or info.get("base_model") or (args.model if args.adapter else None)
+        if not base_path:
+            raise UsageError("--forgetting: which base? pass --base-model (a full fine-tune's base)")
+        base = fastft.from_pretrained(base_path, quantization=args.quantization,
+                                      **({"task": task, "labels": labels, "pooling": info.get("pooling")}
+                                         if task else {})).eval()
+        probe = ForgettingProbe.build(base, tok, base_path=base_path)
+        b, t = probe.measure(base), probe.measure(model)
+        task_b = task_t = metric = None
+        if args.data and task:
+            from fastft.tasks.evaluate import PRIMARY
+
+            metric, task_t = PRIMARY[task], res
+            task_b = evaluate_task(base, ds, task, labels=labels, tokenizer=tok, batch_size=args.batch_size)
+        rep, table = report(b, t, task_b, task_t, metric)
+        print(table)
+        res["forgetting"] = rep
     print(json.dumps(res, indent=1))
 
 

@@ -226,14 +226,15 @@ _HEAD = {
 }
 
 
-class BertForMaskedLM(NativeModel):
-    """BERT / RoBERTa masked LM. ``forward`` returns ``MaskedLMOutput`` (labels unshifted)."""
+class BertEncoderBase(NativeModel):
+    """What every BERT-family model shares: the encoder (``bert.`` / ``roberta.`` + embeddings +
+    layers), its checkpoint names, positions and ``encode``. Heads subclass it (``BertForMaskedLM``
+    here; classification, token classification and sentence embeddings in ``heads.py``)."""
 
-    def __init__(self, config):
-        super().__init__(config)
+    def _init_encoder(self, config, name: str):
         mt = config.model_type
         if mt not in _HEAD:
-            raise ValueError(f"BertForMaskedLM: unsupported model_type {mt!r}")
+            raise ValueError(f"{name}: unsupported model_type {mt!r}")
         pe = getattr(config, "position_embedding_type", "absolute") or "absolute"
         if pe != "absolute":
             raise ValueError(f"{mt}: position_embedding_type {pe!r} is not supported (only 'absolute')")
@@ -241,27 +242,11 @@ class BertForMaskedLM(NativeModel):
             raise ValueError(f"{mt}: decoder / cross-attention configurations are not supported")
         self.base_name = "bert" if mt == "bert" else "roberta"
         setattr(self, self.base_name, BertModel(config))
-        if mt == "bert":
-            self.cls = BertOnlyMLMHead(config)
-        else:
-            self.lm_head = RobertaLMHead(config)
-        # The decoder is tied to the word embeddings unless the config unties it.
-        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
-        self.tie_weights()
 
     @property
     def base_model_(self) -> BertModel:
         return getattr(self, self.base_name)
 
-    @property
-    def head(self):
-        return self.cls.predictions if self.base_name == "bert" else self.lm_head
-
-    @property
-    def hf_architecture(self) -> str:
-        return "BertForMaskedLM" if self.base_name == "bert" else "RobertaForMaskedLM"
-
-    # --- checkpoint table -------------------------------------------------------------------------
     @staticmethod
     def _prefix(config) -> str:
         return "bert." if config.model_type == "bert" else "roberta."
@@ -271,29 +256,16 @@ class BertForMaskedLM(NativeModel):
         return cls._prefix(config)
 
     @classmethod
-    def _decoder_name(cls, config):
-        return "cls.predictions.decoder.weight" if config.model_type == "bert" else "lm_head.decoder.weight"
-
-    @classmethod
-    def weight_table(cls, config) -> list[str]:
-        p = cls._prefix(config)
+    def encoder_table(cls, config) -> list[str]:
+        """Checkpoint names of the embeddings and the encoder layers (no head)."""
+        p = cls.key_prefix(config)
         names = [p + n for n in _EMB_TABLE]
         for i in range(config.num_hidden_layers):
             for lin in _LAYER_LINEARS:
                 names += [f"{p}encoder.layer.{i}.{lin}.weight", f"{p}encoder.layer.{i}.{lin}.bias"]
             for ln in _LAYER_NORMS:
                 names += [f"{p}encoder.layer.{i}.{ln}.weight", f"{p}encoder.layer.{i}.{ln}.bias"]
-        names += list(_HEAD[config.model_type])
-        if not getattr(config, "tie_word_embeddings", True):
-            names.append(cls._decoder_name(config))
         return names
-
-    @classmethod
-    def optional_groups(cls, config):
-        head = list(_HEAD[config.model_type])
-        if not getattr(config, "tie_word_embeddings", True):
-            head.append(cls._decoder_name(config))
-        return {"mlm_head": head}
 
     @classmethod
     def checkpoint_aliases(cls, name):
@@ -309,53 +281,12 @@ class BertForMaskedLM(NativeModel):
         return tuple(al)
 
     @classmethod
-    def ignored_checkpoint_keys(cls, config):
-        p = r"(bert\.|roberta\.)?"
-        ign = (p + r"embeddings\.position_ids", p + r"embeddings\.token_type_ids", p + r"pooler\.dense\.(weight|bias)",
-               r"cls\.seq_relationship\.(weight|bias)")
-        if getattr(config, "tie_word_embeddings", True):
-            ign += (r"cls\.predictions\.decoder\.weight", r"lm_head\.decoder\.weight")
-        return ign
-
-    @classmethod
     def quant_targets(cls, config):
-        p = cls._prefix(config)
+        p = cls.key_prefix(config)
         return [f"{p}encoder.layer.{i}.{lin}" for i in range(config.num_hidden_layers) for lin in _LAYER_LINEARS]
-
-    def init_missing(self, group, device, dtype):
-        """Initialise an absent MLM head the way transformers' ``_init_weights`` does."""
-        assert group == "mlm_head", group
-        std = self.config.initializer_range
-        h = self.head
-        dense = h.transform.dense if self.base_name == "bert" else h.dense
-        norm = h.transform.LayerNorm if self.base_name == "bert" else h.layer_norm
-        dense.weight = nn.Parameter(torch.empty(dense.weight.shape, device=device, dtype=dtype).normal_(0.0, std))
-        dense.bias = nn.Parameter(torch.zeros(dense.bias.shape, device=device, dtype=dtype))
-        norm.weight = nn.Parameter(torch.ones(norm.weight.shape, device=device, dtype=dtype))
-        norm.bias = nn.Parameter(torch.zeros(norm.bias.shape, device=device, dtype=dtype))
-        h.bias = nn.Parameter(torch.zeros(h.bias.shape, device=device, dtype=dtype))
-        if not self.tie_word_embeddings:
-            w = torch.empty(h.decoder.weight.shape, device=device, dtype=dtype).normal_(0.0, std)
-            h.decoder.weight = nn.Parameter(w)
-
-    def tied_aliases(self):
-        head = "cls.predictions." if self.base_name == "bert" else "lm_head."
-        al = {head + "decoder.bias": head + "bias"}
-        if self.tie_word_embeddings:
-            al[head + "decoder.weight"] = f"{self.base_name}.embeddings.word_embeddings.weight"
-        return al
-
-    def tie_weights(self):
-        h = self.head
-        h.decoder.bias = h.bias
-        if self.tie_word_embeddings:
-            h.decoder.weight = self.base_model_.embeddings.word_embeddings.weight
 
     def get_input_embeddings(self):
         return self.base_model_.embeddings.word_embeddings
-
-    def get_output_embeddings(self):
-        return self.head.decoder
 
     # --- forward ----------------------------------------------------------------------------------
     def _positions(self, input_ids, position_ids, cu_seqlens):
@@ -431,6 +362,92 @@ class BertForMaskedLM(NativeModel):
             states.append(h)
         return h, (tuple(states) if output_hidden_states else None)
 
+
+class BertForMaskedLM(BertEncoderBase):
+    """BERT / RoBERTa masked LM. ``forward`` returns ``MaskedLMOutput`` (labels unshifted)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._init_encoder(config, "BertForMaskedLM")
+        mt = config.model_type
+        if mt == "bert":
+            self.cls = BertOnlyMLMHead(config)
+        else:
+            self.lm_head = RobertaLMHead(config)
+        # The decoder is tied to the word embeddings unless the config unties it.
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", True))
+        self.tie_weights()
+
+    @property
+    def head(self):
+        return self.cls.predictions if self.base_name == "bert" else self.lm_head
+
+    @property
+    def hf_architecture(self) -> str:
+        return "BertForMaskedLM" if self.base_name == "bert" else "RobertaForMaskedLM"
+
+    # --- checkpoint table -------------------------------------------------------------------------
+    @classmethod
+    def _decoder_name(cls, config):
+        return "cls.predictions.decoder.weight" if config.model_type == "bert" else "lm_head.decoder.weight"
+
+    @classmethod
+    def weight_table(cls, config) -> list[str]:
+        names = cls.encoder_table(config) + list(_HEAD[config.model_type])
+        if not getattr(config, "tie_word_embeddings", True):
+            names.append(cls._decoder_name(config))
+        return names
+
+    @classmethod
+    def optional_groups(cls, config):
+        head = list(_HEAD[config.model_type])
+        if not getattr(config, "tie_word_embeddings", True):
+            head.append(cls._decoder_name(config))
+        return {"mlm_head": head}
+
+    @classmethod
+    def ignored_checkpoint_keys(cls, config):
+        p = r"(bert\.|roberta\.)?"
+        ign = (p + r"embeddings\.position_ids", p + r"embeddings\.token_type_ids", p + r"pooler\.dense\.(weight|bias)",
+               r"cls\.seq_relationship\.(weight|bias)")
+        if getattr(config, "tie_word_embeddings", True):
+            ign += (r"cls\.predictions\.decoder\.weight", r"lm_head\.decoder\.weight")
+        return ign
+
+    def init_missing(self, group, device, dtype):
+        """Initialise an absent MLM head the way transformers' ``_init_weights`` does."""
+        assert group == "mlm_head", group
+        self.mlm_head_initialised = True  # random: masked-token predictions mean nothing until trained
+        std = self.config.initializer_range
+        h = self.head
+        dense = h.transform.dense if self.base_name == "bert" else h.dense
+        norm = h.transform.LayerNorm if self.base_name == "bert" else h.layer_norm
+        dense.weight = nn.Parameter(torch.empty(dense.weight.shape, device=device, dtype=dtype).normal_(0.0, std))
+        dense.bias = nn.Parameter(torch.zeros(dense.bias.shape, device=device, dtype=dtype))
+        norm.weight = nn.Parameter(torch.ones(norm.weight.shape, device=device, dtype=dtype))
+        norm.bias = nn.Parameter(torch.zeros(norm.bias.shape, device=device, dtype=dtype))
+        h.bias = nn.Parameter(torch.zeros(h.bias.shape, device=device, dtype=dtype))
+        if not self.tie_word_embeddings:
+            w = torch.empty(h.decoder.weight.shape, device=device, dtype=dtype).normal_(0.0, std)
+            h.decoder.weight = nn.Parameter(w)
+
+    def tied_aliases(self):
+        head = "cls.predictions." if self.base_name == "bert" else "lm_head."
+        al = {head + "decoder.bias": head + "bias"}
+        if self.tie_word_embeddings:
+            al[head + "decoder.weight"] = f"{self.base_name}.embeddings.word_embeddings.weight"
+        return al
+
+    def tie_weights(self):
+        h = self.head
+        h.decoder.bias = h.bias
+        if self.tie_word_embeddings:
+            h.decoder.weight = self.base_model_.embeddings.word_embeddings.weight
+
+    def get_output_embeddings(self):
+        return self.head.decoder
+
+    # --- forward ----------------------------------------------------------------------------------
     def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, cu_seqlens=None,
                 max_seqlen=None, num_items_in_batch=None, token_type_ids=None, output_hidden_states=False, **kwargs):
         from transformers.modeling_outputs import MaskedLMOutput
@@ -461,4 +478,4 @@ class BertForMaskedLM(NativeModel):
         return MaskedLMOutput(loss=loss, logits=logits, hidden_states=states)
 
 
-__all__ = ["BertForMaskedLM", "BertModel", "LayerNorm"]
+__all__ = ["BertEncoderBase", "BertForMaskedLM", "BertModel", "LayerNorm"]

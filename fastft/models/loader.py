@@ -50,8 +50,13 @@ def model_class(family: str):
     return BertForMaskedLM
 
 
-def load_config(path: str):
-    """(model class, transformers config) for the checkpoint directory ``path``."""
+def load_config(path: str, task: str | None = None, labels=None, pooling: str | None = None):
+    """(model class, transformers config) for the checkpoint directory ``path``.
+
+    ``task`` ("classify" | "ner" | "embed", see ``heads.py``) picks a task head; without it a
+    checkpoint saved with a task architecture (``BertForSequenceClassification``, ...) loads as
+    that task. ``labels`` (names) sets the classifier's label set, ``pooling`` ("cls" | "mean")
+    a sequence classifier's pooling."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise CheckpointError(f"{path}: no config.json (expected a Hugging Face checkpoint directory)")
@@ -69,7 +74,33 @@ def load_config(path: str):
     import transformers
 
     config = getattr(transformers, cfg_name).from_pretrained(path)
-    return model_class(family), config
+    archs = raw.get("architectures") or []
+    if task is None:
+        from .heads import ARCHITECTURE_TASKS
+
+        task = ARCHITECTURE_TASKS.get(archs[0], (None, None))[1] if archs else None
+        if task is None and family == "bert" and archs and archs[0] in ("BertModel", "RobertaModel") \
+                and getattr(config, "fastft_task", None) == "embed":
+            task = "embed"
+    if labels is None and pooling is None and task is None:
+        return model_class(family), config
+    from .heads import POOLINGS, set_labels, task_class
+
+    if task is None:
+        raise ValueError("labels / pooling need a task ('classify', 'ner' or 'embed')")
+    cls = task_class(family, task)
+    if labels is not None:
+        if task == "embed":
+            raise ValueError("task 'embed' has no labels")
+        set_labels(config, labels)
+    if pooling is not None:
+        if task != "classify" or family != "bert":
+            raise ValueError(f"pooling applies to BERT-family sequence classification, not task {task!r}/{family}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        config.fastft_pooling = pooling
+    config.fastft_task = task
+    return cls, config
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,13 +315,14 @@ def _quant_kwargs(quantization, blocksize, double_quant, group_size):
 
 
 def from_pretrained(path, *, quantization=None, dtype=None, device=None, double_quant=True, blocksize=64,
-                    group_size=128, allow_pickle=False):
+                    group_size=128, allow_pickle=False, task=None, labels=None, pooling=None):
     """Load a native fastft model from a Hugging Face checkpoint directory (see module docstring).
 
     dtype: floating dtype of the loaded weights (None: the checkpoint's own, e.g. bf16 stays bf16).
     device: where the weights go (default CPU); tensors are moved one at a time.
     quantization: "nf4" (``blocksize``, ``double_quant``) or "int4" (``group_size``) for every linear
     layer inside the transformer blocks; embeddings, norms and the LM head stay in ``dtype``.
+    task / labels / pooling: a task head instead of the LM head (``load_config``, ``heads.py``).
     """
     if quantization not in QUANTIZATIONS:
         raise UsageError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
@@ -305,7 +337,7 @@ def from_pretrained(path, *, quantization=None, dtype=None, device=None, double_
         raise CheckpointError(f"{path}: not a checkpoint directory")
     device = torch.device(device) if device is not None else torch.device("cpu")
 
-    cls, config = load_config(path)
+    cls, config = load_config(path, task, labels, pooling)
     ckpt = Checkpoint(path, allow_pickle=allow_pickle)
     try:
         with torch.device("meta"):
@@ -365,6 +397,7 @@ def from_pretrained(path, *, quantization=None, dtype=None, device=None, double_
         raise RuntimeError(f"fastft loader left tensors unmaterialised: {left[:10]}")
     model.eval()
     model.name_or_path = path  # adapters record their base (adapter_config.json base_model_name_or_path)
+    model.source_path = os.path.abspath(path)  # the checkpoint directory (the forgetting report's base)
     return model
 
 

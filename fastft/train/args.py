@@ -77,6 +77,14 @@ class TrainingArguments:
     distributed_strategy: Optional[str] = None
     # Seconds before a collective (all-reduce, all-gather, barrier) gives up (HF's name).
     ddp_timeout: int = 1800
+    # Forgetting report (fastft/tasks/forgetting.py; needs the Trainer's tokenizer): the reference
+    # metric of the model before and after training, in metrics.jsonl and output_dir/forgetting.md.
+    forgetting_report: bool = False
+    # Also measure it every N optimizer steps (implies forgetting_report).
+    forgetting_steps: Optional[int] = None
+    # Reference documents scored and their length in tokens.
+    forgetting_docs: int = 48
+    forgetting_max_length: int = 128
 
     def __post_init__(self):
         self._coerce()
@@ -190,13 +198,16 @@ class TrainingArguments:
                      "logging_steps"):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
-        for name in ("eval_steps", "save_steps", "save_total_limit", "max_length"):
+        for name in ("eval_steps", "save_steps", "save_total_limit", "max_length", "forgetting_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 bad(name, "must be >= 1 or None")
         for name in ("learning_rate", "weight_decay", "adam_epsilon", "num_train_epochs", "warmup_ratio",
                      "adam_beta1", "adam_beta2"):
             if not math.isfinite(getattr(self, name)):
                 bad(name, "must be finite")
+        for name in ("forgetting_docs", "forgetting_max_length"):
+            if getattr(self, name) < (8 if name == "forgetting_max_length" else 1):
+                bad(name, "must be >= 8" if name == "forgetting_max_length" else "must be >= 1")
         if self.learning_rate < 0:
             bad("learning_rate", "must be >= 0")
         if self.weight_decay < 0:

@@ -54,6 +54,9 @@ from .data import IGNORE_INDEX
 
 # When neither the collator nor the model names its objective, config.model_type decides: these
 # families are masked LMs (unshifted labels), every other model with a config is taken as causal.
+# Task collators (fastft.tasks.data) name these: targets are class labels != -100 (classify, ner,
+# unshifted) or queries (embed, one per row of input_ids).
+TASK_OBJECTIVES = ("classify", "ner", "embed")
 _MLM_MODEL_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "albert", "deberta", "deberta-v2",
                     "camembert", "mpnet", "modernbert"}
 
@@ -89,6 +92,8 @@ class TrainResult:
     eval_loss: Optional[float] = None
     eval_perplexity: Optional[float] = None
     train_runtime: float = 0.0
+    forgetting: Optional[dict] = None  # the forgetting report (TrainingArguments.forgetting_report)
+    forgetting_table: Optional[str] = None
     losses: list = field(default_factory=list)  # per optimizer step, from step 1
 
     def __getitem__(self, k):
@@ -114,7 +119,12 @@ def _accepts_kwarg(fn, name) -> bool:
 
 class Trainer:
     def __init__(self, model, train_dataset, args: Optional[TrainingArguments] = None, eval_dataset=None,
-                 data_collator=None, tokenizer=None):
+                 data_collator=None, tokenizer=None, task_eval=None, task_metric: Optional[str] = None,
+                 forgetting_base_path: Optional[str] = None):
+        """``task_eval(model) -> dict`` (optional) computes task metrics; the forgetting report puts
+        ``task_metric`` of it before and after training beside the reference metric.
+        ``forgetting_base_path``: the base checkpoint, whose MLM head scores a BERT task model
+        (default: the directory fastft.from_pretrained loaded the model from)."""
         # Everything that can be wrong is checked here, before output_dir is created.
         self.args = args if args is not None else TrainingArguments()
         if not isinstance(self.args, TrainingArguments):
@@ -149,6 +159,10 @@ class Trainer:
         if a.gradient_checkpointing and not hasattr(model, "gradient_checkpointing_enable"):
             raise UsageError("gradient_checkpointing=True but the model has no gradient_checkpointing_enable()")
         self._pass_num_items = _accepts_kwarg(model.forward, "num_items_in_batch")
+        if self.objective in TASK_OBJECTIVES and not getattr(model, "fastft_task", False):
+            # transformers' task heads take **kwargs but average their loss over their own batch:
+            # rescale that mean instead (compute_loss).
+            self._pass_num_items = False
         n_micro = self._micro_batches_per_epoch()
         if n_micro == 0:
             raise DataError(f"train_dataset has {len(self.train_dataset)} examples, fewer than one batch of "
@@ -157,6 +171,12 @@ class Trainer:
         self.total_steps = a.max_steps if a.max_steps > 0 else max(1, math.ceil(a.num_train_epochs * self.steps_per_epoch))
         self.resume_dir = self._resolve_resume()
         self.metrics_path = os.path.join(a.output_dir, "metrics.jsonl")
+        self.task_eval, self.task_metric, self.forgetting_base_path = task_eval, task_metric, forgetting_base_path
+        if task_eval is not None and not callable(task_eval):
+            raise TypeError("task_eval must be callable (model -> dict of metrics)")
+        self.forgetting = bool(a.forgetting_report or a.forgetting_steps)
+        if self.forgetting and tokenizer is None:
+            raise ValueError("forgetting_report / forgetting_steps need the tokenizer (Trainer(tokenizer=...))")
         self.optimizer = None
         self.scheduler = None
         self.global_step = 0
@@ -213,7 +233,7 @@ class Trainer:
 
     def _objective(self):
         obj = getattr(self.data_collator, "objective", None) or self._model_objective() or "clm"
-        if obj not in ("clm", "mlm"):
+        if obj not in ("clm", "mlm") + TASK_OBJECTIVES:
             raise UsageError(f"unknown objective {obj!r}")
         return obj
 
@@ -401,6 +421,8 @@ class Trainer:
 
     # --- one step ---------------------------------------------------------------------------------
     def count_targets(self, batch) -> int:
+        if self.objective == "embed":
+            return int(batch["input_ids"].shape[0])
         labels = batch["labels"]
         if self.objective == "clm":
             labels = labels[..., 1:]
@@ -594,6 +616,9 @@ class Trainer:
         dist_util.barrier()  # rank 0 has claimed output_dir (a refusal there stops the job)
         self.global_step = start
         eval_metrics = None
+        probe = base_ref = task_base = None
+        if self.forgetting:
+            probe, base_ref, task_base = self._forgetting_start(start)
         self.optimizer.zero_grad(set_to_none=True)
         seen_tokens, t_window = 0, time.perf_counter()  # input tokens (pads excluded) for throughput
         if self.device.type == "cuda":
@@ -650,6 +675,9 @@ class Trainer:
                     if eval_now:
                         eval_metrics = self.evaluate()
                         self._log({"step": gs, **eval_metrics})
+                    if probe is not None and a.forgetting_steps and gs % a.forgetting_steps == 0:
+                        with self._eval_rng():
+                            self._log({"step": gs, "forgetting": probe.measure(self.model)})
                     if save_now:
                         self.save_checkpoint(losses, window)
                         last_saved = gs
@@ -666,6 +694,9 @@ class Trainer:
         if self.eval_dataset is not None and not (a.eval_steps and self.global_step % a.eval_steps == 0):
             eval_metrics = self.evaluate()
             self._log({"step": self.global_step, **eval_metrics})
+        forgetting = table = None
+        if probe is not None:
+            forgetting, table = self._forgetting_end(probe, base_ref, task_base)
         plot_path = None
         if a.plot_loss and self.is_main:
             from .plot import plot_loss_curve
@@ -680,8 +711,44 @@ class Trainer:
             output_dir=a.output_dir, plot_path=plot_path,
             eval_loss=eval_metrics["eval_loss"] if eval_metrics else None,
             eval_perplexity=eval_metrics["eval_perplexity"] if eval_metrics else None,
-            train_runtime=time.time() - t0, losses=losses,
+            train_runtime=time.time() - t0, losses=losses, forgetting=forgetting, forgetting_table=table,
         )
+
+    # --- forgetting report ----------------------------------------------------------------------
+    def _forgetting_start(self, start: int):
+        """Prepare the probe and measure the base model (a resumed run reads the base row back)."""
+        from fastft.tasks.forgetting import ForgettingProbe
+
+        a = self.args
+        with self._eval_rng():
+            probe = ForgettingProbe.build(self.model, self.tokenizer, docs=a.forgetting_docs,
+                                          max_length=a.forgetting_max_length, seed=a.seed,
+                                          batch_size=a.per_device_eval_batch_size,
+                                          base_path=self.forgetting_base_path)
+            if start > 0 and os.path.isfile(self.metrics_path):
+                with open(self.metrics_path, encoding="utf-8") as f:
+                    for line in f:
+                        row = json.loads(line)
+                        if row.get("step") == 0 and "forgetting_base" in row:
+                            return probe, row["forgetting_base"], row.get("task_base")
+            base = probe.measure(self.model)
+            if start > 0:
+                base["note"] = f"measured at resume (step {start}), not before training"
+            task_base = self.task_eval(self.model) if self.task_eval is not None else None
+        self._log({"step": 0, "forgetting_base": base, "task_base": task_base})
+        return probe, base, task_base
+
+    def _forgetting_end(self, probe, base, task_base):
+        from fastft.tasks.forgetting import report
+
+        with self._eval_rng():
+            tuned = probe.measure(self.model)
+            task_tuned = self.task_eval(self.model) if self.task_eval is not None else None
+        rep, table = report(base, tuned, task_base, task_tuned, self.task_metric)
+        self._log({"step": self.global_step, "forgetting_report": rep, "task": task_tuned})
+        with open(os.path.join(self.args.output_dir, "forgetting.md"), "w", encoding="utf-8") as f:
+            f.write(table + "\n")
+        return rep, table
 
     # --- saving -----------------------------------------------------------------------------------
     def save_checkpoint(self, losses, window) -> str:
