@@ -243,7 +243,7 @@ def read_adapter(adapter_dir) -> tuple[object, dict, dict[str, torch.Tensor]]:
     Everything is read and checked before the caller touches a model: a missing or corrupt file
     raises naming its path.
     """
-    from safetensors.torch import load_file
+    from fastft.models.safetensors_io import SafetensorsFile
 
     adapter_dir = os.fspath(adapter_dir)
     d = read_adapter_config(adapter_dir)
@@ -254,15 +254,26 @@ def read_adapter(adapter_dir) -> tuple[object, dict, dict[str, torch.Tensor]]:
         raise InputNotFoundError(f"no {WEIGHTS_NAME} in {adapter_dir!r}{hint}")
     source = os.path.join(adapter_dir, CONFIG_NAME)
     peft_type = d.get("peft_type")
-    if peft_type == "LORA":
-        config = lora_config_from_dict(d, source)
-        # The file overwrites the initial values, so the init scheme recorded in the config is moot.
-        config.init_lora_weights = True
-    elif peft_type == "BOTTLENECK":
-        config = adapter_config_from_dict(d, source)
-    else:
-        raise CheckpointError(f"{source}: peft_type {peft_type!r} is not supported (LORA or BOTTLENECK)")
-    return config, d, load_file(weights)
+    try:
+        if peft_type == "LORA":
+            config = lora_config_from_dict(d, source)
+            # The file overwrites the initial values, so the init scheme recorded in the config is moot.
+            config.init_lora_weights = True
+        elif peft_type == "BOTTLENECK":
+            config = adapter_config_from_dict(d, source)
+        else:
+            raise CheckpointError(f"{source}: peft_type {peft_type!r} is not supported (LORA or BOTTLENECK)")
+    except ValueError as e:  # a config fastft cannot apply is a bad input, named by its file
+        if isinstance(e, CheckpointError):
+            raise
+        msg = str(e) if str(e).startswith(source) else f"{source}: {e}"
+        raise CheckpointError(msg) from e
+    # The strict reader (header, dtypes, byte ranges tiling the file): a lying header is refused.
+    f = SafetensorsFile(weights)
+    try:
+        return config, d, {name: f.read(name) for name in f.tensors}
+    finally:
+        f.close()
 
 
 __all__ = ["save_adapter", "read_adapter", "load_state_dict_into", "read_adapter_config", "adapter_state_dict", "config_to_json",
