@@ -61,7 +61,6 @@ def config_to_json(peft_model) -> dict:
     cfg = peft_model.adapter_config
     if isinstance(cfg, LoraConfig):
         return {
-            "fastft_base_quantization": base_quantization(peft_model.base_model.model),
             "peft_type": "LORA", "task_type": cfg.task_type, "r": cfg.r, "lora_alpha": cfg.lora_alpha,
             "lora_dropout": cfg.lora_dropout, "target_modules": cfg.target_modules, "bias": cfg.bias,
             "use_rslora": cfg.use_rslora, "modules_to_save": cfg.modules_to_save,
@@ -231,8 +230,12 @@ def save_adapter(peft_model, save_directory) -> None:
         with open(path, "w", encoding="utf-8") as f:
             f.write(text + "\n")
 
+    # The base's quantization goes into the safetensors metadata (PEFT ignores it there; an unknown
+    # adapter_config.json key would make PEFT warn): load_adapter warns when applied to another base.
+    meta = {"format": "pt", "fastft_base_quantization": base_quantization(peft_model.base_model.model) or "none"}
+
     def write_weights(path):
-        save_file(tensors, path, metadata={"format": "pt"})
+        save_file(tensors, path, metadata=meta)
 
     _atomic_write(save_directory, {WEIGHTS_NAME: write_weights, CONFIG_NAME: write_config})
 
@@ -271,6 +274,9 @@ def read_adapter(adapter_dir) -> tuple[object, dict, dict[str, torch.Tensor]]:
     # The strict reader (header, dtypes, byte ranges tiling the file): a lying header is refused.
     f = SafetensorsFile(weights)
     try:
+        q = f.metadata.get("fastft_base_quantization") if isinstance(f.metadata, dict) else None
+        if q is not None:
+            d = {**d, "fastft_base_quantization": None if q == "none" else q}
         return config, d, {name: f.read(name) for name in f.tensors}
     finally:
         f.close()
