@@ -61,7 +61,6 @@ def config_to_json(peft_model) -> dict:
     cfg = peft_model.adapter_config
     if isinstance(cfg, LoraConfig):
         return {
-            "fastft_base_quantization": base_quantization(peft_model.base_model.model),
             "peft_type": "LORA", "task_type": cfg.task_type, "r": cfg.r, "lora_alpha": cfg.lora_alpha,
             "lora_dropout": cfg.lora_dropout, "target_modules": cfg.target_modules, "bias": cfg.bias,
             "use_rslora": cfg.use_rslora, "modules_to_save": cfg.modules_to_save,
@@ -234,8 +233,12 @@ def save_adapter(peft_model, save_directory, tensors=None) -> None:
         with open(path, "w", encoding="utf-8") as f:
             f.write(text + "\n")
 
+    # The base's quantization goes into the safetensors metadata (PEFT ignores it there; an unknown
+    # adapter_config.json key would make PEFT warn): load_adapter warns when applied to another base.
+    meta = {"format": "pt", "fastft_base_quantization": base_quantization(peft_model.base_model.model) or "none"}
+
     def write_weights(path):
-        save_file(tensors, path, metadata={"format": "pt"})
+        save_file(tensors, path, metadata=meta)
 
     _atomic_write(save_directory, {WEIGHTS_NAME: write_weights, CONFIG_NAME: write_config})
 
@@ -246,7 +249,7 @@ def read_adapter(adapter_dir) -> tuple[object, dict, dict[str, torch.Tensor]]:
     Everything is read and checked before the caller touches a model: a missing or corrupt file
     raises naming its path.
     """
-    from safetensors.torch import load_file
+    from fastft.models.safetensors_io import SafetensorsFile
 
     adapter_dir = os.fspath(adapter_dir)
     d = read_adapter_config(adapter_dir)
@@ -257,15 +260,29 @@ def read_adapter(adapter_dir) -> tuple[object, dict, dict[str, torch.Tensor]]:
         raise InputNotFoundError(f"no {WEIGHTS_NAME} in {adapter_dir!r}{hint}")
     source = os.path.join(adapter_dir, CONFIG_NAME)
     peft_type = d.get("peft_type")
-    if peft_type == "LORA":
-        config = lora_config_from_dict(d, source)
-        # The file overwrites the initial values, so the init scheme recorded in the config is moot.
-        config.init_lora_weights = True
-    elif peft_type == "BOTTLENECK":
-        config = adapter_config_from_dict(d, source)
-    else:
-        raise CheckpointError(f"{source}: peft_type {peft_type!r} is not supported (LORA or BOTTLENECK)")
-    return config, d, load_file(weights)
+    try:
+        if peft_type == "LORA":
+            config = lora_config_from_dict(d, source)
+            # The file overwrites the initial values, so the init scheme recorded in the config is moot.
+            config.init_lora_weights = True
+        elif peft_type == "BOTTLENECK":
+            config = adapter_config_from_dict(d, source)
+        else:
+            raise CheckpointError(f"{source}: peft_type {peft_type!r} is not supported (LORA or BOTTLENECK)")
+    except ValueError as e:  # a config fastft cannot apply is a bad input, named by its file
+        if isinstance(e, CheckpointError):
+            raise
+        msg = str(e) if str(e).startswith(source) else f"{source}: {e}"
+        raise CheckpointError(msg) from e
+    # The strict reader (header, dtypes, byte ranges tiling the file): a lying header is refused.
+    f = SafetensorsFile(weights)
+    try:
+        q = f.metadata.get("fastft_base_quantization") if isinstance(f.metadata, dict) else None
+        if q is not None:
+            d = {**d, "fastft_base_quantization": None if q == "none" else q}
+        return config, d, {name: f.read(name) for name in f.tensors}
+    finally:
+        f.close()
 
 
 __all__ = ["save_adapter", "read_adapter", "load_state_dict_into", "read_adapter_config", "adapter_state_dict", "config_to_json",

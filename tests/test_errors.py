@@ -371,6 +371,16 @@ CASES = [
     C("adapter-truncated", "truncated adapter_model.safetensors",
       lambda E: (["generate", "--model", E.model, "--adapter", adapter_variant(E, "a4", weights="truncated"),
                   "--prompt", "hi"], {"a": str(E.tmp / "a4")}), "{a}/adapter_model.safetensors: truncated file", 3),
+    C("adapter-unsupported", "adapter_config.json asking for a LoRA feature fastft lacks (`use_dora: true`)",
+      lambda E: (["merge", "--model", E.model, "--adapter",
+                  E.mkdir("a5", {"adapter_config.json": json.dumps({"peft_type": "LORA", "r": 2, "use_dora": True})})
+                  and _safetensors(E.tmp / "a5" / "adapter_model.safetensors") and str(E.tmp / "a5"), "--out", E.out],
+                 {"a": str(E.tmp / "a5")}), "{a}/adapter_config.json: LoRA features not supported by fastft", 3),
+    C("adapter-lying-header", "adapter_model.safetensors whose header leaves bytes undescribed",
+      lambda E: (["merge", "--model", E.model, "--adapter", (lambda d: (Path(d, "adapter_model.safetensors").write_bytes(
+          Path(d, "adapter_model.safetensors").read_bytes() + b"\0" * 8), d)[1])(adapter_variant(E, "a6")),
+          "--out", E.out], {"a": str(E.tmp / "a6")}),
+      "{a}/adapter_model.safetensors: 8 bytes after the last tensor are not described by the header", 3),
     C("resume-missing", "`--resume-from-checkpoint` path does not exist",
       lambda E: (train(E, "--resume-from-checkpoint", str(E.tmp / "ck")), {"c": str(E.tmp / "ck")}),
       "{c}: checkpoint directory does not exist", 3),
