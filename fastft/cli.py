@@ -457,9 +457,9 @@ def cmd_train(args, argv=None):
     lora_kw = _lora_options(o) if method in ("lora", "qlora") else None
     ta = _training_arguments(o)
     validate.check_model_dir(o["model"])
-    validate.check_data_file(o["data"], "training data file")
+    validate.check_data_file(o["data"], "training data file", task=o.get("task"))
     if o.get("eval_data"):
-        validate.check_data_file(o["eval_data"], "eval data file")
+        validate.check_data_file(o["eval_data"], "eval data file", task=o.get("task"))
     resume = ta.resume_from_checkpoint
     if isinstance(resume, str):
         from fastft.train import checkpoint as ckpt
@@ -659,12 +659,12 @@ def cmd_eval(args):
         raise UsageError(f"--max-length must be >= 2, got {args.max_length}")
     if not args.data and not args.forgetting:
         raise UsageError("--data is required (or --forgetting)")
-    if args.data:
-        validate.check_data_file(args.data)
-    import torch
-
     info = _task_info(args)
     task = args.task or info.get("task")
+    if args.data:
+        validate.check_data_file(args.data, task=task)
+    import torch
+
     labels = _split(args.labels) if args.labels else info.get("labels")
     if args.adapter and task:
         # the adapter's head sits on a base loaded with that head

@@ -223,7 +223,7 @@ def save_adapter(peft_model, save_directory, tensors=None) -> None:
 
     ``tensors``: the adapter's tensors, keyed as ``adapter_state_dict`` keys them, to write instead
     of reading the model's (a sharded FSDP model's, gathered to full tensors beforehand)."""
-    from safetensors.torch import save_file
+    from .models.safetensors_io import safetensors_bytes
 
     # Everything that can fail on bad input happens before the first file-system change.
     tensors = _for_safetensors(adapter_state_dict(peft_model) if tensors is None else tensors)
@@ -238,7 +238,8 @@ def save_adapter(peft_model, save_directory, tensors=None) -> None:
     meta = {"format": "pt", "fastft_base_quantization": base_quantization(peft_model.base_model.model) or "none"}
 
     def write_weights(path):
-        save_file(tensors, path, metadata=meta)
+        with open(path, "wb") as f:
+            f.write(safetensors_bytes(tensors, meta))  # byte-identical for the same adapter
 
     _atomic_write(save_directory, {WEIGHTS_NAME: write_weights, CONFIG_NAME: write_config})
 

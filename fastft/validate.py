@@ -83,14 +83,20 @@ def check_adapter_dir(path) -> None:
     read_adapter(path)  # the config fastft must be able to apply, the tensors read strictly (adapters are small)
 
 
-def check_data_file(path, what: str = "data file") -> None:
-    """Exists, is a file, parses (every line of a .jsonl is checked; no tokenization)."""
+def check_data_file(path, what: str = "data file", task=None) -> None:
+    """Exists, is a file, parses (every line of a .jsonl is checked; no tokenization); ``task``
+    (classify | ner | embed): in that task's JSONL format."""
     path = os.fspath(path)
     _exists(path, what)
     if os.path.isdir(path):
         from .errors import DataError
 
         raise DataError(f"{path}: is a directory, expected a {what} (.jsonl or .txt)")
+    if task:
+        from .tasks.data import read_task_records
+
+        read_task_records(path, task)
+        return
     from .train.data import read_records
 
     read_records(path)

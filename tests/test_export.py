@@ -23,7 +23,6 @@ from models_util import one_thread, save_tiny_checkpoint  # noqa: F401
 import fastft
 from fastft import export_gguf as G
 from fastft.exporting import TOL_FP32, ExportError
-from fastft.errors import OutputError
 
 ARCHS = ("llama", "mistral", "qwen2")
 FORMATS = {"hf-fp32": ("hf", dict(dtype="fp32")), "hf-bf16": ("hf", dict(dtype="bf16")),
@@ -427,12 +426,12 @@ def test_replaces_an_existing_export_but_nothing_else(tmp_path_factory, tok_dir,
     other = tmp_path / "notes"
     other.mkdir()
     (other / "keep.txt").write_text("x")
-    with pytest.raises(OutputError, match="not a checkpoint directory"):  # exit code 4: the output location
+    with pytest.raises(ValueError, match="not a checkpoint directory"):
         fastft.export(d, other, format="hf", log=None)
     assert (other / "keep.txt").read_text() == "x"
     f = tmp_path / "f.gguf"
     f.write_text("not gguf")
-    with pytest.raises(OutputError, match="not a GGUF file"):
+    with pytest.raises(ValueError, match="not a GGUF file"):
         fastft.export(d, f, format="gguf", log=None)
     assert sorted(os.listdir(tmp_path)) == ["f.gguf", "notes", "o"]
 

@@ -297,6 +297,7 @@ def test_full_disk_during_merge_or_quantize_leaves_no_output(tiny_llama, tmp_pat
     import safetensors.torch
 
     _enospc_on(monkeypatch, safetensors.torch, "save_file", 1)
+    _enospc_on(monkeypatch, safetensors_io, "safetensors_bytes", 1)  # the deterministic writer's serialisation
     out = tmp_path / "out"
     argv = {"merge": ["merge", "--model", model, "--adapter", adapter, "--out", str(out)],
             "quantize": ["quantize", "--model", model, "--out", str(out)]}[cmd]

@@ -165,16 +165,30 @@ class SafetensorsFile:
             self._mm = self._fh = None
 
 
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> bytes:
+    """The safetensors file of ``tensors``, byte for byte the same for the same input: the library
+    writes ``__metadata__`` from a hash map, whose order varies between calls once it holds two or
+    more keys; the header is re-encoded here with sorted metadata (the data offsets are unchanged)."""
+    from safetensors.torch import save
+
+    raw = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata or {"format": "pt"})
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data start stays 8-byte aligned
+    return len(text).to_bytes(8, "little") + text + raw[8 + n:]
+
+
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str, metadata: dict | None = None):
     """Write ``tensors`` to ``path`` via a temp file in the same directory and an atomic rename."""
-    from safetensors.torch import save_file
-
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=d)
     os.close(fd)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
-                  metadata=metadata or {"format": "pt"})
+        with open(tmp, "wb") as f:
+            f.write(safetensors_bytes(tensors, metadata))
         user_mode(tmp)  # the temp file is 0600; the result gets the user's normal permissions
         os.replace(tmp, path)
     except BaseException:

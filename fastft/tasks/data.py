@@ -23,6 +23,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..errors import DataError, InputNotFoundError, UsageError
+
 IGNORE_INDEX = -100
 TASK_FIELDS = {"classify": ("text", "label"), "ner": ("tokens", "tags"), "embed": ("query", "positive")}
 _BIO = re.compile(r"^(O|[BI]-\S.*)$")
@@ -31,29 +33,29 @@ _BIO = re.compile(r"^(O|[BI]-\S.*)$")
 def read_task_records(path, task: str) -> list[tuple[int, dict]]:
     """(line number, record) pairs of a task JSONL file, every record checked (see module doc)."""
     if task not in TASK_FIELDS:
-        raise ValueError(f"task must be one of {sorted(TASK_FIELDS)}, got {task!r}")
+        raise UsageError(f"task must be one of {sorted(TASK_FIELDS)}, got {task!r}")
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such data file")
+        raise InputNotFoundError(f"{path}: no such data file")
     if os.path.splitext(path)[1].lower() not in (".jsonl", ".json"):
-        raise ValueError(f"{path}: task data must be a .jsonl file")
+        raise DataError(f"{path}: task data must be a .jsonl file")
     with open(path, encoding="utf-8") as f:
         lines = f.read().split("\n")
     while lines and not lines[-1].strip():
         lines.pop()
     if not lines:
-        raise ValueError(f"{path}:1: empty data file")
+        raise DataError(f"{path}:1: empty data file")
     out = []
     for i, line in enumerate(lines, 1):
         where = f"{path}:{i}"
         if not line.strip():
-            raise ValueError(f"{where}: empty line")
+            raise DataError(f"{where}: empty line")
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+            raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(rec, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
         _check(rec, task, where)
         out.append((i, rec))
     return out
@@ -62,30 +64,30 @@ def read_task_records(path, task: str) -> list[tuple[int, dict]]:
 def _check(rec, task, where):
     missing = [k for k in TASK_FIELDS[task] if k not in rec]
     if missing:
-        raise ValueError(f"{where}: task {task!r} needs fields {list(TASK_FIELDS[task])}; missing {missing} "
+        raise DataError(f"{where}: task {task!r} needs fields {list(TASK_FIELDS[task])}; missing {missing} "
                          f"(got keys {sorted(rec)})")
     if task == "classify":
         if not isinstance(rec["text"], str) or not rec["text"].strip():
-            raise ValueError(f"{where}: 'text' must be a non-empty string")
+            raise DataError(f"{where}: 'text' must be a non-empty string")
         if not isinstance(rec["label"], (str, int)) or isinstance(rec["label"], bool):
-            raise ValueError(f"{where}: 'label' must be a string or an integer, got {rec['label']!r}")
+            raise DataError(f"{where}: 'label' must be a string or an integer, got {rec['label']!r}")
     elif task == "ner":
         toks, tags = rec["tokens"], rec["tags"]
         if not isinstance(toks, list) or not all(isinstance(t, str) and t.strip() for t in toks):
-            raise ValueError(f"{where}: 'tokens' must be a list of non-empty strings")
+            raise DataError(f"{where}: 'tokens' must be a list of non-empty strings")
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-            raise ValueError(f"{where}: 'tags' must be a list of strings")
+            raise DataError(f"{where}: 'tags' must be a list of strings")
         if not tags:
-            raise ValueError(f"{where}: empty tag sequence")
+            raise DataError(f"{where}: empty tag sequence")
         if len(toks) != len(tags):
-            raise ValueError(f"{where}: {len(toks)} tokens but {len(tags)} tags")
+            raise DataError(f"{where}: {len(toks)} tokens but {len(tags)} tags")
         bad = [t for t in tags if not _BIO.match(t)]
         if bad:
-            raise ValueError(f"{where}: tag {bad[0]!r} is not BIO ('O', 'B-TYPE' or 'I-TYPE')")
+            raise DataError(f"{where}: tag {bad[0]!r} is not BIO ('O', 'B-TYPE' or 'I-TYPE')")
     else:
         for k in ("query", "positive", "negative"):
             if k in rec and (not isinstance(rec[k], str) or not rec[k].strip()):
-                raise ValueError(f"{where}: {k!r} must be a non-empty string")
+                raise DataError(f"{where}: {k!r} must be a non-empty string")
 
 
 def labels_of(records, task: str) -> list[str]:
@@ -95,7 +97,7 @@ def labels_of(records, task: str) -> list[str]:
     if task == "ner":
         types = sorted({t[2:] for _, r in records for t in r["tags"] if t != "O"})
         return ["O"] + [f"{p}-{t}" for t in types for p in ("B", "I")]
-    raise ValueError(f"task {task!r} has no labels")
+    raise DataError(f"task {task!r} has no labels")
 
 
 def _special_affixes(tok):
@@ -130,7 +132,7 @@ def tokenize_task(records, tokenizer, task: str, *, labels: Optional[Sequence[st
                   source: str = "data") -> list[dict]:
     """Tokenize checked records (``read_task_records``) into examples for the task's collator."""
     if max_length < 4:
-        raise ValueError(f"max_length must be >= 4, got {max_length}")
+        raise UsageError(f"max_length must be >= 4, got {max_length}")
     lab2id = {str(x): i for i, x in enumerate(labels)} if labels is not None else None
     prefix, suffix = _special_affixes(tokenizer)
     room = max_length - len(prefix) - len(suffix)
@@ -145,18 +147,18 @@ def tokenize_task(records, tokenizer, task: str, *, labels: Optional[Sequence[st
         if task == "classify":
             lab = str(r["label"])
             if lab not in lab2id:
-                raise ValueError(f"{where}: unknown label {lab!r} (labels: {sorted(lab2id)})")
+                raise DataError(f"{where}: unknown label {lab!r} (labels: {sorted(lab2id)})")
             out.append({"input_ids": enc(r["text"]), "labels": lab2id[lab]})
         elif task == "ner":
             unknown = [t for t in r["tags"] if t not in lab2id]
             if unknown:
-                raise ValueError(f"{where}: unknown tag {unknown[0]!r} (tags: {list(lab2id)})")
+                raise DataError(f"{where}: unknown tag {unknown[0]!r} (tags: {list(lab2id)})")
             words = []
             for w in r["tokens"]:
                 ids = list(tokenizer(w, add_special_tokens=False)["input_ids"])
                 if not ids:
                     if unk is None:
-                        raise ValueError(f"{where}: word {w!r} tokenizes to nothing and the tokenizer has no unk")
+                        raise DataError(f"{where}: word {w!r} tokenizes to nothing and the tokenizer has no unk")
                     ids = [unk]
                 words.append(ids)
             ids, labs, kept = align_word_tags(words, [lab2id[t] for t in r["tags"]], len(prefix), len(suffix),
@@ -179,7 +181,7 @@ def load_task_dataset(path, tokenizer, task: str, *, labels: Optional[Sequence[s
     if task != "embed" and labels is None:
         labels = labels_of(records, task)
         if len(labels) < 2:
-            raise ValueError(f"{os.fspath(path)}: needs at least 2 distinct labels to train a classifier, "
+            raise DataError(f"{os.fspath(path)}: needs at least 2 distinct labels to train a classifier, "
                              f"found {labels}")
     return tokenize_task(records, tokenizer, task, labels=labels, max_length=max_length,
                          source=os.fspath(path)), (list(labels) if labels is not None else None)
@@ -199,7 +201,7 @@ def _pad(rows, value):
 def _rows(features, key):
     rows = [f[key] for f in features]
     if any(len(r) == 0 for r in rows):
-        raise ValueError(f"every example needs a non-empty {key!r}")
+        raise DataError(f"every example needs a non-empty {key!r}")
     return rows
 
 
@@ -213,7 +215,7 @@ class ClassificationCollator:
 
     def __call__(self, features):
         if not features:
-            raise ValueError("cannot collate an empty list of examples")
+            raise DataError("cannot collate an empty list of examples")
         ids, am = _pad(_rows(features, "input_ids"), self.pad_token_id)
         batch = {"input_ids": ids, "attention_mask": am}
         if all("labels" in f for f in features):
@@ -228,13 +230,13 @@ class TokenClassificationCollator(ClassificationCollator):
 
     def __call__(self, features):
         if not features:
-            raise ValueError("cannot collate an empty list of examples")
+            raise DataError("cannot collate an empty list of examples")
         ids, am = _pad(_rows(features, "input_ids"), self.pad_token_id)
         batch = {"input_ids": ids, "attention_mask": am}
         if all("labels" in f for f in features):
             labs, _ = _pad([f["labels"] for f in features], IGNORE_INDEX)
             if labs.shape != ids.shape:
-                raise ValueError("an example has a different number of labels than input_ids")
+                raise DataError("an example has a different number of labels than input_ids")
             batch["labels"] = labs
         return batch
 
@@ -247,7 +249,7 @@ class EmbeddingCollator(ClassificationCollator):
 
     def __call__(self, features):
         if not features:
-            raise ValueError("cannot collate an empty list of examples")
+            raise DataError("cannot collate an empty list of examples")
         ids, am = _pad(_rows(features, "input_ids"), self.pad_token_id)
         batch = {"input_ids": ids, "attention_mask": am}
         for k in ("positive", "negative"):

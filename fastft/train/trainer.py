@@ -208,6 +208,10 @@ class Trainer:
         skip = 1 if self.objective == "clm" else 0
         for i in range(len(ds)):
             labels = ds[i].get("labels")
+            if labels is not None and not isinstance(labels, (list, tuple, torch.Tensor)):
+                labels = [labels]  # a class label (sequence classification)
+            elif labels is not None and isinstance(labels, torch.Tensor) and labels.dim() == 0:
+                labels = labels.reshape(1)
             if labels is None or any(int(x) != IGNORE_INDEX for x in list(labels)[skip:]):
                 return
         raise DataError(f"{name}: no example has a target token (every label is {IGNORE_INDEX}, e.g. prompts "
