@@ -543,11 +543,7 @@ def _pad3(lst, fill):
     return list(lst) + [fill] * (3 - len(lst))
 
 
-def _down_fake(x2, As, seeds, p):
-    return [x2.new_empty((x2.shape[0], A.shape[0])) for A in As]
-
-
-@entry("triton_lora_down", fake=_down_fake)
+@entry("triton_lora_down", fake=lambda x2, As, seeds, p: [x2.new_empty((x2.shape[0], A.shape[0])) for A in As])
 def down(x2: torch.Tensor, As: list[torch.Tensor], seeds: list[int], p: float) -> list[torch.Tensor]:
     """u_i = drop_i(x) A_iᵀ for 1-3 projections; x2 (M, K) with unit column stride."""
     M, K = x2.shape
@@ -572,24 +568,14 @@ def fwd(x2, W, u, B, bias, scaling, y=None):
     return fwd_out(x2, W, u, B, bias, float(scaling))
 
 
-def _fwd_out_fake(x2, W, u, B, bias, scaling):
-    return x2.new_empty((x2.shape[0], B.shape[0]))
-
-
-@entry("triton_lora_fwd", fake=_fwd_out_fake)
+@entry("triton_lora_fwd", fake=lambda x2, W, u, B, bias, scaling: x2.new_empty((x2.shape[0], B.shape[0])))
 def fwd_out(x2: torch.Tensor, W: torch.Tensor, u: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None,
             scaling: float) -> torch.Tensor:
-    """y = x Wᵀ + s·u Bᵀ + b, allocated."""
     return _fwd(x2, W, u, B, bias, scaling)
 
 
-def _fwd_add_fake(x2, u, B, scaling, y):
-    return None
-
-
-@entry("triton_lora_fwd_add_", fake=_fwd_add_fake, mutates_args=("y",))
+@entry("triton_lora_fwd_add_", fake=lambda x2, u, B, scaling, y: None, mutates_args=("y",))
 def fwd_add_(x2: torch.Tensor, u: torch.Tensor, B: torch.Tensor, scaling: float, y: torch.Tensor) -> None:
-    """y += s·u Bᵀ in place (y (M, N) holds the base product)."""
     _fwd(x2, None, u, B, None, scaling, y)
 
 
@@ -615,14 +601,9 @@ def matmul(P, Q, M, N, K, strides, alpha, out_dtype, device=None):
     return mm(P, Q, int(M), int(N), int(K), [int(s) for s in strides], float(alpha), out_dtype)
 
 
-def _mm_fake(P, Q, M, N, K, strides, alpha, out_dtype):
-    return P.new_empty((M, N), dtype=out_dtype)
-
-
-@entry("triton_lora_mm", fake=_mm_fake)
+@entry("triton_lora_mm", fake=lambda P, Q, M, N, K, strides, alpha, out_dtype: P.new_empty((M, N), dtype=out_dtype))
 def mm(P: torch.Tensor, Q: torch.Tensor, M: int, N: int, K: int, strides: list[int], alpha: float,
        out_dtype: torch.dtype) -> torch.Tensor:
-    """``matmul``'s launch."""
     C = torch.empty(M, N, device=P.device, dtype=out_dtype)
     spm, spk, sqk, sqn = strides
     TUNED["mm"][gemm_grid(M, N)](P=P, Q=Q, C=C, M=M, N=N, K=K, stride_pm=spm, stride_pk=spk, stride_qk=sqk,
@@ -630,11 +611,7 @@ def mm(P: torch.Tensor, Q: torch.Tensor, M: int, N: int, K: int, strides: list[i
     return C
 
 
-def _dx_fake(dys, Ws, dus, As, seeds, p, M, K, dtype):
-    return dys[0].new_empty((M, K), dtype=dtype)
-
-
-@entry("triton_lora_dx", fake=_dx_fake)
+@entry("triton_lora_dx", fake=lambda dys, Ws, dus, As, seeds, p, M, K, dtype: dys[0].new_empty((M, K), dtype=dtype))
 def _dx(dys: list[torch.Tensor], Ws: list[torch.Tensor], dus: list[torch.Tensor], As: list[torch.Tensor],
         seeds: list[int], p: float, M: int, K: int, dtype: torch.dtype) -> torch.Tensor:
     """dX = Σ dY_i W_i + drop'(Σ du_i A_i); ``Ws`` empty for a base whose dX comes from elsewhere."""
@@ -661,13 +638,8 @@ def _dx(dys: list[torch.Tensor], Ws: list[torch.Tensor], dus: list[torch.Tensor]
     return dx
 
 
-def _dA_fake(x2, dus, seeds, p):
-    return [x2.new_empty((d.shape[1], x2.shape[1])) for d in dus]
-
-
-@entry("triton_lora_dA", fake=_dA_fake)
+@entry("triton_lora_dA", fake=lambda x2, dus, seeds, p: [x2.new_empty((d.shape[1], x2.shape[1])) for d in dus])
 def _dA(x2: torch.Tensor, dus: list[torch.Tensor], seeds: list[int], p: float) -> list[torch.Tensor]:
-    """dA_i = (du_iᵀ drop_i(x))."""
     M, K = x2.shape
     n = len(dus)
     rs = [d.shape[1] for d in dus]

@@ -408,6 +408,7 @@ class LlamaForCausalLM(NativeModel):
         cache = past_key_values if past_key_values is not None else kwargs.get("cache")
         past = cache.length if cache is not None else 0
         kpm = None
+        given_positions = position_ids  # positions made below from shapes are < past + T: nothing to read back
         if (cu_seqlens is None and position_ids is not None and B == 1 and cache is None
                 and attention_mask is None and T > 1):
             # transformers' packing convention (DataCollatorWithFlattening): one row whose
@@ -447,7 +448,7 @@ class LlamaForCausalLM(NativeModel):
             if position_ids is None:
                 position_ids = torch.arange(past, past + T, device=dev)[None].expand(B, T)
             self._check_window(past + T)
-        self._check_length(past + T, position_ids)
+        self._check_length(past + T, given_positions)
 
         m = self.model
         h = m.embed_tokens(input_ids)
