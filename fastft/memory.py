@@ -513,6 +513,58 @@ def _estimate(spec: dict) -> dict:
     return {**spec, "peak_bytes": max(peaks), "weights_bytes": weights, "step_peaks": peaks, "ops": dict(mem.ops)}
 
 
+def longest_seq(spec: dict, budget_bytes: float, *, start: int = 8192, quantum: int = 1024, max_traces: int = 8) -> dict:
+    """The longest sequence (a multiple of ``quantum``) whose traced peak fits ``budget_bytes``:
+    secant steps on traced peaks (the peak grows about linearly in the sequence length here), each
+    candidate traced, until a fitting length and one ``quantum`` longer that does not fit bracket
+    it. Returns {"fits": seq, "fits_peak_bytes", "exceeds": seq or None, "traces": [(seq, peak), ...]}."""
+    traces: list[tuple[int, int]] = []
+
+    def peak(seq: int) -> int:
+        p = estimate({**spec, "seq": seq})["peak_bytes"]
+        traces.append((seq, p))
+        return p
+
+    def q(x: float) -> int:
+        return max(quantum, int(x) // quantum * quantum)
+
+    a, pa = start, peak(start)
+    if pa > budget_bytes:
+        return {"fits": None, "exceeds": start, "traces": traces}
+    b = q(start * 4)
+    pb = peak(b)
+    fit, over = (a, pa), None
+    if pb <= budget_bytes:
+        fit = (b, pb)
+    else:
+        over = (b, pb)
+    while len(traces) < max_traces:
+        if over is not None and over[0] - fit[0] <= quantum:
+            break
+        (x0, y0), (x1, y1) = (fit, over) if over is not None else ((a, pa), fit)
+        slope = (y1 - y0) / max(1, x1 - x0)
+        guess = q(x0 + (budget_bytes - y0) / slope) if slope > 0 else q(x1 * 2)
+        if over is not None:
+            guess = min(max(guess, fit[0] + quantum), over[0] - quantum)
+        if guess == fit[0]:
+            guess += quantum
+        pg = peak(guess)
+        if pg <= budget_bytes:
+            fit = (guess, pg)
+        else:
+            over = (guess, pg)
+        if over is not None and over[0] - fit[0] > quantum and pg <= budget_bytes and len(traces) < max_traces:
+            # check the length one quantum up, so the bracket closes
+            up = fit[0] + quantum
+            pu = peak(up)
+            if pu <= budget_bytes:
+                fit = (up, pu)
+            else:
+                over = (up, pu)
+    return {"fits": fit[0], "fits_peak_bytes": fit[1], "exceeds": None if over is None else over[0],
+            "exceeds_peak_bytes": None if over is None else over[1], "traces": traces}
+
+
 def estimate_anywhere(spec: dict, timeout: float = 600.0) -> dict:
     """``estimate(spec)`` here when this process can trace the spec's device, else in a child."""
     if not spec.get("device", "cuda").startswith("cuda") or fake_cuda_in_process():
@@ -522,8 +574,13 @@ def estimate_anywhere(spec: dict, timeout: float = 600.0) -> dict:
 
 if __name__ == "__main__":
     for _spec in json.loads(sys.argv[1]):
-        print(json.dumps(estimate(_spec)), flush=True)
+        if "longest_within_bytes" in _spec:
+            _res = longest_seq({k: v for k, v in _spec.items() if k != "longest_within_bytes"},
+                               float(_spec["longest_within_bytes"]))
+            print(json.dumps({**_spec, **_res}), flush=True)
+        else:
+            print(json.dumps(estimate(_spec)), flush=True)
 
 
 __all__ = ["GiB", "Linear4bitEmulation", "LiveBytes", "STACKS", "estimate", "estimate_anywhere", "fake_cuda_shim",
-           "fake_trace", "hf_peft_model", "native_model", "run_traced", "train_steps"]
+           "fake_trace", "hf_peft_model", "longest_seq", "native_model", "run_traced", "train_steps"]
