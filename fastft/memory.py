@@ -44,10 +44,10 @@ if __name__ == "__main__" and os.environ.get(SHIM_ENV):
         ctypes.CDLL(os.path.join(_lib, _n), mode=ctypes.RTLD_GLOBAL)
     ctypes.CDLL(os.environ[SHIM_ENV], mode=ctypes.RTLD_GLOBAL)
 
-import torch
-from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_flatten  # noqa: E402
 
 GiB = float(2 ** 30)
 
