@@ -20,6 +20,13 @@ Host side (plain Python):
   the kernels regenerate (``dropout_keep``) for any seed, for tests.
 * ``rows_per_program(row_len)`` and ``row_settings(n_cols)``: the fixed launch heuristics of row-wise
   kernels (no autotune).
+* ``entry(name, fake=...)``: declares a launcher -- a host function that takes tensors and plain
+  scalars (types a ``torch.library`` schema can carry), allocates its outputs and launches kernels
+  -- as a named entry point with a fake implementation (output shapes, dtypes and devices only).
+  Calls go through ``entries()[name].impl``: the raw launcher until the Triton adapter
+  (``fastft/ops/triton_backend.py``) binds each entry to a ``torch.library`` custom op of the same
+  name (this package imports nothing from fastft), so ``torch.compile`` sees one node per launch and
+  a whole step can run on fake CUDA tensors without a GPU.
 * ``launch(kernel, grid, ...)``: every launch goes through it (it drops GPU compile options under the
   interpreter and counts launches: ``count_launches`` lets tests assert which kernels a call ran).
 * ``Tuned``: a GEMM- or attention-shaped kernel's launch: autotuned on a GPU (configs from a
@@ -56,6 +63,48 @@ import triton.language as tl
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 IO_DTYPES = FLOAT_DTYPES + (torch.float64,)
+
+
+# ------------------------------------------------------------------------------------- entry points
+class Entry:
+    """One launcher: ``raw`` (the Python function), ``fake`` (same signature, outputs' metadata
+    only), ``mutates_args`` (arguments written in place; the launcher then returns None), and
+    ``impl``: what calls run (``raw`` until ``bind``)."""
+
+    def __init__(self, name: str, raw: Callable, fake: Callable, mutates_args: tuple):
+        self.name, self.raw, self.fake, self.mutates_args = name, raw, fake, mutates_args
+        self.impl = raw
+
+    def bind(self, impl: Callable) -> None:
+        self.impl = impl
+
+
+_ENTRIES: dict[str, Entry] = {}
+
+
+def entry(name: str, *, fake: Callable, mutates_args: tuple = ()):
+    """Decorator: ``fn`` (annotated with schema types: Tensor, Tensor | None, list[Tensor], int,
+    float, bool, torch.dtype, torch.device, list[int], their optionals) becomes entry point
+    ``name``; the returned function calls the entry's current ``impl``."""
+
+    def deco(fn):
+        if name in _ENTRIES:
+            raise RuntimeError(f"kernel entry {name} is declared twice")
+        e = _ENTRIES[name] = Entry(name, fn, fake, tuple(mutates_args))
+
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            return e.impl(*args, **kwargs)
+
+        call.entry = e
+        return call
+
+    return deco
+
+
+def entries() -> dict[str, Entry]:
+    """Every declared entry point (name -> Entry), once the kernel modules are imported."""
+    return dict(_ENTRIES)
 
 
 # ------------------------------------------------------------------------------------ environment
@@ -194,13 +243,22 @@ def _keep_mask_kernel(OUT, seed, p, ROWS, COLS, BLOCK_R: tl.constexpr, BLOCK_C: 
     tl.store(OUT + rows[:, None].to(tl.int64) * COLS + cols[None, :], keep.to(tl.int8), mask=mask)
 
 
-def keep_mask(seed: int, rows: int, cols: int, p: float, device) -> torch.Tensor:
-    """The (rows, cols) bool mask ``dropout_keep`` gives for ``seed`` (tests, debugging)."""
+def _keep_mask_fake(seed: int, rows: int, cols: int, p: float, device: torch.device) -> torch.Tensor:
+    return torch.empty(max(rows, 1), max(cols, 1), dtype=torch.int8, device=device)
+
+
+@entry("triton_keep_mask", fake=_keep_mask_fake)
+def _keep_mask_int8(seed: int, rows: int, cols: int, p: float, device: torch.device) -> torch.Tensor:
     out = torch.empty(max(rows, 1), max(cols, 1), dtype=torch.int8, device=device)
     if rows and cols:
         grid = (triton.cdiv(rows, 64), triton.cdiv(cols, 64))
         launch(_keep_mask_kernel, grid, out, int(seed), float(p), rows, cols, BLOCK_R=64, BLOCK_C=64)
-    return out[:rows, :cols].bool()
+    return out
+
+
+def keep_mask(seed: int, rows: int, cols: int, p: float, device) -> torch.Tensor:
+    """The (rows, cols) bool mask ``dropout_keep`` gives for ``seed`` (tests, debugging)."""
+    return _keep_mask_int8(int(seed), int(rows), int(cols), float(p), torch.device(device))[:rows, :cols].bool()
 
 
 # --------------------------------------------------------------------------------- row kernels

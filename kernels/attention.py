@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 
 from . import _tma
-from ._common import FLOAT_DTYPES, Tuned, check_device, dot_flags, draw_seed, dropout_keep, keep_mask, mma
+from ._common import FLOAT_DTYPES, Tuned, check_device, dot_flags, draw_seed, dropout_keep, entry, keep_mask, mma
 from .attention_configs import (INTERPRET_DKDV, INTERPRET_DQ, INTERPRET_FWD, TUNE_KEY, bucket, dkdv_configs,
                                 dq_configs, fwd_configs, pruner)
 
@@ -721,6 +721,40 @@ def _backward(p: _Problem, o4, lse, do4):
     return dq4, dk4, dv4
 
 
+# ----------------------------------------------------------------------------- entry points
+def _views4(q, k, v, cu):
+    """The (batch-or-1, H, L, D) views the kernels address (``_Problem``)."""
+    if cu is None:
+        return q, k, v
+    return tuple(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+
+
+def _attn_fwd_fake(q, k, v, kpm, cu, max_seqlen, causal, scale, dropout_p, seed):
+    q4 = _views4(q, k, v, cu)[0]
+    return torch.empty_like(q4), q4.new_empty((q4.shape[0], q4.shape[1], q4.shape[2]), dtype=torch.float32)
+
+
+@entry("triton_attn_fwd", fake=_attn_fwd_fake)
+def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: torch.Tensor | None, cu: torch.Tensor | None,
+             max_seqlen: int, causal: bool, scale: float | None, dropout_p: float,
+             seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o4, lse): the forward kernel over unit-last-stride q/k/v, dense (B, H, L, D) or, with ``cu``,
+    varlen (total, H, D) (o4 is then (1, H, total, D))."""
+    return _forward(_Problem(q, k, v, kpm, cu, max_seqlen, causal, scale, dropout_p, seed))
+
+
+def _attn_bwd_fake(q, k, v, kpm, cu, max_seqlen, causal, scale, dropout_p, seed, o4, lse, do4):
+    return tuple(torch.empty_like(t) for t in _views4(q, k, v, cu))
+
+
+@entry("triton_attn_bwd", fake=_attn_bwd_fake)
+def attn_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: torch.Tensor | None, cu: torch.Tensor | None,
+             max_seqlen: int, causal: bool, scale: float | None, dropout_p: float, seed: int, o4: torch.Tensor,
+             lse: torch.Tensor, do4: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq4, dk4, dv4) in the layout of ``_views4(q, k, v, cu)``."""
+    return _backward(_Problem(q, k, v, kpm, cu, max_seqlen, causal, scale, dropout_p, seed), o4, lse, do4)
+
+
 # ---------------------------------------------------------------------------------- autograd
 class AttentionFunction(torch.autograd.Function):
     """Fused attention with a recompute backward. Dense when ``cu_seqlens`` is None, else varlen
@@ -729,20 +763,21 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, key_padding_mask, cu_seqlens, max_seqlen, causal, scale, dropout_p, seed):
         q, k, v = unit_last(q), unit_last(k), unit_last(v)
-        p = _Problem(q, k, v, key_padding_mask, cu_seqlens, max_seqlen, causal, scale, dropout_p, seed)
-        o4, lse = _forward(p)
+        args = (int(max_seqlen or 0), bool(causal), None if scale is None else float(scale), float(dropout_p),
+                int(seed))
+        o4, lse = attn_fwd(q, k, v, key_padding_mask, cu_seqlens, *args)
         ctx.save_for_backward(q, k, v, o4, lse, key_padding_mask, cu_seqlens)
-        ctx.args = (max_seqlen, causal, scale, dropout_p, seed)
-        return o4.squeeze(0).transpose(0, 1) if p.varlen else o4
+        ctx.args = args
+        return o4.squeeze(0).transpose(0, 1) if cu_seqlens is not None else o4
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o4, lse, kpm, cu = ctx.saved_tensors
-        p = _Problem(q, k, v, kpm, cu, *ctx.args)
+        varlen = cu is not None
         do = unit_last(do)
-        do4 = do.transpose(0, 1).unsqueeze(0) if p.varlen else do
-        dq4, dk4, dv4 = _backward(p, o4, lse, do4)
-        if p.varlen:
+        do4 = do.transpose(0, 1).unsqueeze(0) if varlen else do
+        dq4, dk4, dv4 = attn_bwd(q, k, v, kpm, cu, *ctx.args, o4, lse, do4)
+        if varlen:
             dq4, dk4, dv4 = (t.squeeze(0).transpose(0, 1) for t in (dq4, dk4, dv4))
         return dq4, dk4, dv4, None, None, None, None, None, None, None
 
@@ -813,5 +848,5 @@ def dropout_keep_mask(seed: int, B: int, H: int, T: int, S: int, dropout_p: floa
     return keep_mask(seed, B * H * T, S, dropout_p, device).reshape(B, H, T, S)
 
 
-__all__ = ["AttentionFunction", "ATTN_FWD", "ATTN_DQ", "ATTN_DKDV", "attention", "attention_varlen",
+__all__ = ["AttentionFunction", "ATTN_FWD", "ATTN_DQ", "ATTN_DKDV", "attn_bwd", "attn_fwd", "attention", "attention_varlen",
            "dropout_keep_mask", "fwd_block", "tma_eligible"]

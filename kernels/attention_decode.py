@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import dot_flags, interpreting, launch, num_sms
+from ._common import dot_flags, entry, interpreting, launch, num_sms
 from .attention import LOG2E, check_dense, fwd_block, unit_last
 
 DECODE_MAX_ROWS = 64  # GROUP * T rows per decode program (one tile of query rows)
@@ -137,11 +137,24 @@ def attention_decode(q, k, v, *, causal, scale=None, key_padding_mask=None):
     a cache): q (B, Hq, T, D), k/v (B, Hkv, S >= 1, D), the dense op's semantics."""
     kpm = check_dense(q, k, v, key_padding_mask, 0.0, scale)  # the attention op's checks and messages
     q, k, v = unit_last(q), unit_last(k), unit_last(v)
+    group = q.shape[1] // k.shape[1]
+    if group * q.shape[2] > DECODE_MAX_ROWS:
+        raise ValueError(f"attention_decode: GROUP * T = {group * q.shape[2]} rows exceed {DECODE_MAX_ROWS}")
+    return attn_decode(q, k, v, kpm, bool(causal), None if scale is None else float(scale))
+
+
+def _attn_decode_fake(q, k, v, kpm, causal, scale):
+    return torch.empty_like(q)
+
+
+@entry("triton_attn_decode", fake=_attn_decode_fake)
+def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kpm: torch.Tensor | None, causal: bool,
+                scale: float | None) -> torch.Tensor:
+    """The split-KV decode and combine kernels over checked, unit-last-stride q / k / v (``kpm``:
+    the uint8 (B, S) mask ``check_dense`` returns, or None)."""
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     group = Hq // Hkv
-    if group * T > DECODE_MAX_ROWS:
-        raise ValueError(f"attention_decode: GROUP * T = {group * T} rows exceed {DECODE_MAX_ROWS}")
     block_m = max(16, triton.next_power_of_2(group * T))
     block_d = max(16, triton.next_power_of_2(D))
     block_n = 32 if (block_d >= 256 or interpreting()) else 64
@@ -166,4 +179,4 @@ def attention_decode(q, k, v, *, causal, scale=None, key_padding_mask=None):
     return o
 
 
-__all__ = ["DECODE_MAX_ROWS", "attention_decode", "decode_eligible"]
+__all__ = ["DECODE_MAX_ROWS", "attention_decode", "attn_decode", "decode_eligible"]

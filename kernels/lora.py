@@ -62,7 +62,7 @@ import triton.language as tl
 
 from . import _tma
 from ._autotune import unvalidated
-from ._common import (FLOAT_DTYPES, Tuned, cap, check_device, config, dot_flags, draw_seed, dropout_keep, grouped_pid,
+from ._common import (FLOAT_DTYPES, Tuned, cap, check_device, config, dot_flags, draw_seed, dropout_keep, entry, grouped_pid,
                       interpreting, keep_mask, launch, mma)
 
 __all__ = [
@@ -543,7 +543,8 @@ def _pad3(lst, fill):
     return list(lst) + [fill] * (3 - len(lst))
 
 
-def down(x2, As, seeds, p):
+@entry("triton_lora_down", fake=lambda x2, As, seeds, p: [x2.new_empty((x2.shape[0], A.shape[0])) for A in As])
+def down(x2: torch.Tensor, As: list[torch.Tensor], seeds: list[int], p: float) -> list[torch.Tensor]:
     """u_i = drop_i(x) A_iᵀ for 1-3 projections; x2 (M, K) with unit column stride."""
     M, K = x2.shape
     n = len(As)
@@ -561,6 +562,24 @@ def down(x2, As, seeds, p):
 
 def fwd(x2, W, u, B, bias, scaling, y=None):
     """y = x Wᵀ + s·u Bᵀ + b; with W None, y holds the base product and is updated in place."""
+    if W is None:
+        fwd_add_(x2, u, B, float(scaling), y)
+        return y
+    return fwd_out(x2, W, u, B, bias, float(scaling))
+
+
+@entry("triton_lora_fwd", fake=lambda x2, W, u, B, bias, scaling: x2.new_empty((x2.shape[0], B.shape[0])))
+def fwd_out(x2: torch.Tensor, W: torch.Tensor, u: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None,
+            scaling: float) -> torch.Tensor:
+    return _fwd(x2, W, u, B, bias, scaling)
+
+
+@entry("triton_lora_fwd_add_", fake=lambda x2, u, B, scaling, y: None, mutates_args=("y",))
+def fwd_add_(x2: torch.Tensor, u: torch.Tensor, B: torch.Tensor, scaling: float, y: torch.Tensor) -> None:
+    _fwd(x2, None, u, B, None, scaling, y)
+
+
+def _fwd(x2, W, u, B, bias, scaling, y=None):
     M = x2.shape[0]
     N, r = B.shape
     K = x2.shape[1]
@@ -577,19 +596,29 @@ def fwd(x2, W, u, B, bias, scaling, y=None):
     return y
 
 
-def matmul(P, Q, M, N, K, strides, alpha, out_dtype, device):
-    """alpha · P Q, P (M × K) and Q (K × N) given as (tensor, strides)."""
-    C = torch.empty(M, N, device=device, dtype=out_dtype)
+def matmul(P, Q, M, N, K, strides, alpha, out_dtype, device=None):
+    """alpha · P Q, P (M × K) and Q (K × N) given as (tensor, strides), on P's device."""
+    return mm(P, Q, int(M), int(N), int(K), [int(s) for s in strides], float(alpha), out_dtype)
+
+
+@entry("triton_lora_mm", fake=lambda P, Q, M, N, K, strides, alpha, out_dtype: P.new_empty((M, N), dtype=out_dtype))
+def mm(P: torch.Tensor, Q: torch.Tensor, M: int, N: int, K: int, strides: list[int], alpha: float,
+       out_dtype: torch.dtype) -> torch.Tensor:
+    C = torch.empty(M, N, device=P.device, dtype=out_dtype)
     spm, spk, sqk, sqn = strides
     TUNED["mm"][gemm_grid(M, N)](P=P, Q=Q, C=C, M=M, N=N, K=K, stride_pm=spm, stride_pk=spk, stride_qk=sqk,
                                  stride_qn=sqn, alpha=float(alpha), M_KEY=m_key(M), **dot_flags(P.dtype))
     return C
 
 
-def _dx(dys, Ws, dus, As, seeds, p, M, K, dtype, device):
+@entry("triton_lora_dx", fake=lambda dys, Ws, dus, As, seeds, p, M, K, dtype: dys[0].new_empty((M, K), dtype=dtype))
+def _dx(dys: list[torch.Tensor], Ws: list[torch.Tensor], dus: list[torch.Tensor], As: list[torch.Tensor],
+        seeds: list[int], p: float, M: int, K: int, dtype: torch.dtype) -> torch.Tensor:
+    """dX = Σ dY_i W_i + drop'(Σ du_i A_i); ``Ws`` empty for a base whose dX comes from elsewhere."""
     n = len(dus)
+    device = dys[0].device
     dx = torch.empty(M, K, device=device, dtype=dtype)
-    has_w = Ws is not None
+    has_w = len(Ws) > 0
     Ns = _pad3([d.shape[1] for d in dys], 0)
     dyp = _pad3(dys, dys[0])
     wp = _pad3(Ws, Ws[0]) if has_w else [dx] * 3
@@ -609,7 +638,8 @@ def _dx(dys, Ws, dus, As, seeds, p, M, K, dtype, device):
     return dx
 
 
-def _dA(x2, dus, seeds, p):
+@entry("triton_lora_dA", fake=lambda x2, dus, seeds, p: [x2.new_empty((d.shape[1], x2.shape[1])) for d in dus])
+def _dA(x2: torch.Tensor, dus: list[torch.Tensor], seeds: list[int], p: float) -> list[torch.Tensor]:
     M, K = x2.shape
     n = len(dus)
     rs = [d.shape[1] for d in dus]
@@ -642,8 +672,9 @@ def backward(dys, x2, Ws, As, Bs, us, scalings, p, seeds, need_dx, need_dW, need
         # dB_i = s_i · dY_iᵀ u_i  (N_i × r_i): P = dY_iᵀ via strides (1, N_i)
         dBs = [matmul(dy, u, dy.shape[1], u.shape[1], M, (1, dy.stride(0), u.stride(0), 1), s, dt, dev)
                for dy, u, s in zip(dys, us, scalings)]
-    dAs = _dA(x2, dus, seeds, p) if need_dA else [None] * n
-    dx = _dx(dys, Ws, dus, As, seeds, p, M, K, dt, dev) if need_dx else None
+    dAs = _dA(x2, dus, [int(s) for s in seeds], float(p)) if need_dA else [None] * n
+    dx = _dx(dys, list(Ws) if Ws is not None else [], dus, As, [int(s) for s in seeds], float(p), M, K, dt) \
+        if need_dx else None
     dWs = [None] * n
     if need_dW:
         # dW_i = dY_iᵀ x  (N_i × K)
@@ -742,7 +773,7 @@ class LoraLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, base):
         x2 = rows2d(x)
         N = lora_B.shape[0]
-        u = down(x2, [lora_A], [seed], dropout_p)[0]
+        u = down(x2, [lora_A], [int(seed)], float(dropout_p))[0]
         if base is not None:
             # Add the low-rank term onto the base's fresh output in place (no copy), unless it is a
             # view (autograd forbids modifying a custom Function's view output in place).
@@ -782,7 +813,7 @@ class LoraFusedBaseFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, base, lora_A, lora_B, bias, scaling, dropout_p, seed):
         x2 = rows2d(x)
-        u = down(x2, [lora_A], [seed], dropout_p)[0]
+        u = down(x2, [lora_A], [int(seed)], float(dropout_p))[0]
         y = base.matmul_lora(x2, bias, u, lora_B, scaling)
         ctx.save_for_backward(x2, lora_A, lora_B, u)
         ctx.base = base

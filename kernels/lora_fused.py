@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import Tuned, dot_flags, draw_seed, grouped_pid, launch, mma
+from ._common import Tuned, dot_flags, draw_seed, entry, grouped_pid, launch, mma
 from .lora import (INTERPRET_CONFIG, backward, block_r, cast_inputs, check, down, even_k, fwd, gemm_configs, gemm_grid,
                    gemm_loop, load_k_tile, m_key, prune_gemm, rows2d, tile_origin)
 
@@ -97,6 +97,44 @@ SWIGLU = Tuned(_lora_swiglu_fwd_kernel, configs=lambda: gemm_configs(2), interpr
 SWIGLU_BWD_BLOCK = 1024  # elementwise: a fixed block
 
 
+# ----------------------------------------------------------------------------------- entry points
+def _swiglu_fwd_fake(x2, Wg, Wu, ug, uu, Bg, Bu, bg, bu, sg, su, store):
+    h = x2.new_empty((x2.shape[0], Bg.shape[0]))
+    return [h, torch.empty_like(h), torch.empty_like(h)] if store else [h]
+
+
+@entry("triton_lora_swiglu_fwd", fake=_swiglu_fwd_fake)
+def swiglu_fwd(x2: torch.Tensor, Wg: torch.Tensor, Wu: torch.Tensor, ug: torch.Tensor, uu: torch.Tensor,
+               Bg: torch.Tensor, Bu: torch.Tensor, bg: torch.Tensor | None, bu: torch.Tensor | None, sg: float,
+               su: float, store: bool) -> list[torch.Tensor]:
+    """[h] or, with ``store`` (for backward), [h, g, up]: h = silu(g) ⊙ up of the two LoRA linears."""
+    M, K = x2.shape
+    N = Bg.shape[0]
+    h = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
+    g = torch.empty_like(h) if store else h
+    up = torch.empty_like(h) if store else h
+    rmax = max(ug.shape[1], uu.shape[1])
+    SWIGLU[gemm_grid(M, N)](
+        X=x2, WG=Wg, WU=Wu, UG=ug, UU=uu, BG=Bg, BU=Bu, BIASG=bg if bg is not None else Bg,
+        BIASU=bu if bu is not None else Bu, G=g, UP=up, H=h, M=M, N=N, K=K, RG=ug.shape[1], RU=uu.shape[1],
+        stride_xm=x2.stride(0), sg=sg, su=su, M_KEY=m_key(M),
+        HAS_BIAS=bg is not None, STORE_GU=store, BLOCK_R=block_r(rmax), **dot_flags(x2.dtype))
+    return [h, g, up] if store else [h]
+
+
+def _swiglu_bwd_fake(dh2, g, up):
+    return torch.empty_like(g), torch.empty_like(up)
+
+
+@entry("triton_swiglu_bwd", fake=_swiglu_bwd_fake)
+def swiglu_bwd(dh2: torch.Tensor, g: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dg, dup) of h = silu(g) ⊙ up, elementwise over contiguous tensors."""
+    dg, dup = torch.empty_like(g), torch.empty_like(up)
+    n = dh2.numel()
+    launch(_swiglu_bwd_kernel, (triton.cdiv(n, SWIGLU_BWD_BLOCK),), dh2, g, up, dg, dup, n, BLOCK=SWIGLU_BWD_BLOCK)
+    return dg, dup
+
+
 # ------------------------------------------------------------------------------------- autograd
 class LoraMultiFunction(torch.autograd.Function):
     """1-3 LoRA linears of one x (q/k/v): y_i = x W_iᵀ + b_i + s_i (drop_i(x) A_iᵀ) B_iᵀ.
@@ -109,7 +147,7 @@ class LoraMultiFunction(torch.autograd.Function):
     def forward(ctx, x, n, scalings, dropout_p, seeds, *tensors):
         Ws, As, Bs, bs = (list(tensors[i * n:(i + 1) * n]) for i in range(4))
         x2 = rows2d(x)
-        us = down(x2, As, seeds, dropout_p)
+        us = down(x2, As, [int(t) for t in seeds], float(dropout_p))
         ys = [fwd(x2, W, u, B, b, s).view(*x.shape[:-1], B.shape[0])
               for W, u, B, b, s in zip(Ws, us, Bs, bs, scalings)]
         ctx.save_for_backward(x2, *Ws, *As, *Bs, *us)
@@ -146,19 +184,12 @@ class LoraSwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scalings, dropout_p, seeds, Wg, Wu, Ag, Au, Bg, Bu, bg, bu):
         x2 = rows2d(x)
-        M, K = x2.shape
         N = Bg.shape[0]
-        ug, uu = down(x2, [Ag, Au], seeds, dropout_p)
+        ug, uu = down(x2, [Ag, Au], [int(t) for t in seeds], float(dropout_p))
         store = any(ctx.needs_input_grad)
-        h = torch.empty(M, N, device=x.device, dtype=x.dtype)
-        g = torch.empty_like(h) if store else h
-        up = torch.empty_like(h) if store else h
-        rmax = max(Ag.shape[0], Au.shape[0])
-        SWIGLU[gemm_grid(M, N)](
-            X=x2, WG=Wg, WU=Wu, UG=ug, UU=uu, BG=Bg, BU=Bu, BIASG=bg if bg is not None else Bg,
-            BIASU=bu if bu is not None else Bu, G=g, UP=up, H=h, M=M, N=N, K=K, RG=Ag.shape[0], RU=Au.shape[0],
-            stride_xm=x2.stride(0), sg=float(scalings[0]), su=float(scalings[1]), M_KEY=m_key(M),
-            HAS_BIAS=bg is not None, STORE_GU=store, BLOCK_R=block_r(rmax), **dot_flags(x.dtype))
+        outs = swiglu_fwd(x2, Wg, Wu, ug, uu, Bg, Bu, bg, bu, float(scalings[0]), float(scalings[1]), store)
+        h = outs[0]
+        g, up = (outs[1], outs[2]) if store else (h, h)
         ctx.save_for_backward(x2, Wg, Wu, Ag, Au, Bg, Bu, ug, uu, g, up)
         ctx.scalings, ctx.p, ctx.seeds, ctx.x_shape = scalings, dropout_p, seeds, x.shape
         ctx.has_bias = bg is not None
@@ -169,9 +200,7 @@ class LoraSwiGLUFunction(torch.autograd.Function):
         x2, Wg, Wu, Ag, Au, Bg, Bu, ug, uu, g, up = ctx.saved_tensors
         N = Bg.shape[0]
         dh2 = dh.reshape(-1, N).contiguous()
-        dg, dup = torch.empty_like(g), torch.empty_like(up)
-        n = dh2.numel()
-        launch(_swiglu_bwd_kernel, (triton.cdiv(n, SWIGLU_BWD_BLOCK),), dh2, g, up, dg, dup, n, BLOCK=SWIGLU_BWD_BLOCK)
+        dg, dup = swiglu_bwd(dh2, g, up)
         nig = ctx.needs_input_grad
         dx, dWs, dAs, dBs = backward([dg, dup], x2, [Wg, Wu], [Ag, Au], [Bg, Bu], [ug, uu], ctx.scalings, ctx.p,
                                      ctx.seeds, nig[0], nig[4] or nig[5], nig[6] or nig[7], nig[8] or nig[9])

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (FLOAT_DTYPES, Tuned, cap, cast, check_device, config, grouped_pid, matmul_precision, mma,
+from ._common import (FLOAT_DTYPES, Tuned, cap, cast, check_device, config, entry, grouped_pid, matmul_precision, mma,
                       num_sms, upcast)
 from .quant_decode import DECODE_MAX_M, epilogue, lora_args, quant_decode
 from .quant_pack import NESTED_BLOCK, QuantMeta, QuantTensors, check_meta, dequant_tile, dummy
@@ -264,11 +264,38 @@ def _tensor_args(t: QuantTensors, d) -> tuple:
 def matmul_fwd(x2, meta: QuantMeta, t: QuantTensors, bias, split_k=None, out=None, lora=None):
     """x2 (M, K) contiguous -> ``out`` (M, N) in x2's dtype (allocated when None); ``lora`` =
     (u (M, r), B (N, r), scaling) adds scaling · u Bᵀ in the kernel's epilogue."""
+    if out is None:
+        out = torch.empty((x2.shape[0], meta.N), dtype=x2.dtype, device=x2.device)
+    u, lb, scaling = lora if lora is not None else (None, None, 0.0)
+    matmul_fwd_into(x2, *t, bias, u, lb, float(scaling), *_meta_args(meta), split_k, out)
+    return out
+
+
+def _meta_args(meta: QuantMeta) -> tuple:
+    return (meta.qtype, meta.N, meta.K, meta.qblock, meta.double_quant, meta.symmetric, float(meta.offset))
+
+
+def _fwd_into_fake(x2, data, scale, aux, auxmap, qmap, bias, lora_u, lora_B, scaling, qtype, N, K, qblock,
+                   double_quant, symmetric, offset, split_k, out):
+    return None
+
+
+@entry("triton_quant_matmul_fwd_", fake=_fwd_into_fake, mutates_args=("out",))
+def matmul_fwd_into(x2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, aux: torch.Tensor | None,
+                    auxmap: torch.Tensor | None, qmap: torch.Tensor | None, bias: torch.Tensor | None,
+                    lora_u: torch.Tensor | None, lora_B: torch.Tensor | None, scaling: float, qtype: int, N: int,
+                    K: int, qblock: int, double_quant: bool, symmetric: bool, offset: float, split_k: int | None,
+                    out: torch.Tensor) -> None:
+    """``matmul_fwd``'s launch into ``out`` (the quant GEMM, or at <= 16 rows the decode kernel)."""
+    meta = QuantMeta(qtype, N, K, qblock, double_quant, symmetric, offset)
+    lora = None if lora_u is None else (lora_u, lora_B, scaling)
+    _matmul_fwd(x2, meta, QuantTensors(data, scale, aux, auxmap, qmap), bias, split_k, out, lora)
+
+
+def _matmul_fwd(x2, meta: QuantMeta, t: QuantTensors, bias, split_k, out, lora):
     M, K = x2.shape
     N = meta.N
     dev = x2.device
-    if out is None:
-        out = torch.empty((M, N), dtype=x2.dtype, device=dev)
     if M == 0 or N == 0:
         return out
     if K == 0:
@@ -305,6 +332,20 @@ def matmul_fwd(x2, meta: QuantMeta, t: QuantTensors, bias, split_k=None, out=Non
 
 def matmul_bwd(dy2, meta: QuantMeta, t: QuantTensors):
     """dy2 (M, N) contiguous -> dX (M, K) in dy2's dtype."""
+    return matmul_bwd_out(dy2, *t, *_meta_args(meta))
+
+
+def _bwd_fake(dy2, data, scale, aux, auxmap, qmap, qtype, N, K, qblock, double_quant, symmetric, offset):
+    return dy2.new_empty((dy2.shape[0], K))
+
+
+@entry("triton_quant_matmul_bwd", fake=_bwd_fake)
+def matmul_bwd_out(dy2: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, aux: torch.Tensor | None,
+                   auxmap: torch.Tensor | None, qmap: torch.Tensor | None, qtype: int, N: int, K: int, qblock: int,
+                   double_quant: bool, symmetric: bool, offset: float) -> torch.Tensor:
+    """``matmul_bwd``'s launch."""
+    meta = QuantMeta(qtype, N, K, qblock, double_quant, symmetric, offset)
+    t = QuantTensors(data, scale, aux, auxmap, qmap)
     M, N = dy2.shape
     K = meta.K
     dev = dy2.device

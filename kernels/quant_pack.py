@@ -60,7 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import IO_DTYPES, cast, check_device, launch, rows_per_program, upcast
+from ._common import IO_DTYPES, cast, check_device, entry, launch, rows_per_program, upcast
 
 NESTED_BLOCK = 256  # bitsandbytes' block size for the double-quantized absmax (fastft.quant.nf4.NESTED_BLOCKSIZE)
 # bitsandbytes clamps absmax to this before taking 1 / absmax: all-zero blocks quantize to 0, not NaN
@@ -395,6 +395,13 @@ def _check_blocksize(blocksize: int, what: str) -> None:
         raise ValueError(f"{what}: blocksize={blocksize} must be a power of two >= 32")
 
 
+def _nf4_quantize_fake(w, blocksize, midpoints):
+    n = w.numel()
+    return (w.new_empty(((n + 1) // 2, 1), dtype=torch.uint8),
+            w.new_empty((-(-n // blocksize),), dtype=torch.float32))
+
+
+@entry("triton_nf4_quantize", fake=_nf4_quantize_fake)
 def nf4_quantize_raw(w: torch.Tensor, blocksize: int, midpoints: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(data uint8 ((n+1)//2, 1), absmax fp32 (nblocks,)) of ``w`` (any shape; flattened row-major)
     in bitsandbytes' layout; ``midpoints``: the 15 fp32 midpoints of the sorted NF4 codebook."""
@@ -415,6 +422,13 @@ def nf4_quantize_raw(w: torch.Tensor, blocksize: int, midpoints: torch.Tensor) -
     return data, absmax
 
 
+def _dq8_fake(absmax, offset, midpoints_f64):
+    n = absmax.numel()
+    return (absmax.new_empty((n,), dtype=torch.uint8),
+            absmax.new_empty((-(-n // NESTED_BLOCK),), dtype=torch.float32))
+
+
+@entry("triton_nf4_double_quantize", fake=_dq8_fake)
 def nf4_double_quantize_raw(absmax: torch.Tensor, offset: float,
                             midpoints_f64: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes uint8 (nblocks,), nested_absmax fp32 (cdiv(nblocks, 256),)): ``absmax - offset``
@@ -444,7 +458,30 @@ def nf4_dequantize_raw(data, absmax, quant_map, shape, blocksize, dtype=torch.fl
     """Dense tensor of ``shape`` and ``dtype`` from NF4 fields (double quant when nested_absmax).
 
     ``workspace``: a flat contiguous buffer of ``dtype`` on the weight's device with at least
-    ``nf4_workspace_numel(shape, dtype)`` elements; the result is then a view of it (nothing allocated)."""
+    ``nf4_workspace_numel(shape, dtype)`` elements; the result is then a view of it (nothing
+    allocated). That path launches directly: a custom op cannot return a view of its input."""
+    if workspace is not None:
+        return _nf4_dequantize_launch(data, absmax, quant_map, shape, blocksize, dtype, nested_absmax,
+                                      nested_quant_map, offset, workspace)
+    return nf4_dequantize_op(data, absmax, quant_map, [int(d) for d in shape], int(blocksize), dtype, nested_absmax,
+                             nested_quant_map, None if offset is None else float(offset))
+
+
+def _nf4_dequantize_fake(data, absmax, quant_map, shape, blocksize, dtype, nested_absmax, nested_quant_map, offset):
+    return data.new_empty(shape, dtype=dtype)
+
+
+@entry("triton_nf4_dequantize", fake=_nf4_dequantize_fake)
+def nf4_dequantize_op(data: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor, shape: list[int],
+                      blocksize: int, dtype: torch.dtype, nested_absmax: torch.Tensor | None,
+                      nested_quant_map: torch.Tensor | None, offset: float | None) -> torch.Tensor:
+    """``nf4_dequantize_raw``'s launch into a fresh tensor (the custom op the fake traces)."""
+    return _nf4_dequantize_launch(data, absmax, quant_map, shape, blocksize, dtype, nested_absmax, nested_quant_map,
+                                  offset, None)
+
+
+def _nf4_dequantize_launch(data, absmax, quant_map, shape, blocksize, dtype, nested_absmax, nested_quant_map, offset,
+                           workspace):
     if dtype not in IO_DTYPES:
         raise TypeError(f"nf4_dequantize: dtype must be a floating-point dtype, got {dtype}")
     _check_blocksize(blocksize, "nf4_dequantize")
@@ -493,6 +530,21 @@ def nf4_dequantize_raw(data, absmax, quant_map, shape, blocksize, dtype=torch.fl
 
 def int4_quantize_raw(w: torch.Tensor, group_size: int = 128, symmetric: bool = False):
     """(data uint8 (out, in/2), scales fp32 (out, in/group_size), zeros fp32 or None) of a 2-D ``w``."""
+    data, scales, zeros = int4_quantize_op(w, int(group_size), bool(symmetric))
+    return data, scales, None if symmetric else zeros
+
+
+def _int4_quantize_fake(w, group_size, symmetric):
+    N, K = w.shape
+    scales = w.new_empty((N, K // group_size), dtype=torch.float32)
+    return (w.new_empty((N, K // 2), dtype=torch.uint8), scales,
+            w.new_empty((0,) if symmetric else scales.shape, dtype=torch.float32))
+
+
+@entry("triton_int4_quantize", fake=_int4_quantize_fake)
+def int4_quantize_op(w: torch.Tensor, group_size: int,
+                     symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``int4_quantize_raw``'s launch; zeros is an empty tensor when ``symmetric``."""
     if w.dtype not in IO_DTYPES:
         raise TypeError(f"int4_quantize: expected a floating-point tensor, got {w.dtype}")
     if w.dim() != 2:
@@ -510,7 +562,7 @@ def int4_quantize_raw(w: torch.Tensor, group_size: int = 128, symmetric: bool = 
         launch(_int4_quantize_kernel, (triton.cdiv(N, rows), K // group_size), w, data, scales,
                zeros if zeros is not None else scales, N, K, G=group_size, SYMMETRIC=symmetric, ROWS=rows,
                num_warps=QUANTIZE_WARPS, **EXACT_LAUNCH)
-    return data, scales, zeros
+    return data, scales, zeros if zeros is not None else torch.empty(0, dtype=torch.float32, device=dev)
 
 
 def nf4_workspace_numel(shape, dtype) -> int:
@@ -524,7 +576,24 @@ def nf4_workspace_numel(shape, dtype) -> int:
 
 def int4_dequantize_raw(data, scales, zeros, shape, group_size, dtype=torch.float32, workspace=None) -> torch.Tensor:
     """Dense (out, in) ``dtype`` from int4 fields: (q - zero) * scale in fp32, one cast.
-    ``workspace``: as for ``nf4_dequantize_raw`` (at least out * in elements)."""
+    ``workspace``: as for ``nf4_dequantize_raw`` (at least out * in elements; a direct launch)."""
+    if workspace is not None:
+        return _int4_dequantize_launch(data, scales, zeros, shape, group_size, dtype, workspace)
+    return int4_dequantize_op(data, scales, zeros, [int(d) for d in shape], int(group_size), dtype)
+
+
+def _int4_dequantize_fake(data, scales, zeros, shape, group_size, dtype):
+    return data.new_empty(shape, dtype=dtype)
+
+
+@entry("triton_int4_dequantize", fake=_int4_dequantize_fake)
+def int4_dequantize_op(data: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, shape: list[int],
+                       group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """``int4_dequantize_raw``'s launch into a fresh tensor (the custom op the fake traces)."""
+    return _int4_dequantize_launch(data, scales, zeros, shape, group_size, dtype, None)
+
+
+def _int4_dequantize_launch(data, scales, zeros, shape, group_size, dtype, workspace):
     if dtype not in IO_DTYPES:
         raise TypeError(f"int4_dequantize: dtype must be a floating-point dtype, got {dtype}")
     N, K = (int(s) for s in shape)

@@ -11,6 +11,11 @@ The twin of ``fastft/ops/cpp.py``. ``fastft.kernels`` imports only torch and tri
   decode kernel with the LoRA term in its epilogue;
 * picks the kernel within the backend: forward-only attention with a few query rows per KV group
   runs the split-KV decode kernel;
+* turns every kernel launcher the kernel modules declare as an entry point (``kernels/_common.py``
+  ``entry``: ``triton_attn_fwd``, ``triton_lora_down``, ``triton_nf4_dequantize``, ...) into a
+  ``torch.library`` custom op ``fastft::<name>`` with its fake implementation
+  (``fastft.ops.library.kernel_op``), so ``torch.compile`` sees one node per launch and a step can
+  be traced on fake CUDA tensors without a GPU (``fastft/ops/fake_step.py``);
 * registers the ops, each with the predicate of the calls it does not take (they run the
   reference, and ``fastft.ops.backend_for(op, device, *args)`` says so):
 
@@ -41,13 +46,14 @@ from __future__ import annotations
 
 import torch
 
+from fastft.kernels import _common as _kcommon
 from fastft.kernels import attention as _attn
 from fastft.kernels import attention_decode as _attn_decode
 from fastft.kernels import cross_entropy as _ce
 from fastft.kernels import gelu as _gelu
 from fastft.kernels import layer_norm as _ln
 from fastft.kernels import lora as _lora
-from fastft.kernels import lora_fused as _lora_fused
+from fastft.kernels import lora_fused as _lora_fused  # noqa: F401  (declares its entry points)
 from fastft.kernels import quant_decode as _qdecode
 from fastft.kernels import quant_matmul as _qmm
 from fastft.kernels import quant_pack as _qpack
@@ -62,8 +68,19 @@ from fastft.quant.nf4 import NF4Weight, check_nf4_args, double_quant_offset
 from . import dispatch
 from .argcheck import check_targets
 from .dispatch import register
-from .library import kernel_op
+from .library import kernel_op, registered
 from .reference_quant import check_quant_matmul_args
+
+
+def _bind_entries() -> None:
+    """Every kernel entry point becomes the custom op ``fastft::<name>`` (once per process)."""
+    ops = registered()
+    for name, e in _kcommon.entries().items():
+        op = ops.get(name) or kernel_op(name, fake=e.fake, mutates_args=e.mutates_args)(e.raw)
+        e.bind(op)
+
+
+_bind_entries()
 
 
 # ----------------------------------------------------------------------------------- quantized weights
