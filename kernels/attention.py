@@ -36,16 +36,14 @@ Semantics (same as ``fastft.ops.reference.attention`` / ``attention_varlen``):
 * Forward-only calls with a few query rows per KV group (generation) have their own split-KV kernel,
   ``kernels/attention_decode.py``, which reuses this file's forward block (``fwd_block``);
   ``fastft.ops.triton_backend`` picks it.
-
 * Autotuning: ``kernels/attention_configs.py`` (config lists pruned per launch by a register model
   fitted to AOT compiles for sm_80 / sm_90; keys bucket the lengths to powers of two). On Hopper the
   forward offers TMA loads of K / V (``USE_TMA``, where ``tma_eligible``) and a software-pipelined
-  interior loop (``PIPE``). Under the interpreter: one config.
-* Causal launches start with the longest query blocks (reverse row-block order) to shorten the tail.
+  interior loop (``PIPE``). Under the interpreter: one config. Causal launches start with the
+  longest query blocks (reverse row-block order) to shorten the tail.
 
 Limits: D <= 256; dropout_p in [0, 1); CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests);
-batch x heads <= 65535 (grid dimension). No warp specialization.
-"""
+batch x heads <= 65535 (grid dimension). No warp specialization."""
 from __future__ import annotations
 
 import math

@@ -21,27 +21,18 @@ dropout mask is never stored: every kernel that needs it regenerates it from Phi
 ``dropout_mask(seed, ...)`` can materialise exactly the mask the kernels used (the tests compare
 with the reference given it).
 
-The down projection, dA and dX kernels take 1-3 projections of one x (``NUM_SEG``), which
-``kernels/lora_fused.py`` (``lora_qkv``, ``lora_gate_up_swiglu``) uses; a single projection is
-``NUM_SEG = 1``.
+The down projection, dA and dX kernels take 1-3 projections of one x (``NUM_SEG``; 1 for a single
+projection), which ``kernels/lora_fused.py`` (``lora_qkv``, ``lora_gate_up_swiglu``) uses.
 
-A weight the kernels do not read themselves (a 4-bit one) comes as a frozen base object (see
-``LoraLinearFunction`` and ``LoraFusedBaseFunction``; ``fastft.ops.triton_backend`` makes one for
-``NF4Weight`` / ``Int4Weight``): ``shape`` (out, in), ``device``, ``matmul(x, bias)`` (the base
-product with its own autograd: dX flows, W frozen), ``fused(x2)`` (whether ``matmul_lora`` serves
-these rows), ``matmul_lora(x2, bias, u, B, s)`` (forward only: base + s·u Bᵀ in one kernel, the quant
-decode kernel's LoRA epilogue at <= 16 rows) and ``grad_x(dy2)`` (dY W). The rank-r part stays
-fused: ``_lora_fwd_kernel`` with BASE_IN adds s·u Bᵀ onto the base output in place (a copy only when
-the base returns a view), and the dX kernel runs without its base loop (HAS_W = False); autograd
-sums the two dX parts.
+A 4-bit weight comes as a frozen base object; its protocol is in docs/CONTRACTS.md ("Frozen bases").
 
 Launches: forward 2 (down projection, fused GEMM); backward 4 (du, dB, dA, fused dX), +1 for dW
 and a torch reduction for db. The GEMM-shaped kernels autotune over ``gemm_configs()`` (pruned per
 shape and shared-memory budget; key buckets M to a power of two so varying batches reuse tunings);
 the memory-bound rank-r kernels (down projection, dA) use fixed tiles (``_rank_tiles``); under
 the interpreter every kernel runs one small config. ``tests/test_aot_lora.py`` compiles the configs
-for sm_80 / sm_90 and checks register spills (which is why 128×256 tiles are not offered).
-The forward's and dX's K-loops have a TMA variant (``USE_TMA`` configs, Hopper, ``kernels/_tma.py``).
+for sm_80 / sm_90 and checks register spills (which is why 128×256 tiles are not offered). The
+forward's and dX's K-loops have a TMA variant (``USE_TMA`` configs, Hopper, ``kernels/_tma.py``).
 
 Dtypes: x, W in fp16 / bf16 / fp32 (the same dtype; under autocast everything is cast to the
 autocast dtype first); A, B and bias are cast to x's dtype. All accumulation is fp32; fp32 dots

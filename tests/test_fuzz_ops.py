@@ -153,7 +153,12 @@ def gold_attention(q, k, v, causal, mask):
 
 
 # --- elementwise / row ops -----------------------------------------------------------------------
-@pytest.mark.parametrize("op,backend", cases("rms_norm", "silu_mul"))
+def gold_add_rms_norm(x, r, w, eps):
+    s = x + r
+    return torch.cat([gold_rms_norm(s, w, eps), s], dim=-1)  # both outputs, one tensor for the gradient check
+
+
+@pytest.mark.parametrize("op,backend", cases("rms_norm", "add_rms_norm", "layer_norm", "gelu", "silu_mul"))
 def test_fuzz_rowwise(op, backend):
     @settings(max_examples=examples(backend), **COMMON)
     @given(st.data())
@@ -174,6 +179,35 @@ def test_fuzz_rowwise(op, backend):
             got = fwd_bwd(lambda a, b: fn(a, b, eps), [x, w])
             gold = fwd_bwd(lambda a, b: gold_rms_norm(a, b, eps), [x.double(), w.double()])
             lowp = fwd_bwd(lambda a, b: gold_rms_norm(a, b, eps), [x, w])
+        elif op == "add_rms_norm":
+            eps = data.draw(st.sampled_from([1e-6, 1e-5, 0.5]))
+            x = lay_out(rand(shape, dtype, seed, scale=data.draw(st.sampled_from([1e-3, 1.0, 30.0]))), layout)
+            r, w = rand(shape, dtype, seed + 2), rand(shape[-1:], dtype, seed + 1)
+            if not runs(op, backend, x, r, w, eps):
+                return
+            got = fwd_bwd(lambda a, b, c: torch.cat(fn(a, b, c, eps), dim=-1), [x, r, w])
+            gold = fwd_bwd(lambda a, b, c: gold_add_rms_norm(a, b, c, eps), [x.double(), r.double(), w.double()])
+            lowp = fwd_bwd(lambda a, b, c: gold_add_rms_norm(a, b, c, eps), [x, r, w])
+        elif op == "layer_norm":
+            eps = data.draw(st.sampled_from([1e-12, 1e-5, 0.5]))
+            x = lay_out(rand(shape, dtype, seed, scale=data.draw(st.sampled_from([1e-2, 1.0, 30.0]))), layout)
+            w, b = rand(shape[-1:], dtype, seed + 1), rand(shape[-1:], dtype, seed + 2)
+            if not runs(op, backend, x, w, b, eps):
+                return
+
+            def ln(a, ww, bb):
+                return F.layer_norm(a, a.shape[-1:], ww, bb, eps)
+
+            got = fwd_bwd(lambda a, ww, bb: fn(a, ww, bb, eps), [x, w, b])
+            gold = fwd_bwd(ln, [x.double(), w.double(), b.double()])
+            lowp = fwd_bwd(ln, [x, w, b])
+        elif op == "gelu":
+            x = lay_out(rand(shape, dtype, seed, scale=data.draw(st.sampled_from([1e-2, 1.0, 8.0]))), layout)
+            if not runs(op, backend, x):
+                return
+            got = fwd_bwd(fn, [x])
+            gold = fwd_bwd(F.gelu, [x.double()])
+            lowp = fwd_bwd(F.gelu, [x])
         else:
             g, u = lay_out(rand(shape, dtype, seed, 3.0), layout), rand(shape, dtype, seed + 1)
             if not runs(op, backend, g, u):
@@ -394,8 +428,8 @@ def test_every_public_op_is_fuzzed_or_listed():
     """New public ops must get a fuzz test here (or a stated reason)."""
     import fastft.ops as ops
 
-    fuzzed = {"rms_norm", "silu_mul", "rope", "lora_linear", "quant_matmul", "attention", "cross_entropy_grad_",
-              "linear_cross_entropy"}
+    fuzzed = {"rms_norm", "add_rms_norm", "layer_norm", "gelu", "silu_mul", "rope", "lora_linear", "quant_matmul",
+              "attention", "cross_entropy_grad_", "linear_cross_entropy"}
     # bit-exact against bitsandbytes and the reference in test_quant*.py; attention_varlen is attention
     # per document (test_attention.py, test_cpu_step.py)
     elsewhere = {"nf4_quantize", "nf4_dequantize", "int4_quantize", "int4_dequantize", "attention_varlen"}
