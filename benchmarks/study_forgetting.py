@@ -18,9 +18,9 @@ process's ``ru_maxrss``: model, optimizer, activations and the Python/torch runt
 model's task and reference metrics are measured once per model.
 
 Budget: the encoder half took 430 s with one thread per run on a shared, overloaded 2-core machine
-(benchmarks/results/study.md). The generative half is predicted (not measured) at 10-15 min on 2
-quiet cores: a SmolLM2 step is ~12x an all-MiniLM-L6-v2 step (parameters x tokens). ``--threads 1``
-is faster than the default (all cores) when other jobs share the CPU.
+(benchmarks/results/study.md); the generative half at ``--steps 20 --docs 24`` took 966 s there. At
+the full settings (60 steps, 48 documents) it is predicted (not measured) at 10-15 min on 2 quiet
+cores. ``--threads 1`` is faster than the default (all cores) when other jobs share the CPU.
 
 Outputs: ``benchmarks/results/study.jsonl`` (one row per run, appended), ``study.md`` (the latest
 run as a table) and ``study.png`` (task gain against forgetting).
