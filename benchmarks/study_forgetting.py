@@ -270,9 +270,10 @@ def plot(rows, out_png):
     FigureCanvasAgg(fig)
     for i, k in enumerate(kinds):
         ax = fig.add_subplot(1, len(kinds), i + 1)
-        for r in (r for r in rows if r["kind"] == k):
+        for j, r in enumerate(r for r in rows if r["kind"] == k):
             ax.scatter(r["forgetting"], r["task_gain"], s=40)
-            ax.annotate(label(r), (r["forgetting"], r["task_gain"]), fontsize=8, xytext=(4, 3),
+            # alternate label sides so that neighbouring points stay legible
+            ax.annotate(label(r), (r["forgetting"], r["task_gain"]), fontsize=8, xytext=(4, 4 if j % 2 else -10),
                         textcoords="offset points")
         sub = [r for r in rows if r["kind"] == k]
         unit = "relative perplexity increase" if sub[0]["ref_metric"] == "reference_perplexity" else \
