@@ -95,7 +95,6 @@ def test_task_encoder_is_scored_with_the_base_head(bert_dirs, tok):
 
 
 def test_bare_encoder_is_scored_by_reference_retrieval(bert_dirs, tok):
-    from fastft.models.heads import mean_pool
     from fastft.tasks.metrics import mrr
 
     clf = fastft.from_pretrained(bert_dirs["bare"], task="classify", labels=["a", "b"])

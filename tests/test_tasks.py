@@ -6,7 +6,6 @@ QLoRA and bottleneck adapters (reloaded by fastft), on tiny random BERT / RoBERT
 whatever the training changed, and a perturbation changes every tensor (LoRA B starts at zero, a
 head starts random) so nothing can be missed by a test that happens to start from the initial values.
 """
-import os
 
 import pytest
 import torch
