@@ -18,9 +18,9 @@ process's ``ru_maxrss``: model, optimizer, activations and the Python/torch runt
 model's task and reference metrics are measured once per model.
 
 Budget: the encoder half took 430 s with one thread per run on a shared, overloaded 2-core machine
-(benchmarks/results/study.md). The generative half is predicted (not measured) at 10-15 min on 2
-quiet cores: a SmolLM2 step is ~12x an all-MiniLM-L6-v2 step (parameters x tokens). ``--threads 1``
-is faster than the default (all cores) when other jobs share the CPU.
+(benchmarks/results/study.md); the generative half at ``--steps 20 --docs 24`` took 966 s there. At
+the full settings (60 steps, 48 documents) it is predicted (not measured) at 10-15 min on 2 quiet
+cores. ``--threads 1`` is faster than the default (all cores) when other jobs share the CPU.
 
 Outputs: ``benchmarks/results/study.jsonl`` (one row per run, appended), ``study.md`` (the latest
 run as a table) and ``study.png`` (task gain against forgetting).
@@ -231,7 +231,7 @@ def run_one(kind, path, method, r, quick, base):
             "trainable_params": trainable, "total_params": total, "steps": s["steps"], "batch": s["batch"],
             "task_before": base["task_metric"], "task_after": after, "task_gain": after - base["task_metric"],
             "ref_metric": ref["metric"], "ref_base": base["ref_value"], "ref_tuned": ref["value"],
-            "forgetting": forgetting, "final_loss": res.final_loss, "train_s": train_s,
+            "forgetting": forgetting, "final_loss": res.final_loss, "train_s": train_s, "ref_docs": s["docs"],
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -270,9 +270,10 @@ def plot(rows, out_png):
     FigureCanvasAgg(fig)
     for i, k in enumerate(kinds):
         ax = fig.add_subplot(1, len(kinds), i + 1)
-        for r in (r for r in rows if r["kind"] == k):
+        for j, r in enumerate(r for r in rows if r["kind"] == k):
             ax.scatter(r["forgetting"], r["task_gain"], s=40)
-            ax.annotate(label(r), (r["forgetting"], r["task_gain"]), fontsize=8, xytext=(4, 3),
+            # alternate label sides so that neighbouring points stay legible
+            ax.annotate(label(r), (r["forgetting"], r["task_gain"]), fontsize=8, xytext=(4, 4 if j % 2 else -10),
                         textcoords="offset points")
         sub = [r for r in rows if r["kind"] == k]
         unit = "relative perplexity increase" if sub[0]["ref_metric"] == "reference_perplexity" else \
@@ -294,16 +295,26 @@ def main(argv=None):
     ap.add_argument("--out", default=RESULTS, help="results directory (default benchmarks/results)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads per run (default: all cores; 1 is faster on a machine shared with other jobs)")
+    ap.add_argument("--steps", type=int, help="override the optimizer steps of every run (recorded in the rows)")
+    ap.add_argument("--docs", type=int, help="override the number of reference documents (recorded in the rows)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
         p = json.loads(a.child)
         torch.set_num_threads(p.get("threads") or max(1, os.cpu_count() or 1))
+        if p.get("settings"):
+            SETTINGS[p["kind"]].update(p["settings"])
         row = (run_base(p["kind"], p["path"], p["quick"]) if p["method"] == "base"
                else run_one(p["kind"], p["path"], p["method"], p["r"], p["quick"], p["base"]))
         print(json.dumps(row))
         return 0
     kinds = a.only or ["encoder", "generative"]
+    for k in kinds:
+        for table_ in (SETTINGS, QUICK):
+            if a.steps:
+                table_[k]["steps"] = a.steps
+            if a.docs:
+                table_[k]["docs"] = a.docs
     paths = model_paths(a.quick)
     t0 = time.time()
     rows = []
@@ -314,12 +325,12 @@ def main(argv=None):
                           run_one(pl["kind"], pl["path"], pl["method"], pl["r"], True, pl["base"]))) \
             if a.quick else _child
         base = go({"kind": kind, "path": paths[kind], "method": "base", "r": None, "quick": a.quick,
-                   "threads": a.threads})
+                   "threads": a.threads, "settings": SETTINGS[kind]})
         print(f"[{time.time() - t0:6.0f}s] {kind} base: task {base['task_metric']:.3f}, "
               f"{base['ref_metric']} {base['ref_value']:.4g}", flush=True)
         for method, r in METHODS:
             row = go({"kind": kind, "path": paths[kind], "method": method, "r": r, "quick": a.quick, "base": base,
-                      "threads": a.threads})
+                      "threads": a.threads, "settings": SETTINGS[kind]})
             row.update({"date": stamp, "quick": a.quick, "base_eval_s": base["eval_s"],
                         "threads": a.threads or os.cpu_count()})
             rows.append(row)
@@ -327,21 +338,41 @@ def main(argv=None):
                   f"{row['task_after']:.3f}, {row['ref_metric']} {row['ref_base']:.4g} -> {row['ref_tuned']:.4g}, "
                   f"{row['train_s']:.0f} s", flush=True)
     os.makedirs(a.out, exist_ok=True)
+    for r in rows:
+        r["run_s"] = time.time() - t0
     with open(os.path.join(a.out, "study.jsonl"), "a", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
-    md = (f"# Forgetting study ({stamp}{', --quick (tiny random models)' if a.quick else ''}; "
-          f"{time.time() - t0:.0f} s in all)\n\n"
-          f"Models run: {', '.join(kinds)}; torch threads per run: {a.threads or os.cpu_count()}; "
-          f"machine: {os.cpu_count()} CPUs. One seed; held-out sets of 64 examples.\n\n"
-          "Task metric: encoder = held-out intent accuracy, generative = held-out exact match (teacher-forced). "
-          "Forgetting: reference retrieval MRR lost (encoder), relative reference-perplexity increase "
-          "(generative); > 0 means forgotten. See benchmarks/study_forgetting.py.\n\n" + table(rows) + "\n")
-    with open(os.path.join(a.out, "study.md"), "w", encoding="utf-8") as f:
-        f.write(md)
-    plot(rows, os.path.join(a.out, "study.png"))
-    print(md)
+    print(write_report(a.out))
     return 0
+
+
+def write_report(out_dir) -> str:
+    """study.md and study.png from study.jsonl: for each model, the rows of its latest run."""
+    with open(os.path.join(out_dir, "study.jsonl"), encoding="utf-8") as f:
+        allrows = [json.loads(line) for line in f if line.strip()]
+    rows = []
+    for kind in ("encoder", "generative"):
+        mine = [r for r in allrows if r["kind"] == kind]
+        if mine:
+            last = max(r["date"] for r in mine)
+            rows += [r for r in mine if r["date"] == last]
+    parts = []
+    for kind in ("encoder", "generative"):
+        sub = [r for r in rows if r["kind"] == kind]
+        if sub:
+            r0 = sub[0]
+            parts.append(f"- {kind}: run {r0['date']}{' --quick (tiny random models)' if r0['quick'] else ''}, "
+                         f"{r0['steps']} steps of {r0['batch']}, {r0.get('ref_docs', '?')} reference documents, "
+                         f"torch threads per run: {r0.get('threads', '?')}, {r0.get('run_s', 0):.0f} s in all")
+    md = ("# Forgetting study\n\n" + "\n".join(parts) + "\n\nOne seed; held-out sets of 64 examples. Task metric: "
+          "encoder = held-out intent accuracy, generative = held-out exact match (teacher-forced). Forgetting: "
+          "reference retrieval MRR lost (encoder), relative reference-perplexity increase (generative); > 0 means "
+          "forgotten. See benchmarks/study_forgetting.py.\n\n" + table(rows) + "\n")
+    with open(os.path.join(out_dir, "study.md"), "w", encoding="utf-8") as f:
+        f.write(md)
+    plot(rows, os.path.join(out_dir, "study.png"))
+    return md
 
 
 if __name__ == "__main__":
