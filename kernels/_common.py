@@ -314,6 +314,14 @@ def count_launches():
         del _counters[next(i for i, other in enumerate(_counters) if other is c)]  # (equal counters are not it)
 
 
+@triton.jit
+def row_param(W, N, BLOCK: tl.constexpr):
+    """A row-wise kernel's column offsets, their mask and the fp32 per-column parameter W[cols]."""
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    return cols, mask, tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+
+
 def autotune_max() -> int:
     """``FASTFT_AUTOTUNE_MAX``: keep only the first N candidates that survive a kernel's per-shape
     pruning (0 or unset: all). Every config is a compile (1-3 s with ptxas on sm_90) and a timed

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, check_device, launch, num_sms, row_settings, rows_per_program
+from ._common import FLOAT_DTYPES, check_device, launch, num_sms, row_param, row_settings, rows_per_program
 
 __all__ = ["LAUNCHERS", "LayerNormFunction", "layer_norm", "layer_norm_bwd", "layer_norm_fwd", "supported"]
 
@@ -55,9 +55,7 @@ def _ln_bwd_kernel(DY, X, W, MEAN, RSTD, DX, DWP, DBP, stride_dy, stride_x, stri
                    ROWS: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    cols = tl.arange(0, BLOCK)
-    cmask = cols < N
-    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    cols, cmask, w = row_param(W, N, BLOCK=BLOCK)
     dw = tl.zeros((BLOCK,), dtype=tl.float32)
     db = tl.zeros((BLOCK,), dtype=tl.float32)
     for tile in range(pid, n_tiles, nprog):

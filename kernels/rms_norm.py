@@ -32,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, cast, check_device, launch, num_sms, row_settings, rows_per_program, upcast
+from ._common import (FLOAT_DTYPES, cast, check_device, launch, num_sms, row_param, row_settings, rows_per_program,
+                      upcast)
 
 __all__ = ["RMSNormFunction", "AddRMSNormFunction", "rms_norm", "add_rms_norm", "rms_norm_fwd", "rms_norm_bwd",
            "rms_norm_fwd_fake", "rms_norm_bwd_fake", "supported"]
@@ -73,9 +74,7 @@ def _rms_norm_bwd_kernel(DY, H, W, RSTD, DHI, DX, DR, DWP, M, N, stride_dy, stri
     fp32 partial of dw = Σ dy · cast(ĥ) over its row tiles -> DWP[p]."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    cols = tl.arange(0, BLOCK)
-    col_ok = cols < N
-    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    cols, col_ok, w = row_param(W, N, BLOCK=BLOCK)
     dw = tl.zeros((BLOCK,), dtype=tl.float32)
     for tile in range(pid, tl.cdiv(M, ROWS), nprog):
         rows = tile * ROWS + tl.arange(0, ROWS)
