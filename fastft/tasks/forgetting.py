@@ -30,11 +30,13 @@ import copy
 import json
 import math
 import os
-from contextlib import contextmanager
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from .evaluate import _device
+from .evaluate import _eval_mode as _eval  # one definition of "score without grad, then restore"
 
 REFERENCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
                          "reference_stdlib.jsonl")
@@ -71,21 +73,6 @@ ENCODER_MODEL_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "electra"
 def is_encoder(model) -> bool:
     mt = getattr(getattr(_unwrap(model), "config", None), "model_type", None)
     return mt in ENCODER_MODEL_TYPES
-
-
-@contextmanager
-def _eval(model):
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was)
-
-
-def _device(model):
-    return next(model.parameters()).device
 
 
 def _pad(rows, pad):
