@@ -16,7 +16,6 @@ never had). The label set is read from the training file (sorted; ``O`` first fo
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Optional, Sequence
@@ -24,6 +23,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..errors import DataError, InputNotFoundError, UsageError
+from ..train.data import jsonl_objects
 
 IGNORE_INDEX = -100
 TASK_FIELDS = {"classify": ("text", "label"), "ner": ("tokens", "tags"), "embed": ("query", "positive")}
@@ -40,25 +40,12 @@ def read_task_records(path, task: str) -> list[tuple[int, dict]]:
     if os.path.splitext(path)[1].lower() not in (".jsonl", ".json"):
         raise DataError(f"{path}: task data must be a .jsonl file")
     with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    while lines and not lines[-1].strip():
-        lines.pop()
-    if not lines:
+        records = jsonl_objects(path, f.read())
+    if not records:
         raise DataError(f"{path}:1: empty data file")
-    out = []
-    for i, line in enumerate(lines, 1):
-        where = f"{path}:{i}"
-        if not line.strip():
-            raise DataError(f"{where}: empty line")
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(rec, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-        _check(rec, task, where)
-        out.append((i, rec))
-    return out
+    for i, rec in records:
+        _check(rec, task, f"{path}:{i}")
+    return records
 
 
 def _check(rec, task, where):

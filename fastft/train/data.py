@@ -46,7 +46,9 @@ def read_records(path: str) -> list[tuple[int, dict]]:
     raise DataError(f"{path}: unsupported data file type {ext!r} (use .jsonl or .txt)")
 
 
-def _read_jsonl(path, text):
+def jsonl_objects(path, text):
+    """[(line number, JSON object)] of a .jsonl file's ``text``: trailing blank lines are dropped; an
+    empty line, malformed JSON or a non-object names ``path:line``."""
     lines = text.split("\n")
     # One trailing newline (or a few) at the end of the file is normal, not an empty record.
     while lines and not lines[-1].strip():
@@ -62,8 +64,14 @@ def _read_jsonl(path, text):
             raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(rec, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-        _check_record(rec, where)
         records.append((i, rec))
+    return records
+
+
+def _read_jsonl(path, text):
+    records = jsonl_objects(path, text)
+    for i, rec in records:
+        _check_record(rec, f"{path}:{i}")
     return records
 
 
