@@ -25,6 +25,19 @@ def _exists(path, what):
         raise InputNotFoundError(f"{path}: {what} does not exist")
 
 
+def json_object(path, error, what: str) -> dict:
+    """The JSON object in ``path``; an unreadable, malformed or non-object file raises ``error``
+    naming the path and ``what`` it should have been."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: cannot parse {what} ({e})") from None
+    if not isinstance(d, dict):
+        raise error(f"{path}: {what} must be a JSON object")
+    return d
+
+
 def check_model_dir(path, *, tokenizer: bool = True, allow_pickle: bool = False) -> None:
     """A Hugging Face checkpoint directory: config.json naming a supported model type, weights, tokenizer."""
     path = os.fspath(path)
@@ -34,13 +47,7 @@ def check_model_dir(path, *, tokenizer: bool = True, allow_pickle: bool = False)
     cfg = os.path.join(path, "config.json")
     if not os.path.isfile(cfg):
         raise ModelError(f"{path}: no config.json (expected a Hugging Face checkpoint directory)")
-    try:
-        with open(cfg, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"{cfg}: cannot parse config ({e})") from None
-    if not isinstance(raw, dict):
-        raise ModelError(f"{cfg}: config must be a JSON object")
+    raw = json_object(cfg, ModelError, "config")
     from .models.loader import ARCHITECTURES
 
     if raw.get("model_type") not in ARCHITECTURES:

@@ -840,14 +840,7 @@ def read_run_marker(output_dir) -> Optional[dict]:
     path = os.path.join(output_dir, validate.RUN_MARKER)
     if not os.path.isfile(path):
         return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt run marker ({e}); remove it or use --overwrite") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{path}: corrupt run marker (not a JSON object)")
-    return d
+    return validate.json_object(path, CheckpointError, "run marker (corrupt: remove it or use --overwrite)")
 
 
 def write_run_marker(output_dir, d: dict):
