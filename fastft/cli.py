@@ -38,6 +38,8 @@ _TRAIN_FLAGS = {
     "resume_from_checkpoint": (str, "checkpoint directory to resume from, or 'latest' for the newest in "
                                     "--output-dir (default: start fresh)"),
     "ddp_timeout": (int, "seconds before a collective operation gives up (distributed runs)"),
+    "tiled_mlp": (int, "tokens per MLP tile: the MLP's activations never exist whole, for one more MLP forward "
+                       "per step; for long sequences (native models) (default: untiled)"),
 }
 # Launcher options (torchrun's): they start the workers and are not TrainingArguments.
 _LAUNCH_FLAGS = ("nproc", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_id", "max_restarts")

@@ -227,11 +227,12 @@ def fake_trace():
 
 def native_model(name, *, quantization: str | None = "nf4", dtype=torch.bfloat16, device="cuda",
                  r: int = 16, alpha: int = 32, checkpointing: bool = True, blocksize: int = 64,
-                 double_quant: bool = True):
+                 double_quant: bool = True, offload: bool = False, tile_tokens: int | None = None):
     """fastft's native causal LM of shape ``name`` (``fastft.models.synthetic.SHAPES`` or a config)
     with uninitialised weights: the frozen ones in ``dtype``, the transformer blocks' linears as
     ``QuantLinear`` (NF4 layout, ``quantization="nf4"``) or dense; LoRA r / alpha on all linear
-    layers; gradient checkpointing per decoder layer; in training mode. Call it inside
+    layers; gradient checkpointing per decoder layer (``offload``: the saved layer inputs in host
+    memory); ``tile_tokens``: the tiled MLP (``tiled_mlp_enable``); in training mode. Call it inside
     ``fake_trace()`` for a model of any size (nothing is allocated), or on a real device."""
     import fastft
     from fastft.models.loader import ARCHITECTURES, model_class
@@ -259,7 +260,9 @@ def native_model(name, *, quantization: str | None = "nf4", dtype=torch.bfloat16
     model.init_buffers(device)
     model.tie_weights()
     if checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(offload=offload)
+    if tile_tokens:
+        model.tiled_mlp_enable(tile_tokens)
     model = fastft.get_peft_model(model, fastft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0,
                                                            target_modules="all-linear"))
     model.train()
@@ -500,16 +503,27 @@ def _estimate(spec: dict) -> dict:
     dtype = getattr(torch, spec.get("dtype", "bfloat16"))
     autocast = torch.bfloat16 if spec.get("autocast", True) else None
     build = native_model if stack == "fastft" else hf_peft_model
-    with fake_trace() as mem:
-        model = build(spec["model"], quantization=spec.get("quant", "nf4"), dtype=dtype, device=device,
-                      r=int(spec.get("r", 16)), checkpointing=bool(spec.get("checkpointing", True)))
-        dev_type = torch.device(device).type
-        weights = mem.live[dev_type]
-        kw = {"use_cache": False} if stack == "hf" else {}
-        with _flash_sdpa_on_fake_cuda() if stack == "hf" else contextlib.nullcontext():
-            peaks = train_steps(model, batch=int(spec.get("batch", 1)), seq=int(spec["seq"]),
-                                steps=int(spec.get("steps", 2)), autocast=autocast, mem=mem, **kw)
-        del model
+    lean = {k: spec[k] for k in ("offload", "tile_tokens") if spec.get(k)}
+    if lean and stack != "fastft":
+        raise ValueError(f"estimate: {sorted(lean)} are fastft options (stack {stack!r})")
+    from fastft.ops import loss as _loss
+
+    ce_budget = _loss.CE_CHUNK_BYTES_GPU
+    if spec.get("ce_chunk_bytes"):
+        _loss.CE_CHUNK_BYTES_GPU = int(spec["ce_chunk_bytes"])
+    try:
+        with fake_trace() as mem:
+            model = build(spec["model"], quantization=spec.get("quant", "nf4"), dtype=dtype, device=device,
+                          r=int(spec.get("r", 16)), checkpointing=bool(spec.get("checkpointing", True)), **lean)
+            dev_type = torch.device(device).type
+            weights = mem.live[dev_type]
+            kw = {"use_cache": False} if stack == "hf" else {}
+            with _flash_sdpa_on_fake_cuda() if stack == "hf" else contextlib.nullcontext():
+                peaks = train_steps(model, batch=int(spec.get("batch", 1)), seq=int(spec["seq"]),
+                                    steps=int(spec.get("steps", 2)), autocast=autocast, mem=mem, **kw)
+            del model
+    finally:
+        _loss.CE_CHUNK_BYTES_GPU = ce_budget
     return {**spec, "peak_bytes": max(peaks), "weights_bytes": weights, "step_peaks": peaks, "ops": dict(mem.ops)}
 
 

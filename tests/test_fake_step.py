@@ -91,3 +91,24 @@ def test_cpu_path_traces_on_fake_cpu_tensors(quant):
     assert r["ops"].get("attn_fwd", 0) > 0, r["ops"]  # the C++ CPU ops, through their registered fakes
     if quant:
         assert any(k.startswith("nf4_") for k in r["ops"]), r["ops"]
+
+
+def test_offload_and_tiled_mlp_lower_the_traced_cuda_peak():
+    """The memory options on the CUDA path (fake tensors): offloaded layer inputs leave the device
+    (the trace copies them to fake host tensors and back, as the side-stream copies do), and the
+    tiled MLP holds one tile's (tokens x intermediate) activations."""
+    from fastft.models.synthetic import SHAPES
+
+    layers = 6
+    shape = {**SHAPES["tiny-llama"], "num_hidden_layers": layers}
+    base = {"stack": "fastft", "model": shape, "quant": "nf4", "seq": 4096, "batch": 2, "device": "cuda", "steps": 1}
+    plain, off, tiled = run_traced([base, {**base, "offload": True}, {**base, "offload": True, "tile_tokens": 1024}],
+                                   timeout=300)
+    for r in (plain, off, tiled):
+        assert "error" not in r, r.get("stderr_tail", r)
+    layer_input = 2 * 4096 * 64 * 2  # (batch, seq, hidden) bf16: 1 MiB, the offloader's threshold
+    # backward of the last layer: without offload every layer's input is on the device; with it, the
+    # one being recomputed and the prefetched one before it (the peak moves by up to one input)
+    assert plain["peak_bytes"] - off["peak_bytes"] >= (layers - 3) * layer_input
+    mlp = 2 * 4096 * 160 * 2  # one (tokens x intermediate) bf16 activation
+    assert off["peak_bytes"] - tiled["peak_bytes"] >= 2 * mlp

@@ -145,6 +145,19 @@ class NativeModel(nn.Module):
         else:
             self._gc_offloader = ActivationOffloader() if offload else None
 
+    def tiled_mlp_enable(self, tile_tokens: int | None = 8192):
+        """Run each MLP in tiles of ``tile_tokens`` tokens in training (``fastft.nn.checkpointing.
+        tiled_rows``): its (tokens x intermediate) activations never exist whole, for one more MLP
+        forward per step; for long sequences. ``None`` or 0 turns it off. Returns the number of MLPs."""
+        if tile_tokens is not None and (isinstance(tile_tokens, bool) or int(tile_tokens) < 0):
+            raise ValueError(f"tiled MLP: tile_tokens must be a positive number of tokens or None, got {tile_tokens!r}")
+        mlps = [m for m in self.modules() if hasattr(type(m), "tile_tokens")]
+        if not mlps:
+            raise ValueError(f"{type(self).__name__}: no tiled MLP support in this architecture")
+        for m in mlps:
+            m.tile_tokens = int(tile_tokens) if tile_tokens else None
+        return len(mlps)
+
     @property
     def activation_offloader(self):
         """The ``ActivationOffloader`` of checkpointed blocks (None without offload)."""

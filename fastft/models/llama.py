@@ -35,6 +35,7 @@ from torch import nn
 
 from fastft import ops
 from fastft.nn import fused_blocks
+from fastft.nn.checkpointing import tiled_rows
 from fastft.ops.argcheck import check_async, host_value
 from fastft.ops.loss import causal_lm_loss, chunked_causal_lm_loss
 
@@ -276,7 +277,16 @@ class LlamaMLP(nn.Module):
     #: fused gate/up + SwiGLU LoRA block switch (``fastft.nn.fused_blocks``); None: the process setting
     fused_lora_blocks = None
 
+    #: tokens per MLP tile in training (``NativeModel.tiled_mlp_enable``); None: the whole batch at once
+    tile_tokens = None
+
     def forward(self, x):
+        n = self.tile_tokens
+        if n and self.training and torch.is_grad_enabled() and x.numel() // x.shape[-1] > n:
+            return tiled_rows(self._mlp, x, n)
+        return self._mlp(x)
+
+    def _mlp(self, x):
         if fused_blocks.enabled(self.fused_lora_blocks, x):
             h = fused_blocks.gate_up_swiglu(self.gate_proj, self.up_proj, x)
             if h is not None:

@@ -43,6 +43,10 @@ class OffloadStats:
         self.__init__()
 
 
+def _has_streams() -> bool:
+    return torch.cuda.is_available()
+
+
 class _Packed:
     """One saved tensor: its host copy (or the tensor itself), the copy's event, and a weak link to
     the offloaded tensor packed before it (whose block is recomputed next in backward)."""
@@ -85,7 +89,14 @@ class ActivationOffloader(torch.autograd.graph.saved_tensors_hooks):
         st = self.stats
         st.packed += 1
         nbytes = t.numel() * t.element_size()
-        if t.device.type == "cuda" and nbytes >= self.min_bytes and not t.is_sparse:
+        if t.device.type == "cuda" and nbytes >= self.min_bytes and not t.is_sparse and not _has_streams():
+            # fake CUDA tensors without a CUDA runtime (fastft.memory's traces): the same residency
+            # (a host copy; a device copy again in backward), without streams or events
+            rec = _Packed(t.to("cpu"), t.device, None, self._last, kept=False)
+            st.offloaded += 1
+            st.offloaded_bytes += nbytes
+            st.stored_devices["cpu"] = st.stored_devices.get("cpu", 0) + 1
+        elif t.device.type == "cuda" and nbytes >= self.min_bytes and not t.is_sparse:
             side = self._side_stream(t.device)
             side.wait_stream(torch.cuda.current_stream(t.device))
             with torch.cuda.stream(side):
@@ -119,6 +130,9 @@ class ActivationOffloader(torch.autograd.graph.saved_tensors_hooks):
             return
         if rec.device.type != "cuda":
             rec.fetched = rec.host
+            return
+        if rec.event is None:  # traced without a CUDA runtime (see _pack)
+            rec.fetched = rec.host.to(rec.device)
             return
         side = self._side_stream(rec.device)
         side.wait_event(rec.event)  # the device -> host copy has landed
@@ -162,6 +176,28 @@ def checkpoint_block(fn, *args, offload: ActivationOffloader | None = None, **ch
         return checkpoint(fn, *args, **kw)
 
 
+def tiled_rows(fn, x: torch.Tensor, tile_rows: int) -> torch.Tensor:
+    """``fn(x)`` for a row-wise ``fn`` (each row of the last dimension independent of the others: an
+    MLP, not attention), in tiles of about ``tile_rows`` rows, each under a non-reentrant checkpoint:
+    forward holds one tile's intermediates at a time and backward recomputes tile by tile, so the
+    (rows x intermediate) activations of an MLP never exist whole (the tiled MLP of long-sequence
+    training). Saved for backward: the tiles' inputs (views of ``x``). Costs one more forward of
+    ``fn``. Tiles are equal (no small tail)."""
+    from torch.utils.checkpoint import checkpoint
+
+    if tile_rows < 1:
+        raise ValueError(f"tiled_rows: tile_rows must be >= 1, got {tile_rows}")
+    xf = x.reshape(-1, x.shape[-1])
+    n = xf.shape[0]
+    tiles = max(1, -(-n // int(tile_rows)))
+    # split / cat, not slicing into a preallocated output: their backward moves tile-sized
+    # gradients (a slice's or a slice assignment's backward allocates a full-sized one per tile)
+    ys = [checkpoint(fn, t, use_reentrant=False) for t in xf.split(-(-n // tiles))]
+    out = ys[0] if len(ys) == 1 else torch.cat(ys)
+    del ys
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
 def offloading_checkpoint_function(offloader: ActivationOffloader):
     """A ``checkpoint``-compatible function (transformers' ``_gradient_checkpointing_func``) whose saved
     block inputs go through ``offloader``."""
@@ -173,4 +209,4 @@ def offloading_checkpoint_function(offloader: ActivationOffloader):
     return fn
 
 
-__all__ = ["ActivationOffloader", "OffloadStats", "checkpoint_block", "offloading_checkpoint_function"]
+__all__ = ["ActivationOffloader", "OffloadStats", "checkpoint_block", "offloading_checkpoint_function", "tiled_rows"]

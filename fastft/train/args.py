@@ -55,6 +55,9 @@ class TrainingArguments:
     # Fused q/k/v and gate/up + SwiGLU LoRA blocks in native Llama-family layers (dense bases, CUDA):
     # True, False or "auto" (FASTFT_FUSED_LORA, else today's measured per-projection path).
     fused_lora_blocks: Union[bool, str] = "auto"
+    # Tokens per MLP tile (native models): the MLP's (tokens x intermediate) activations never exist
+    # whole, for one more MLP forward per step; for long sequences. None: untiled.
+    tiled_mlp: Optional[int] = None
     seed: int = 42
     # A checkpoint directory, or True for the newest checkpoint-<step> in output_dir.
     resume_from_checkpoint: Optional[Union[str, bool]] = None
@@ -198,7 +201,7 @@ class TrainingArguments:
                      "logging_steps"):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
-        for name in ("eval_steps", "save_steps", "save_total_limit", "max_length", "forgetting_steps"):
+        for name in ("eval_steps", "save_steps", "save_total_limit", "max_length", "forgetting_steps", "tiled_mlp"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 bad(name, "must be >= 1 or None")
         for name in ("learning_rate", "weight_decay", "adam_epsilon", "num_train_epochs", "warmup_ratio",

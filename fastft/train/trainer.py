@@ -158,6 +158,8 @@ class Trainer:
             raise UsageError("bf16=True but this GPU does not support bfloat16")
         if a.gradient_checkpointing and not hasattr(model, "gradient_checkpointing_enable"):
             raise UsageError("gradient_checkpointing=True but the model has no gradient_checkpointing_enable()")
+        if a.tiled_mlp is not None and not any(hasattr(type(m), "tile_tokens") for m in model.modules()):
+            raise UsageError("tiled_mlp is set but the model has no tiled MLP (native fastft Llama-family models have one)")
         self._pass_num_items = _accepts_kwarg(model.forward, "num_items_in_batch")
         if self.objective in TASK_OBJECTIVES and not getattr(model, "fastft_task", False):
             # transformers' task heads take **kwargs but average their loss over their own batch:
@@ -597,6 +599,10 @@ class Trainer:
             self.model.gradient_checkpointing_enable(offload=True)
         elif a.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
+        if a.tiled_mlp is not None:
+            for m in self.model.modules():
+                if hasattr(type(m), "tile_tokens"):
+                    m.tile_tokens = a.tiled_mlp or None
         if a.fused_lora_blocks != "auto":
             # explicit True / False: the native layers' switch ("auto" leaves FASTFT_FUSED_LORA to decide)
             for m in self.model.modules():
