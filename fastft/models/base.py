@@ -109,7 +109,8 @@ class NativeModel(nn.Module):
     # --- conveniences the ecosystem expects -------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return self.get_input_embeddings().weight.device
+        emb = self.get_input_embeddings()  # (a host-resident embedding: where its rows go; fastft.nn.offload)
+        return getattr(emb, "compute_device", None) or emb.weight.device
 
     @property
     def dtype(self) -> torch.dtype:

@@ -539,12 +539,13 @@ class LlamaForCausalLM(NativeModel):
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         head = self.lm_head
-        dense_head = type(getattr(head, "modules_to_save", head)) is nn.Linear  # (a LoRA'd head: full logits)
+        host_head = getattr(head, "host_resident", False)  # fastft.nn.offload.HostLinear: streamed from the host
+        dense_head = type(getattr(head, "modules_to_save", head)) is nn.Linear or host_head  # (LoRA'd: full logits)
         if labels is not None and self.training and torch.is_grad_enabled() and not logits_to_keep and dense_head:
             # Training with labels: the loss is computed chunk by chunk from h and the lm_head weight
             # (and bias); the full (B, T, V) logits are never formed, and `.logits` is None.
             loss = chunked_causal_lm_loss(h, self.lm_head.weight, labels, num_items_in_batch, cu_seqlens,
-                                          bias=self.lm_head.bias)
+                                          bias=self.lm_head.bias, stream_weight=True if host_head else None)
             return CausalLMOutputWithPast(loss=loss, logits=None)
         logits = self.lm_head(h)
 

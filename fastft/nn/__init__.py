@@ -5,6 +5,10 @@ _LAZY = {
     "QuantLinear": "fastft.nn.quant_linear",
     "LoraLinear": "fastft.nn.lora",
     "BottleneckAdapter": "fastft.nn.adapter",
+    "HostEmbedding": "fastft.nn.offload",
+    "HostLinear": "fastft.nn.offload",
+    "offload_frozen_to_host": "fastft.nn.offload",
+    "restore_frozen_to_device": "fastft.nn.offload",
 }
 
 

@@ -111,7 +111,8 @@ def cross_entropy_grad_(logits, targets, ignore_index=-100):
     return dispatch.call("cross_entropy_grad_", logits.device, logits, targets, ignore_index)
 
 
-def linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, reduction="mean", bias=None, chunk_rows=None):
+def linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, reduction="mean", bias=None, chunk_rows=None,
+                         stream_weight=None, vocab_chunk=None):
     """Cross-entropy of ``hidden @ weightᵀ + bias`` (the LM head) against ``labels``, never keeping
     the (tokens × vocab) logits for backward.
 
@@ -121,7 +122,18 @@ def linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, reduction
     in autocast's dtype when autocast is on. Gradients flow to ``hidden`` and, when they require
     grad, ``weight`` and ``bias``. ``chunk_rows`` overrides the chunk size (default: from the
     vocabulary and the device's free memory).
+
+    A frozen ``weight`` (and ``bias``) on the CPU while ``hidden`` is on another device -- or any
+    weight with ``stream_weight=True`` -- is streamed to hidden's device ``vocab_chunk`` vocabulary
+    rows at a time with an online log-sum-exp (``fastft.ops.loss.streamed_linear_cross_entropy``;
+    docs/offload.md): the device never holds the whole weight. Such a weight must not require grad.
     """
+    if stream_weight or (stream_weight is None and isinstance(weight, torch.Tensor) and isinstance(hidden, torch.Tensor)
+                         and weight.device.type == "cpu" and hidden.device.type != "cpu"):
+        # (registered by fastft.ops.loss, which imports this package: a plug-in, not an import)
+        streamed = dispatch.impl("linear_cross_entropy_streamed", "torch")
+        return streamed(hidden, weight, labels, ignore_index=ignore_index, reduction=reduction,
+                        bias=bias, chunk_rows=chunk_rows, vocab_chunk=vocab_chunk)
     check_linear_cross_entropy_args(hidden, weight, labels, ignore_index, reduction, bias)
     return dispatch.get_impl("linear_cross_entropy", hidden.device)(
         hidden, weight, labels, ignore_index=ignore_index, reduction=reduction, bias=bias, chunk_rows=chunk_rows)

@@ -212,7 +212,10 @@ def check_dequant_dtype(op, dtype) -> None:
         raise ArgumentTypeError(f"{op}: dtype must be a floating-point torch.dtype, got {dtype!r}")
 
 
-def check_linear_cross_entropy_args(hidden, weight, labels, ignore_index, reduction, bias) -> None:
+def check_linear_cross_entropy_args(hidden, weight, labels, ignore_index, reduction, bias, *,
+                                    weight_on_host: bool = False) -> None:
+    """``weight_on_host``: the weight (and bias) may live on another device than hidden (the streamed
+    LM head, ``fastft.ops.loss.streamed_linear_cross_entropy``); they must agree with each other."""
     op = "linear_cross_entropy"
     _tensor(op, "hidden", hidden)
     _tensor(op, "weight", weight)
@@ -232,7 +235,11 @@ def check_linear_cross_entropy_args(hidden, weight, labels, ignore_index, reduct
     if not hidden.is_floating_point() or not weight.is_floating_point():
         raise ArgumentTypeError(f"linear_cross_entropy: hidden and weight must be floating point, got {hidden.dtype} "
                                 f"and {weight.dtype}")
-    _same_device(op, hidden=hidden, weight=weight, labels=labels, bias=bias)
+    if weight_on_host:
+        _same_device(op, hidden=hidden, labels=labels)
+        _same_device(op, weight=weight, bias=bias)
+    else:
+        _same_device(op, hidden=hidden, weight=weight, labels=labels, bias=bias)
     check_targets(labels, weight.shape[0], ignore_index, op)
 
 

@@ -1,0 +1,321 @@
+"""Host-resident frozen embedding and LM head (fastft/nn/offload.py) and the LM head streamed from the
+host inside the loss (fastft.ops.loss.streamed_linear_cross_entropy / streamed_linear): values and
+gradients against the float64 gold within 2x PyTorch's own error, the model-level switch against the
+on-device model, the refusals, and a trace on fake CUDA tensors (the tables never count on cuda)."""
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastft
+from fastft import ops
+from fastft.errors import UsageError
+from fastft.nn.offload import HostEmbedding, HostLinear, offload_frozen_to_host, restore_frozen_to_device
+from fastft.ops import loss as loss_mod
+from fastft.ops.loss import streamed_linear, streamed_linear_cross_entropy
+from test_linear_cross_entropy import _NoSync
+from utils import assert_close_to_gold, output_and_grads
+
+
+def _torch_loss(h, W, b, labels, reduction):
+    z = F.linear(h, W, b).reshape(-1, W.shape[0])
+    return F.cross_entropy(z.to(torch.promote_types(z.dtype, torch.float32)), labels.reshape(-1), reduction=reduction)
+
+
+CASES = [  # leading shape, H, V, token rows per block, vocab rows per chunk, bias
+    ((1,), 8, 5, 1, 2, False),            # one token, vocab 5 in chunks of 2 (a 1-row tail chunk)
+    ((3, 33), 24, 97, 7, 10, True),       # awkward vocab / rows, bias
+    ((97,), 40, 1025, 32, 256, False),    # vocab past 1024, 4 chunks + a 1-row tail
+    ((2, 5), 16, 50, 1000, 1000, True),   # one block, one chunk
+]
+
+
+def _case(lead, H, V, bias, seed):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(*lead, H, generator=gen)
+    W = torch.randn(V, H, generator=gen) * H ** -0.5
+    b = torch.randn(V, generator=gen) if bias else None
+    labels = torch.randint(0, V, lead, generator=gen)
+    labels.view(-1)[1::4] = -100
+    return h, W, b, labels
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lead,H,V,rows,vchunk,bias", CASES)
+def test_streamed_loss_matches_float64_gold(lead, H, V, rows, vchunk, bias, dtype, reduction):
+    h, W, b, labels = _case(lead, H, V, bias, sum(lead) * 7 + V)
+
+    def ours(h):
+        return streamed_linear_cross_entropy(h, W.to(dtype), labels, reduction=reduction,
+                                             bias=None if b is None else b.to(dtype), chunk_rows=rows,
+                                             vocab_chunk=vchunk)
+
+    def theirs(h, dt):
+        return _torch_loss(h, W.to(dt), None if b is None else b.to(dt), labels, reduction)
+
+    got = output_and_grads(ours, [h.to(dtype)])
+    gold = output_and_grads(lambda h: theirs(h, torch.float64), [h.double()])
+    lowp = output_and_grads(lambda h: theirs(h, dtype), [h.to(dtype)])
+    for name, g, r, lo in zip(["loss", "dh"], got, gold, lowp):
+        assert g.dtype == (torch.float32 if name == "loss" else dtype)
+        assert_close_to_gold(g, r, lo, name=name)
+
+
+def test_streamed_loss_under_bf16_autocast():
+    h, W, b, labels = _case((2, 9), 16, 30, True, 1)
+
+    def autocast(fn):
+        def run(h):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn(h)
+        return run
+
+    got = output_and_grads(autocast(lambda h: ops.linear_cross_entropy(h, W, labels, bias=b, stream_weight=True,
+                                                                       chunk_rows=4, vocab_chunk=7)), [h])
+    lowp = output_and_grads(autocast(lambda h: _torch_loss(h, W, b, labels, "mean")), [h])
+    gold = output_and_grads(lambda h: _torch_loss(h, W.double(), b.double(), labels, "mean"), [h.double()])
+    assert all(t.dtype == torch.float32 for t in got)
+    for name, g, r, lo in zip(["loss", "dh"], got, gold, lowp):
+        assert_close_to_gold(g, r, lo, name=name)
+
+
+def test_streamed_loss_edges_match_torch():
+    h, W = torch.randn(4, 8, requires_grad=True), torch.randn(6, 8)
+    ignored = torch.full((4,), -100)
+    assert torch.isnan(streamed_linear_cross_entropy(h, W, ignored, vocab_chunk=4))  # torch's mean over nothing
+    s = streamed_linear_cross_entropy(h, W, ignored, reduction="sum", vocab_chunk=4)
+    s.backward()
+    assert s.item() == 0.0 and torch.equal(h.grad, torch.zeros_like(h))
+    empty = streamed_linear_cross_entropy(h[:0], W, ignored[:0], reduction="sum", vocab_chunk=4)
+    assert empty.item() == 0.0 and empty.dtype == torch.float32
+    labels = torch.tensor([0, 5, -100, 2])
+    got = streamed_linear_cross_entropy(h, W, labels, vocab_chunk=4)
+    assert torch.allclose(got, F.cross_entropy(F.linear(h, W), labels), rtol=1e-6, atol=0)
+
+
+def test_streamed_loss_refuses_a_trainable_weight_and_bad_input():
+    h, W, labels = torch.randn(4, 8), torch.randn(6, 8), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(UsageError, match="weight streamed from the host must be frozen"):
+        streamed_linear_cross_entropy(h, W.clone().requires_grad_(True), labels)
+    with pytest.raises(UsageError, match="bias streamed from the host must be frozen"):
+        streamed_linear_cross_entropy(h, W, labels, bias=torch.zeros(6, requires_grad=True))
+    with pytest.raises(UsageError, match="must be frozen"):
+        streamed_linear(h, W.clone().requires_grad_(True))
+    with pytest.raises(ValueError, match="outside"):
+        streamed_linear_cross_entropy(h, W, torch.tensor([0, 1, 6, 2]))
+    with pytest.raises(ValueError, match="agree on H"):
+        streamed_linear_cross_entropy(h, torch.randn(6, 7), labels)
+
+
+def test_streamed_loss_saves_nothing_vocab_sized_and_never_synchronises():
+    N, H, V = 64, 8, 512
+    h = torch.randn(2, N // 2, H, requires_grad=True)
+    W, b = torch.randn(V, H), torch.randn(V)
+    labels = torch.randint(0, V, (2, N // 2))
+    labels[0, :3] = -100
+    saved = []
+    with _NoSync(), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        loss = ops.linear_cross_entropy(h, W, labels, bias=b, stream_weight=True, chunk_rows=16, vocab_chunk=100)
+        loss.backward()
+        loss_mod.chunked_causal_lm_loss(h, W, labels, stream_weight=True, chunk_rows=5).backward()
+    assert torch.isfinite(loss) and h.grad is not None
+    assert all(V not in s for s in saved), saved
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_streamed_linear_is_f_linear(autocast):
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randn(2, 5, 16, generator=gen)
+    W, b = torch.randn(37, 16, generator=gen), torch.randn(37, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        got = output_and_grads(lambda h: streamed_linear(h, W, b, vocab_chunk=8), [h])
+        ref = output_and_grads(lambda h: F.linear(h, W, b), [h])
+    assert got[0].dtype == ref[0].dtype == (torch.bfloat16 if autocast else torch.float32)
+    if autocast:  # the same bf16 GEMM per chunk; dh is accumulated over chunks in fp32 (ours) vs one GEMM
+        gold = output_and_grads(lambda h: F.linear(h, W.double(), b.double()), [h.double()])
+        for name, g, r, lo in zip(["y", "dh"], got, gold, ref):
+            assert_close_to_gold(g, r, lo, name=name)
+    else:
+        torch.testing.assert_close(got[0], ref[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-5)
+
+
+def test_host_embedding_is_nn_embedding_and_stays_on_the_host():
+    emb = nn.Embedding(11, 6, padding_idx=3).requires_grad_(False)
+    he = HostEmbedding.from_embedding(emb)
+    ids = torch.tensor([[0, 3, 10], [5, 3, 1]])
+    assert torch.equal(he(ids), emb(ids)) and he(ids).shape == (2, 3, 6)
+    assert list(dict(he.named_parameters())) == [] and list(he.state_dict()) == ["weight"]
+    he.to("meta")  # Module.to moves the outputs' device, never the table
+    assert he.weight.device.type == "cpu" and he.compute_device == torch.device("meta")
+    assert he(ids).device.type == "meta"
+    he.to("cpu", torch.float64)  # a dtype cast happens on the host
+    assert he.weight.dtype == torch.float64 and torch.equal(he(ids), emb(ids).double())
+    with pytest.raises(UsageError, match="must be frozen"):
+        HostEmbedding.from_embedding(nn.Embedding(4, 2))
+    with pytest.raises(UsageError, match="max_norm"):
+        HostEmbedding.from_embedding(nn.Embedding(4, 2, max_norm=1.0).requires_grad_(False))
+    with pytest.raises(IndexError):
+        he(torch.tensor([11]))  # as nn.Embedding on the CPU
+
+
+def _tiny(tie=False, peft=True):
+    from fastft.models.synthetic import SHAPES
+
+    cfg = {**SHAPES["tiny-llama"], "tie_word_embeddings": tie}
+    m = fastft.from_config(cfg, dtype=torch.float32, seed=3)
+    if peft:
+        m = fastft.get_peft_model(m, fastft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                       lora_dropout=0.0))
+        with torch.no_grad():  # non-zero B: every LoRA gradient is non-trivial
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(n)))
+    return m
+
+
+def _lora_grads(m):
+    return {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+
+
+def test_offloaded_model_trains_like_the_on_device_model(monkeypatch):
+    """Loss, every LoRA gradient and three AdamW steps equal the on-device model's to fp32 noise; the head is streamed in several vocabulary chunks (the CPU chunk budget shrunk to ~100 rows)."""
+    monkeypatch.setattr(loss_mod, "VOCAB_CHUNK_BYTES", 100 * 64 * 4)
+    ref = _tiny().train()
+    off = offload_frozen_to_host(copy.deepcopy(ref))
+    base = off.get_base_model()
+    assert isinstance(base.model.embed_tokens, HostEmbedding) and isinstance(base.lm_head, HostLinear)
+    assert not any("embed_tokens" in n or "lm_head" in n for n, _ in off.named_parameters())
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(base.state_dict())
+    assert base.device == torch.device("cpu")
+    gen = torch.Generator().manual_seed(0)
+    opt_r = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-2)
+    opt_o = torch.optim.AdamW([p for p in off.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    ids = torch.randint(3, 512, (2, 24), generator=gen)
+    labels = ids.clone()
+    labels[1, :5] = -100
+    for step in range(3):  # one batch, three steps
+        lr_, lo_ = ref(input_ids=ids, labels=labels), off(input_ids=ids, labels=labels)
+        assert lr_.logits is None and lo_.logits is None  # both on the chunked loss path
+        lr_.loss.backward()
+        lo_.loss.backward()
+        torch.testing.assert_close(lo_.loss, lr_.loss, rtol=1e-6, atol=1e-6)
+        losses.append(lr_.loss.item())
+        gr, go = _lora_grads(ref), _lora_grads(off)
+        assert gr.keys() == go.keys() and len(gr) > 0
+        for n in gr:
+            assert gr[n].abs().max() > 0, n
+            torch.testing.assert_close(go[n], gr[n], rtol=1e-4, atol=1e-7, msg=n)
+        opt_r.step(), opt_o.step()
+        opt_r.zero_grad(set_to_none=True), opt_o.zero_grad(set_to_none=True)
+    assert losses[-1] < losses[0]  # the steps did something: the batch's loss falls
+    pr, po = dict(ref.named_parameters()), dict(off.named_parameters())
+    for n, a in pr.items():
+        if a.requires_grad:
+            # AdamW's normalised update m / sqrt(v) turns fp32 noise in near-zero gradients into larger
+            # differences (measured 4.7e-6 at lr 1e-2): bound them by 1/1000 of one step's lr-sized update
+            torch.testing.assert_close(po[n], a, rtol=1e-5, atol=1e-3 * 1e-2, msg=n)
+
+
+def test_offloaded_model_infers_and_generates_like_the_on_device_model():
+    ref = _tiny().eval()
+    off = offload_frozen_to_host(copy.deepcopy(ref))
+    ids = torch.randint(3, 512, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = ref(input_ids=ids), off(input_ids=ids)
+        torch.testing.assert_close(b.logits, a.logits, rtol=1e-5, atol=1e-5)
+        la, lb = ref(input_ids=ids, labels=ids).loss, off(input_ids=ids, labels=ids).loss  # eval with labels
+        torch.testing.assert_close(lb, la, rtol=1e-6, atol=1e-6)
+        assert torch.equal(off.generate(ids, max_new_tokens=4), ref.generate(ids, max_new_tokens=4))
+        back = restore_frozen_to_device(off)
+        base = back.get_base_model()
+        assert type(base.model.embed_tokens) is nn.Embedding and type(base.lm_head) is nn.Linear
+        assert not base.lm_head.weight.requires_grad
+        torch.testing.assert_close(back(input_ids=ids).logits, a.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_switch_refuses_tied_trainable_and_non_plain_tables():
+    with pytest.raises(UsageError, match="tied"):
+        offload_frozen_to_host(_tiny(tie=True))
+    with pytest.raises(UsageError, match="input embedding is trainable"):
+        offload_frozen_to_host(_tiny(peft=False), lm_head=False)  # before get_peft_model everything trains
+    m = _tiny(peft=False)
+    m.model.embed_tokens.requires_grad_(False)
+    with pytest.raises(UsageError, match="LM head is trainable"):
+        offload_frozen_to_host(m)
+    assert type(m.model.embed_tokens) is nn.Embedding  # every check runs before any change
+    lora_head = fastft.get_peft_model(fastft.from_config("tiny-llama"), fastft.LoraConfig(r=2, target_modules=["lm_head"]))
+    with pytest.raises(UsageError, match="plain frozen nn.Linear"):
+        offload_frozen_to_host(lora_head)
+    with pytest.raises(UsageError, match="native Llama"):
+        offload_frozen_to_host(nn.Linear(2, 2))
+    # one table at a time, the other stays
+    m = offload_frozen_to_host(_tiny(), embedding=False)
+    assert type(m.get_base_model().model.embed_tokens) is nn.Embedding
+    assert isinstance(m.get_base_model().lm_head, HostLinear)
+
+
+_TRACE = r"""
+import ctypes, importlib.util, json, os, sys
+lib = os.path.join(os.path.dirname(importlib.util.find_spec("torch").origin), "lib")
+for n in ("libc10.so", "libtorch_cpu.so"):
+    ctypes.CDLL(os.path.join(lib, n), mode=ctypes.RTLD_GLOBAL)
+ctypes.CDLL(os.environ["FASTFT_FAKE_CUDA_SHIM"], mode=ctypes.RTLD_GLOBAL)
+import torch
+from fastft.memory import fake_trace, native_model, train_steps
+from fastft.nn.offload import offload_frozen_to_host
+from fastft.ops import loss
+loss.VOCAB_CHUNK_BYTES_GPU = int(sys.argv[1])  # vocabulary chunks of the streamed head
+out = {}
+for offload in (False, True):
+    with fake_trace() as mem:
+        model = native_model("tiny-llama", quantization="nf4", device="cuda")
+        cuda0, cpu0 = mem.live["cuda"], mem.live["cpu"]
+        if offload:
+            offload_frozen_to_host(model)
+        base = model.get_base_model()
+        r = {"moved_cuda": cuda0 - mem.live["cuda"], "moved_cpu": mem.live["cpu"] - cpu0,
+             "emb": str(base.model.embed_tokens.weight.device), "head": str(base.lm_head.weight.device)}
+        r["peaks"] = train_steps(model, batch=2, seq=64, steps=2, mem=mem)
+        r["ops"] = dict(mem.ops)
+        del model, base
+    out[str(offload)] = r
+print(json.dumps(out))
+"""
+
+
+def test_switch_traces_on_fake_cuda_and_the_tables_leave_the_device():
+    """A QLoRA step of the tiny Llama on fake CUDA tensors (fastft/memory.py's tracer) with the switch
+    on: the embedding and LM head bytes move from the cuda count to the cpu count, the step traces
+    (no host synchronisation on a device value: a fake tensor has none), and its peak drops by at
+    least the two tables."""
+    from fastft.memory import SHIM_ENV, fake_cuda_shim
+
+    if torch.version.cuda is not None:
+        pytest.skip("the fake-CUDA shim is for CPU-only torch builds")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, SHIM_ENV: fake_cuda_shim(),
+           "PYTHONPATH": root + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")}
+    chunk = 128 * 64 * 2  # 4 chunks of 128 vocabulary rows
+    r = subprocess.run([sys.executable, "-c", _TRACE, str(chunk)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    on, off = res["False"], res["True"]
+    table = 512 * 64 * 2  # (V, H) bf16, each of the two
+    assert on["moved_cuda"] == 0 and on["emb"] == on["head"] == "cuda:0"
+    assert off["moved_cuda"] == 2 * table and off["moved_cpu"] == 2 * table
+    assert off["emb"] == off["head"] == "cpu"
+    assert off["ops"].get("triton_attn_fwd", 0) == on["ops"].get("triton_attn_fwd") > 0  # the same CUDA path
+    # the on-device head runs the dense chunked loss (Triton CE rows), the host head the streamed one
+    assert on["ops"].get("triton_cross_entropy_grad_", 0) > 0 and "triton_cross_entropy_grad_" not in off["ops"]
+    # the step's peak falls by both tables (the streamed loss holds a 128-row chunk at a time, and
+    # no (tokens x vocab) block larger than the dense path's)
+    assert max(off["peaks"]) <= max(on["peaks"]) - 2 * table, (on["peaks"], off["peaks"])
