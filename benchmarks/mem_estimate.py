@@ -44,7 +44,15 @@ SEQS = (2048, 8192)
 BASE = {"batch": 1, "quant": "nf4", "device": "cuda", "dtype": "bfloat16", "autocast": True, "r": 16, "steps": 2,
         "checkpointing": True}
 STACK_NAMES = {"fastft": "fastft native + get_peft_model",
+               "fastft-lean": "fastft, memory options on (see LEAN)",
                "hf": "transformers + PEFT + bitsandbytes (memory emulated) + SDPA flash"}
+# fastft's memory options (all exact: the same values and gradients as the default step): the
+# checkpointed layer inputs offloaded to pinned host memory (--gradient-checkpointing offload),
+# the tiled MLP (--tiled-mlp 8192), 128 MiB loss chunks, and the frozen embedding and LM head kept
+# in host memory (--offload-embeddings: rows gathered on the host, the LM head streamed through
+# the loss in vocabulary chunks).
+LEAN = {"offload": True, "tile_tokens": 8192, "ce_chunk_bytes": 1 << 27, "host_frozen": True}
+CONFIGS = {"fastft": {"stack": "fastft"}, "fastft-lean": {"stack": "fastft", **LEAN}, "hf": {"stack": "hf"}}
 # The CPU validation: a small-but-not-tiny model (SmolLM2-135M's shape: ~0.2 GB QLoRA / 0.5 GB
 # LoRA in fp32), fp32 (this CPU has no native bf16), 2 steps.
 VALIDATE = [dict(stack="fastft", model="smollm2-135m", batch=1, seq=1024, quant="nf4", device="cpu", dtype="float32",
@@ -63,7 +71,7 @@ def _env() -> dict:
 def table() -> list[dict]:
     from fastft.memory import run_traced
 
-    specs = [{**BASE, "stack": st, "model": m, "seq": s} for m in SHAPES for s in SEQS for st in ("fastft", "hf")]
+    specs = [{**BASE, **CONFIGS[c], "config": c, "model": m, "seq": s} for m in SHAPES for s in SEQS for c in CONFIGS]
     rows = []
     for r in run_traced(specs, timeout=1800):
         rows.append({"kind": "cuda-estimate", **_clean(r)})
@@ -74,11 +82,12 @@ def table() -> list[dict]:
 def longest() -> list[dict]:
     from fastft.memory import run_traced
 
-    specs = [{**BASE, "stack": st, "model": "llama-3.1-8b", "longest_within_bytes": BUDGET} for st in ("fastft", "hf")]
+    specs = [{**BASE, **CONFIGS[c], "config": c, "model": "llama-3.1-8b", "longest_within_bytes": BUDGET}
+             for c in CONFIGS]
     rows = []
-    for r in run_traced(specs, timeout=3600):
+    for r in run_traced(specs, timeout=7200):
         rows.append({"kind": "cuda-longest", **_clean(r)})
-        print(f"longest 8B {r['stack']}: fits {r.get('fits')} (peak {r.get('fits_peak_bytes', 0) / GiB:.2f} GiB), "
+        print(f"longest 8B {r['config']}: fits {r.get('fits')} (peak {r.get('fits_peak_bytes', 0) / GiB:.2f} GiB), "
               f"exceeds {r.get('exceeds')}  {r.get('error', '')}", flush=True)
     return rows
 
@@ -95,9 +104,9 @@ def _clean(r: dict) -> dict:
 
 def _print_row(r: dict) -> None:
     if "error" in r:
-        print(f"{r['model']} seq {r['seq']} {r['stack']}: ERROR {r['error']}", flush=True)
+        print(f"{r['model']} seq {r['seq']} {r['config']}: ERROR {r['error']}", flush=True)
     else:
-        print(f"{r['model']} seq {r['seq']} {r['stack']}: peak {r['peak_gib']:.2f} GiB (weights "
+        print(f"{r['model']} seq {r['seq']} {r['config']}: peak {r['peak_gib']:.2f} GiB (weights "
               f"{r['weights_gib']:.2f}) ops {r['ops']}", flush=True)
 
 
@@ -198,7 +207,8 @@ def write(rows: list[dict]) -> None:
     with open(os.path.join(RESULTS, "mem_estimate.jsonl")) as f:
         for line in f:
             r = json.loads(line)
-            latest[(r["kind"], r.get("stack"), r.get("model"), r.get("seq"), r.get("quant"),
+            r.setdefault("config", r.get("stack"))  # rows before the memory options had one fastft config
+            latest[(r["kind"], r.get("config"), r.get("model"), r.get("seq"), r.get("quant"),
                     r.get("allocator", "glibc-default"))] = r
     with open(os.path.join(RESULTS, "mem_estimate.md"), "w") as f:
         f.write(markdown(list(latest.values()), env))
@@ -211,22 +221,25 @@ def markdown(rows: list[dict], env: dict) -> str:
            "all-linear, NF4 + double quant, bf16 weights + bf16 autocast, gradient checkpointing on.\n"]
     est = [r for r in rows if r["kind"] == "cuda-estimate" and "error" not in r]
     if est:
-        out += ["| shape | seq | fastft (GiB) | transformers + PEFT + bnb (GiB) | ratio | weights (GiB, fastft / HF) |",
-                "|---|---|---|---|---|---|"]
+        out += ["Memory options (`LEAN`, all exact): " + ", ".join(f"{k}={v}" for k, v in LEAN.items()) + ".\n",
+                "| shape | seq | fastft (GiB) | fastft, memory options (GiB) | transformers + PEFT + bnb (GiB) | "
+                "ratio | ratio, memory options | weights on the GPU (GiB: fastft / options / HF) |",
+                "|---|---|---|---|---|---|---|---|"]
         for m in SHAPES:
             for s in SEQS:
-                f = next((r for r in est if r["model"] == m and r["seq"] == s and r["stack"] == "fastft"), None)
-                h = next((r for r in est if r["model"] == m and r["seq"] == s and r["stack"] == "hf"), None)
-                if f and h:
-                    out.append(f"| {m} | {s} | {f['peak_gib']:.2f} | {h['peak_gib']:.2f} | "
-                               f"{f['peak_bytes'] / h['peak_bytes']:.2f}x | {f['weights_gib']:.2f} / {h['weights_gib']:.2f} |")
+                f, lean, h = (next((r for r in est if r["model"] == m and r["seq"] == s and r["config"] == c), None)
+                              for c in CONFIGS)
+                if f and h and lean:
+                    out.append(f"| {m} | {s} | {f['peak_gib']:.2f} | {lean['peak_gib']:.2f} | {h['peak_gib']:.2f} | "
+                               f"{f['peak_bytes'] / h['peak_bytes']:.2f}x | {lean['peak_bytes'] / h['peak_bytes']:.2f}x | "
+                               f"{f['weights_gib']:.2f} / {lean['weights_gib']:.2f} / {h['weights_gib']:.2f} |")
     lng = [r for r in rows if r["kind"] == "cuda-longest"]
     if lng:
         out += ["", f"Longest sequence at the Llama-3.1-8B shape whose traced peak fits {BUDGET / GiB:.0f} GiB "
                 "(an 80 GB GPU less the CUDA context), batch 1:", "",
                 "| stack | fits (tokens) | peak there (GiB) | does not fit (tokens) |", "|---|---|---|---|"]
         for r in lng:
-            out.append(f"| {STACK_NAMES[r['stack']]} | {r.get('fits')} | {r.get('fits_peak_gib', float('nan')):.2f} | "
+            out.append(f"| {STACK_NAMES[r['config']]} | {r.get('fits')} | {r.get('fits_peak_gib', float('nan')):.2f} | "
                        f"{r.get('exceeds')} |")
     val = [r for r in rows if r["kind"] == "cpu-validation" and "error" not in r]
     if val:

@@ -227,12 +227,14 @@ def fake_trace():
 
 def native_model(name, *, quantization: str | None = "nf4", dtype=torch.bfloat16, device="cuda",
                  r: int = 16, alpha: int = 32, checkpointing: bool = True, blocksize: int = 64,
-                 double_quant: bool = True, offload: bool = False, tile_tokens: int | None = None):
+                 double_quant: bool = True, offload: bool = False, tile_tokens: int | None = None,
+                 host_frozen: bool = False):
     """fastft's native causal LM of shape ``name`` (``fastft.models.synthetic.SHAPES`` or a config)
     with uninitialised weights: the frozen ones in ``dtype``, the transformer blocks' linears as
     ``QuantLinear`` (NF4 layout, ``quantization="nf4"``) or dense; LoRA r / alpha on all linear
     layers; gradient checkpointing per decoder layer (``offload``: the saved layer inputs in host
-    memory); ``tile_tokens``: the tiled MLP (``tiled_mlp_enable``); in training mode. Call it inside
+    memory); ``tile_tokens``: the tiled MLP (``tiled_mlp_enable``); ``host_frozen``: the frozen embedding
+    and LM head in host memory (``fastft.nn.offload_frozen_to_host``); in training mode. Call it inside
     ``fake_trace()`` for a model of any size (nothing is allocated), or on a real device."""
     import fastft
     from fastft.models.loader import ARCHITECTURES, model_class
@@ -265,6 +267,10 @@ def native_model(name, *, quantization: str | None = "nf4", dtype=torch.bfloat16
         model.tiled_mlp_enable(tile_tokens)
     model = fastft.get_peft_model(model, fastft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0,
                                                            target_modules="all-linear"))
+    if host_frozen:
+        from fastft.nn.offload import offload_frozen_to_host
+
+        offload_frozen_to_host(model)
     model.train()
     return model
 
@@ -503,7 +509,7 @@ def _estimate(spec: dict) -> dict:
     dtype = getattr(torch, spec.get("dtype", "bfloat16"))
     autocast = torch.bfloat16 if spec.get("autocast", True) else None
     build = native_model if stack == "fastft" else hf_peft_model
-    lean = {k: spec[k] for k in ("offload", "tile_tokens") if spec.get(k)}
+    lean = {k: spec[k] for k in ("offload", "tile_tokens", "host_frozen") if spec.get(k)}
     if lean and stack != "fastft":
         raise ValueError(f"estimate: {sorted(lean)} are fastft options (stack {stack!r})")
     from fastft.ops import loss as _loss
