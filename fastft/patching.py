@@ -698,10 +698,7 @@ def _load_bnb_model(path, config, model_class, checkpoint_cls, prefixes_of):
         old = getattr(parent, child)
         if _as_linear_shape(old) is None:
             raise ValueError(f"{path}: {prefix}.weight is 4-bit quantized but {prefix} is a {type(old).__name__}")
-        qw = NF4Weight.from_bnb_state_dict(sd, prefix + ".")
-        if tuple(qw.shape) != _as_linear_shape(old):
-            raise ValueError(f"{path}: {prefix}.weight holds shape {tuple(qw.shape)}, model expects "
-                             f"{_as_linear_shape(old)}")
+        qw = NF4Weight.from_bnb_state_dict(sd, prefix + ".", source=str(path), expected_shape=_as_linear_shape(old))
         for k in [k for k in sd if k.startswith(prefix + ".weight")]:
             del sd[k]
         bias = sd.pop(prefix + ".bias", None)
