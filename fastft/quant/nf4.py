@@ -201,7 +201,8 @@ def check_bnb_header(p: str, infos: dict, qs, source: str | None = None, expecte
     qs_key = states[0]
     suffix = qs_key[len(p + ".quant_state."):]
     if suffix not in [f"bitsandbytes__{t}" for t in BNB_QS_TYPES]:
-        raise _bad(qs_key, source, f"unknown quant state type {suffix!r} (expected bitsandbytes__nf4 or bitsandbytes__fp4)")
+        raise _bad(qs_key, source,
+                   f"unknown quant state type {suffix!r} (expected bitsandbytes__nf4 or bitsandbytes__fp4)")
     if suffix != "bitsandbytes__nf4":
         raise _bad(qs_key, source, "FP4 weights are not supported: only NF4")
     if qs is None:
@@ -264,7 +265,8 @@ def check_bnb_values(p: str, sd: dict, meta: dict, source: str | None = None) ->
         if bad:
             raise _bad(f"{p}.{name}", source, f"{bad} non-finite value(s) (NaN or inf)")
         if name.endswith("absmax") and (t < 0).any():
-            raise _bad(f"{p}.{name}", source, f"{int((t < 0).sum())} negative value(s): a block's absmax is max |x| >= 0")
+            raise _bad(f"{p}.{name}", source,
+                       f"{int((t < 0).sum())} negative value(s): a block's absmax is max |x| >= 0")
     if not torch.equal(sd[p + ".quant_map"].reshape(-1).cpu(), nf4_code()):
         raise _bad(p + ".quant_map", source, "is not the NF4 code book (bitsandbytes decodes with the NF4 "
                                              "values whatever this tensor holds)")
