@@ -179,6 +179,13 @@ BNB_ROWS = [
       f"{QS}: nested_offset nan is not a finite number"),
     B("bnb-qs-offset-str", "`nested_offset: \"0.1\"`", _edit_meta(nested_offset="0.1"),
       f"{QS}: nested_offset '0.1' is not a finite number"),
+    B("bnb-fp4-state", "an FP4 quant state (bitsandbytes__fp4) next to NF4 layers",
+      lambda sd: sd.__setitem__(LAYER + ".quant_state.bitsandbytes__fp4", sd.pop(QS)),
+      f"{LAYER}.quant_state.bitsandbytes__fp4: FP4 weights are not supported: only NF4"),
+    B("bnb-unknown-state", "a quant state of an unknown kind (bitsandbytes__nf8)",
+      lambda sd: sd.__setitem__(LAYER + ".quant_state.bitsandbytes__nf8", sd.pop(QS)),
+      f"{LAYER}.quant_state.bitsandbytes__nf8: unknown quant state type 'bitsandbytes__nf8' (fastft reads "
+      "bitsandbytes NF4: bitsandbytes__nf4)"),
     B("bnb-packed-bytes", "packed weight one byte short", _tensor("", lambda t: t[:-1].clone()),
       f"{LAYER}: 3071 entries, expected 3072 (two 4-bit codes per byte for shape [64, 96]: ceil(6144/2))"),
     B("bnb-packed-dtype", "packed weight stored as int8", _tensor("", lambda t: t.view(torch.int8)),

@@ -440,7 +440,14 @@ def bnb_quantized_prefixes(keys) -> list[str]:
 
 def _split_bnb_keys(ckpt) -> dict[str, dict]:
     """Take the NF4 auxiliary tensors out of ``ckpt.infos`` (so name matching sees one ``weight`` per
-    layer); returns {module prefix: {aux key: header info}}."""
+    layer); returns {module prefix: {aux key: header info}}. A quant state of another kind (FP4, an
+    unknown suffix) is refused here, naming its file and key."""
+    for k in ckpt.infos:
+        head, sep, kind = k.partition(".weight.quant_state.")
+        if sep and kind != "bitsandbytes__nf4":
+            why = ("FP4 weights are not supported: only NF4" if kind == "bitsandbytes__fp4" else
+                   f"unknown quant state type {kind!r} (fastft reads bitsandbytes NF4: bitsandbytes__nf4)")
+            raise CheckpointError(f"{ckpt.where(k)}: {k}: {why}")
     out = {}
     for prefix in bnb_quantized_prefixes(ckpt.infos):
         out[prefix] = {f"{prefix}.weight.{a}": ckpt.infos.pop(f"{prefix}.weight.{a}") for a in BNB_AUX
