@@ -807,9 +807,9 @@ def cmd_convert(args):
             raise InputNotFoundError(f"{args.gguf}: GGUF file does not exist")
         if os.path.isdir(args.gguf):
             raise InputError(f"{args.gguf}: is a directory, expected a .gguf file")
-        with open(args.gguf, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise InputError(f"{args.gguf}: not a GGUF file (bad magic)")
+        from fastft.models.gguf_io import check_gguf
+
+        check_gguf(args.gguf)  # the whole header, strictly (magic, counts, strings, tensor infos)
         from fastft import validate
 
         validate.check_output_path(args.out)

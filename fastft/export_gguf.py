@@ -524,8 +524,12 @@ def field_value(reader, key):
 
 
 def open_reader(path: str):
+    """gguf-py's reader, after fastft's strict header check (``fastft/models/gguf_io.py``)."""
     import gguf
 
+    from fastft.models.gguf_io import check_gguf
+
+    check_gguf(path)
     return gguf.GGUFReader(path)
 
 

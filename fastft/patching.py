@@ -681,6 +681,7 @@ def _load_bnb_model(path, config, model_class, checkpoint_cls, prefixes_of):
 
     from fastft.nn.quant_linear import QuantLinear
     from fastft.quant import NF4Weight
+    from fastft.quant.nf4 import BNB_QS_KEY, check_bnb_header
 
     del config.quantization_config  # transformers would otherwise ask bitsandbytes to build the layers
     dtype = getattr(config, "dtype", None) or torch.float32
@@ -689,19 +690,27 @@ def _load_bnb_model(path, config, model_class, checkpoint_cls, prefixes_of):
         model = model_class(config)
     ckpt = checkpoint_cls(path)
     try:
-        sd = {k: ckpt.read(k) for k in ckpt.infos}
+        # Every 4-bit layer's quant state and tensor headers are checked before any tensor is read.
+        qs, where = {}, {}
+        for prefix in prefixes_of(ckpt.infos):
+            parent_path, _, child = prefix.rpartition(".")
+            old = getattr(model.get_submodule(parent_path) if parent_path else model, child)
+            if _as_linear_shape(old) is None:
+                raise ValueError(f"{path}: {prefix}.weight is 4-bit quantized but {prefix} is a {type(old).__name__}")
+            w = prefix + ".weight"
+            where[prefix] = ckpt.where(w) if w in ckpt.infos else str(path)
+            key = w + "." + BNB_QS_KEY
+            qs[key] = ckpt.read(key)
+            check_bnb_header(w, {k: (i.dtype, tuple(i.shape)) for k, i in ckpt.infos.items()
+                                 if k == w or k.startswith(w + ".")}, qs[key], where[prefix], _as_linear_shape(old))
+        sd = {k: qs[k] if k in qs else ckpt.read(k) for k in ckpt.infos}
     finally:
         ckpt.close()
     for prefix in prefixes_of(sd):
         parent_path, _, child = prefix.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
         old = getattr(parent, child)
-        if _as_linear_shape(old) is None:
-            raise ValueError(f"{path}: {prefix}.weight is 4-bit quantized but {prefix} is a {type(old).__name__}")
-        qw = NF4Weight.from_bnb_state_dict(sd, prefix + ".")
-        if tuple(qw.shape) != _as_linear_shape(old):
-            raise ValueError(f"{path}: {prefix}.weight holds shape {tuple(qw.shape)}, model expects "
-                             f"{_as_linear_shape(old)}")
+        qw = NF4Weight.from_bnb_state_dict(sd, prefix + ".", source=where[prefix], expected_shape=_as_linear_shape(old))
         for k in [k for k in sd if k.startswith(prefix + ".weight")]:
             del sd[k]
         bias = sd.pop(prefix + ".bias", None)

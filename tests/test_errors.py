@@ -518,12 +518,22 @@ def test_bad_input(case, tmp_path, capsys, monkeypatch):
 
 
 # --- the document ---------------------------------------------------------------------------------
+def doc_rows() -> list:
+    """The rows of docs/errors.md: ``CASES`` (run by ``test_bad_input``), then the lying bitsandbytes
+    and GGUF files of tests/test_strict_formats.py (``ROWS``, run there with nothing-loaded checks)."""
+    import test_strict_formats
+
+    return CASES + test_strict_formats.ROWS
+
+
 def render_doc() -> str:
+    rows = doc_rows()
     head = [
         "# Bad inputs: what fastft says, and its exit code",
         "",
-        "Generated from `tests/test_errors.py` (`CASES`); every row is run by `test_bad_input` and",
-        "`test_docs_errors_md_in_sync` keeps this file equal to the list (regenerate it with",
+        "Generated from `tests/test_errors.py` (`CASES`) and `tests/test_strict_formats.py` (`ROWS`: files whose",
+        "header lies); every row is run by `test_bad_input` or `test_lying_file_is_refused_and_nothing_loaded`,",
+        "and `test_docs_errors_md_in_sync` keeps this file equal to the lists (regenerate it with",
         "`FASTFT_UPDATE_DOCS=1 python -m pytest tests/test_errors.py -k docs`).",
         "",
         "A user error is one line on stderr, `fastft <command>: error: <path>: <problem>`, with no traceback",
@@ -538,9 +548,9 @@ def render_doc() -> str:
         "|---|---|",
     ]
     head += [f"| {k} | {v} |" for k, v in EXIT_CODES.items()]
-    head += ["", f"## Bad inputs ({len(CASES)} rows, each a test)", "", "| # | where | input | message contains | exit code |",
+    head += ["", f"## Bad inputs ({len(rows)} rows, each a test)", "", "| # | where | input | message contains | exit code |",
              "|---|---|---|---|---|"]
-    for i, c in enumerate(CASES, 1):
+    for i, c in enumerate(rows, 1):
         msg = " ... ".join(re.sub(r"\{(\w+)\}", r"<\1>", f) for f in c.expect).replace("|", "\\|")
         where = "Python" if c.api else "CLI"
         head.append(f"| {i} | {where} | {c.input.replace('|', chr(92) + '|')} | `{msg}` | {c.code} |")
@@ -552,8 +562,9 @@ def test_docs_errors_md_in_sync():
     if os.environ.get("FASTFT_UPDATE_DOCS"):
         DOC.write_text(text)
     assert DOC.is_file() and DOC.read_text() == text, "docs/errors.md is stale: FASTFT_UPDATE_DOCS=1 regenerates it"
-    assert len(CASES) >= 60
-    assert len({c.id for c in CASES}) == len(CASES)
+    rows = doc_rows()
+    assert len(rows) >= 60
+    assert len({c.id for c in rows}) == len(rows)
 
 
 # --- the CLI itself ---------------------------------------------------------------------------------

@@ -49,9 +49,9 @@ def convert_gguf(gguf_file, out_dir, dtype=torch.float32, overwrite=False) -> st
     out_dir = os.path.abspath(os.fspath(out_dir))
     if not os.path.isfile(gguf_file):
         raise FileNotFoundError(f"{gguf_file}: GGUF file not found")
-    with open(gguf_file, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ValueError(f"{gguf_file}: not a GGUF file (bad magic)")
+    from .gguf_io import check_gguf
+
+    check_gguf(gguf_file)  # the whole header, strictly, before transformers reads anything (CheckpointError)
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir}: already exists (pass overwrite=True to replace it)")
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -352,6 +352,8 @@ def from_pretrained(path, *, quantization=None, dtype=None, device=None, double_
         plan, missing_groups = match_checkpoint(cls, config, ckpt)
         preq_names = {n for n, k in plan.items() if k.endswith(".weight") and k[:-len(".weight")] in prequant}
         _check_shapes(model, {n: k for n, k in plan.items() if n not in preq_names}, ckpt)
+        if prequant:  # every 4-bit layer's quant state and header, before any weight is read
+            prequant = _check_bnb_layers(model, plan, preq_names, prequant, ckpt)
         dtype = dtype or ckpt.float_dtype()
         targets = set(cls.quant_targets(config)) if quantization and not prequant else set()
         if quantization == "int4":
@@ -436,34 +438,64 @@ def bnb_quantized_prefixes(keys) -> list[str]:
     return sorted(k[:-len(tail)] for k in keys if k.endswith(tail))
 
 
-def _split_bnb_keys(ckpt) -> dict[str, list[str]]:
+def _split_bnb_keys(ckpt) -> dict[str, dict]:
     """Take the NF4 auxiliary tensors out of ``ckpt.infos`` (so name matching sees one ``weight`` per
-    layer); returns {module prefix: [aux keys]}."""
+    layer); returns {module prefix: {aux key: header info}}. A quant state of another kind (FP4, an
+    unknown suffix) is refused here, naming its file and key."""
+    for k in ckpt.infos:
+        head, sep, kind = k.partition(".weight.quant_state.")
+        if sep and kind != "bitsandbytes__nf4":
+            why = ("FP4 weights are not supported: only NF4" if kind == "bitsandbytes__fp4" else
+                   f"unknown quant state type {kind!r} (fastft reads bitsandbytes NF4: bitsandbytes__nf4)")
+            raise CheckpointError(f"{ckpt.where(k)}: {k}: {why}")
     out = {}
     for prefix in bnb_quantized_prefixes(ckpt.infos):
-        aux = [f"{prefix}.weight.{a}" for a in BNB_AUX if f"{prefix}.weight.{a}" in ckpt.infos]
-        for k in aux:
-            ckpt.infos.pop(k)
-        out[prefix] = aux
+        out[prefix] = {f"{prefix}.weight.{a}": ckpt.infos.pop(f"{prefix}.weight.{a}") for a in BNB_AUX
+                       if f"{prefix}.weight.{a}" in ckpt.infos}
     return out
 
 
-def _load_bnb_into(model, mod_path, ckpt, weight_key, aux_keys, device):
+def _check_bnb_layers(model, plan, preq_names, prequant, ckpt) -> dict[str, dict]:
+    """Check every pre-quantized layer before any weight is read: its quant state (JSON), the
+    dtypes and sizes of its tensors against it, the layer's (out, in), and the values of the small
+    tensors (finite scales, the NF4 code book). Reads only those small tensors, and returns them
+    ({module prefix: {key: tensor}}) for ``_load_bnb_into``; the packed 4-bit data stays unread."""
+    from fastft.quant.nf4 import BNB_QS_KEY, check_bnb_header, check_bnb_values
+
+    small = {}
+    for name in sorted(preq_names):
+        key = plan[name]
+        prefix = key[:-len(".weight")]
+        mod_path = name.rpartition(".")[0]
+        lin = model.get_submodule(mod_path)
+        source = ckpt.where(key)
+        if not isinstance(lin, nn.Linear):
+            raise CheckpointError(f"{source}: {key!r} is 4-bit quantized but {mod_path} is a "
+                                  f"{type(lin).__name__}, not a linear layer")
+        aux = prequant[prefix]
+        infos = {key: (ckpt.infos[key].dtype, tuple(ckpt.infos[key].shape))}
+        infos.update({k: (i.dtype, tuple(i.shape)) for k, i in aux.items()})
+        qs_key = key + "." + BNB_QS_KEY
+        tensors = {qs_key: ckpt.read(qs_key)} if qs_key in aux else {}
+        meta = check_bnb_header(key, infos, tensors.get(qs_key), source, (lin.out_features, lin.in_features))
+        tensors.update({k: ckpt.read(k) for k in aux if k != qs_key})
+        check_bnb_values(key, tensors, meta, source)
+        small[prefix] = tensors
+    return small
+
+
+def _load_bnb_into(model, mod_path, ckpt, weight_key, aux, device):
     from fastft.nn import QuantLinear
     from fastft.quant import NF4Weight
 
     parent_path, _, child = mod_path.rpartition(".")
     parent = model.get_submodule(parent_path)
     lin = getattr(parent, child)
-    if not isinstance(lin, nn.Linear):
-        raise CheckpointError(f"{ckpt.path}: {weight_key!r} is 4-bit quantized but {mod_path} is a "
-                              f"{type(lin).__name__}, not a linear layer")
     prefix = weight_key[:-len("weight")]
-    sd = {k: ckpt.read(k, device=device) for k in [weight_key, *aux_keys]}  # raw dtypes: no cast
-    qw = NF4Weight.from_bnb_state_dict(sd, prefix)
-    if tuple(qw.shape) != (lin.out_features, lin.in_features):
-        raise CheckpointError(f"{ckpt.path}: {weight_key!r} holds shape {tuple(qw.shape)}, model expects "
-                              f"{(lin.out_features, lin.in_features)}")
+    sd = {weight_key: ckpt.read(weight_key, device=device)}  # raw dtypes: no cast
+    sd.update({k: v.to(device) for k, v in aux.items()})
+    qw = NF4Weight.from_bnb_state_dict(sd, prefix, source=ckpt.where(weight_key),
+                                       expected_shape=(lin.out_features, lin.in_features))
     bias = lin.bias if lin.bias is not None and lin.bias.device.type != "meta" else None
     if lin.bias is not None and bias is None:
         raise RuntimeError(f"fastft loader: bias of {mod_path} not loaded before its weight")

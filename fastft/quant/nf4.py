@@ -33,6 +33,7 @@ bitsandbytes is never imported here.
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 
@@ -116,6 +117,159 @@ def double_quantize_absmax(absmax: torch.Tensor, nested_blocksize: int = NESTED_
     mids = dynamic_map_midpoints_f64(absmax.device)
     q = torch.bucketize(scaled.double(), mids).to(torch.uint8)
     return q, nested_absmax, float(offset.item())
+
+
+# -- strict reading of bitsandbytes' layout ------------------------------------------------------
+# The JSON keys bitsandbytes' QuantState.as_dict(packed=True) writes (its from_dict refuses others).
+BNB_QS_REQUIRED = ("quant_type", "blocksize", "dtype", "shape")
+BNB_QS_NESTED = ("nested_blocksize", "nested_dtype", "nested_offset")
+BNB_QS_TYPES = ("nf4", "fp4")  # bitsandbytes' quant_state.bitsandbytes__<type> suffixes
+BNB_DTYPES = {dtype_name(d): d for d in FLOAT_DTYPES}
+
+
+def _bad(where, source, problem):
+    from fastft.errors import CheckpointError
+
+    return CheckpointError(f"{source + ': ' if source else ''}{where}: {problem}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def parse_bnb_quant_state(t, key: str, source: str | None = None) -> dict:
+    """The JSON object held by ``<weight>.quant_state.bitsandbytes__nf4``, its fields checked
+    (bitsandbytes' ``QuantState.from_dict`` fields, types and ranges); CheckpointError otherwise."""
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1:
+        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise _bad(key, source, f"must be a 1-D uint8 tensor holding UTF-8 JSON, got {got}")
+    try:
+        meta = json.loads(bytes(t.cpu().numpy().tobytes()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _bad(key, source, f"quant state is not UTF-8 JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise _bad(key, source, f"quant state must be a JSON object, got {type(meta).__name__}")
+    missing = [k for k in BNB_QS_REQUIRED if k not in meta]
+    if missing:
+        raise _bad(key, source, f"quant state lacks {', '.join(map(repr, missing))}")
+    unknown = sorted(set(meta) - set(BNB_QS_REQUIRED) - set(BNB_QS_NESTED))
+    if unknown:
+        raise _bad(key, source, f"quant state has unknown keys {unknown} (bitsandbytes writes "
+                                f"{list(BNB_QS_REQUIRED + BNB_QS_NESTED)})")
+    qt = meta["quant_type"]
+    if qt == "fp4":
+        raise _bad(key, source, "quant_type 'fp4': FP4 weights are not supported: only NF4")
+    if qt != "nf4":
+        raise _bad(key, source, f"unknown quant_type {qt!r} (bitsandbytes writes 'nf4' or 'fp4')")
+    if not key.endswith("." + BNB_QS_KEY):
+        raise _bad(key, source, f"quant_type 'nf4' stored under a key not ending in {BNB_QS_KEY!r}")
+    bs = meta["blocksize"]
+    if not _is_int(bs) or bs not in VALID_BLOCKSIZES:
+        raise _bad(key, source, f"blocksize {bs!r} is not one of {VALID_BLOCKSIZES}")
+    if not isinstance(meta["dtype"], str) or meta["dtype"] not in BNB_DTYPES:
+        raise _bad(key, source, f"unknown dtype {meta['dtype']!r} (expected one of {sorted(BNB_DTYPES)})")
+    shape = meta["shape"]
+    if (not isinstance(shape, list) or len(shape) != 2 or not all(_is_int(d) for d in shape)
+            or min(shape) < 1):
+        raise _bad(key, source, f"shape must be [out_features, in_features] (positive integers), got {shape!r}")
+    nested = [k for k in BNB_QS_NESTED if k in meta]
+    if nested and len(nested) != len(BNB_QS_NESTED):
+        missing = [k for k in BNB_QS_NESTED if k not in meta]
+        raise _bad(key, source, f"quant state has {nested} but lacks {missing} (double quantization needs all three)")
+    if nested:
+        if not _is_int(meta["nested_blocksize"]) or meta["nested_blocksize"] != NESTED_BLOCKSIZE:
+            raise _bad(key, source, f"nested_blocksize {meta['nested_blocksize']!r} is not {NESTED_BLOCKSIZE} "
+                                    "(bitsandbytes' only nested block size)")
+        if meta["nested_dtype"] != "float32":
+            raise _bad(key, source, f"nested_dtype {meta['nested_dtype']!r} is not 'float32'")
+        off = meta["nested_offset"]
+        if isinstance(off, bool) or not isinstance(off, (int, float)) or not math.isfinite(off):
+            raise _bad(key, source, f"nested_offset {off!r} is not a finite number")
+    return meta
+
+
+def check_bnb_header(p: str, infos: dict, qs, source: str | None = None, expected_shape=None) -> dict:
+    """Check one bitsandbytes 4-bit weight from its tensors' dtypes and shapes alone (no data read
+    except the quant state's JSON bytes ``qs``; None: only the key set is checked).
+
+    ``p``: the weight's key (``<module>.weight``); ``infos``: {key: (dtype, shape)} of ``p`` and
+    every ``p + ".*"`` key. Returns the parsed quant state. Every lie raises CheckpointError.
+    """
+    states = sorted(k for k in infos if k.startswith(p + ".quant_state."))
+    if len(states) != 1:
+        raise _bad(p, source, f"expected exactly one quant state key, found {states}")
+    qs_key = states[0]
+    suffix = qs_key[len(p + ".quant_state."):]
+    if suffix not in [f"bitsandbytes__{t}" for t in BNB_QS_TYPES]:
+        raise _bad(qs_key, source,
+                   f"unknown quant state type {suffix!r} (expected bitsandbytes__nf4 or bitsandbytes__fp4)")
+    if suffix != "bitsandbytes__nf4":
+        raise _bad(qs_key, source, "FP4 weights are not supported: only NF4")
+    if qs is None:
+        raise _bad(qs_key, source, "quant state tensor missing")
+    meta = parse_bnb_quant_state(qs, qs_key, source)
+    shape = tuple(meta["shape"])
+    if expected_shape is not None and shape != tuple(expected_shape):
+        raise _bad(qs_key, source, f"quant state shape {list(shape)} does not match the layer's "
+                                   f"(out_features, in_features) = {tuple(expected_shape)}")
+    nested = "nested_offset" in meta
+    allowed = {p, qs_key, p + ".absmax", p + ".quant_map"}
+    if nested:
+        allowed |= {p + ".nested_absmax", p + ".nested_quant_map"}
+    extra = sorted(set(infos) - allowed)
+    if extra:
+        why = " (the quant state has no nested_* fields: not double-quantized)" if not nested and any(
+            "nested" in k for k in extra) else ""
+        raise _bad(extra[0], source, f"unexpected tensor next to a bitsandbytes NF4 weight{why}")
+    for k in sorted(allowed):
+        if k not in infos:
+            raise _bad(k, source, f"missing: the quant state {qs_key!r} needs it")
+    n = shape[0] * shape[1]
+    nb = -(-n // meta["blocksize"])
+
+    def expect(k, dtype, count, what):
+        dt, shp = infos[k]
+        if dt != dtype:
+            raise _bad(k, source, f"dtype {dtype_name(dt)}, expected {dtype_name(dtype)} ({what})")
+        numel = math.prod(shp)
+        if numel != count:
+            raise _bad(k, source, f"{numel} entries, expected {count} ({what})")
+
+    dt, shp = infos[p]
+    if dt != torch.uint8:
+        raise _bad(p, source, f"packed 4-bit data must be uint8 (bnb_4bit_quant_storage 'uint8'), got {dtype_name(dt)}")
+    if not (len(shp) == 2 and shp[1] == 1):
+        raise _bad(p, source, f"packed 4-bit data must have shape (bytes, 1), got {tuple(shp)}")
+    expect(p, torch.uint8, (n + 1) // 2, f"two 4-bit codes per byte for shape {list(shape)}: ceil({n}/2)")
+    expect(p + ".quant_map", torch.float32, 16, "the 16 NF4 values")
+    if nested:
+        expect(p + ".absmax", torch.uint8, nb, f"one 8-bit code per block: ceil({n}/{meta['blocksize']})")
+        ng = -(-nb // meta["nested_blocksize"])
+        expect(p + ".nested_absmax", torch.float32, ng,
+               f"one per {meta['nested_blocksize']} blocks: ceil({nb}/{meta['nested_blocksize']})")
+        expect(p + ".nested_quant_map", torch.float32, 256, "the 8-bit dynamic map")
+    else:
+        expect(p + ".absmax", torch.float32, nb, f"one per block: ceil({n}/{meta['blocksize']})")
+    return meta
+
+
+def check_bnb_values(p: str, sd: dict, meta: dict, source: str | None = None) -> None:
+    """Checks that need the small tensors' values: finite scales and codebooks, and the NF4 code
+    book itself (bitsandbytes' kernels use their built-in NF4 values, not ``quant_map``: a
+    different map would decode differently in fastft and bitsandbytes)."""
+    names = ["absmax", "quant_map"] if "nested_offset" not in meta else ["nested_absmax", "nested_quant_map",
+                                                                          "quant_map"]
+    for name in names:
+        t = sd[f"{p}.{name}"]
+        bad = (~torch.isfinite(t)).sum().item()
+        if bad:
+            raise _bad(f"{p}.{name}", source, f"{bad} non-finite value(s) (NaN or inf)")
+        if name.endswith("absmax") and (t < 0).any():
+            raise _bad(f"{p}.{name}", source,
+                       f"{int((t < 0).sum())} negative value(s): a block's absmax is max |x| >= 0")
+    if not torch.equal(sd[p + ".quant_map"].reshape(-1).cpu(), nf4_code()):
+        raise _bad(p + ".quant_map", source, "is not the NF4 code book (bitsandbytes decodes with the NF4 "
+                                             "values whatever this tensor holds)")
 
 
 class NF4Weight(QuantizedWeight):
@@ -265,48 +419,32 @@ class NF4Weight(QuantizedWeight):
         return (prefix + "weight." + BNB_QS_KEY) in sd
 
     @classmethod
-    def from_bnb_state_dict(cls, sd: dict, prefix: str = "") -> "NF4Weight":
-        """Read the keys written by bitsandbytes' Linear4bit (or ``to_bnb_state_dict``), no bitsandbytes."""
+    def from_bnb_state_dict(cls, sd: dict, prefix: str = "", *, source: str | None = None,
+                            expected_shape=None) -> "NF4Weight":
+        """Read the keys written by bitsandbytes' Linear4bit (or ``to_bnb_state_dict``), no bitsandbytes.
+
+        Every field is checked first (``check_bnb_header`` and ``check_bnb_values``): a quant state
+        that lies about the tensors next to it raises ``fastft.errors.CheckpointError`` naming
+        ``source`` (the file), the key and the problem. ``expected_shape``: the layer's (out, in).
+        """
         p = prefix + "weight"
         qs_key = p + "." + BNB_QS_KEY
         if qs_key not in sd:
             other = [k for k in sd if k.startswith(p + ".quant_state.")]
             if other:
-                raise ValueError(f"{other[0]}: only NF4 quant states are supported (expected {qs_key})")
+                check_bnb_header(p, {k: (v.dtype, tuple(v.shape)) for k, v in sd.items()
+                                     if k == p or k.startswith(p + ".")}, None, source)
             raise KeyError(f"missing key {qs_key!r}: not a bitsandbytes NF4 state dict")
-        meta = unpack_json(sd[qs_key], qs_key)
-        for k in ("quant_type", "blocksize", "dtype", "shape"):
-            if k not in meta:
-                raise ValueError(f"{qs_key}: JSON lacks {k!r}")
-        if meta["quant_type"] != "nf4":
-            raise ValueError(f"{qs_key}: quant_type {meta['quant_type']!r} is not 'nf4'")
-        shape = meta["shape"]
-        if shape is None or len(shape) != 2:
-            raise ValueError(f"{qs_key}: shape must be [out_features, in_features], got {shape}")
-
-        def need(key):
-            if key not in sd:
-                raise KeyError(f"missing key {key!r} for the NF4 weight {p!r}")
-            return sd[key]
-
-        data = need(p)
-        if data.dtype != torch.uint8:  # bitsandbytes' quant_storage may be a wider dtype (FSDP)
-            data = data.contiguous().view(torch.uint8)
-        data = data.reshape(-1, 1)
-        dtype = dtype_from_name(meta["dtype"], qs_key)
+        infos = {k: (v.dtype, tuple(v.shape)) for k, v in sd.items() if k == p or k.startswith(p + ".")}
+        meta = check_bnb_header(p, infos, sd[qs_key], source, expected_shape)
+        check_bnb_values(p, sd, meta, source)
         nested = "nested_offset" in meta
         kw = {}
         if nested:
-            for k in ("nested_blocksize", "nested_dtype"):
-                if k not in meta:
-                    raise ValueError(f"{qs_key}: JSON lacks {k!r}")
-            if meta["nested_dtype"] != "float32":
-                raise ValueError(f"{qs_key}: nested_dtype {meta['nested_dtype']!r} is not 'float32'")
-            kw = dict(nested_absmax=need(p + ".nested_absmax").float(),
-                      nested_quant_map=need(p + ".nested_quant_map").float(),
+            kw = dict(nested_absmax=sd[p + ".nested_absmax"], nested_quant_map=sd[p + ".nested_quant_map"],
                       offset=float(meta["nested_offset"]), nested_blocksize=int(meta["nested_blocksize"]))
-        return cls(data, shape, int(meta["blocksize"]), dtype, need(p + ".quant_map").float(),
-                   need(p + ".absmax"), **kw)
+        return cls(sd[p].reshape(-1, 1), meta["shape"], int(meta["blocksize"]), getattr(torch, meta["dtype"]),
+                   sd[p + ".quant_map"], sd[p + ".absmax"], **kw)
 
     # -- misc --------------------------------------------------------------------------------
     def __repr__(self) -> str:
@@ -315,5 +453,6 @@ class NF4Weight(QuantizedWeight):
                 f"device={self.device}{dq})")
 
 
-__all__ = ["NF4Weight", "double_quantize_absmax", "check_nf4_args", "VALID_BLOCKSIZES", "NESTED_BLOCKSIZE",
+__all__ = ["NF4Weight", "double_quantize_absmax", "check_bnb_header", "check_bnb_values",
+           "parse_bnb_quant_state", "check_nf4_args", "VALID_BLOCKSIZES", "NESTED_BLOCKSIZE",
            "nf4_code", "dynamic_map"]
