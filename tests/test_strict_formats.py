@@ -189,10 +189,12 @@ BNB_ROWS = [
     B("bnb-packed-bytes", "packed weight one byte short", _tensor("", lambda t: t[:-1].clone()),
       f"{LAYER}: 3071 entries, expected 3072 (two 4-bit codes per byte for shape [64, 96]: ceil(6144/2))"),
     B("bnb-packed-dtype", "packed weight stored as int8", _tensor("", lambda t: t.view(torch.int8)),
-      f"{LAYER}: packed 4-bit data must be uint8 (bnb_4bit_quant_storage 'uint8'), got int8"),
-    B("bnb-packed-storage", "packed weight in a bfloat16 quant_storage",
-      _tensor("", lambda t: t.reshape(-1).view(torch.bfloat16).reshape(-1, 1)),
-      f"{LAYER}: packed 4-bit data must be uint8 (bnb_4bit_quant_storage 'uint8'), got bfloat16"),
+      f"{LAYER}: packed 4-bit data must be stored as uint8 (or the bytes viewed as bnb_4bit_quant_storage "
+      "float16 / bfloat16 / float32), got int8"),
+    B("bnb-packed-storage", "packed weight in a bfloat16 quant_storage, one entry short",
+      _tensor("", lambda t: t.reshape(-1).view(torch.bfloat16)[:-1].reshape(-1, 1).clone()),
+      f"{LAYER}: 1535 entries, expected 1536 (two 4-bit codes per byte for shape [64, 96]: ceil(6144/2) bytes, "
+      "2 per bfloat16 entry)"),
     B("bnb-packed-shape", "packed weight of shape (64, 48) instead of (bytes, 1)",
       _tensor("", lambda t: t.reshape(64, 48).clone()), f"{LAYER}: packed 4-bit data must have shape (bytes, 1), "
                                                         "got (64, 48)"),
@@ -481,6 +483,21 @@ def test_valid_bnb_checkpoint_loads(tmp_path, double_quant, monkeypatch):
     back = layer.weight.to_bnb_state_dict(LAYER[:-len("weight")])
     for k, v in back.items():  # the bytes read are the bytes written
         assert torch.equal(v, sd[k]), k
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16, torch.float32])
+def test_bnb_wider_quant_storage_loads_the_same_bytes(tmp_path, storage, monkeypatch):
+    """bnb_4bit_quant_storage (FSDP + QLoRA in transformers) stores the packed bytes viewed as a wider
+    dtype: read as the same bytes, the byte count checked."""
+    import fastft
+
+    sd, cfg = _base(True)
+    wide = dict(sd, **{LAYER: sd[LAYER].reshape(-1).view(storage).reshape(-1, 1).clone()})
+    save_file(wide, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text(cfg)
+    model = fastft.from_pretrained(str(tmp_path))
+    layer = model.get_submodule(LAYER.rpartition(".")[0])
+    assert torch.equal(layer.weight.to_bnb_state_dict(LAYER[:-len("weight")])[LAYER], sd[LAYER])
 
 
 def test_bnb_lies_are_refused_by_the_state_dict_reader_too():

@@ -236,11 +236,20 @@ def check_bnb_header(p: str, infos: dict, qs, source: str | None = None, expecte
             raise _bad(k, source, f"{numel} entries, expected {count} ({what})")
 
     dt, shp = infos[p]
-    if dt != torch.uint8:
-        raise _bad(p, source, f"packed 4-bit data must be uint8 (bnb_4bit_quant_storage 'uint8'), got {dtype_name(dt)}")
+    if dt not in BNB_QUANT_STORAGE:
+        raise _bad(p, source, "packed 4-bit data must be stored as uint8 (or the bytes viewed as "
+                              f"bnb_4bit_quant_storage float16 / bfloat16 / float32), got {dtype_name(dt)}")
     if not (len(shp) == 2 and shp[1] == 1):
         raise _bad(p, source, f"packed 4-bit data must have shape (bytes, 1), got {tuple(shp)}")
-    expect(p, torch.uint8, (n + 1) // 2, f"two 4-bit codes per byte for shape {list(shape)}: ceil({n}/2)")
+    # a wider quant_storage (FSDP) holds the same bytes: itemsize bytes per entry
+    size = torch.empty((), dtype=dt).element_size()
+    why = f"two 4-bit codes per byte for shape {list(shape)}: ceil({n}/2)"
+    if size > 1:
+        why += f" bytes, {size} per {dtype_name(dt)} entry"
+        if ((n + 1) // 2) % size:
+            raise _bad(p, source, f"{(n + 1) // 2} packed bytes do not fill whole {dtype_name(dt)} entries "
+                                  "(bnb_4bit_quant_storage needs a byte count divisible by its size)")
+    expect(p, dt, (n + 1) // 2 // size, why)
     expect(p + ".quant_map", torch.float32, 16, "the 16 NF4 values")
     if nested:
         expect(p + ".absmax", torch.uint8, nb, f"one 8-bit code per block: ceil({n}/{meta['blocksize']})")
@@ -270,6 +279,10 @@ def check_bnb_values(p: str, sd: dict, meta: dict, source: str | None = None) ->
     if not torch.equal(sd[p + ".quant_map"].reshape(-1).cpu(), nf4_code()):
         raise _bad(p + ".quant_map", source, "is not the NF4 code book (bitsandbytes decodes with the NF4 "
                                              "values whatever this tensor holds)")
+
+
+# bitsandbytes' quant_storage dtypes: the packed bytes, viewed as one of these (uint8 by default)
+BNB_QUANT_STORAGE = (torch.uint8, torch.float16, torch.bfloat16, torch.float32)
 
 
 class NF4Weight(QuantizedWeight):
@@ -443,7 +456,10 @@ class NF4Weight(QuantizedWeight):
         if nested:
             kw = dict(nested_absmax=sd[p + ".nested_absmax"], nested_quant_map=sd[p + ".nested_quant_map"],
                       offset=float(meta["nested_offset"]), nested_blocksize=int(meta["nested_blocksize"]))
-        return cls(sd[p].reshape(-1, 1), meta["shape"], int(meta["blocksize"]), getattr(torch, meta["dtype"]),
+        data = sd[p]
+        if data.dtype != torch.uint8:  # a wider bnb_4bit_quant_storage (FSDP): the same bytes
+            data = data.contiguous().view(torch.uint8)
+        return cls(data.reshape(-1, 1), meta["shape"], int(meta["blocksize"]), getattr(torch, meta["dtype"]),
                    sd[p + ".quant_map"], sd[p + ".absmax"], **kw)
 
     # -- misc --------------------------------------------------------------------------------
