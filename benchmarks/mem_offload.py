@@ -5,7 +5,8 @@ r = 16 all-linear, gradient checkpointing, bf16 weights, batch 1, 2 steps) is tr
 tensors twice: as built, and with ``fastft.nn.offload_frozen_to_host(model)`` applied after
 building (the two (V, H) tables become host tensors: fake CPU tensors, not counted on cuda). The
 trace runs in a child process that loads fastft.memory's fake-CUDA shim before torch (as
-``fastft.memory.run_traced`` does; ``run_traced`` has no hook for the switch, docs/offload.md).
+``fastft.memory.run_traced`` does), on this branch's ``fastft.memory`` (main's has the same switch as
+the spec key ``host_frozen``, docs/offload.md).
 
 Rows: benchmarks/results/mem_offload.jsonl (one per model x seq x offload), the table printed.
 Estimates, not GPU measurements.
