@@ -354,3 +354,15 @@ def test_cuda_host_weight_streams_with_prefetch_and_matches_the_device_weight():
     for n in gr:
         torch.testing.assert_close(go[n], gr[n], rtol=1e-3, atol=1e-6, msg=n)
     assert off.get_base_model().model.embed_tokens.weight.is_pinned()
+
+
+def test_gpu_benchmark_code_runs_on_cpu_tensors():
+    """benchmarks/bench_offload.py's rows at a toy shape on the CPU (each timed call run once), so a
+    broken benchmark is caught here rather than on a lent GPU."""
+    from benchmarks import bench_offload
+
+    calls = []
+    rows = bench_offload._rows(torch.device("cpu"), [(16, 300, 32)], bench=lambda fn: calls.append(fn()) or 1e-3)
+    assert [r["impl"] for r in rows] == ["device", "host_streamed", "h2d_pinned", "embedding_device", "embedding_host"]
+    assert len(calls) == 5 and rows[1]["pcie_bytes"] == 2 * 300 * 32 * 2
+    assert bench_offload.run("cpu") == []
