@@ -90,7 +90,7 @@ def _rows(dev: torch.device, shapes, bench=None) -> list[dict]:
         rows.append(common.row(ecase, "embedding_device", t_e, bytes=N * H * 2, device=dev.type))
         rows.append(common.row(ecase, "embedding_host", bench(lambda: hemb(ids)), bytes=N * H * 2, device=dev.type,
                                baseline="embedding_device", baseline_s=t_e))
-        del W, Wh, Wd, emb, hemb
+        W = Wh = Wd = emb = hemb = None  # (freed before the next shape)
         if cuda:
             torch.cuda.empty_cache()
     return rows

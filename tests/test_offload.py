@@ -68,7 +68,7 @@ def test_fuzz_streamed_loss_against_float64_gold():
     """Drawn shapes, chunkings (vocabulary and token chunks from 1 row to past the end), logit scales up
     to ~|40| (the running max is rescaled across chunks), bias, dtype, reduction: loss and dh within
     2x torch's own error of the float64 gold."""
-    hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is pinned in requirements.txt")
+    pytest.importorskip("hypothesis", reason="hypothesis is pinned in requirements.txt")
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
@@ -220,7 +220,8 @@ def _lora_grads(m):
 
 
 def test_offloaded_model_trains_like_the_on_device_model(monkeypatch):
-    """Loss, every LoRA gradient and three AdamW steps equal the on-device model's to fp32 noise; the head is streamed in several vocabulary chunks (the CPU chunk budget shrunk to ~100 rows)."""
+    """Loss, every LoRA gradient and three AdamW steps equal the on-device model's to fp32 noise; the
+    head is streamed in several vocabulary chunks (the CPU chunk budget shrunk to ~100 rows)."""
     monkeypatch.setattr(loss_mod, "VOCAB_CHUNK_BYTES", 100 * 64 * 4)
     ref = _tiny().train()
     off = offload_frozen_to_host(copy.deepcopy(ref))
@@ -286,7 +287,8 @@ def test_switch_refuses_tied_trainable_and_non_plain_tables():
     with pytest.raises(UsageError, match="LM head is trainable"):
         offload_frozen_to_host(m)
     assert type(m.model.embed_tokens) is nn.Embedding  # every check runs before any change
-    lora_head = fastft.get_peft_model(fastft.from_config("tiny-llama"), fastft.LoraConfig(r=2, target_modules=["lm_head"]))
+    lora_head = fastft.get_peft_model(fastft.from_config("tiny-llama"),
+                                      fastft.LoraConfig(r=2, target_modules=["lm_head"]))
     with pytest.raises(UsageError, match="plain frozen nn.Linear"):
         offload_frozen_to_host(lora_head)
     with pytest.raises(UsageError, match="native Llama"):
