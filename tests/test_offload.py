@@ -3,10 +3,6 @@ host inside the loss (fastft.ops.loss.streamed_linear_cross_entropy / streamed_l
 gradients against the float64 gold within 2x PyTorch's own error, the model-level switch against the
 on-device model, the refusals, and a trace on fake CUDA tensors (the tables never count on cuda)."""
 import copy
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -66,6 +62,44 @@ def test_streamed_loss_matches_float64_gold(lead, H, V, rows, vchunk, bias, dtyp
     for name, g, r, lo in zip(["loss", "dh"], got, gold, lowp):
         assert g.dtype == (torch.float32 if name == "loss" else dtype)
         assert_close_to_gold(g, r, lo, name=name)
+
+
+def test_fuzz_streamed_loss_against_float64_gold():
+    """Drawn shapes, chunkings (vocabulary and token chunks from 1 row to past the end), logit scales up
+    to ~|40| (the running max is rescaled across chunks), bias, dtype, reduction: loss and dh within
+    2x torch's own error of the float64 gold."""
+    pytest.importorskip("hypothesis", reason="hypothesis is pinned in requirements.txt")
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=25, deadline=None, database=None, derandomize=True)
+    @given(st.data())
+    def prop(data):
+        N, H, V = data.draw(st.integers(1, 40)), data.draw(st.integers(1, 24)), data.draw(st.integers(1, 300))
+        vchunk, rows = data.draw(st.integers(1, V + 3)), data.draw(st.integers(1, N + 3))
+        dtype = data.draw(st.sampled_from([torch.float32, torch.bfloat16]))
+        reduction = data.draw(st.sampled_from(["mean", "sum"]))
+        scale = data.draw(st.sampled_from([0.1, 1.0, 8.0]))
+        bias = data.draw(st.booleans())
+        gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2 ** 16)))
+        h = torch.randn(N, H, generator=gen)
+        W = torch.randn(V, H, generator=gen) * scale / max(H, 1) ** 0.5
+        b = torch.randn(V, generator=gen) * scale if bias else None
+        labels = torch.randint(0, V, (N,), generator=gen)
+        drop = torch.rand(N, generator=gen) < 0.3
+        drop[0] = False  # at least one target (a mean over none is NaN, as in torch)
+        labels[drop] = -100
+        Wd, bd = W.to(dtype), None if b is None else b.to(dtype)
+        got = output_and_grads(lambda h: streamed_linear_cross_entropy(h, Wd, labels, reduction=reduction, bias=bd,
+                                                                       chunk_rows=rows, vocab_chunk=vchunk), [h.to(dtype)])
+        gold = output_and_grads(lambda h: _torch_loss(h, W.double(), None if b is None else b.double(), labels,
+                                                      reduction), [h.double()])
+        lowp = output_and_grads(lambda h: _torch_loss(h, Wd, bd, labels, reduction), [h.to(dtype)])
+        for name, g, r, lo in zip(["loss", "dh"], got, gold, lowp):
+            assert_close_to_gold(g, r, lo.to(g.dtype), name=f"{name} N={N} H={H} V={V} vchunk={vchunk} rows={rows} "
+                                                               f"{dtype} {reduction} scale={scale} bias={bias}")
+
+    prop()
 
 
 def test_streamed_loss_under_bf16_autocast():
@@ -186,7 +220,8 @@ def _lora_grads(m):
 
 
 def test_offloaded_model_trains_like_the_on_device_model(monkeypatch):
-    """Loss, every LoRA gradient and three AdamW steps equal the on-device model's to fp32 noise; the head is streamed in several vocabulary chunks (the CPU chunk budget shrunk to ~100 rows)."""
+    """Loss, every LoRA gradient and three AdamW steps equal the on-device model's to fp32 noise; the
+    head is streamed in several vocabulary chunks (the CPU chunk budget shrunk to ~100 rows)."""
     monkeypatch.setattr(loss_mod, "VOCAB_CHUNK_BYTES", 100 * 64 * 4)
     ref = _tiny().train()
     off = offload_frozen_to_host(copy.deepcopy(ref))
@@ -252,7 +287,8 @@ def test_switch_refuses_tied_trainable_and_non_plain_tables():
     with pytest.raises(UsageError, match="LM head is trainable"):
         offload_frozen_to_host(m)
     assert type(m.model.embed_tokens) is nn.Embedding  # every check runs before any change
-    lora_head = fastft.get_peft_model(fastft.from_config("tiny-llama"), fastft.LoraConfig(r=2, target_modules=["lm_head"]))
+    lora_head = fastft.get_peft_model(fastft.from_config("tiny-llama"),
+                                      fastft.LoraConfig(r=2, target_modules=["lm_head"]))
     with pytest.raises(UsageError, match="plain frozen nn.Linear"):
         offload_frozen_to_host(lora_head)
     with pytest.raises(UsageError, match="native Llama"):
@@ -263,59 +299,72 @@ def test_switch_refuses_tied_trainable_and_non_plain_tables():
     assert isinstance(m.get_base_model().lm_head, HostLinear)
 
 
-_TRACE = r"""
-import ctypes, importlib.util, json, os, sys
-lib = os.path.join(os.path.dirname(importlib.util.find_spec("torch").origin), "lib")
-for n in ("libc10.so", "libtorch_cpu.so"):
-    ctypes.CDLL(os.path.join(lib, n), mode=ctypes.RTLD_GLOBAL)
-ctypes.CDLL(os.environ["FASTFT_FAKE_CUDA_SHIM"], mode=ctypes.RTLD_GLOBAL)
-import torch
-from fastft.memory import fake_trace, native_model, train_steps
-from fastft.nn.offload import offload_frozen_to_host
-from fastft.ops import loss
-loss.VOCAB_CHUNK_BYTES_GPU = int(sys.argv[1])  # vocabulary chunks of the streamed head
-out = {}
-for offload in (False, True):
-    with fake_trace() as mem:
-        model = native_model("tiny-llama", quantization="nf4", device="cuda")
-        cuda0, cpu0 = mem.live["cuda"], mem.live["cpu"]
-        if offload:
-            offload_frozen_to_host(model)
-        base = model.get_base_model()
-        r = {"moved_cuda": cuda0 - mem.live["cuda"], "moved_cpu": mem.live["cpu"] - cpu0,
-             "emb": str(base.model.embed_tokens.weight.device), "head": str(base.lm_head.weight.device)}
-        r["peaks"] = train_steps(model, batch=2, seq=64, steps=2, mem=mem)
-        r["ops"] = dict(mem.ops)
-        del model, base
-    out[str(offload)] = r
-print(json.dumps(out))
-"""
-
-
 def test_switch_traces_on_fake_cuda_and_the_tables_leave_the_device():
     """A QLoRA step of the tiny Llama on fake CUDA tensors (fastft/memory.py's tracer) with the switch
     on: the embedding and LM head bytes move from the cuda count to the cpu count, the step traces
     (no host synchronisation on a device value: a fake tensor has none), and its peak drops by at
     least the two tables."""
-    from fastft.memory import SHIM_ENV, fake_cuda_shim
+    from benchmarks import mem_offload
 
     if torch.version.cuda is not None:
         pytest.skip("the fake-CUDA shim is for CPU-only torch builds")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, SHIM_ENV: fake_cuda_shim(),
-           "PYTHONPATH": root + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")}
-    chunk = 128 * 64 * 2  # 4 chunks of 128 vocabulary rows
-    r = subprocess.run([sys.executable, "-c", _TRACE, str(chunk)], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(r.stdout.strip().splitlines()[-1])
-    on, off = res["False"], res["True"]
+    # the streamed head in 4 chunks of 128 vocabulary rows
+    on, off = mem_offload.trace("tiny-llama", seq=64, batch=2, vocab_chunk_bytes=128 * 64 * 2, timeout=300)
     table = 512 * 64 * 2  # (V, H) bf16, each of the two
-    assert on["moved_cuda"] == 0 and on["emb"] == on["head"] == "cuda:0"
-    assert off["moved_cuda"] == 2 * table and off["moved_cpu"] == 2 * table
-    assert off["emb"] == off["head"] == "cpu"
+    assert on["moved_cuda_bytes"] == 0 and on["embedding_device"] == on["lm_head_device"] == "cuda:0"
+    assert off["moved_cuda_bytes"] == 2 * table and off["moved_cpu_bytes"] == 2 * table
+    assert off["embedding_device"] == off["lm_head_device"] == "cpu"
     assert off["ops"].get("triton_attn_fwd", 0) == on["ops"].get("triton_attn_fwd") > 0  # the same CUDA path
     # the on-device head runs the dense chunked loss (Triton CE rows), the host head the streamed one
     assert on["ops"].get("triton_cross_entropy_grad_", 0) > 0 and "triton_cross_entropy_grad_" not in off["ops"]
     # the step's peak falls by both tables (the streamed loss holds a 128-row chunk at a time, and
     # no (tokens x vocab) block larger than the dense path's)
-    assert max(off["peaks"]) <= max(on["peaks"]) - 2 * table, (on["peaks"], off["peaks"])
+    assert off["peak_bytes"] <= on["peak_bytes"] - 2 * table, (on["step_peaks"], off["step_peaks"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the pinned-memory / side-stream path needs a CUDA device")
+def test_cuda_host_weight_streams_with_prefetch_and_matches_the_device_weight():
+    """On a GPU: a pinned host weight (side-stream prefetch of the next chunk, event waits) gives the
+    dense on-device op's loss and dh in bf16 autocast, within 2x torch's own error; the switched
+    model's loss and LoRA gradients equal the on-device model's."""
+    gen = torch.Generator().manual_seed(4)
+    h = torch.randn(3, 257, 64, generator=gen)
+    W = torch.randn(1000, 64, generator=gen) * 0.125
+    labels = torch.randint(0, 1000, (3, 257), generator=gen)
+    labels[0, :7] = -100
+    Wh = W.to(torch.bfloat16).pin_memory()
+    dev = torch.device("cuda")
+
+    def run(fn, h):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return fn(h)
+
+    got = output_and_grads(lambda h: run(lambda h: ops.linear_cross_entropy(h, Wh, labels.to(dev), vocab_chunk=96,
+                                                                            chunk_rows=200), h), [h.to(dev)])
+    lowp = output_and_grads(lambda h: run(lambda h: _torch_loss(h, Wh.to(dev), None, labels.to(dev), "mean"), h),
+                            [h.to(dev)])
+    gold = output_and_grads(lambda h: _torch_loss(h, Wh.double(), None, labels, "mean"), [h.double()])
+    for name, g, r, lo in zip(["loss", "dh"], got, gold, lowp):
+        assert_close_to_gold(g.cpu(), r, lo.cpu(), name=name)
+    ref = _tiny().to(dev).train()
+    off = offload_frozen_to_host(copy.deepcopy(ref))
+    ids = torch.randint(3, 512, (2, 24), generator=gen).to(dev)
+    a, b = ref(input_ids=ids, labels=ids).loss, off(input_ids=ids, labels=ids).loss
+    a.backward(), b.backward()
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    gr, go = _lora_grads(ref), _lora_grads(off)
+    for n in gr:
+        torch.testing.assert_close(go[n], gr[n], rtol=1e-3, atol=1e-6, msg=n)
+    assert off.get_base_model().model.embed_tokens.weight.is_pinned()
+
+
+def test_gpu_benchmark_code_runs_on_cpu_tensors():
+    """benchmarks/bench_offload.py's rows at a toy shape on the CPU (each timed call run once), so a
+    broken benchmark is caught here rather than on a lent GPU."""
+    from benchmarks import bench_offload
+
+    calls = []
+    rows = bench_offload._rows(torch.device("cpu"), [(16, 300, 32)], bench=lambda fn: calls.append(fn()) or 1e-3)
+    assert [r["impl"] for r in rows] == ["device", "host_streamed", "h2d_pinned", "embedding_device", "embedding_host"]
+    assert len(calls) == 5 and rows[1]["pcie_bytes"] == 2 * 300 * 32 * 2
+    assert bench_offload.run("cpu") == []

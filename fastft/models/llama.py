@@ -21,7 +21,9 @@ Supported:
   loss is a chunked cross-entropy
   (``fastft.ops.linear_cross_entropy``: one chunk of logits at a time, gradient formed in the
   forward) and the output's ``.logits`` is None -- the full (B, T, V) logits are never built.
-  Eval mode, ``labels=None`` or ``torch.no_grad()`` return the logits as before.
+  Eval mode, ``labels=None`` or ``torch.no_grad()`` return the logits as before. A host-resident
+  frozen LM head (``fastft.nn.offload_frozen_to_host``) is streamed to the device in vocabulary
+  chunks inside the loss (docs/offload.md).
 Limits: sliding-window attention is not implemented, so inputs longer than a declared window
 raise; sequences longer than ``max_position_embeddings`` raise (dynamic RoPE excepted, since it
 exists to extend that length).

@@ -41,8 +41,12 @@ def _can_pin(t: torch.Tensor) -> bool:
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
     """A detached host copy (pinned when CUDA is present: non-blocking copies to the device)."""
-    h = t.detach().to("cpu").contiguous()
-    return h.pin_memory() if _can_pin(h) and not h.is_pinned() else h
+    if t.device.type == "cpu" and (t.is_pinned() or not _can_pin(t)):
+        return t.detach().contiguous()
+    if not _can_pin(t):
+        return t.detach().to("cpu").contiguous()
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)  # one host copy, straight into pinned memory
+    return out.copy_(t.detach())
 
 
 class _HostResident(nn.Module):
