@@ -52,8 +52,19 @@ STACK_NAMES = {"fastft": "fastft native + get_peft_model",
 # the tiled MLP (--tiled-mlp 8192), 128 MiB loss chunks, and the frozen embedding and LM head kept
 # in host memory (--offload-embeddings: rows gathered on the host, the LM head streamed through
 # the loss in vocabulary chunks).
+# (A tied embedding / LM head -- Llama-3.2-1B -- stays on the GPU: host_frozen is for untied tables.)
 LEAN = {"offload": True, "tile_tokens": 8192, "ce_chunk_bytes": 1 << 27, "host_frozen": True}
 CONFIGS = {"fastft": {"stack": "fastft"}, "fastft-lean": {"stack": "fastft", **LEAN}, "hf": {"stack": "hf"}}
+
+
+def config_spec(config: str, model: str) -> dict:
+    """The spec of ``config`` at shape ``model`` (host_frozen dropped where the tables are tied)."""
+    from fastft.models.synthetic import make_config
+
+    spec = dict(CONFIGS[config])
+    if spec.get("host_frozen") and getattr(make_config(model), "tie_word_embeddings", False):
+        spec["host_frozen"] = False
+    return spec
 # The CPU validation: a small-but-not-tiny model (SmolLM2-135M's shape: ~0.2 GB QLoRA / 0.5 GB
 # LoRA in fp32), fp32 (this CPU has no native bf16), 2 steps.
 VALIDATE = [dict(stack="fastft", model="smollm2-135m", batch=1, seq=1024, quant="nf4", device="cpu", dtype="float32",
@@ -72,7 +83,8 @@ def _env() -> dict:
 def table() -> list[dict]:
     from fastft.memory import run_traced
 
-    specs = [{**BASE, **CONFIGS[c], "config": c, "model": m, "seq": s} for m in SHAPES for s in SEQS for c in CONFIGS]
+    specs = [{**BASE, **config_spec(c, m), "config": c, "model": m, "seq": s} for m in SHAPES for s in SEQS
+             for c in CONFIGS]
     rows = []
     for r in run_traced(specs, timeout=1800):
         rows.append({"kind": "cuda-estimate", **_clean(r)})
@@ -89,7 +101,7 @@ def longest() -> list[dict]:
     # lifts that limit (RoPE as configured: memory does not depend on it), as long-context claims
     # for this model do (context extension).
     shape = {**MODEL_SHAPES["llama-3.1-8b"], "max_position_embeddings": LONG_POSITIONS}
-    specs = [{**BASE, **CONFIGS[c], "config": c, "model": shape, "longest_within_bytes": BUDGET}
+    specs = [{**BASE, **config_spec(c, "llama-3.1-8b"), "config": c, "model": shape, "longest_within_bytes": BUDGET}
              for c in CONFIGS]
     rows = []
     for r in run_traced(specs, timeout=7200):

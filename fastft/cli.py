@@ -44,7 +44,9 @@ _TRAIN_FLAGS = {
 # Launcher options (torchrun's): they start the workers and are not TrainingArguments.
 _LAUNCH_FLAGS = ("nproc", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_id", "max_restarts")
 _BOOL_TRAIN_FLAGS = {"bf16": "bf16 autocast where supported",
-                     "detect_anomaly": "check every module's output and name the first non-finite one (slower)"}
+                     "detect_anomaly": "check every module's output and name the first non-finite one (slower)",
+                     "offload_embeddings": "keep the frozen input embedding and untied LM head in host memory (native "
+                                           "Llama-family models; the LM head streamed through the loss)"}
 
 
 class _Parser(argparse.ArgumentParser):

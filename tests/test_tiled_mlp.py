@@ -111,3 +111,50 @@ def test_tiled_mlp_enable_checks_its_argument():
     with pytest.raises(ValueError, match="tile_tokens"):
         m.tiled_mlp_enable(-1)
     assert m.tiled_mlp_enable(None) == 2 and all(layer.mlp.tile_tokens is None for layer in m.model.layers)
+
+
+def _token_dataset(n, vocab):
+    g = torch.Generator().manual_seed(0)
+    return [{"input_ids": (ids := torch.randint(3, vocab, (10,), generator=g).tolist()), "labels": ids}
+            for _ in range(n)]
+
+
+def test_trainer_memory_options_match_plain_training(tmp_path):
+    """TrainingArguments(tiled_mlp=..., offload_embeddings=True, gradient_checkpointing="offload"): the
+    same losses as plain training (fp32 summation order), the options really applied."""
+    from fastft.nn.offload import HostEmbedding, HostLinear
+    from fastft.train import Trainer, TrainingArguments
+
+    runs = {}
+    for lean in (False, True):
+        m = _model("nf4")
+        kw = dict(tiled_mlp=7, offload_embeddings=True, gradient_checkpointing="offload") if lean else {}
+        a = TrainingArguments(output_dir=str(tmp_path / str(lean)), max_steps=3, per_device_train_batch_size=2,
+                              learning_rate=1e-3, save_steps=None, plot_loss=False, save_final_model=False,
+                              disable_tqdm=True, logging_steps=1, forgetting_report=False, **kw)
+        runs[lean] = Trainer(m, _token_dataset(6, 512), args=a).train().losses
+        base = m.base_model.model
+        assert isinstance(base.model.embed_tokens, HostEmbedding) == lean
+        assert isinstance(base.lm_head, HostLinear) == lean
+        assert all(layer.mlp.tile_tokens == (7 if lean else None) for layer in base.model.layers)
+    assert len(runs[True]) == len(runs[False]) == 3
+    for a, b in zip(runs[True], runs[False]):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(b)), (runs[True], runs[False])
+
+
+def test_memory_option_flags_and_refusals(tmp_path):
+    from fastft.cli import build_parser
+    from fastft.errors import UsageError
+    from fastft.train import Trainer, TrainingArguments
+
+    p = build_parser()
+    a = p.parse_args(["train", "--model", "m", "--data", "d", "--tiled-mlp", "4096", "--offload-embeddings"])
+    assert a.tiled_mlp == 4096 and a.offload_embeddings is True
+    with pytest.raises(ValueError, match="tiled_mlp"):
+        TrainingArguments(output_dir=str(tmp_path), tiled_mlp=0)
+    cfg = fastft.models.synthetic.make_config("tiny-llama")
+    cfg.tie_word_embeddings = True
+    m = fastft.get_peft_model(fastft.from_config(cfg), fastft.LoraConfig(r=2, target_modules="all-linear"))
+    args = TrainingArguments(output_dir=str(tmp_path), offload_embeddings=True, max_steps=1)
+    with pytest.raises(UsageError, match="tied"):
+        Trainer(m, _token_dataset(2, 512), args=args)

@@ -58,6 +58,9 @@ class TrainingArguments:
     # Tokens per MLP tile (native models): the MLP's (tokens x intermediate) activations never exist
     # whole, for one more MLP forward per step; for long sequences. None: untiled.
     tiled_mlp: Optional[int] = None
+    # The frozen input embedding and untied LM head in host memory (native Llama-family models; the
+    # LM head streamed through the loss in vocabulary chunks): fastft.nn.offload_frozen_to_host.
+    offload_embeddings: bool = False
     seed: int = 42
     # A checkpoint directory, or True for the newest checkpoint-<step> in output_dir.
     resume_from_checkpoint: Optional[Union[str, bool]] = None

@@ -158,6 +158,12 @@ class Trainer:
             raise UsageError("bf16=True but this GPU does not support bfloat16")
         if a.gradient_checkpointing and not hasattr(model, "gradient_checkpointing_enable"):
             raise UsageError("gradient_checkpointing=True but the model has no gradient_checkpointing_enable()")
+        if a.offload_embeddings:
+            if self.world_size > 1:
+                raise UsageError("offload_embeddings is not supported with several processes (DDP / FSDP)")
+            from fastft.nn.offload import offload_frozen_to_host
+
+            offload_frozen_to_host(model)  # refuses (UsageError, nothing changed) tied or trainable tables
         if a.tiled_mlp is not None and not any(hasattr(type(m), "tile_tokens") for m in model.modules()):
             raise UsageError("tiled_mlp is set but the model has no tiled MLP (native fastft Llama-family models have one)")
         self._pass_num_items = _accepts_kwarg(model.forward, "num_items_in_batch")
