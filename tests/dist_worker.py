@@ -1,7 +1,8 @@
 """Helpers for tests/test_distributed.py: one training job, run in a single process (the reference)
 or in every rank of a torchrun job (``python -m torch.distributed.run ... tests/dist_worker.py jobs.json``).
 
-A job is a dict: name, model_dir, quantization (None | "nf4"), strategy, per_device_train_batch_size,
+A job is a dict: name, model_dir, quantization (None | "nf4"), shard_quantization (None = the
+loader's default | bool), strategy, per_device_train_batch_size,
 gradient_accumulation_steps, max_steps, save_steps, resume (checkpoint dir | None), output_dir.
 Rank 0 (or the single process) writes output_dir/result.json: per-step losses, the LoRA gradient
 check of the last step and the tensor bytes this rank held (for ``fastft plan``).
@@ -46,7 +47,8 @@ def build_model(job):
         model = transformers.AutoModelForCausalLM.from_pretrained(job["model_dir"])
         cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
         return fastft.patch(peft.get_peft_model(model, cfg), quantization=job.get("quantization"))
-    model = fastft.from_pretrained(job["model_dir"], quantization=job.get("quantization"))
+    model = fastft.from_pretrained(job["model_dir"], quantization=job.get("quantization"),
+                                   shard_quantization=job.get("shard_quantization"))
     cfg = fastft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
     return fastft.get_peft_model(model, cfg)
 
@@ -84,6 +86,9 @@ def run_job(job) -> dict:
                 self._wrapped.register_comm_hook(None, hook)
 
     model = build_model(job)
+    from fastft.nn.sharded_quant_linear import pending_layers
+
+    pending = len(pending_layers(model))  # NF4 layers left for per-rank quantization by the loader
     ds = token_dataset(job.get("n_examples", 25))
     args = TrainingArguments(
         output_dir=job["output_dir"], per_device_train_batch_size=job["per_device_train_batch_size"],
@@ -96,7 +101,7 @@ def run_job(job) -> dict:
     res = t.train()
     out = {"losses": res.losses, "grad_stats": getattr(t, "grad_stats", None), "world_size": t.world_size,
            "strategy": t.strategy, "held_bytes": getattr(t, "held_bytes", None),
-           "reductions": getattr(t, "reductions", None)}
+           "reductions": getattr(t, "reductions", None), "pending_at_load": pending}
     # Every rank reports its own bytes (the plan is per device); rank 0 collects them.
     if t.world_size > 1:
         gathered = [None] * t.world_size

@@ -315,7 +315,8 @@ def _quant_kwargs(quantization, blocksize, double_quant, group_size):
 
 
 def from_pretrained(path, *, quantization=None, dtype=None, device=None, double_quant=True, blocksize=64,
-                    group_size=128, allow_pickle=False, task=None, labels=None, pooling=None):
+                    group_size=128, allow_pickle=False, task=None, labels=None, pooling=None,
+                    shard_quantization=None):
     """Load a native fastft model from a Hugging Face checkpoint directory (see module docstring).
 
     dtype: floating dtype of the loaded weights (None: the checkpoint's own, e.g. bf16 stays bf16).
@@ -323,9 +324,19 @@ def from_pretrained(path, *, quantization=None, dtype=None, device=None, double_
     quantization: "nf4" (``blocksize``, ``double_quant``) or "int4" (``group_size``) for every linear
     layer inside the transformer blocks; embeddings, norms and the LM head stay in ``dtype``.
     task / labels / pooling: a task head instead of the LM head (``load_config``, ``heads.py``).
+    shard_quantization: per-rank NF4 quantization for FSDP (``_shard_quantization_applies``): the NF4
+    layers are built without reading their weights (``ShardableNF4Linear.pending``) and
+    ``fastft.train.distributed.setup_fsdp`` quantizes only each rank's shard, read from its byte
+    range of the safetensors file. None (default): on when ``quantization="nf4"`` inside an
+    initialised process group of more than one rank and the checkpoint is unquantized safetensors;
+    True: required (an error where it cannot apply); False: every rank quantizes every weight.
     """
     if quantization not in QUANTIZATIONS:
         raise UsageError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    if shard_quantization not in (None, True, False):
+        raise UsageError(f"shard_quantization must be None, True or False, got {shard_quantization!r}")
+    if shard_quantization and quantization != "nf4":
+        raise UsageError(f"shard_quantization=True needs quantization='nf4', got {quantization!r}")
     if isinstance(dtype, str):
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise UsageError(f"unknown dtype {dtype!r}")
@@ -363,6 +374,8 @@ def from_pretrained(path, *, quantization=None, dtype=None, device=None, double_
                     )
         if quantization:
             from fastft.nn import QuantLinear  # noqa: F401 - fail before reading any data if absent
+        deferred = targets if _shard_quantization_applies(shard_quantization, quantization, ckpt, targets, model,
+                                                          blocksize, path) else set()
 
         # Biases before weights, so a quantized layer is built with its bias already in place.
         first = {}
@@ -374,6 +387,9 @@ def from_pretrained(path, *, quantization=None, dtype=None, device=None, double_
             mod_path = name.rpartition(".")[0]
             if name in preq_names:
                 _load_bnb_into(model, mod_path, ckpt, key, prequant[key[:-len(".weight")]], device)
+                continue
+            if mod_path in deferred and name.endswith(".weight") and name not in ckpt.duplicates:
+                _pending_into(model, mod_path, ckpt, key, dtype, device, blocksize, double_quant)
                 continue
             t = ckpt.read(key, dtype=dtype, device=device)
             for dup in ckpt.duplicates.get(name, ()):
@@ -392,7 +408,9 @@ def from_pretrained(path, *, quantization=None, dtype=None, device=None, double_
     finally:
         ckpt.close()
 
-    left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.device.type == "meta"]
+    pending = tuple(m + "." for m in deferred)
+    left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers())
+            if p.device.type == "meta" and not n.startswith(pending)]
     if left:  # the table and the model disagree: a fastft bug, not a user error
         raise RuntimeError(f"fastft loader left tensors unmaterialised: {left[:10]}")
     model.eval()
@@ -468,6 +486,67 @@ def _load_bnb_into(model, mod_path, ckpt, weight_key, aux_keys, device):
     if lin.bias is not None and bias is None:
         raise RuntimeError(f"fastft loader: bias of {mod_path} not loaded before its weight")
     setattr(parent, child, QuantLinear(qw, bias))
+
+
+def _shard_quantization_applies(wanted, quantization, ckpt, targets, model, blocksize, path) -> bool:
+    """Whether the NF4 layers are left for per-rank quantization (``from_pretrained``'s
+    ``shard_quantization``). It applies to an unquantized safetensors checkpoint loaded with
+    quantization="nf4" inside an initialised process group of more than one rank, when every target
+    layer's element count is a multiple of ``blocksize`` (so shards hold whole blocks)."""
+    if not (wanted is None or wanted is True) or quantization != "nf4":
+        return False
+    import torch.distributed as dist
+
+    from .safetensors_io import SafetensorsFile
+
+    why = None
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        why = "no process group of more than one rank is initialised (start the workers with torchrun)"
+    elif not targets:
+        why = "the checkpoint is already quantized (bitsandbytes NF4): there is nothing to quantize"
+    elif not all(isinstance(f, SafetensorsFile) for f in ckpt.files):
+        why = "the checkpoint is pickle (.bin), which cannot be read by byte range; convert it to safetensors"
+    else:
+        for t in sorted(targets):
+            lin = model.get_submodule(t)
+            if (lin.in_features * lin.out_features) % blocksize:
+                why = (f"{t} has {lin.in_features * lin.out_features} weight elements, not a multiple of "
+                       f"blocksize={blocksize}")
+                break
+    if why is None:
+        return True
+    if wanted:
+        raise UsageError(f"{path}: shard_quantization=True cannot apply: {why}")
+    return False
+
+
+class _RangeSource:
+    """Elements [start, stop) of one checkpoint tensor, read by byte range (a pending NF4 layer's source)."""
+
+    def __init__(self, file, key, dtype):
+        self.file, self.key, self.dtype = file, key, dtype
+
+    def read(self, start, stop, device):
+        return self.file.read_range(self.key, start, stop, dtype=self.dtype, device=device)
+
+    def close(self):
+        self.file.close()  # unmaps; a later read maps the file again
+
+    def __str__(self):
+        return f"{self.key!r} in {self.file.path}"
+
+
+def _pending_into(model, mod_path, ckpt, key, dtype, device, blocksize, double_quant):
+    from fastft.nn.sharded_quant_linear import ShardableNF4Linear
+
+    parent_path, _, child = mod_path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    lin = getattr(parent, child)
+    if lin.bias is not None and lin.bias.device.type == "meta":
+        raise RuntimeError(f"fastft loader: bias of {mod_path} not loaded before its weight")
+    setattr(parent, child, ShardableNF4Linear.pending(
+        lin.in_features, lin.out_features, _RangeSource(ckpt._owner[key], key, dtype), bias=lin.bias,
+        blocksize=blocksize, double_quant=double_quant, dtype=dtype, device=device))
 
 
 def _quantize_into(model, mod_path, weight, quantization, kw):

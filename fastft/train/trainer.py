@@ -788,6 +788,10 @@ class Trainer:
         if self.strategy == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
 
+            from fastft.nn.sharded_quant_linear import materialize_pending
+
+            materialize_pending(self.model)  # NF4 layers left for per-rank quantization: whole, as DDP replicates
+
             ids = [self.device.index] if self.device.type == "cuda" else None
             self._wrapped = DDP(self.model, device_ids=ids)
         else:
