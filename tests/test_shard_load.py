@@ -236,3 +236,35 @@ def test_loader_falls_back_where_it_cannot_apply(tmp_path, ckpt_dir, fake_group)
     assert not pending_layers(fastft.from_pretrained(q, quantization="nf4"))
     with pytest.raises(UsageError, match="already quantized"):
         fastft.from_pretrained(q, quantization="nf4", shard_quantization=True)
+
+
+@pytest.mark.parametrize("strategy,expected", [(None, None), ("fsdp", None), ("ddp", False)])
+def test_cli_train_asks_for_per_rank_quantization_unless_ddp(tmp_path, monkeypatch, capsys, strategy, expected):
+    """``fastft train --method qlora``: FSDP (the default for QLoRA on > 1 rank) loads with the
+    loader's default (per-rank quantization inside a process group); --strategy ddp turns it off."""
+    import shutil
+
+    from models_util import save_tiny_checkpoint
+
+    from fastft.cli import main
+    from fastft.errors import UsageError as Stop
+    from fastft.models.convert import smollm2_path
+
+    d = save_tiny_checkpoint(tmp_path, "llama", vocab_size=49152, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=1, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    for f in os.listdir(smollm2_path()):
+        if f.startswith(("tokenizer", "special_tokens")):
+            shutil.copy2(os.path.join(smollm2_path(), f), d)
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"prompt": "Q: 1 plus 1?\nA:", "completion": " 2"}) + "\n")
+    seen = {}
+
+    def record(path, **kw):
+        seen.update(kw)
+        raise Stop("recorded")
+
+    monkeypatch.setattr(fastft, "from_pretrained", record)
+    argv = ["train", "--model", d, "--data", str(data), "--method", "qlora", "--output-dir", str(tmp_path / "o")]
+    rc = main(argv + (["--strategy", strategy] if strategy else []))
+    assert rc != 0 and "recorded" in capsys.readouterr().err
+    assert seen["quantization"] == "nf4" and seen["shard_quantization"] is expected
