@@ -15,6 +15,8 @@ place of the meta parameter; with ``quantization`` the transformer blocks' linea
 ``fastft.nn.QuantLinear`` as they are read, so the full-precision model never exists in memory.
 Peak host memory is the final model plus one 16 MB copy chunk (measured ~1.09x the model on a
 170 MB checkpoint, tests/test_loader.py); with quantization, plus one full-precision linear weight.
+Inside a process group of N > 1 ranks, NF4 layers are left pending instead (``shard_quantization``):
+each rank later reads and quantizes only its own FSDP shard (``fastft.nn.sharded_quant_linear``).
 """
 from __future__ import annotations
 
