@@ -73,7 +73,7 @@ def run_job(job) -> dict:
 
         def _setup_distributed(self):
             super()._setup_distributed()
-            if self.strategy == "ddp":
+            if self.strategy == "ddp" and not hasattr(self, "reductions"):  # once (evaluate() may set up first)
                 # Count DDP's gradient reductions (to check there is none on accumulation micro-steps).
                 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
@@ -98,10 +98,13 @@ def run_job(job) -> dict:
         distributed_strategy=job.get("strategy"), resume_from_checkpoint=job.get("resume"),
         max_grad_norm=job.get("max_grad_norm", 1.0), gradient_checkpointing=job.get("gradient_checkpointing", False))
     t = Probe(model, ds, args=args)
+    # evaluate() before train() (on a model loaded pending: the Trainer sets up the strategy first)
+    pre_eval = t.evaluate(ds[:6])["eval_loss"] if job.get("eval_first") else None
     res = t.train()
     out = {"losses": res.losses, "grad_stats": getattr(t, "grad_stats", None), "world_size": t.world_size,
            "strategy": t.strategy, "held_bytes": getattr(t, "held_bytes", None),
-           "reductions": getattr(t, "reductions", None), "pending_at_load": pending}
+           "reductions": getattr(t, "reductions", None), "pending_at_load": pending,
+           "eval_first": pre_eval}
     # Every rank reports its own bytes (the plan is per device); rank 0 collects them.
     if t.world_size > 1:
         gathered = [None] * t.world_size

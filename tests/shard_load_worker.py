@@ -1,7 +1,8 @@
 """Helpers for tests/test_shard_load.py, run in every rank of a 2-process torchrun job
 (``python -m torch.distributed.run ... tests/shard_load_worker.py spec.json``).
 
-spec: {"model_dir", "out_dir", "jobs": [dist_worker jobs]}. Each rank writes out_dir/rank<r>.json:
+spec: {"model_dir", "bnb_dir" (the same model saved in bitsandbytes' NF4 layout), "out_dir",
+"jobs": [dist_worker jobs]}. Each rank writes out_dir/rank<r>.json:
 
 * ``layers``: for awkward standalone NF4 layers (1 block: one rank gets none; 514 blocks over three
   nested groups; blocksize 128; without double quantization) whether this rank's shard built by
@@ -10,6 +11,7 @@ spec: {"model_dir", "out_dir", "jobs": [dist_worker jobs]}. Each rank writes out
   elements this rank quantized (counted at ``fastft.ops.nf4_quantize``, the one entry of every NF4
   quantizer) and the bytes it read of the quantized layers' tensors (at ``SafetensorsFile.read_range``,
   through which every safetensors read goes), and the elements of its own shards;
+* ``bnb``: the same for the NF4 checkpoint (nothing quantized; codes and scales read by range);
 * then the dist_worker training jobs (rank 0 writes their result.json).
 """
 from __future__ import annotations
@@ -168,12 +170,14 @@ def main(path):
     with open(path) as f:
         spec = json.load(f)
     model = fastft.from_pretrained(spec["model_dir"], quantization="nf4", shard_quantization=False)
-    QUANT_KEYS.update(n + ".weight" for n, m in _named_quant(model))
+    # the quantized layers' tensors: dense weights, or an NF4 checkpoint's codes and block scales
+    QUANT_KEYS.update(n + k for n, m in _named_quant(model) for k in (".weight", ".weight.absmax"))
     del model
     _instrument()
     res = {"layers": standalone_layers()}
     _reset()
     res["model"] = checkpoint_both_ways(spec["model_dir"])
+    res["bnb"] = checkpoint_both_ways(spec["bnb_dir"])  # already NF4: read by block range, not quantized
     with open(os.path.join(spec["out_dir"], f"rank{D.rank()}.json"), "w") as f:
         json.dump(res, f)
     from dist_worker import run_job

@@ -10,7 +10,8 @@ against the old path (every rank quantizes the whole weight, then FSDP2 shards i
   rows, two nested groups; sharded safetensors files) and for standalone layers (1 block, so one
   rank has none; three nested groups; blocksize 128; no double quantization);
 * each rank quantized exactly its own shards' elements and read exactly their bytes from the
-  checkpoint -- about half the model -- where the old path quantized and read all of it;
+  checkpoint -- about half the model -- where the old path quantized and read all of it; from a
+  checkpoint already in NF4 (bitsandbytes' layout) each rank reads only its codes and scales;
 * training gives the same losses, bit for bit; a DDP run of the same pending model (the Trainer
   quantizes the whole weights for DDP) matches them to reduction-order noise.
 """
@@ -61,8 +62,13 @@ def run(ckpt_dir, tmp_path_factory):
                        gradient_accumulation_steps=2, max_steps=STEPS, save_steps=None, output_dir=str(root / name)),
                 **kw}
 
-    jobs = [job("old", shard_quantization=False), job("new"), job("new-ddp", strategy="ddp")]
-    spec = {"model_dir": ckpt_dir, "out_dir": str(root), "jobs": jobs}
+    jobs = [job("old", shard_quantization=False, eval_first=True), job("new", eval_first=True),
+            job("new-ddp", strategy="ddp", eval_first=True)]
+    from fastft.models import save_quantized
+
+    bnb_dir = str(root / "bnb")
+    save_quantized(fastft.from_pretrained(ckpt_dir, quantization="nf4"), bnb_dir)
+    spec = {"model_dir": ckpt_dir, "bnb_dir": bnb_dir, "out_dir": str(root), "jobs": jobs}
     (root / "spec.json").write_text(json.dumps(spec))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            os.path.join(HERE, "shard_load_worker.py"), str(root / "spec.json")]
@@ -82,6 +88,8 @@ def test_shards_bit_identical_to_the_whole_tensor_path(run):
         assert m["new_pending"] == 14 and len(m["same"]) == 14  # 2 layers x 7 linears
         assert all(m["same"].values()), [k for k, v in m["same"].items() if not v]
         assert m["full_same"] and m["logits_same"]
+        b = r["bnb"]  # an NF4 checkpoint: the same, read by block range
+        assert b["new_pending"] == 14 and all(b["same"].values()) and b["full_same"] and b["logits_same"]
 
 
 def test_each_rank_quantizes_and_reads_only_its_shard(run):
@@ -101,6 +109,12 @@ def test_each_rank_quantizes_and_reads_only_its_shard(run):
         # assertion above would fail on it.
         assert m["old_load"] == {"elements": total, "bytes": total * 4}
         assert m["new_setup"]["elements"] < 0.55 * m["old_load"]["elements"]
+        # An NF4 checkpoint: nothing is quantized; each rank reads its codes (2 a byte) and its
+        # block scales (1 byte a block of 64), where the old path read all of them.
+        b = r["bnb"]
+        own_b = b["own_elements"] // 2 + b["own_elements"] // 64
+        assert b["new_load"] == {"elements": 0, "bytes": 0} and b["new_setup"] == {"elements": 0, "bytes": own_b}
+        assert b["old_load"] == {"elements": 0, "bytes": total // 2 + total // 64}
 
 
 def test_training_identical_to_the_old_path(run):
@@ -109,9 +123,12 @@ def test_training_identical_to_the_old_path(run):
     assert jobs["new"]["strategy"] == "fsdp" and jobs["new"]["world_size"] == 2
     assert len(jobs["new"]["losses"]) == STEPS and min(jobs["new"]["losses"]) > 1.0
     assert jobs["new"]["losses"] == jobs["old"]["losses"]  # bit for bit: the same shards
+    # evaluate() before train(): the pending model is set up (sharded) first, same loss
+    assert jobs["new"]["eval_first"] == jobs["old"]["eval_first"] and jobs["new"]["eval_first"] > 1.0
     assert all(f and n > 0 for f, n in jobs["new"]["grad_stats"].values())
     # DDP on a model loaded pending: the Trainer quantizes the whole weights first (the old path).
     assert jobs["new-ddp"]["pending_at_load"] == 14 and jobs["new-ddp"]["strategy"] == "ddp"
+    assert abs(jobs["new-ddp"]["eval_first"] - jobs["old"]["eval_first"]) <= 1e-5 * jobs["old"]["eval_first"]
     torch.testing.assert_close(torch.tensor(jobs["new-ddp"]["losses"], dtype=torch.float64),
                                torch.tensor(jobs["old"]["losses"], dtype=torch.float64), rtol=1e-5, atol=0)
 
@@ -194,7 +211,7 @@ def test_loader_default_only_inside_a_process_group(ckpt_dir):
     assert not pending_layers(m)
     with pytest.raises(UsageError, match="shard_quantization=True cannot apply: no process group"):
         fastft.from_pretrained(ckpt_dir, quantization="nf4", shard_quantization=True)
-    with pytest.raises(UsageError, match="needs quantization='nf4', got 'int4'"):
+    with pytest.raises(UsageError, match="applies to NF4 layers, not quantization='int4'"):
         fastft.from_pretrained(ckpt_dir, quantization="int4", shard_quantization=True)
 
 
@@ -211,8 +228,8 @@ def test_loader_leaves_nf4_layers_pending_in_a_group(ckpt_dir, fake_group):
 
 
 def test_loader_falls_back_where_it_cannot_apply(tmp_path, ckpt_dir, fake_group):
-    """A pickle checkpoint (no byte-range reads) and an NF4 checkpoint: the old path by default,
-    one clear error with shard_quantization=True."""
+    """A pickle checkpoint (no byte-range reads): the old path by default, one clear error with
+    shard_quantization=True. An NF4 (bitsandbytes) checkpoint is left pending (read by range)."""
     import shutil
 
     from safetensors.torch import load_file
@@ -233,9 +250,11 @@ def test_loader_falls_back_where_it_cannot_apply(tmp_path, ckpt_dir, fake_group)
         fastft.from_pretrained(d, quantization="nf4", allow_pickle=True, shard_quantization=True)
     q = tmp_path / "nf4"
     save_quantized(fastft.from_pretrained(ckpt_dir, quantization="nf4", shard_quantization=False), q)
-    assert not pending_layers(fastft.from_pretrained(q, quantization="nf4"))
-    with pytest.raises(UsageError, match="already quantized"):
-        fastft.from_pretrained(q, quantization="nf4", shard_quantization=True)
+    for quant in (None, "nf4"):
+        assert len(pending_layers(fastft.from_pretrained(q, quantization=quant))) == 14
+    assert not pending_layers(fastft.from_pretrained(q, shard_quantization=False))
+    with pytest.raises(UsageError, match="cannot apply: nothing is NF4"):
+        fastft.from_pretrained(ckpt_dir, shard_quantization=True)
 
 
 @pytest.mark.parametrize("strategy,expected", [(None, None), ("fsdp", None), ("ddp", False)])

@@ -32,7 +32,10 @@ so the codes and fp32 block scales are exactly those of the whole-tensor quantiz
 quantization depends on the whole tensor (the offset is the mean of all block scales, nested groups
 of 256 blocks), so the ranks all-gather the fp32 block scales (4 bytes per block: 1/32 of a bf16
 weight) and each computes the double quantization of the whole vector -- bit-identical to the
-whole-tensor path -- and keeps its slice. ``materialize_whole`` is the old path (read and quantize
+whole-tensor path -- and keeps its slice. A checkpoint already in NF4 (bitsandbytes' layout) has a
+``prequantized`` source instead (``read_codes`` / ``read_absmax`` by block range; code books, nested
+scales and offset read at load): each rank reads its codes and scales and quantizes nothing.
+``materialize_whole`` is the old path (read and quantize
 the whole tensor), for a model that is not sharded after all (DDP, single use). Until one of the two
 runs, the layer's ``weight`` is a ``PendingNF4Weight``: its metadata (shape, dtype, device, ...)
 answers, any access to its data raises, naming the layer.
@@ -138,6 +141,12 @@ class ShardableNF4Linear(QuantLinear):
         """Read and quantize the whole weight (the path without per-rank quantization)."""
         if self._source is None:
             return
+        if getattr(self._source, "prequantized", False):
+            nb = self._shape.numel() // self._blocksize
+            self._install(self._source.read_codes(0, nb, self._device), self._source.read_absmax(0, nb, self._device))
+            self._source.close()
+            self._source = None
+            return
         w = self._source.read(0, self._shape.numel(), self._device).view(self._shape)
         qw = NF4Weight.from_float(w, blocksize=self._blocksize, double_quant=self.nested_absmax is not None)
         del w
@@ -178,6 +187,13 @@ class ShardableNF4Linear(QuantLinear):
             raise RuntimeError(f"{self._source}: FSDP2 gave rank {r} {p.to_local().shape[0]} of {nb} blocks, "
                                f"expected {b1 - b0} (blocks [{b0}, {b1}))")
         dev, dq = self._device, self.nested_absmax is not None
+        if getattr(self._source, "prequantized", False):
+            # An NF4 checkpoint: this rank's codes and stored scales, as they are (nested scales,
+            # offset and code books were read at load: they are whole-tensor values).
+            self._install(self._source.read_codes(b0, b1, dev), self._source.read_absmax(b0, b1, dev), mesh)
+            self._source.close()
+            self._source = None
+            return b0, b1
         if b1 > b0:
             flat = self._source.read(b0 * bs, b1 * bs, dev)
             local = NF4Weight.from_float(flat.view(1, -1), blocksize=bs, double_quant=False)
@@ -199,17 +215,33 @@ class ShardableNF4Linear(QuantLinear):
             qabsmax = q[b0:b1].reshape(-1, 1).clone()
             self.nested_absmax, self._offset = nested_absmax, offset
         else:
-            qabsmax = absmax.contiguous().view(torch.uint8).reshape(-1, 4)
-
-        def shard(local, width):
-            return nn.Parameter(DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=(nb, width),
-                                                   stride=(width, 1)), requires_grad=False)
-
-        self.qdata = shard(codes, bs // 2)
-        self.qabsmax = shard(qabsmax, qabsmax.shape[1])
+            qabsmax = absmax
+        self._install(codes, qabsmax, mesh)
         self._source.close()
         self._source = None
         return b0, b1
+
+    def _install(self, codes, absmax, mesh=None):
+        """Set ``qdata`` / ``qabsmax`` from codes (blocks, blocksize/2) and the stored block scales
+        (uint8 codes with double quantization, else fp32): whole Parameters, or with ``mesh`` this
+        rank's Shard(0) DTensors of the full shapes."""
+        n = codes.shape[0]
+        qabsmax = (absmax.reshape(n, 1) if absmax.dtype == torch.uint8
+                   else absmax.contiguous().view(torch.uint8).reshape(n, 4))
+        if mesh is None:
+            self.qdata = nn.Parameter(codes, requires_grad=False)
+            self.qabsmax = nn.Parameter(qabsmax, requires_grad=False)
+            return
+        from torch.distributed.tensor import DTensor, Shard
+
+        nb = self._shape.numel() // self._blocksize
+
+        def shard(local):
+            width = local.shape[1]
+            return nn.Parameter(DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=(nb, width),
+                                                   stride=(width, 1)), requires_grad=False)
+
+        self.qdata, self.qabsmax = shard(codes), shard(qabsmax)
 
     @classmethod
     def from_quant_linear(cls, layer: QuantLinear) -> "ShardableNF4Linear":

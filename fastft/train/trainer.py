@@ -558,6 +558,11 @@ class Trainer:
         ds = self._check_dataset(eval_dataset, "eval_dataset") if eval_dataset is not None else self.eval_dataset
         if ds is None:
             raise UsageError("evaluate() needs an eval_dataset (none was given to the Trainer)")
+        if self.world_size > 1:
+            from fastft.nn.sharded_quant_linear import pending_layers
+
+            if pending_layers(self.model):  # called before train(): quantize (per rank) and wrap now
+                self._setup_distributed()
         bs = self.args.per_device_eval_batch_size
         was_training = self.model.training
         self.model.eval()
