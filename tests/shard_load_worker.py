@@ -1,7 +1,8 @@
 """Helpers for tests/test_shard_load.py, run in every rank of a 2-process torchrun job
 (``python -m torch.distributed.run ... tests/shard_load_worker.py spec.json``).
 
-spec: {"model_dir", "bnb_dir" (the same model saved in bitsandbytes' NF4 layout), "out_dir",
+spec: {"model_dir", "bnb_dir" / "bnb_no_dq_dir" (the same model saved in bitsandbytes' NF4 layout,
+with / without double quantization), "out_dir",
 "jobs": [dist_worker jobs]}. Each rank writes out_dir/rank<r>.json:
 
 * ``layers``: for awkward standalone NF4 layers (1 block: one rank gets none; 514 blocks over three
@@ -106,7 +107,7 @@ def standalone_layers():
     from fastft.train.distributed import setup_fsdp
 
     cases = {"1-block": (1, 64, 64, True), "514-blocks": (257, 128, 64, True), "bs128": (24, 80, 128, True),
-             "no-double-quant": (33, 64, 64, False)}
+             "no-double-quant": (33, 64, 64, False), "1-block-no-double-quant": (1, 64, 64, False)}
     out = {}
     for tag, (o, i, bs, dq) in cases.items():
         g = torch.Generator().manual_seed(len(tag))
@@ -178,6 +179,7 @@ def main(path):
     _reset()
     res["model"] = checkpoint_both_ways(spec["model_dir"])
     res["bnb"] = checkpoint_both_ways(spec["bnb_dir"])  # already NF4: read by block range, not quantized
+    res["bnb_no_dq"] = checkpoint_both_ways(spec["bnb_no_dq_dir"])  # fp32 block scales
     with open(os.path.join(spec["out_dir"], f"rank{D.rank()}.json"), "w") as f:
         json.dump(res, f)
     from dist_worker import run_job

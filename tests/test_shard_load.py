@@ -68,7 +68,9 @@ def run(ckpt_dir, tmp_path_factory):
 
     bnb_dir = str(root / "bnb")
     save_quantized(fastft.from_pretrained(ckpt_dir, quantization="nf4"), bnb_dir)
-    spec = {"model_dir": ckpt_dir, "bnb_dir": bnb_dir, "out_dir": str(root), "jobs": jobs}
+    save_quantized(fastft.from_pretrained(ckpt_dir, quantization="nf4", double_quant=False), str(root / "bnb-no-dq"))
+    spec = {"model_dir": ckpt_dir, "bnb_dir": bnb_dir, "bnb_no_dq_dir": str(root / "bnb-no-dq"), "out_dir": str(root),
+            "jobs": jobs}
     (root / "spec.json").write_text(json.dumps(spec))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            os.path.join(HERE, "shard_load_worker.py"), str(root / "spec.json")]
@@ -83,13 +85,14 @@ def run(ckpt_dir, tmp_path_factory):
 def test_shards_bit_identical_to_the_whole_tensor_path(run):
     ranks, _ = run
     for r in ranks:
-        assert r["layers"] == {"1-block": True, "514-blocks": True, "bs128": True, "no-double-quant": True}
+        assert r["layers"] == {"1-block": True, "514-blocks": True, "bs128": True, "no-double-quant": True,
+                               "1-block-no-double-quant": True}
         m = r["model"]
         assert m["new_pending"] == 14 and len(m["same"]) == 14  # 2 layers x 7 linears
         assert all(m["same"].values()), [k for k, v in m["same"].items() if not v]
         assert m["full_same"] and m["logits_same"]
-        b = r["bnb"]  # an NF4 checkpoint: the same, read by block range
-        assert b["new_pending"] == 14 and all(b["same"].values()) and b["full_same"] and b["logits_same"]
+        for b in (r["bnb"], r["bnb_no_dq"]):  # NF4 checkpoints: the same, read by block range
+            assert b["new_pending"] == 14 and all(b["same"].values()) and b["full_same"] and b["logits_same"]
 
 
 def test_each_rank_quantizes_and_reads_only_its_shard(run):
@@ -115,6 +118,8 @@ def test_each_rank_quantizes_and_reads_only_its_shard(run):
         own_b = b["own_elements"] // 2 + b["own_elements"] // 64
         assert b["new_load"] == {"elements": 0, "bytes": 0} and b["new_setup"] == {"elements": 0, "bytes": own_b}
         assert b["old_load"] == {"elements": 0, "bytes": total // 2 + total // 64}
+        b = r["bnb_no_dq"]  # fp32 block scales: 4 bytes a block
+        assert b["new_setup"] == {"elements": 0, "bytes": own // 2 + own // 64 * 4}
 
 
 def test_training_identical_to_the_old_path(run):
