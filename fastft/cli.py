@@ -531,6 +531,10 @@ def _train(o, ta, method, quant, lora_kw):
     max_length = ta.max_length
     labels, task_eval, task_metric, mts = None, None, None, None
     set_seed(ta.seed)
+    # FSDP + QLoRA (the default strategy for a quantized base): each rank quantizes only its own
+    # shard of the NF4 weights, where the loader can (from_pretrained's shard_quantization=None);
+    # DDP replicates the model, so every rank quantizes everything at load, as in one process.
+    shard_q = False if ta.distributed_strategy == "ddp" else None
     if task:
         from fastft.models.heads import default_modules_to_save
         from fastft.tasks.data import labels_of, load_task_dataset, read_task_records, task_collator, tokenize_task
@@ -540,7 +544,7 @@ def _train(o, ta, method, quant, lora_kw):
         if task != "embed":
             labels = _split(o["labels"]) if o.get("labels") else labels_of(records, task)
         model = fastft.from_pretrained(o["model"], quantization=quant, task=task, labels=labels,
-                                       pooling=o.get("pooling"), device=device)
+                                       pooling=o.get("pooling"), device=device, shard_quantization=shard_q)
         if getattr(model.config, "pad_token_id", None) is None and task == "classify":
             # the last non-pad token is classified: the pad id must be known (and saved with the model)
             model.config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -555,7 +559,7 @@ def _train(o, ta, method, quant, lora_kw):
             def task_eval(m, _ds=eval_ds):
                 return evaluate_task(m, _ds, task, labels=labels, tokenizer=tok)
     else:
-        model = fastft.from_pretrained(o["model"], quantization=quant, device=device)
+        model = fastft.from_pretrained(o["model"], quantization=quant, device=device, shard_quantization=shard_q)
         family_mlm = getattr(model, "objective", None) == "mlm"
         objective = o.get("objective") or ("mlm" if family_mlm else "clm")
         train_ds = load_dataset(o["data"], tok, objective=objective, max_length=max_length)

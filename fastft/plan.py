@@ -20,7 +20,9 @@ static parts are exact byte counts; ``tests/test_distributed.py`` checks them ag
 ranks of a real run hold. Activations count the tensors the native Llama's blocks save (checked
 against ``saved_tensors_hooks`` on the tiny model, fp32); on GPUs in bf16 a few of them (norm
 statistics, log-sum-exp) are fp32, and allocator overhead, fragmentation and the CUDA context
-(~0.5-1 GB) come on top.
+(~0.5-1 GB) come on top. Host memory while loading is not in the table: under FSDP + QLoRA a rank
+reads and quantizes only its own shard of the NF4 weights (docs/distributed.md), so it holds that
+shard, one range being quantized and the embeddings / head, loaded whole until ``fully_shard``.
 """
 from __future__ import annotations
 

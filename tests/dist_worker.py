@@ -1,7 +1,8 @@
 """Helpers for tests/test_distributed.py: one training job, run in a single process (the reference)
 or in every rank of a torchrun job (``python -m torch.distributed.run ... tests/dist_worker.py jobs.json``).
 
-A job is a dict: name, model_dir, quantization (None | "nf4"), strategy, per_device_train_batch_size,
+A job is a dict: name, model_dir, quantization (None | "nf4"), shard_quantization (None = the
+loader's default | bool), strategy, per_device_train_batch_size,
 gradient_accumulation_steps, max_steps, save_steps, resume (checkpoint dir | None), output_dir.
 Rank 0 (or the single process) writes output_dir/result.json: per-step losses, the LoRA gradient
 check of the last step and the tensor bytes this rank held (for ``fastft plan``).
@@ -46,7 +47,8 @@ def build_model(job):
         model = transformers.AutoModelForCausalLM.from_pretrained(job["model_dir"])
         cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
         return fastft.patch(peft.get_peft_model(model, cfg), quantization=job.get("quantization"))
-    model = fastft.from_pretrained(job["model_dir"], quantization=job.get("quantization"))
+    model = fastft.from_pretrained(job["model_dir"], quantization=job.get("quantization"),
+                                   shard_quantization=job.get("shard_quantization"))
     cfg = fastft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear")
     return fastft.get_peft_model(model, cfg)
 
@@ -71,7 +73,7 @@ def run_job(job) -> dict:
 
         def _setup_distributed(self):
             super()._setup_distributed()
-            if self.strategy == "ddp":
+            if self.strategy == "ddp" and not hasattr(self, "reductions"):  # once (evaluate() may set up first)
                 # Count DDP's gradient reductions (to check there is none on accumulation micro-steps).
                 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
@@ -84,6 +86,9 @@ def run_job(job) -> dict:
                 self._wrapped.register_comm_hook(None, hook)
 
     model = build_model(job)
+    from fastft.nn.sharded_quant_linear import pending_layers
+
+    pending = len(pending_layers(model))  # NF4 layers left for per-rank quantization by the loader
     ds = token_dataset(job.get("n_examples", 25))
     args = TrainingArguments(
         output_dir=job["output_dir"], per_device_train_batch_size=job["per_device_train_batch_size"],
@@ -93,10 +98,13 @@ def run_job(job) -> dict:
         distributed_strategy=job.get("strategy"), resume_from_checkpoint=job.get("resume"),
         max_grad_norm=job.get("max_grad_norm", 1.0), gradient_checkpointing=job.get("gradient_checkpointing", False))
     t = Probe(model, ds, args=args)
+    # evaluate() before train() (on a model loaded pending: the Trainer sets up the strategy first)
+    pre_eval = t.evaluate(ds[:6])["eval_loss"] if job.get("eval_first") else None
     res = t.train()
     out = {"losses": res.losses, "grad_stats": getattr(t, "grad_stats", None), "world_size": t.world_size,
            "strategy": t.strategy, "held_bytes": getattr(t, "held_bytes", None),
-           "reductions": getattr(t, "reductions", None)}
+           "reductions": getattr(t, "reductions", None), "pending_at_load": pending,
+           "eval_first": pre_eval}
     # Every rank reports its own bytes (the plan is per device); rank 0 collects them.
     if t.world_size > 1:
         gathered = [None] * t.world_size

@@ -112,6 +112,8 @@ def test_fsdp_matches_one_process(runs, name, quant):
     r = got[name]
     assert r["strategy"] == "fsdp" and r["world_size"] == 2
     assert min(r["losses"]) > 1.0  # not the silent loss = 0 of broken FSDP-QLoRA setups
+    # QLoRA loads its 2 x 7 NF4 layers pending: each rank quantizes only its shard (the default path)
+    assert r["pending_at_load"] == (14 if quant else 0)
     _assert_losses_equal(r["losses"], ref[quant]["losses"])
     _assert_adapters_equal(root / name, root / f"ref-{quant}")
     # Every LoRA gradient (gathered from the shards, at the last step) is finite and non-zero.

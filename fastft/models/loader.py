@@ -15,6 +15,8 @@ place of the meta parameter; with ``quantization`` the transformer blocks' linea
 ``fastft.nn.QuantLinear`` as they are read, so the full-precision model never exists in memory.
 Peak host memory is the final model plus one 16 MB copy chunk (measured ~1.09x the model on a
 170 MB checkpoint, tests/test_loader.py); with quantization, plus one full-precision linear weight.
+Inside a process group of N > 1 ranks, NF4 layers are left pending instead (``shard_quantization``):
+each rank later reads and quantizes only its own FSDP shard (``fastft.nn.sharded_quant_linear``).
 """
 from __future__ import annotations
 
@@ -315,7 +317,8 @@ def _quant_kwargs(quantization, blocksize, double_quant, group_size):
 
 
 def from_pretrained(path, *, quantization=None, dtype=None, device=None, double_quant=True, blocksize=64,
-                    group_size=128, allow_pickle=False, task=None, labels=None, pooling=None):
+                    group_size=128, allow_pickle=False, task=None, labels=None, pooling=None,
+                    shard_quantization=None):
     """Load a native fastft model from a Hugging Face checkpoint directory (see module docstring).
 
     dtype: floating dtype of the loaded weights (None: the checkpoint's own, e.g. bf16 stays bf16).
@@ -323,9 +326,19 @@ def from_pretrained(path, *, quantization=None, dtype=None, device=None, double_
     quantization: "nf4" (``blocksize``, ``double_quant``) or "int4" (``group_size``) for every linear
     layer inside the transformer blocks; embeddings, norms and the LM head stay in ``dtype``.
     task / labels / pooling: a task head instead of the LM head (``load_config``, ``heads.py``).
+    shard_quantization: per-rank NF4 quantization for FSDP (``_shard_quantization_applies``): the NF4
+    layers are built without reading their weights (``ShardableNF4Linear.pending``) and
+    ``fastft.train.distributed.setup_fsdp`` quantizes only each rank's shard, read from its byte
+    range of the safetensors file. None (default): on when ``quantization="nf4"`` inside an
+    initialised process group of more than one rank and the checkpoint is unquantized safetensors;
+    True: required (an error where it cannot apply); False: every rank quantizes every weight.
     """
     if quantization not in QUANTIZATIONS:
         raise UsageError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    if shard_quantization not in (None, True, False):
+        raise UsageError(f"shard_quantization must be None, True or False, got {shard_quantization!r}")
+    if shard_quantization and quantization == "int4":
+        raise UsageError("shard_quantization=True applies to NF4 layers, not quantization='int4'")
     if isinstance(dtype, str):
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise UsageError(f"unknown dtype {dtype!r}")
@@ -365,6 +378,9 @@ def from_pretrained(path, *, quantization=None, dtype=None, device=None, double_
                     )
         if quantization:
             from fastft.nn import QuantLinear  # noqa: F401 - fail before reading any data if absent
+        per_rank = _shard_quantization_applies(shard_quantization, quantization, ckpt, targets, prequant, model,
+                                               blocksize, path)
+        deferred = set(targets) if per_rank else set()
 
         # Biases before weights, so a quantized layer is built with its bias already in place.
         first = {}
@@ -375,7 +391,17 @@ def from_pretrained(path, *, quantization=None, dtype=None, device=None, double_
             key = plan[name]
             mod_path = name.rpartition(".")[0]
             if name in preq_names:
-                _load_bnb_into(model, mod_path, ckpt, key, prequant[key[:-len(".weight")]], device)
+                aux = prequant[key[:-len(".weight")]]
+                why = _pending_bnb_into(model, mod_path, ckpt, key, aux, device) if per_rank else "off"
+                if why is None:
+                    deferred.add(mod_path)
+                    continue
+                if shard_quantization and per_rank:
+                    raise UsageError(f"{path}: shard_quantization=True cannot apply to {mod_path}: {why}")
+                _load_bnb_into(model, mod_path, ckpt, key, aux, device)
+                continue
+            if mod_path in deferred and name.endswith(".weight") and name not in ckpt.duplicates:
+                _pending_into(model, mod_path, ckpt, key, dtype, device, blocksize, double_quant)
                 continue
             t = ckpt.read(key, dtype=dtype, device=device)
             for dup in ckpt.duplicates.get(name, ()):
@@ -394,7 +420,9 @@ def from_pretrained(path, *, quantization=None, dtype=None, device=None, double_
     finally:
         ckpt.close()
 
-    left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.device.type == "meta"]
+    pending = tuple(m + "." for m in deferred)
+    left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers())
+            if p.device.type == "meta" and not n.startswith(pending)]
     if left:  # the table and the model disagree: a fastft bug, not a user error
         raise RuntimeError(f"fastft loader left tensors unmaterialised: {left[:10]}")
     model.eval()
@@ -500,6 +528,137 @@ def _load_bnb_into(model, mod_path, ckpt, weight_key, aux, device):
     if lin.bias is not None and bias is None:
         raise RuntimeError(f"fastft loader: bias of {mod_path} not loaded before its weight")
     setattr(parent, child, QuantLinear(qw, bias))
+
+
+def _shard_quantization_applies(wanted, quantization, ckpt, targets, prequant, model, blocksize, path) -> bool:
+    """Whether the NF4 layers are left pending for per-rank quantization / reading (``from_pretrained``'s
+    ``shard_quantization``). It applies to safetensors checkpoints inside an initialised process
+    group of more than one rank: an unquantized one loaded with quantization="nf4" when every target
+    layer's element count is a multiple of ``blocksize`` (so shards hold whole blocks), or a
+    bitsandbytes NF4 one (each rank then reads only its shard's codes and scales; checked per layer
+    by ``_pending_bnb_into``)."""
+    if wanted is False or quantization == "int4":
+        return False
+    import torch.distributed as dist
+
+    from .safetensors_io import SafetensorsFile
+
+    why = None
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        why = "no process group of more than one rank is initialised (start the workers with torchrun)"
+    elif not (targets or prequant):
+        why = "nothing is NF4 (an unquantized checkpoint loaded with quantization=None)"
+    elif not all(isinstance(f, SafetensorsFile) for f in ckpt.files):
+        why = "the checkpoint is pickle (.bin), which cannot be read by byte range; convert it to safetensors"
+    else:
+        for t in sorted(targets):
+            lin = model.get_submodule(t)
+            if (lin.in_features * lin.out_features) % blocksize:
+                why = (f"{t} has {lin.in_features * lin.out_features} weight elements, not a multiple of "
+                       f"blocksize={blocksize}")
+                break
+    if why is None:
+        return True
+    if wanted:
+        raise UsageError(f"{path}: shard_quantization=True cannot apply: {why}")
+    return False
+
+
+class _RangeSource:
+    """Elements [start, stop) of one checkpoint tensor, read by byte range (a pending NF4 layer's source)."""
+
+    def __init__(self, file, key, dtype):
+        self.file, self.key, self.dtype = file, key, dtype
+
+    def read(self, start, stop, device):
+        return self.file.read_range(self.key, start, stop, dtype=self.dtype, device=device)
+
+    def close(self):
+        self.file.close()  # unmaps; a later read maps the file again
+
+    def __str__(self):
+        return f"{self.key!r} in {self.file.path}"
+
+
+class _BnbRangeSource:
+    """The codes and block scales of one bitsandbytes NF4 weight, read by block range."""
+
+    prequantized = True
+
+    def __init__(self, ckpt, weight_key, absmax_key, blocksize):
+        self.codes, self.absmax = ckpt._owner[weight_key], ckpt._owner[absmax_key]
+        self.weight_key, self.absmax_key, self.blocksize = weight_key, absmax_key, blocksize
+
+    def read_codes(self, b0, b1, device):
+        """uint8 (b1 - b0, blocksize / 2): the packed codes of blocks [b0, b1)."""
+        half = self.blocksize // 2
+        return self.codes.read_range(self.weight_key, b0 * half, b1 * half, device=device).view(b1 - b0, half)
+
+    def read_absmax(self, b0, b1, device):
+        """The stored block scales of blocks [b0, b1) (uint8 with double quantization, else fp32)."""
+        return self.absmax.read_range(self.absmax_key, b0, b1, device=device)
+
+    def close(self):
+        self.codes.close()
+        self.absmax.close()
+
+    def __str__(self):
+        return f"{self.weight_key!r} in {self.codes.path}"
+
+
+def _pending_bnb_into(model, mod_path, ckpt, weight_key, aux_keys, device):
+    """A pending layer for one bitsandbytes NF4 weight (the small tensors -- code books, nested
+    scales, quant state -- are read now; codes and block scales per rank later). Returns None, or
+    why this layer cannot be read by block range."""
+    from fastft.nn.sharded_quant_linear import ShardableNF4Linear
+    from fastft.quant import NF4Weight
+
+    prefix = weight_key[:-len("weight")]
+    absmax_key = weight_key + ".absmax"
+    if ckpt.infos[weight_key].dtype != torch.uint8:
+        return f"its codes are stored as {ckpt.infos[weight_key].dtype} (bitsandbytes quant_storage), not uint8"
+    if absmax_key not in aux_keys:
+        return "no absmax tensor"
+    sd = {k: ckpt.read(k, device=device) for k in aux_keys if k != absmax_key}
+    for k in (weight_key, absmax_key):  # shapes and dtypes only: validated, not read
+        info = ckpt.infos.get(k) or ckpt._owner[k].tensors[k]
+        sd[k] = torch.empty(info.shape, dtype=info.dtype, device="meta")
+    qw = NF4Weight.from_bnb_state_dict(sd, prefix)
+    parent_path, _, child = mod_path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    lin = getattr(parent, child)
+    if not isinstance(lin, nn.Linear):
+        raise CheckpointError(f"{ckpt.path}: {weight_key!r} is 4-bit quantized but {mod_path} is a "
+                              f"{type(lin).__name__}, not a linear layer")
+    if tuple(qw.shape) != (lin.out_features, lin.in_features):
+        raise CheckpointError(f"{ckpt.path}: {weight_key!r} holds shape {tuple(qw.shape)}, model expects "
+                              f"{(lin.out_features, lin.in_features)}")
+    if qw.numel % qw.blocksize:
+        return f"{qw.numel} weight elements, not a multiple of its blocksize {qw.blocksize}"
+    if lin.bias is not None and lin.bias.device.type == "meta":
+        raise RuntimeError(f"fastft loader: bias of {mod_path} not loaded before its weight")
+    layer = ShardableNF4Linear.pending(lin.in_features, lin.out_features,
+                                       _BnbRangeSource(ckpt, weight_key, absmax_key, qw.blocksize), bias=lin.bias,
+                                       blocksize=qw.blocksize, double_quant=qw.double_quant, dtype=qw.dtype,
+                                       device=device)
+    layer.quant_map, layer._offset = qw.quant_map, qw.offset
+    if qw.double_quant:
+        layer.nested_absmax, layer.nested_quant_map = qw.nested_absmax, qw.nested_quant_map
+    setattr(parent, child, layer)
+    return None
+
+
+def _pending_into(model, mod_path, ckpt, key, dtype, device, blocksize, double_quant):
+    from fastft.nn.sharded_quant_linear import ShardableNF4Linear
+
+    parent_path, _, child = mod_path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    lin = getattr(parent, child)
+    if lin.bias is not None and lin.bias.device.type == "meta":
+        raise RuntimeError(f"fastft loader: bias of {mod_path} not loaded before its weight")
+    setattr(parent, child, ShardableNF4Linear.pending(
+        lin.in_features, lin.out_features, _RangeSource(ckpt._owner[key], key, dtype), bias=lin.bias,
+        blocksize=blocksize, double_quant=double_quant, dtype=dtype, device=device))
 
 
 def _quantize_into(model, mod_path, weight, quantization, kw):

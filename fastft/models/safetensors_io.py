@@ -115,6 +115,7 @@ class SafetensorsFile:
                                   "header (corrupt or not a safetensors file)")
         self._mm = None
         self._fh = None
+        self.bytes_read = 0
 
     def _map(self):
         if self._mm is None:
@@ -127,25 +128,41 @@ class SafetensorsFile:
     def read(self, name: str, *, dtype=None, device=None) -> torch.Tensor:
         """Copy one tensor out of the file into a fresh tensor of ``dtype`` on ``device``."""
         info = self.tensors[name]
+        n = info.nbytes // info.dtype.itemsize
+        if info.nbytes == 0:
+            target_dtype = info.dtype if dtype is None or not info.dtype.is_floating_point else dtype
+            return torch.empty(info.shape, dtype=target_dtype, device=device)
+        return self.read_range(name, 0, n, dtype=dtype, device=device).view(info.shape)
+
+    def read_range(self, name: str, start: int, stop: int, *, dtype=None, device=None) -> torch.Tensor:
+        """Elements ``[start, stop)`` of tensor ``name`` in row-major order, as a fresh 1-D tensor of
+        ``dtype`` on ``device``: only that byte range of the file is read (e.g. the rows of one
+        rank's shard). ``bytes_read`` counts the file bytes copied by this object."""
+        info = self.tensors[name]
         if sys.byteorder != "little":  # pragma: no cover
             raise CheckpointError("safetensors loading needs a little-endian host")
-        mm = self._map()
-        start = self.data_start + info.begin
+        total = info.nbytes // info.dtype.itemsize
+        if not 0 <= start <= stop <= total:
+            raise ValueError(f"{self.path}: element range [{start}, {stop}) is outside tensor {name!r} "
+                             f"of {total} elements")
         target_dtype = info.dtype if dtype is None or not info.dtype.is_floating_point else dtype
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=target_dtype, device=device)
-        n = info.nbytes // info.dtype.itemsize
-        out = torch.empty(n, dtype=target_dtype, device=device or "cpu")
+        item = info.dtype.itemsize
+        out = torch.empty(stop - start, dtype=target_dtype, device=device or "cpu")
+        if stop == start:
+            return out
+        mm = self._map()
+        base = self.data_start + info.begin + start * item
         # Copy in chunks, dropping each chunk's file pages right after: the transient is one
         # chunk, not one tensor (an embedding alone can be a third of a small model).
-        step = max(1, _CHUNK_BYTES // info.dtype.itemsize)
-        for a in range(0, n, step):
-            b = min(n, a + step)
-            view = torch.frombuffer(mm, dtype=info.dtype, count=b - a, offset=start + a * info.dtype.itemsize)
+        step = max(1, _CHUNK_BYTES // item)
+        for a in range(0, stop - start, step):
+            b = min(stop - start, a + step)
+            view = torch.frombuffer(mm, dtype=info.dtype, count=b - a, offset=base + a * item)
             out[a:b].copy_(view)
             del view
-            self._drop_pages(start + a * info.dtype.itemsize, (b - a) * info.dtype.itemsize)
-        return out.view(info.shape)
+            self._drop_pages(base + a * item, (b - a) * item)
+        self.bytes_read += (stop - start) * item
+        return out
 
     def _drop_pages(self, start: int, length: int):
         # The copied-from file pages would otherwise stay in this process's RSS until the mapping

@@ -9,7 +9,9 @@ This module holds the small glue the Trainer needs:
 * ``setup_fsdp`` -- NF4 layers -> ``ShardableNF4Linear`` (their 4-bit bytes and scales become
   frozen uint8 Parameters sharded on quantization-block boundaries), then ``fully_shard`` on every
   block of every ``nn.ModuleList`` (a transformer layer with its LoRA A/B: one FSDP unit, so the
-  fused kernels see the adapters whole) and on the root, with a ``MixedPrecisionPolicy``;
+  fused kernels see the adapters whole) and on the root, with a ``MixedPrecisionPolicy``; NF4
+  layers the loader left pending (``from_pretrained(shard_quantization=...)``) are then quantized
+  shard by shard, each rank reading only its own blocks from the checkpoint;
 * full <-> sharded conversions for checkpoints (``full_tensor``, ``load_full_into``), so a
   checkpoint is the same files whatever N wrote it and any N can resume it.
 """
@@ -135,17 +137,22 @@ def setup_fsdp(model: nn.Module, *, param_dtype=None, reduce_dtype=torch.float32
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from fastft.nn.sharded_quant_linear import make_shardable
+    from fastft.nn.sharded_quant_linear import make_shardable, pending_layers
 
     make_shardable(model)
     broadcast_trainables(model)
-    dev = next(model.parameters()).device
+    # (a pending NF4 layer's Parameters are on meta until materialize_shard; its code books are not)
+    dev = next(t.device for t in (*model.parameters(), *model.buffers()) if t.device.type != "meta")
     mesh = init_device_mesh(dev.type, (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for unit in fsdp_units(model):
         if any(True for _ in unit.parameters()):
             fully_shard(unit, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
+    # NF4 layers loaded for per-rank quantization (from_pretrained's shard_quantization): fully_shard
+    # cut their meta Parameters; each rank now reads and quantizes only its own blocks.
+    for _, layer in pending_layers(model):
+        layer.materialize_shard()
     return model
 
 

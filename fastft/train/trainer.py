@@ -566,6 +566,11 @@ class Trainer:
         ds = self._check_dataset(eval_dataset, "eval_dataset") if eval_dataset is not None else self.eval_dataset
         if ds is None:
             raise UsageError("evaluate() needs an eval_dataset (none was given to the Trainer)")
+        if self.world_size > 1:
+            from fastft.nn.sharded_quant_linear import pending_layers
+
+            if pending_layers(self.model):  # called before train(): quantize (per rank) and wrap now
+                self._setup_distributed()
         bs = self.args.per_device_eval_batch_size
         was_training = self.model.training
         self.model.eval()
@@ -799,6 +804,10 @@ class Trainer:
             return
         if self.strategy == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
+
+            from fastft.nn.sharded_quant_linear import materialize_pending
+
+            materialize_pending(self.model)  # NF4 layers left for per-rank quantization: whole, as DDP replicates
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self._wrapped = DDP(self.model, device_ids=ids)
