@@ -182,6 +182,24 @@ def _temp_beside(out: str) -> str:
     return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.tmp-{uuid.uuid4().hex[:8]}")
 
 
+@contextlib.contextmanager
+def _gguf_alone(path: str):
+    """(directory, file name) of ``path`` linked into a fresh directory of its own, for transformers'
+    GGUF loader: given the output's own directory it would pick up whatever else lies there (a PEFT
+    adapter_config.json, as a Trainer's output_dir holds, makes it load the adapter's base model
+    instead of the file)."""
+    d = tempfile.mkdtemp(prefix=".fastft-verify-", dir=os.path.dirname(path))
+    alone = os.path.join(d, "model.gguf")
+    try:
+        try:
+            os.link(path, alone)
+        except OSError:
+            os.symlink(os.path.abspath(path), alone)
+        yield d, "model.gguf"
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def _move_into_place(tmp: str, out: str) -> None:
     if not os.path.isdir(tmp):
         os.replace(tmp, out)  # a file: atomic, replacing any old one
@@ -921,9 +939,11 @@ def _verify(tmp, fmt, dtype, level, model, tensors, stored, owned, config, vocab
             if level == "full" and _transformers_reads_gguf(config):
                 from transformers import AutoModelForCausalLM
 
-                d, base = os.path.split(tmp)
-                reloads.append(("transformers' GGUF loader", lambda: AutoModelForCausalLM.from_pretrained(
-                    d, gguf_file=base, dtype=torch.float32)))
+                def by_transformers():
+                    with _gguf_alone(tmp) as (d, base):
+                        return AutoModelForCausalLM.from_pretrained(d, gguf_file=base, dtype=torch.float32)
+
+                reloads.append(("transformers' GGUF loader", by_transformers))
         for how, load in reloads:
             reloaded = load().eval()
             report.phase(f"reloaded: {how}", t0)
@@ -954,8 +974,8 @@ def _check_tokenizer(path, fmt, tok, texts, note) -> None:
         if fmt == "hf":
             other = AutoTokenizer.from_pretrained(path)
         else:
-            d, name = os.path.split(path)
-            other = AutoTokenizer.from_pretrained(d, gguf_file=name)
+            with _gguf_alone(path) as (d, name):
+                other = AutoTokenizer.from_pretrained(d, gguf_file=name)
     except Exception as e:  # transformers cannot rebuild every GGUF tokenizer; the file was checked above
         note(f"note: transformers could not rebuild the tokenizer from the {fmt} export ({type(e).__name__}: {e})")
         return

@@ -327,6 +327,24 @@ def test_gguf_rope_scaling(tmp_path, tok_dir, rope):
         assert r.fields["llama.rope.scaling.factor"].contents() == rope["factor"]
 
 
+def test_gguf_into_a_directory_holding_a_peft_adapter(tmp_path, tok_dir):
+    """A GGUF exported into a Trainer's output_dir (which holds the run's adapter_config.json, as the
+    README's ten-line example does) is verified from the file itself: transformers' GGUF loader,
+    given that directory, would load the adapter's base model instead (issue 19, item 8)."""
+    from transformers import AutoTokenizer
+
+    d = save_tiny_checkpoint(tmp_path / "m", "llama", vocab_size=VOCAB)
+    AutoTokenizer.from_pretrained(tok_dir).save_pretrained(d)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "base_model_name_or_path": str(tmp_path / "elsewhere"), "r": 4,
+         "target_modules": ["q_proj"]}))
+    rep = fastft.export(d, str(run / "model.gguf"), format="gguf", log=None)
+    assert rep.verified and rep.reload_error <= TOL_FP32
+    assert sorted(os.listdir(run)) == ["adapter_config.json", "model.gguf"]  # no verification leftovers
+
+
 def test_gguf_sentencepiece_style_tokenizer(tmp_path):
     """A Llama-2 / Mistral-style tokenizer.json (BPE with byte fallback, metaspace) becomes GGUF's
     "llama" vocabulary (tokens, scores, types via gguf-py's LlamaHfVocab)."""
