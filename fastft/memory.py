@@ -533,11 +533,14 @@ def _estimate(spec: dict) -> dict:
     return {**spec, "peak_bytes": max(peaks), "weights_bytes": weights, "step_peaks": peaks, "ops": dict(mem.ops)}
 
 
-def longest_seq(spec: dict, budget_bytes: float, *, start: int = 8192, quantum: int = 1024, max_traces: int = 8) -> dict:
+def longest_seq(spec: dict, budget_bytes: float, *, start: int = 8192, quantum: int = 1024, max_traces: int = 8,
+                second: int | None = None) -> dict:
     """The longest sequence (a multiple of ``quantum``) whose traced peak fits ``budget_bytes``:
     secant steps on traced peaks (the peak grows about linearly in the sequence length here), each
     candidate traced, until a fitting length and one ``quantum`` longer that does not fit bracket
-    it. Returns {"fits": seq, "fits_peak_bytes", "exceeds": seq or None, "traces": [(seq, peak), ...]}."""
+    it. ``second``: the second length traced (default 4 x ``start``; a guess near the answer saves
+    traces of very long sequences). Returns {"fits": seq, "fits_peak_bytes", "exceeds": seq or None,
+    "traces": [(seq, peak), ...]}."""
     traces: list[tuple[int, int]] = []
 
     def peak(seq: int) -> int:
@@ -551,7 +554,7 @@ def longest_seq(spec: dict, budget_bytes: float, *, start: int = 8192, quantum: 
     a, pa = start, peak(start)
     if pa > budget_bytes:
         return {"fits": None, "exceeds": start, "traces": traces}
-    b = q(start * 4)
+    b = q(second if second else start * 4)
     pb = peak(b)
     fit, over = (a, pa), None
     if pb <= budget_bytes:
@@ -595,8 +598,9 @@ def estimate_anywhere(spec: dict, timeout: float = 600.0) -> dict:
 if __name__ == "__main__":
     for _spec in json.loads(sys.argv[1]):
         if "longest_within_bytes" in _spec:
-            _res = longest_seq({k: v for k, v in _spec.items() if k != "longest_within_bytes"},
-                               float(_spec["longest_within_bytes"]))
+            _search = {k: _spec[k] for k in ("start", "second", "quantum", "max_traces") if k in _spec}
+            _res = longest_seq({k: v for k, v in _spec.items() if k != "longest_within_bytes" and k not in _search},
+                               float(_spec["longest_within_bytes"]), **_search)
             print(json.dumps({**_spec, **_res}), flush=True)
         else:
             print(json.dumps(estimate(_spec)), flush=True)
