@@ -20,6 +20,16 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 
+def worker_env() -> dict:
+    """The environment of a torchrun job started by a test: this checkout first on PYTHONPATH, one
+    OpenMP thread per worker unless set."""
+    env = dict(os.environ)
+    root = os.path.dirname(HERE)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
 def token_dataset(n, vocab=128, seed=0, lo=3, hi=14):
     g = torch.Generator().manual_seed(seed)
     out = []

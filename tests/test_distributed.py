@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from dist_worker import run_job  # noqa: E402
+from dist_worker import run_job, worker_env  # noqa: E402
 
 from fastft.cli import main  # noqa: E402
 
@@ -29,12 +29,7 @@ LR = 2e-3
 STEPS = 10
 
 
-def _env():
-    env = dict(os.environ)
-    root = os.path.dirname(HERE)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
+_env = worker_env
 
 
 def _torchrun(args, timeout=240):

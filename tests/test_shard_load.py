@@ -27,6 +27,8 @@ from torch import nn
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from dist_worker import worker_env  # noqa: E402
+
 import fastft  # noqa: E402
 from fastft.errors import UsageError  # noqa: E402
 from fastft.nn import QuantLinear  # noqa: E402
@@ -36,12 +38,7 @@ from fastft.nn.sharded_quant_linear import (ShardableNF4Linear, materialize_pend
 STEPS = 4
 
 
-def _env():
-    env = dict(os.environ)
-    root = os.path.dirname(HERE)
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
+_env = worker_env
 
 
 @pytest.fixture(scope="module")
