@@ -363,10 +363,11 @@ class StreamedLinearCrossEntropyFunction(torch.autograd.Function):
             m = torch.full((N,), float("-inf"), dtype=cdt, device=h.device)
             s = torch.zeros((N,), dtype=cdt, device=h.device)
             zt = torch.zeros((N,), dtype=cdt, device=h.device)
+            hm = h.to(mdt)  # once, not once per vocabulary chunk
             for v0, v1, w, b in _weight_chunks(weight, bias, vocab_chunk, h.device, mdt):
                 for a in range(0, N, chunk_rows):
                     e = min(a + chunk_rows, N)
-                    z = cpu_gemm.linear(h[a:e].to(mdt), w, b).to(cdt)  # (n, v1 - v0)
+                    z = cpu_gemm.linear(hm[a:e], w, b).to(cdt)  # (n, v1 - v0)
                     local = targets[a:e] - v0
                     inside = (local >= 0) & (local < v1 - v0)
                     g = z.gather(1, local.clamp(0, v1 - v0 - 1)[:, None])[:, 0]
@@ -394,10 +395,11 @@ class StreamedLinearCrossEntropyFunction(torch.autograd.Function):
             valid = targets != ignore_index
             scale = torch.where(valid, grad.to(cdt), torch.zeros((), dtype=cdt, device=h.device))  # (N,)
             dh = torch.zeros(h.shape, dtype=cdt, device=h.device)
+            hm = h.to(mdt)
             for v0, v1, w, b in _weight_chunks(weight, bias, vocab_chunk, h.device, mdt):
                 for a in range(0, N, chunk_rows):
                     e = min(a + chunk_rows, N)
-                    p = cpu_gemm.linear(h[a:e].to(mdt), w, b).to(cdt)
+                    p = cpu_gemm.linear(hm[a:e], w, b).to(cdt)
                     p.sub_(m[a:e, None]).exp_().div_(s[a:e, None]).mul_(scale[a:e, None])
                     local = targets[a:e] - v0
                     inside = (local >= 0) & (local < v1 - v0)
