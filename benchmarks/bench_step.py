@@ -11,6 +11,12 @@ with a bf16 model); on a CPU without native bf16 (AVX512-BF16 / AMX) the CPU cas
 Variants (``VARIANTS``):
 
 * ``fastft``: the native model (``fastft.from_config`` / ``fastft.from_pretrained``) + ``fastft.get_peft_model``;
+* ``fastft-lean``: ``fastft`` with its memory options on, as ``TrainingArguments(tiled_mlp=...,
+  offload_embeddings=True, gradient_checkpointing="offload" on a GPU / lean_cpu_allocator=True on a
+  CPU)`` applies them: the MLP in tiles of ``tile_tokens`` (case key, default 512) tokens, the frozen
+  embedding / LM head as host tables (on a CPU: one table, stored in bf16 when its fp32 values are
+  bf16's, the head streamed through the loss), the checkpointed layer inputs in pinned host memory
+  (GPU) or glibc's large blocks returned to the OS when freed (CPU, ``fastft.train.allocator``);
 * ``fastft-patch``: the transformers model + ``fastft.patch(model, quantization=...)`` + ``fastft.get_peft_model``;
   ``fastft-patch-hfloss`` the same with transformers' own loss (``loss=False``);
 * ``hf``: transformers + PEFT (+ bitsandbytes ``Linear4bit`` for QLoRA), SDPA attention;
@@ -74,6 +80,8 @@ FLOOR = {"bfloat16": 8e-3, "float16": 1e-3, "float32": 1e-6, "float64": 1e-12}  
 
 VARIANTS = {
     "fastft": "fastft native + fastft.get_peft_model",
+    "fastft-lean": "fastft native + fastft.get_peft_model + memory options (tiled MLP, host tables, offload / "
+                   "lean CPU allocator)",
     "fastft-patch": "transformers + fastft.patch + fastft.get_peft_model",
     "fastft-patch-hfloss": "transformers + fastft.patch(loss=False) + fastft.get_peft_model",
     "hf": "transformers + PEFT{bnb} + SDPA",
@@ -82,7 +90,7 @@ VARIANTS = {
     "ref": "reference: the gold's model in the variants' precision (first step only)",
 }
 FIRST_STEP_ONLY = ("gold", "ref")
-FASTFT_VARIANTS = ("fastft", "fastft-patch", "fastft-patch-hfloss")
+FASTFT_VARIANTS = ("fastft", "fastft-lean", "fastft-patch", "fastft-patch-hfloss")
 BASELINE, LIGER = "hf", "hf-liger"
 
 # source: ("checkpoint", "smollm2") -- the bundled real SmolLM2-135M -- or ("shape", SHAPES name).
@@ -101,23 +109,30 @@ CASES = {
     "cpu-smollm2-lora-bf16": dict(source=("checkpoint", "smollm2"), quant=None, batch=4, seq=256, dtype="bfloat16",
                                   autocast=False, device="cpu", steps=5, warmup=2,
                                   variants=["fastft", "fastft-patch", "fastft-patch-hfloss", "hf", "gold", "ref"]),
-    # CPU, for memory: the Llama-3.2-1B shape at seq 2048, one timed step.
+    # CPU, for memory: the Llama-3.2-1B shape at seq 2048, one timed step; the seeded values rounded
+    # through bf16 (source_dtype: Llama-3.2-1B's checkpoint is bf16, loaded here in fp32).
     "cpu-1b-qlora-mem": dict(source=("shape", "llama-3.2-1b"), quant="nf4", batch=1, seq=2048, dtype="float32",
-                             autocast=False, device="cpu", steps=1, warmup=1, variants=["fastft", "fastft-patch", "hf"]),
+                             source_dtype="bfloat16", autocast=False, device="cpu", steps=1, warmup=1,
+                             variants=["fastft", "fastft-lean", "fastft-patch", "hf"]),
     "cpu-1b-lora-mem": dict(source=("shape", "llama-3.2-1b"), quant=None, batch=1, seq=2048, dtype="float32",
-                            autocast=False, device="cpu", steps=1, warmup=1, variants=["fastft", "fastft-patch", "hf"]),
+                            source_dtype="bfloat16", autocast=False, device="cpu", steps=1, warmup=1,
+                            variants=["fastft", "fastft-lean", "fastft-patch", "hf"]),
     # GPU: the issue's headline shapes.
     "gpu-8b-qlora": dict(source=("shape", "llama-3.1-8b"), quant="nf4", batch=2, seq=2048, dtype="bfloat16",
                          autocast=True, device="cuda", steps=4, warmup=2,
-                         variants=["fastft", "hf", "gold", "ref", "hf-liger", "fastft-patch"]),
+                         tile_tokens=2048,
+                        variants=["fastft", "hf", "gold", "ref", "hf-liger", "fastft-patch", "fastft-lean"]),
     "gpu-1b-lora": dict(source=("shape", "llama-3.2-1b"), quant=None, batch=1, seq=8192, dtype="bfloat16",
                         autocast=True, device="cuda", steps=4, warmup=2,
-                        variants=["fastft", "hf", "gold", "ref", "hf-liger", "fastft-patch"]),
+                        tile_tokens=2048,
+                        variants=["fastft", "hf", "gold", "ref", "hf-liger", "fastft-patch", "fastft-lean"]),
     # Smoke runs (CI, gpu_check --dry-run): the Llama-3 structure at toy size, fp32 on the CPU.
     "tiny-qlora": dict(source=("shape", "tiny-llama"), quant="nf4", batch=2, seq=32, dtype="float32", autocast=False,
-                       device="cpu", steps=1, warmup=1, variants=["fastft", "fastft-patch", "hf", "hf-liger", "gold", "ref"]),
+                       device="cpu", steps=1, warmup=1, tile_tokens=24,
+                       variants=["fastft", "fastft-lean", "fastft-patch", "hf", "hf-liger", "gold", "ref"]),
     "tiny-lora": dict(source=("shape", "tiny-llama"), quant=None, batch=2, seq=32, dtype="float32", autocast=False,
-                      device="cpu", steps=1, warmup=1, variants=["fastft", "fastft-patch", "hf", "hf-liger", "gold", "ref"]),
+                      device="cpu", steps=1, warmup=1, tile_tokens=24,
+                       variants=["fastft", "fastft-lean", "fastft-patch", "hf", "hf-liger", "gold", "ref"]),
 }
 
 
@@ -263,7 +278,9 @@ def _hf_model(spec, quant_mode, dtype, device):
         def replace(path, lin):
             lin.weight.data = _nf4(lin.weight.data).dequantize(torch.float32).to(dtype)
             return lin
-    seeded_materialize(model, cfg, seed=seed, device=device, dtype=wdt, targets=targets, replace_linear=replace)
+    src = _dtype(spec["source_dtype"]) if spec.get("source_dtype") else None
+    seeded_materialize(model, cfg, seed=seed, device=device, dtype=wdt, targets=targets, replace_linear=replace,
+                       source_dtype=src)
     if dtype != wdt:
         model.to(dtype)
     return model
@@ -303,16 +320,36 @@ def build(spec):
     kind, name = spec["source"]
     notes = []
     gc_kw = {"use_reentrant": False}
-    if variant == "fastft":
+    if variant in ("fastft", "fastft-lean"):
         if kind == "checkpoint":
             from fastft.models.convert import smollm2_path
 
             model = fastft.from_pretrained(smollm2_path(), quantization=quant, dtype=wdt, device=device,
                                            double_quant=True)
         else:
-            model = fastft.from_config(name, quantization=quant, dtype=wdt, device=device, seed=spec["seed"])
+            src = _dtype(spec["source_dtype"]) if spec.get("source_dtype") else None
+            model = fastft.from_config(name, quantization=quant, dtype=wdt, device=device, seed=spec["seed"],
+                                       source_dtype=src)
         model.gradient_checkpointing_enable()
         model = fastft.get_peft_model(model, _lora_config_fastft())
+        if variant == "fastft-lean":  # what TrainingArguments(tiled_mlp=n, offload_embeddings=True) does
+            from fastft.nn import offload_frozen_to_host
+
+            tile = int(spec.get("tile_tokens", 512))
+            if tile:
+                model.tiled_mlp_enable(tile)
+            offload_frozen_to_host(model)
+            b = model.get_base_model()
+            notes.append((f"tiled MLP {tile} tokens" if tile else "MLP not tiled")
+                         + f"; host tables stored in {b.model.embed_tokens.weight.dtype}")
+            if device.type == "cuda":  # --gradient-checkpointing offload (on a CPU the inputs are in host memory)
+                b.gradient_checkpointing_enable(offload=True)
+                notes.append("checkpointed layer inputs offloaded to pinned host memory")
+            else:  # --lean-cpu-allocator
+                from fastft.train.allocator import lean_cpu_allocator
+
+                notes.append("lean CPU allocator (glibc mmap threshold 1 MiB)" if lean_cpu_allocator()
+                             else "lean CPU allocator not applied (malloc is not glibc's)")
     elif variant in ("fastft-patch", "fastft-patch-hfloss"):
         # The shape source is quantized while it is built (one full-precision layer at a time), which
         # is what patch(quantization=) would do to a dense model; a checkpoint is patched as loaded.
@@ -577,6 +614,8 @@ def impl_name(variant, case) -> str:
 def case_title(name, case) -> str:
     kind, src = case["source"]
     model = "SmolLM2-135M" if src == "smollm2" else f"{src} shape (seeded weights)"
+    if case.get("source_dtype"):
+        model = model.replace("seeded weights", f"seeded weights, {case['source_dtype']}-valued")
     mode = "QLoRA NF4+dq" if case["quant"] else "LoRA dense base"
     prec = "bf16 weights + bf16 autocast" if case["autocast"] else {"float32": "fp32", "bfloat16": "bf16 weights"}[
         case["dtype"]]
@@ -585,12 +624,16 @@ def case_title(name, case) -> str:
 
 
 def run_case(name: str, *, rounds: int = 1, steps=None, warmup=None, threads=None, variants=None, spawn="exec",
-             budget: float | None = None, seed: int = 0, log=print, raw_path: str | None = None) -> list[dict]:
+             budget: float | None = None, seed: int = 0, log=print, raw_path: str | None = None,
+             tile_tokens: int | None = None) -> list[dict]:
     """Run one case; returns its rows (one per variant, plus skips and errors). ``raw_path``: each
-    process's raw result is appended there as it arrives (a run killed mid-case keeps them)."""
+    process's raw result is appended there as it arrives (a run killed mid-case keeps them).
+    ``tile_tokens``: the ``fastft-lean`` variant's MLP tile (0: untiled) instead of the case's."""
     from . import common
 
     case = dict(CASES[name])
+    if tile_tokens is not None:
+        case["tile_tokens"] = int(tile_tokens)
     if variants:
         case["variants"] = list(variants)
     if steps is not None:
@@ -618,7 +661,8 @@ def run_case(name: str, *, rounds: int = 1, steps=None, warmup=None, threads=Non
 
     def run_one(v, r, no_flce=False):
         spec = {**{k: case[k] for k in ("source", "quant", "batch", "seq", "dtype", "autocast", "device", "steps",
-                                        "warmup")}, "variant": v, "seed": seed, "threads": threads}
+                                        "warmup")}, "variant": v, "seed": seed, "threads": threads,
+                **{k: case[k] for k in ("source_dtype", "tile_tokens") if case.get(k) is not None}}
         if no_flce:
             spec["liger_no_flce"] = True
         left = (t_end - time.monotonic()) if t_end else 3600.0
@@ -797,6 +841,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, help="seconds for the whole run; variants not started in time are "
                     "reported as not run")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tile-tokens", type=int, help="fastft-lean's MLP tile in tokens, 0 for none (default: the case's)")
     ap.add_argument("--json", help="also write the rows to this file (JSON lines)")
     ap.add_argument("--record", action="store_true", help="record the rows under benchmarks/results (suite by device)")
     ap.add_argument("--check", action="store_true", help="exit 1 when a variant fails or disagrees with the gold")
@@ -841,7 +886,8 @@ def main(argv=None) -> int:
         left = (t_end - time.monotonic()) if t_end else None
         rows += run_case(name, rounds=a.rounds, steps=a.steps, warmup=a.warmup, threads=a.threads,
                          variants=a.variants.split(",") if a.variants else None, spawn=a.spawn, budget=left,
-                         seed=a.seed, log=lambda s: print(s, flush=True), raw_path=a.json + ".raw" if a.json else None)
+                         seed=a.seed, log=lambda s: print(s, flush=True), raw_path=a.json + ".raw" if a.json else None,
+                         tile_tokens=a.tile_tokens)
     for r in rows:
         print(json.dumps(r, sort_keys=True), flush=True)
     if a.json:

@@ -45,8 +45,12 @@ _TRAIN_FLAGS = {
 _LAUNCH_FLAGS = ("nproc", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_id", "max_restarts")
 _BOOL_TRAIN_FLAGS = {"bf16": "bf16 autocast where supported",
                      "detect_anomaly": "check every module's output and name the first non-finite one (slower)",
-                     "offload_embeddings": "keep the frozen input embedding and untied LM head in host memory (native "
-                                           "Llama-family models; the LM head streamed through the loss)"}
+                     "lean_cpu_allocator": "training on the CPU: glibc returns freed activations to the OS (large "
+                                           "blocks mapped per allocation; peak RSS near the live tensor bytes, a few "
+                                           "%% slower)",
+                     "offload_embeddings": "keep the frozen input embedding and LM head in host memory (native "
+                                           "Llama-family models; the LM head streamed through the loss; an fp32 "
+                                           "table of bf16 values stored in bf16)"}
 
 
 class _Parser(argparse.ArgumentParser):

@@ -33,7 +33,7 @@ def test_tiny_step_variants_agree(tmp_path):
     for case in ("tiny-qlora", "tiny-lora"):
         mine = {x["variant"]: x for x in rows if x["case"].endswith(f"[{case}]")}
         has_bnb = bench_step.skip_reason("hf", bench_step.CASES[case]) is None
-        expect = {"fastft", "fastft-patch", "gold", "ref"} | ({"hf"} if has_bnb else set())
+        expect = {"fastft", "fastft-lean", "fastft-patch", "gold", "ref"} | ({"hf"} if has_bnb else set())
         ran = {v for v, x in mine.items() if "error" not in x and "skipped" not in x}
         assert expect <= ran, {v: x.get("error") or x.get("skipped") for v, x in mine.items()}
         gold = mine["gold"]

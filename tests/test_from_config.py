@@ -69,6 +69,24 @@ def test_a_transformers_model_gets_the_same_tensors_and_logits():
     assert rel_err(ln, lh) < 1e-5
 
 
+def test_source_dtype_rounds_every_seeded_value_through_it():
+    """source_dtype=bf16 with dtype fp32: a bf16 checkpoint loaded in fp32 -- every weight is the fp32
+    draw rounded to bf16 (not equal to the unrounded draw), in fastft and in the transformers model."""
+    cfg = fc.make_config("tiny-llama")
+    plain = fastft.from_config(cfg, seed=0).state_dict()
+    got = fastft.from_config(cfg, seed=0, source_dtype="bfloat16").state_dict()
+    with torch.device("meta"):
+        hf = transformers.LlamaForCausalLM(cfg)
+    hs = fc.seeded_materialize(hf, cfg, seed=0, source_dtype=torch.bfloat16).state_dict()
+    for k, v in got.items():
+        assert v.dtype == torch.float32 and torch.equal(v, plain[k].bfloat16().float()), k
+        assert torch.equal(hs[k], v), k
+    w = "model.embed_tokens.weight"
+    assert not torch.equal(got[w], plain[w])
+    with pytest.raises(ValueError, match="source_dtype"):
+        fastft.from_config(cfg, source_dtype="int8")
+
+
 def test_tied_head_and_dtype_device():
     m = fastft.from_config({**fc.SHAPES["tiny-llama"], "tie_word_embeddings": True},
                            dtype="bfloat16")

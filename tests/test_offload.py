@@ -12,7 +12,8 @@ from torch import nn
 import fastft
 from fastft import ops
 from fastft.errors import UsageError
-from fastft.nn.offload import HostEmbedding, HostLinear, offload_frozen_to_host, restore_frozen_to_device
+from fastft.nn.offload import (HostEmbedding, HostLinear, exact_storage_dtype, offload_frozen_to_host,
+                               restore_frozen_to_device)
 from fastft.ops import loss as loss_mod
 from fastft.ops.loss import streamed_linear, streamed_linear_cross_entropy
 from test_linear_cross_entropy import _NoSync
@@ -191,8 +192,11 @@ def test_host_embedding_is_nn_embedding_and_stays_on_the_host():
     he.to("meta")  # Module.to moves the outputs' device, never the table
     assert he.weight.device.type == "cpu" and he.compute_device == torch.device("meta")
     assert he(ids).device.type == "meta"
-    he.to("cpu", torch.float64)  # a dtype cast happens on the host
-    assert he.weight.dtype == torch.float64 and torch.equal(he(ids), emb(ids).double())
+    he.to("cpu", torch.float64)  # a wider dtype: the outputs' (the table is never widened)
+    assert he.weight.dtype == torch.float32 and he(ids).dtype == torch.float64
+    assert torch.equal(he(ids), emb(ids).double())
+    he.to(torch.bfloat16)  # a narrower one: the table is narrowed on the host
+    assert he.weight.dtype == torch.bfloat16 and torch.equal(he(ids), emb(ids).bfloat16())
     with pytest.raises(UsageError, match="must be frozen"):
         HostEmbedding.from_embedding(nn.Embedding(4, 2))
     with pytest.raises(UsageError, match="max_norm"):
@@ -278,9 +282,12 @@ def test_offloaded_model_infers_and_generates_like_the_on_device_model():
         torch.testing.assert_close(back(input_ids=ids).logits, a.logits, rtol=1e-5, atol=1e-5)
 
 
-def test_switch_refuses_tied_trainable_and_non_plain_tables():
-    with pytest.raises(UsageError, match="tied"):
-        offload_frozen_to_host(_tiny(tie=True))
+def test_switch_refuses_half_a_tied_table_trainable_and_non_plain_tables():
+    for one in ({"embedding": False}, {"lm_head": False}):
+        with pytest.raises(UsageError, match="tied"):
+            offload_frozen_to_host(_tiny(tie=True), **one)
+    with pytest.raises(UsageError, match="storage_dtype"):
+        offload_frozen_to_host(_tiny(), storage_dtype=torch.int8)
     with pytest.raises(UsageError, match="input embedding is trainable"):
         offload_frozen_to_host(_tiny(peft=False), lm_head=False)  # before get_peft_model everything trains
     m = _tiny(peft=False)
@@ -298,6 +305,102 @@ def test_switch_refuses_tied_trainable_and_non_plain_tables():
     m = offload_frozen_to_host(_tiny(), embedding=False)
     assert type(m.get_base_model().model.embed_tokens) is nn.Embedding
     assert isinstance(m.get_base_model().lm_head, HostLinear)
+
+
+def test_exact_storage_dtype_is_the_narrowest_dtype_holding_every_value():
+    w = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    assert exact_storage_dtype(w) == torch.float32  # random fp32 values need all 24 mantissa bits
+    assert exact_storage_dtype(w.bfloat16().float()) == torch.bfloat16
+    assert exact_storage_dtype(w.bfloat16().double()) == torch.bfloat16
+    half = w.half().float()  # 11 significant bits: most values are not bf16's 8
+    assert exact_storage_dtype(half) == torch.float16
+    wide = w.bfloat16().float()
+    wide[0, 0] = 2.0 ** 100  # a bf16 value far outside fp16's range
+    assert exact_storage_dtype(wide) == torch.bfloat16
+    wide[0, 1] = 1 + 2.0 ** -20  # and one neither holds
+    assert exact_storage_dtype(wide) == torch.float32
+    nan = w.bfloat16().float()
+    nan[3, 3] = float("nan")  # kept as it is (never silently changed)
+    assert exact_storage_dtype(nan) == torch.float32
+    assert exact_storage_dtype(w.bfloat16()) == torch.bfloat16  # not a wide table: as it is
+    assert exact_storage_dtype(torch.empty(4, 4, device="meta")) == torch.float32  # no values to check
+
+
+def _tied_bf16_valued(**kw):
+    """The tiny Llama with a tied table, fp32 weights rounded through bf16 (a bf16 checkpoint loaded in fp32)."""
+    from fastft.models.synthetic import SHAPES
+
+    cfg = {**SHAPES["tiny-llama"], "tie_word_embeddings": True}
+    m = fastft.from_config(cfg, dtype=torch.float32, seed=3, source_dtype=torch.bfloat16)
+    m = fastft.get_peft_model(m, fastft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(n)))
+    return m.train()
+
+
+def test_tied_fp32_table_of_bf16_values_is_stored_once_in_bf16_and_trains_bit_identically(monkeypatch):
+    """storage_dtype="auto" on a tied fp32 table whose values are bf16's: one bf16 host tensor for the
+    embedding and the head (half the bytes); losses and every LoRA gradient over two AdamW steps equal
+    those of the same switch keeping fp32 (storage_dtype=None) bit for bit, and the on-device tied
+    model's to fp32 noise (the dense chunked loss against the streamed one)."""
+    monkeypatch.setattr(loss_mod, "VOCAB_CHUNK_BYTES", 100 * 64 * 4)  # the head in 6 vocabulary chunks
+    dev = _tied_bf16_valued()
+    wide = offload_frozen_to_host(copy.deepcopy(dev), storage_dtype=None)
+    comp = offload_frozen_to_host(copy.deepcopy(dev))
+    table = dev.get_base_model().model.embed_tokens.weight
+    for m, dt in ((wide, torch.float32), (comp, torch.bfloat16)):
+        b = m.get_base_model()
+        assert b.lm_head.weight is b.model.embed_tokens.weight and b.model.embed_tokens.weight.dtype == dt
+        assert torch.equal(b.model.embed_tokens.weight.float(), table)
+        assert b.model.embed_tokens.compute_dtype == b.lm_head.compute_dtype == torch.float32
+    assert comp.get_base_model().lm_head.weight.untyped_storage().nbytes() == table.numel() * 2
+    ids = torch.randint(3, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+            for k, m in (("dev", dev), ("wide", wide), ("comp", comp))}
+    for _ in range(2):
+        out = {}
+        for k, m in (("dev", dev), ("wide", wide), ("comp", comp)):
+            loss = m(input_ids=ids, labels=labels).loss
+            loss.backward()
+            out[k] = (loss.detach(), _lora_grads(m))
+            opts[k].step()
+            opts[k].zero_grad(set_to_none=True)
+        assert out["comp"][1].keys() == out["wide"][1].keys() and len(out["comp"][1]) > 0
+        assert torch.equal(out["comp"][0], out["wide"][0])
+        for n, g in out["wide"][1].items():
+            assert g.abs().max() > 0, n
+            assert torch.equal(out["comp"][1][n], g), n
+            torch.testing.assert_close(out["comp"][1][n], out["dev"][1][n], rtol=1e-4, atol=1e-7, msg=n)
+        torch.testing.assert_close(out["comp"][0], out["dev"][0], rtol=1e-6, atol=1e-6)
+    with torch.no_grad():  # inference and generation through the bf16 table
+        comp.eval(), dev.eval()
+        torch.testing.assert_close(comp(input_ids=ids).logits, dev(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        assert torch.equal(comp.generate(ids[:, :6], max_new_tokens=3), dev.generate(ids[:, :6], max_new_tokens=3))
+
+
+def test_tied_host_table_stays_one_tensor_through_casts_and_restore():
+    dev = _tied_bf16_valued()
+    table = dev.get_base_model().model.embed_tokens.weight.detach().clone()
+    m = offload_frozen_to_host(copy.deepcopy(dev), storage_dtype=None)
+    m.to(torch.float16)  # narrower than the fp32 storage: narrowed once, still shared
+    b = m.get_base_model()
+    assert b.model.embed_tokens.weight.dtype == torch.float16 and b.lm_head.weight is b.model.embed_tokens.weight
+    m = restore_frozen_to_device(offload_frozen_to_host(copy.deepcopy(dev)))  # bf16 storage, fp32 compute
+    b = m.get_base_model()
+    assert type(b.model.embed_tokens) is nn.Embedding and b.lm_head.weight is b.model.embed_tokens.weight
+    assert b.lm_head.weight.dtype == torch.float32 and torch.equal(b.lm_head.weight, table)
+    assert not b.lm_head.weight.requires_grad
+    # a table whose values bf16 does not hold stays fp32 under "auto"; an explicit dtype rounds
+    seeded = _tiny(tie=True)
+    w = seeded.get_base_model().model.embed_tokens.weight.detach().clone()
+    kept = offload_frozen_to_host(copy.deepcopy(seeded)).get_base_model().model.embed_tokens.weight
+    assert kept.dtype == torch.float32 and torch.equal(kept, w)
+    cast = offload_frozen_to_host(copy.deepcopy(seeded), storage_dtype=torch.bfloat16).get_base_model()
+    assert cast.lm_head.weight is cast.model.embed_tokens.weight and torch.equal(cast.lm_head.weight, w.bfloat16())
 
 
 def test_switch_traces_on_fake_cuda_and_the_tables_leave_the_device():

@@ -156,5 +156,10 @@ def test_memory_option_flags_and_refusals(tmp_path):
     cfg.tie_word_embeddings = True
     m = fastft.get_peft_model(fastft.from_config(cfg), fastft.LoraConfig(r=2, target_modules="all-linear"))
     args = TrainingArguments(output_dir=str(tmp_path), offload_embeddings=True, max_steps=1)
-    with pytest.raises(UsageError, match="tied"):
+    Trainer(m, _token_dataset(2, 512), args=args)  # a tied table: one host tensor for both modules
+    base = m.base_model.model
+    assert base.lm_head.weight is base.model.embed_tokens.weight and base.lm_head.host_resident
+    m = fastft.get_peft_model(fastft.from_config("tiny-llama"), fastft.LoraConfig(r=2, target_modules="all-linear"))
+    m.base_model.model.model.embed_tokens.weight.requires_grad_(True)
+    with pytest.raises(UsageError, match="trainable"):
         Trainer(m, _token_dataset(2, 512), args=args)

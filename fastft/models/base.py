@@ -114,7 +114,8 @@ class NativeModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.get_input_embeddings().weight.dtype
+        emb = self.get_input_embeddings()  # (a host-resident one stored narrower: the dtype of its rows)
+        return getattr(emb, "compute_dtype", None) or emb.weight.dtype
 
     def get_input_embeddings(self) -> nn.Embedding:
         raise NotImplementedError

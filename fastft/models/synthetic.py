@@ -98,9 +98,10 @@ def name_seed(seed: int, name: str) -> int:
 
 
 def seeded_tensor(name: str, shape, *, seed: int = 0, std: float = 0.02, device=None,
-                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                  dtype: torch.dtype = torch.float32, source_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The tensor the seeding rule gives ``name`` (see the module docstring); drawn in fp32 on
-    ``device``, then cast to ``dtype``."""
+    ``device``, rounded to ``source_dtype`` when given (the dtype a checkpoint would store it in: a
+    bf16 checkpoint loaded in fp32), then cast to ``dtype``."""
     device = torch.device(device or "cpu")
     shape = tuple(int(s) for s in shape)
     leaf = name.rsplit(".", 1)[-1]
@@ -112,6 +113,8 @@ def seeded_tensor(name: str, shape, *, seed: int = 0, std: float = 0.02, device=
     g.manual_seed(name_seed(seed, name))
     t = torch.empty(shape, device=device, dtype=torch.float32)
     t.normal_(0.0, std, generator=g)
+    if source_dtype is not None:
+        t = t.to(source_dtype)
     return t.to(dtype)
 
 
@@ -184,7 +187,8 @@ def _fix_meta_buffers(model: nn.Module, config, device) -> None:
 
 @torch.no_grad()
 def seeded_materialize(model: nn.Module, config, *, seed: int = 0, device=None, dtype: torch.dtype = torch.float32,
-                       targets=(), replace_linear: Callable[[str, nn.Linear], nn.Module] | None = None) -> nn.Module:
+                       targets=(), replace_linear: Callable[[str, nn.Linear], nn.Module] | None = None,
+                       source_dtype: torch.dtype | None = None) -> nn.Module:
     """Give every meta tensor of ``model`` (native or transformers, built under ``torch.device("meta")``)
     its seeded value on ``device`` in ``dtype``, one tensor at a time.
 
@@ -192,7 +196,8 @@ def seeded_materialize(model: nn.Module, config, *, seed: int = 0, device=None, 
     ``replace_linear(path, linear) -> module`` (a quantizer: fastft's ``QuantLinear.from_linear``,
     bitsandbytes' ``Linear4bit``); the returned module takes the layer's place, so no more than one
     full-precision target weight is alive at a time. Tied parameters are materialised once (under
-    the first name ``named_parameters`` gives them) and re-tied.
+    the first name ``named_parameters`` gives them) and re-tied. ``source_dtype``: every seeded value
+    rounded through it first (``seeded_tensor``).
     """
     device = torch.device(device or "cpu")
     std = _std(config)
@@ -208,10 +213,10 @@ def seeded_materialize(model: nn.Module, config, *, seed: int = 0, device=None, 
                 raise TypeError(f"seeded_materialize: target {path} is a {type(mod).__name__}, not nn.Linear")
             lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta")
             lin.weight = nn.Parameter(seeded_tensor(f"{path}.weight", mod.weight.shape, seed=seed, std=std,
-                                                    device=device, dtype=dtype), requires_grad=False)
+                                                    device=device, dtype=dtype, source_dtype=source_dtype), requires_grad=False)
             if mod.bias is not None:
                 lin.bias = nn.Parameter(seeded_tensor(f"{path}.bias", mod.bias.shape, seed=seed, std=std,
-                                                      device=device, dtype=dtype), requires_grad=False)
+                                                      device=device, dtype=dtype, source_dtype=source_dtype), requires_grad=False)
             parent_path, _, child = path.rpartition(".")
             parent = model.get_submodule(parent_path) if parent_path else model
             setattr(parent, child, replace_linear(path, lin))
@@ -226,7 +231,8 @@ def seeded_materialize(model: nn.Module, config, *, seed: int = 0, device=None, 
                 tied.append((mod, pname, id(p)))
                 continue
             full = f"{path}.{pname}" if path else pname
-            val = seeded_tensor(full, p.shape, seed=seed, std=std, device=device, dtype=dtype)
+            val = seeded_tensor(full, p.shape, seed=seed, std=std, device=device, dtype=dtype,
+                                source_dtype=source_dtype)
             newp = nn.Parameter(val, requires_grad=p.requires_grad)
             done[id(p)] = newp
             mod._parameters[pname] = newp
@@ -245,12 +251,14 @@ def seeded_materialize(model: nn.Module, config, *, seed: int = 0, device=None, 
 
 
 def from_config(config_or_name, *, quantization=None, dtype=None, device=None, seed: int = 0,
-                double_quant: bool = True, blocksize: int = 64, group_size: int = 128):
+                double_quant: bool = True, blocksize: int = 64, group_size: int = 128, source_dtype=None):
     """A native fastft model of ``config_or_name``'s shape with seeded weights (module docstring).
 
     quantization: None, "nf4" (``blocksize``, ``double_quant``) or "int4" (``group_size``) for every
     linear layer inside the transformer blocks, as ``from_pretrained``. dtype: the weights' dtype
-    (default fp32). device: where they live (default CPU). Returned in eval mode, like
+    (default fp32). device: where they live (default CPU). source_dtype: the checkpoint dtype the
+    seeded values are rounded through first (e.g. torch.bfloat16 with dtype float32: a bf16
+    checkpoint loaded in fp32, as Llama's are); default none. Returned in eval mode, like
     ``from_pretrained``; call ``.train()`` to train.
     """
     from .loader import ARCHITECTURES, QUANTIZATIONS, _quant_kwargs, model_class
@@ -264,6 +272,11 @@ def from_config(config_or_name, *, quantization=None, dtype=None, device=None, s
     dtype = dtype or torch.float32
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+    if isinstance(source_dtype, str):
+        source_dtype = getattr(torch, source_dtype, None) if isinstance(getattr(torch, source_dtype, None),
+                                                                        torch.dtype) else source_dtype
+    if source_dtype is not None and not (isinstance(source_dtype, torch.dtype) and source_dtype.is_floating_point):
+        raise ValueError(f"source_dtype must be a floating dtype, got {source_dtype!r}")
     device = torch.device(device) if device is not None else torch.device("cpu")
     config = make_config(config_or_name)
     cls = model_class(ARCHITECTURES[config.model_type][0])
@@ -286,7 +299,7 @@ def from_config(config_or_name, *, quantization=None, dtype=None, device=None, s
             return QuantLinear.from_linear(lin, quantization, **kw)
 
     seeded_materialize(model, config, seed=seed, device=device, dtype=dtype, targets=targets,
-                       replace_linear=replace)
+                       replace_linear=replace, source_dtype=source_dtype)
     model.eval()
     return model
 

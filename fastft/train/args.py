@@ -58,9 +58,14 @@ class TrainingArguments:
     # Tokens per MLP tile (native models): the MLP's (tokens x intermediate) activations never exist
     # whole, for one more MLP forward per step; for long sequences. None: untiled.
     tiled_mlp: Optional[int] = None
-    # The frozen input embedding and untied LM head in host memory (native Llama-family models; the
-    # LM head streamed through the loss in vocabulary chunks): fastft.nn.offload_frozen_to_host.
+    # The frozen input embedding and LM head (a tied table once) in host memory (native Llama-family
+    # models; the LM head streamed through the loss in vocabulary chunks; an fp32 table whose values
+    # are bf16's stored in bf16, exact): fastft.nn.offload_frozen_to_host.
     offload_embeddings: bool = False
+    # Training on the CPU: glibc's large blocks (>= 1 MiB) mapped and unmapped per allocation, so freed
+    # activations return to the OS and peak RSS approaches the live tensor bytes (process-wide, for a
+    # few % of step time): fastft.train.allocator.lean_cpu_allocator. Ignored on a GPU.
+    lean_cpu_allocator: bool = False
     seed: int = 42
     # A checkpoint directory, or True for the newest checkpoint-<step> in output_dir.
     resume_from_checkpoint: Optional[Union[str, bool]] = None

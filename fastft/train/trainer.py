@@ -39,6 +39,7 @@ import signal
 import threading
 import time
 import uuid
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Optional
@@ -163,7 +164,13 @@ class Trainer:
                 raise UsageError("offload_embeddings is not supported with several processes (DDP / FSDP)")
             from fastft.nn.offload import offload_frozen_to_host
 
-            offload_frozen_to_host(model)  # refuses (UsageError, nothing changed) tied or trainable tables
+            offload_frozen_to_host(model)  # refuses (UsageError, nothing changed) trainable / non-plain tables
+        if a.lean_cpu_allocator and self.device.type == "cpu":
+            from fastft.train.allocator import lean_cpu_allocator
+
+            if not lean_cpu_allocator():
+                warnings.warn("lean_cpu_allocator: this process's malloc is not glibc's; the allocator is unchanged",
+                              stacklevel=2)
         if a.tiled_mlp is not None and not any(hasattr(type(m), "tile_tokens") for m in model.modules()):
             raise UsageError("tiled_mlp is set but the model has no tiled MLP (native fastft Llama-family models have one)")
         self._pass_num_items = _accepts_kwarg(model.forward, "num_items_in_batch")
