@@ -70,6 +70,39 @@ def test_lean_quant_matmul_reuses_the_workspace_and_matches(dtype):
     assert ws.dequantize_transient(weights[0], dtype).untyped_storage().data_ptr() == big.data_ptr()
 
 
+@pytest.mark.skipif(dispatch.backend_for("nf4_dequantize", torch.device("cpu")) != "cpp",
+                    reason="the C++ extension is not built")
+def test_cpp_quant_matmul_at_training_rows_dequantizes_into_the_workspace(monkeypatch):
+    """fp32 with more rows than the fused kernel takes (the oneDNN path of a training step): forward
+    and dX dequantize into the one reused buffer -- no dense weight allocated per call -- and give
+    the freshly dequantized weight's results."""
+    from fastft.ops import cpp
+
+    cpp_qmm, cpp_gx = dispatch.impl("quant_matmul", "cpp"), dispatch.impl("quant_matmul_grad_x", "cpp")
+    seen = []
+    orig = ws.dequantize_transient
+
+    def spy(qw, dt):
+        w = orig(qw, dt)
+        seen.append(w.untyped_storage().data_ptr())
+        return w
+
+    monkeypatch.setattr(ws, "dequantize_transient", spy)
+    rows = cpp._C.fused_max_m() + 7
+    for i, shape in enumerate([(96, 64), (48, 64)]):
+        qw = _nf4(shape, i)
+        x = torch.randn(rows, 64, requires_grad=True)
+        got = cpp_qmm(x, qw)
+        ref = x.detach() @ ops.nf4_dequantize(qw, torch.float32).t()
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        g = torch.randn(rows, shape[0])
+        (gx,) = torch.autograd.grad(got, x, g)
+        torch.testing.assert_close(gx, g @ ops.nf4_dequantize(qw, torch.float32), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cpp_gx(g, qw), gx, rtol=0, atol=0)
+    big = ws.workspace(torch.device("cpu"), torch.float32, 96 * 64)
+    assert len(seen) == 6 and set(seen) == {big.data_ptr()}, seen
+
+
 @pytest.mark.parametrize("kind", ["nf4", "nf4-odd", "nf4-nodq", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_dequantize_into_a_workspace(kind, dtype, device, triton_usable):

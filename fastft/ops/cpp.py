@@ -344,8 +344,12 @@ if AVAILABLE:
         return ops.int4_dequantize(*int4_args(qweight), *qweight.shape, dtype)
 
     def _cpp_dequantize(qweight, dtype):
+        """The transient dense weight of a matmul: NF4 into the reused workspace (fastft.ops.workspace:
+        no allocation, and no fresh pages to fault in, per call), int4 into a new tensor."""
         if isinstance(qweight, NF4Weight):
-            return nf4_dequantize(qweight, dtype)
+            from .workspace import dequantize_transient
+
+            return dequantize_transient(qweight, dtype)
         return int4_dequantize(qweight, dtype)
 
     def _onednn_rows(x, k):
@@ -365,9 +369,9 @@ if AVAILABLE:
         xc = x.to(dt)
         b = None if bias is None else bias.to(dt)
         if _onednn_rows(xc, qweight.shape[1]):
-            # fp32 at training sizes: dequantize W once (one pass, into an L3-sized transient) and
-            # run oneDNN's AVX-512 GEMM, 2x the BLAS's fp32 rate here (fastft/ops/cpu_gemm.py);
-            # the backward likewise. Nothing dense is saved.
+            # fp32 at training sizes: dequantize W once (one pass, into the reused workspace) and
+            # run oneDNN's GEMM, 2x the BLAS's fp32 rate on AVX-512 (fastft/ops/cpu_gemm.py); the
+            # backward likewise. Nothing dense is saved.
             return DequantMatmulFunction.apply(xc, qweight, b, _cpp_dequantize, cpu_gemm.linear)
         if isinstance(qweight, NF4Weight):
             return ops.nf4_matmul(xc, b, *nf4_args(qweight), *qweight.shape)
