@@ -46,8 +46,8 @@ _LAUNCH_FLAGS = ("nproc", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_id", "ma
 _BOOL_TRAIN_FLAGS = {"bf16": "bf16 autocast where supported",
                      "detect_anomaly": "check every module's output and name the first non-finite one (slower)",
                      "lean_cpu_allocator": "training on the CPU: glibc returns freed activations to the OS (large "
-                                           "blocks mapped per allocation; peak RSS near the live tensor bytes, a few "
-                                           "%% slower)",
+                                           "blocks mapped per allocation; peak RSS near the live tensor bytes, "
+                                           "+18-28%% step time in docs/memory.md)",
                      "offload_embeddings": "keep the frozen input embedding and LM head in host memory (native "
                                            "Llama-family models; the LM head streamed through the loss; an fp32 "
                                            "table of bf16 values stored in bf16)"}

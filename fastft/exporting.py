@@ -249,14 +249,12 @@ def _has_tokenizer(d) -> bool:
 def _release_memory() -> None:
     """Return freed heap memory (tokenizer tables, LoRA / NF4 objects after the merge) to the OS, so
     the write's peak sits on the model, not on garbage (glibc keeps small freed blocks otherwise)."""
-    import ctypes
     import gc
 
+    from fastft.train.allocator import trim
+
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
+    trim()  # (not glibc: nothing to do)
 
 
 def _is_peft(model) -> bool:

@@ -76,3 +76,8 @@ def test_trainer_applies_it_on_the_cpu_only_when_asked(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="not glibc"):
         Trainer(m, _token_dataset(2, 512), args=TrainingArguments(output_dir=str(tmp_path), max_steps=1,
                                                                   lean_cpu_allocator=True))
+
+
+@pytest.mark.skipif(allocator._glibc() is None, reason="glibc's malloc only (Linux, no allocator preloaded)")
+def test_trim_reaches_glibc_here():
+    assert allocator.trim() is True  # the export's release of freed memory goes through it

@@ -273,8 +273,7 @@ def from_config(config_or_name, *, quantization=None, dtype=None, device=None, s
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating dtype, got {dtype}")
     if isinstance(source_dtype, str):
-        source_dtype = getattr(torch, source_dtype, None) if isinstance(getattr(torch, source_dtype, None),
-                                                                        torch.dtype) else source_dtype
+        source_dtype = getattr(torch, source_dtype, source_dtype)
     if source_dtype is not None and not (isinstance(source_dtype, torch.dtype) and source_dtype.is_floating_point):
         raise ValueError(f"source_dtype must be a floating dtype, got {source_dtype!r}")
     device = torch.device(device) if device is not None else torch.device("cpu")

@@ -11,8 +11,8 @@ tensor bytes by hundreds of MB to GB (measured in docs/memory.md: +37 % to +85 %
 value turns the dynamic adjustment off) and the heap trim threshold (``M_TRIM_THRESHOLD``), then trims
 the heap once (``malloc_trim(0)``): every block of ``threshold`` bytes or more is mapped on
 allocation and unmapped when freed, so peak RSS approaches the live tensor bytes (the CPU analog of
-``max_memory_allocated``). The cost: each such allocation faults in fresh zeroed pages (a few % of a
-CPU step, measured in benchmarks/results). Process-wide and for the rest of the process (glibc
+``max_memory_allocated``). The cost: each such allocation faults in fresh zeroed pages (+18 % to
++28 % step time in the 1B rows of docs/memory.md). Process-wide and for the rest of the process (glibc
 cannot restore its dynamic state). Only where glibc's malloc serves the process (Linux, no allocator
 preloaded); elsewhere it returns False and changes nothing. The trainer applies it with
 ``TrainingArguments(lean_cpu_allocator=True)`` / ``fastft train --lean-cpu-allocator`` when training
@@ -68,9 +68,19 @@ def lean_cpu_allocator(threshold: int = DEFAULT_THRESHOLD) -> bool:
     return True
 
 
+def trim() -> bool:
+    """Return the free memory at the top of glibc's heap to the OS now (``malloc_trim(0)``); False
+    where malloc is not glibc's."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
+
+
 def applied_threshold() -> int | None:
     """The threshold ``lean_cpu_allocator`` set in this process, or None."""
     return _applied
 
 
-__all__ = ["lean_cpu_allocator", "applied_threshold", "DEFAULT_THRESHOLD"]
+__all__ = ["lean_cpu_allocator", "trim", "applied_threshold", "DEFAULT_THRESHOLD"]

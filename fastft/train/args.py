@@ -63,8 +63,8 @@ class TrainingArguments:
     # are bf16's stored in bf16, exact): fastft.nn.offload_frozen_to_host.
     offload_embeddings: bool = False
     # Training on the CPU: glibc's large blocks (>= 1 MiB) mapped and unmapped per allocation, so freed
-    # activations return to the OS and peak RSS approaches the live tensor bytes (process-wide, for a
-    # few % of step time): fastft.train.allocator.lean_cpu_allocator. Ignored on a GPU.
+    # activations return to the OS and peak RSS approaches the live tensor bytes (process-wide; +18-28 %
+    # step time in docs/memory.md's 1B rows): fastft.train.allocator.lean_cpu_allocator. Ignored on a GPU.
     lean_cpu_allocator: bool = False
     seed: int = 42
     # A checkpoint directory, or True for the newest checkpoint-<step> in output_dir.
